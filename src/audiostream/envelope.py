@@ -1,0 +1,301 @@
+"""Broker messages: the work envelope and the reply. This module alone owns msgpack.
+
+A ``WorkEnvelope`` carries one or more consecutive chunks of one session (the
+gateway coalesces chunks that arrive while the previous message is in flight)
+through the remaining steps of its pipeline. Per-step state rides along so any
+worker can process any message. The last step sends a ``Reply`` to the
+session's reply queue. Both carry a version; an unknown version is refused, not
+guessed at.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+import msgpack
+
+from audiostream.audio import AudioFormat
+from audiostream.errors import ErrorCode, ProtocolError
+
+ENVELOPE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One processing step of a pipeline: a processing type and its parameters."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> list[Any]:
+        return [self.name, dict(self.params)]
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Step:
+        if not (isinstance(raw, list) and len(raw) == 2 and isinstance(raw[0], str)):
+            raise ProtocolError(f"bad step {raw!r}")
+        if not isinstance(raw[1], dict):
+            raise ProtocolError(f"bad step params {raw[1]!r}")
+        return cls(raw[0], raw[1])
+
+
+class ReplyStatus(StrEnum):
+    OK = "ok"
+    EXPIRED = "expired"
+    FAILED = "failed"
+
+
+def state_key(index: int, step: Step) -> str:
+    """Key of a step's state in the envelope; the index keeps repeated steps apart."""
+    return f"{index}:{step.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkEnvelope:
+    session_id: str
+    msg_id: int
+    """Per-session message counter; the gateway accepts a reply only for the
+    message it is waiting for, which discards redelivery duplicates."""
+    seq: int
+    """Sequence number of the first chunk carried."""
+    chunk_frames: tuple[int, ...]
+    """Sample frames per chunk in ``audio`` (its format), to split the result."""
+    received_at: float
+    """Wall-clock time the gateway received the oldest chunk."""
+    deadline: float
+    """Wall-clock time after which the result is useless and must not be produced."""
+    format: AudioFormat
+    output_format: AudioFormat
+    audio: bytes
+    pipeline: tuple[Step, ...]
+    step_index: int
+    """Index in ``pipeline`` of the step this message is queued for."""
+    reply_to: str
+    state: Mapping[str, bytes] = field(default_factory=dict)
+    events: tuple[Mapping[str, Any], ...] = ()
+    timings: tuple[tuple[str, float], ...] = ()
+    version: int = ENVELOPE_VERSION
+
+    @property
+    def step(self) -> Step:
+        return self.pipeline[self.step_index]
+
+    @property
+    def is_last_step(self) -> bool:
+        return self.step_index == len(self.pipeline) - 1
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunk_frames)
+
+    def stamped(self, stage: str, at: float | None = None) -> WorkEnvelope:
+        return replace(self, timings=(*self.timings, (stage, time.time() if at is None else at)))
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) >= self.deadline
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    session_id: str
+    msg_id: int
+    seq: int
+    status: ReplyStatus
+    chunk_frames: tuple[int, ...]
+    """Frames per chunk in ``audio``; its length is the number of chunks answered."""
+    format: AudioFormat
+    audio: bytes = b""
+    state: Mapping[str, bytes] = field(default_factory=dict)
+    events: tuple[Mapping[str, Any], ...] = ()
+    timings: tuple[tuple[str, float], ...] = ()
+    error_code: int | None = None
+    error_message: str | None = None
+    error_step: str | None = None
+    version: int = ENVELOPE_VERSION
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunk_frames)
+
+
+def redistribute(lengths: Sequence[int], new_total: int) -> tuple[int, ...]:
+    """Split ``new_total`` frames over chunks in proportion to ``lengths``.
+
+    Used when a step changes the number of frames (resampling); exact when the
+    total is unchanged.
+    """
+    old_total = sum(lengths)
+    if old_total == new_total:
+        return tuple(lengths)
+    out: list[int] = []
+    cum_old = 0
+    prev = 0
+    for n in lengths:
+        cum_old += n
+        edge = (cum_old * new_total) // old_total if old_total else 0
+        out.append(edge - prev)
+        prev = edge
+    return tuple(out)
+
+
+# --- wire encoding --------------------------------------------------------------------
+
+_KIND_WORK = "w"
+_KIND_REPLY = "r"
+
+
+def _fmt_wire(fmt: AudioFormat) -> list[Any]:
+    return [str(fmt.encoding), fmt.sample_rate, fmt.channels]
+
+
+def _fmt_parse(raw: Any) -> AudioFormat:
+    if not (isinstance(raw, list) and len(raw) == 3):
+        raise ProtocolError(f"bad audio format {raw!r}")
+    return AudioFormat.from_dict(
+        {"encoding": raw[0], "sample_rate": raw[1], "channels": raw[2]}
+    )
+
+
+def encode_work(env: WorkEnvelope) -> bytes:
+    body = {
+        "k": _KIND_WORK,
+        "v": env.version,
+        "sid": env.session_id,
+        "mid": env.msg_id,
+        "seq": env.seq,
+        "cf": list(env.chunk_frames),
+        "rx": env.received_at,
+        "dl": env.deadline,
+        "fmt": _fmt_wire(env.format),
+        "ofmt": _fmt_wire(env.output_format),
+        "pcm": env.audio,
+        "pl": [s.to_wire() for s in env.pipeline],
+        "si": env.step_index,
+        "rt": env.reply_to,
+        "st": dict(env.state),
+        "ev": [dict(e) for e in env.events],
+        "tm": [list(t) for t in env.timings],
+    }
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def encode_reply(reply: Reply) -> bytes:
+    body = {
+        "k": _KIND_REPLY,
+        "v": reply.version,
+        "sid": reply.session_id,
+        "mid": reply.msg_id,
+        "seq": reply.seq,
+        "s": str(reply.status),
+        "cf": list(reply.chunk_frames),
+        "fmt": _fmt_wire(reply.format),
+        "pcm": reply.audio,
+        "st": dict(reply.state),
+        "ev": [dict(e) for e in reply.events],
+        "tm": [list(t) for t in reply.timings],
+        "ec": reply.error_code,
+        "em": reply.error_message,
+        "es": reply.error_step,
+    }
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _unpack(data: bytes, kind: str) -> dict[str, Any]:
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable message: {exc}") from exc
+    if not isinstance(body, dict) or body.get("k") != kind:
+        raise ProtocolError(f"not a {kind!r} message")
+    if body.get("v") != ENVELOPE_VERSION:
+        raise ProtocolError(
+            f"envelope version {body.get('v')!r} is not supported (expected {ENVELOPE_VERSION})",
+            ErrorCode.UNSUPPORTED_VERSION,
+        )
+    return body
+
+
+def _typed(body: Mapping[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
+    value = body.get(key)
+    if not isinstance(value, typ) or (isinstance(value, bool) and typ is int):
+        raise ProtocolError(f"field {key!r} has a bad type: {type(value).__name__}")
+    return value
+
+
+def _state(raw: Any) -> dict[str, bytes]:
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, bytes) for k, v in raw.items()
+    ):
+        raise ProtocolError("field 'st' must map str to bytes")
+    return raw
+
+
+def _timings(raw: Any) -> tuple[tuple[str, float], ...]:
+    if not isinstance(raw, list):
+        raise ProtocolError("field 'tm' must be a list")
+    return tuple((str(t[0]), float(t[1])) for t in raw)
+
+
+def _frames(raw: Any) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not all(isinstance(n, int) and n >= 0 for n in raw):
+        raise ProtocolError("field 'cf' must be a list of frame counts")
+    return tuple(raw)
+
+
+def decode_work(data: bytes) -> WorkEnvelope:
+    body = _unpack(data, _KIND_WORK)
+    try:
+        pipeline = tuple(Step.from_wire(s) for s in _typed(body, "pl", list))
+        step_index = _typed(body, "si", int)
+        if not 0 <= step_index < len(pipeline):
+            raise ProtocolError(f"step index {step_index} outside the pipeline")
+        return WorkEnvelope(
+            session_id=_typed(body, "sid", str),
+            msg_id=_typed(body, "mid", int),
+            seq=_typed(body, "seq", int),
+            chunk_frames=_frames(body.get("cf")),
+            received_at=float(_typed(body, "rx", (int, float))),
+            deadline=float(_typed(body, "dl", (int, float))),
+            format=_fmt_parse(body.get("fmt")),
+            output_format=_fmt_parse(body.get("ofmt")),
+            audio=_typed(body, "pcm", bytes),
+            pipeline=pipeline,
+            step_index=step_index,
+            reply_to=_typed(body, "rt", str),
+            state=_state(body.get("st", {})),
+            events=tuple(_typed(body, "ev", list)),
+            timings=_timings(body.get("tm", [])),
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"malformed work envelope: {exc}") from exc
+
+
+def decode_reply(data: bytes) -> Reply:
+    body = _unpack(data, _KIND_REPLY)
+    try:
+        ec = body.get("ec")
+        return Reply(
+            session_id=_typed(body, "sid", str),
+            msg_id=_typed(body, "mid", int),
+            seq=_typed(body, "seq", int),
+            status=ReplyStatus(_typed(body, "s", str)),
+            chunk_frames=_frames(body.get("cf")),
+            format=_fmt_parse(body.get("fmt")),
+            audio=_typed(body, "pcm", bytes),
+            state=_state(body.get("st", {})),
+            events=tuple(_typed(body, "ev", list)),
+            timings=_timings(body.get("tm", [])),
+            error_code=int(ec) if ec is not None else None,
+            error_message=body.get("em"),
+            error_step=body.get("es"),
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"malformed reply: {exc}") from exc

@@ -1,0 +1,22 @@
+"""Processing steps. Importing this package registers the built-in ones."""
+
+from audiostream.processors import dsp as _dsp  # noqa: F401  (registers built-ins)
+from audiostream.processors.base import (
+    BatchFn,
+    ProcessorContext,
+    ProcessorRegistry,
+    ProcessorSpec,
+    StepInput,
+    StepOutput,
+    registry,
+)
+
+__all__ = [
+    "BatchFn",
+    "ProcessorContext",
+    "ProcessorRegistry",
+    "ProcessorSpec",
+    "StepInput",
+    "StepOutput",
+    "registry",
+]

@@ -1,0 +1,94 @@
+"""The transport contract shared by the RabbitMQ and in-memory implementations.
+
+Everything above this layer (gateway, worker) talks to a ``Transport`` and
+never to aio-pika. Semantics both implementations guarantee, checked by one
+conformance suite (``tests/transport/test_conformance.py``):
+
+* work messages are routed by processing type and shard to durable work queues;
+* a work message whose TTL passes before delivery is dropped, never delivered;
+* a delivery is redelivered (``redelivered=True``) to another consumer when the
+  consumer's connection dies before ``ack``; after ``delivery_limit``
+  deliveries it is dead-lettered;
+* publishes return only once the broker has taken responsibility (confirms);
+* reply queues are per session and vanish ``reply_expires_ms`` after their last
+  consumer leaves;
+* ``close()`` cancels every consumer and task the transport owns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol, runtime_checkable
+
+from audiostream.topology import Topology
+
+
+class Delivery(Protocol):
+    """One delivered message; must be settled exactly once."""
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def redelivered(self) -> bool: ...
+
+    async def ack(self) -> None: ...
+
+    async def reject(self) -> None:
+        """Refuse the message for good: it is dead-lettered, not requeued."""
+        ...
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class Subscription(Protocol):
+    async def cancel(self) -> None: ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    topology: Topology
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None:
+        """Cancel consumers and owned tasks; unacked deliveries go back to their queue."""
+        ...
+
+    async def declare(self) -> None:
+        """Declare exchanges, work queues and the dead-letter path (idempotent)."""
+        ...
+
+    async def publish_work(self, processing: str, shard: int, body: bytes, *, ttl: float) -> None:
+        """Publish to ``processing``'s exchange; return when confirmed.
+
+        ``ttl`` is in seconds (> 0): the message is dropped if not delivered by then.
+        Raises ``TransportError`` when the broker refuses or is unreachable.
+        """
+        ...
+
+    async def consume_work(
+        self, processing: str, handler: Handler, *, prefetch: int
+    ) -> Subscription:
+        """Consume every shard of ``processing``; at most ``prefetch`` unacked per shard."""
+        ...
+
+    async def declare_reply_queue(self, name: str) -> None: ...
+
+    async def consume_replies(self, name: str, handler: Handler) -> Subscription: ...
+
+    async def publish_reply(self, queue: str, body: bytes) -> bool:
+        """Publish to a reply queue; False when the queue no longer exists."""
+        ...
+
+    async def delete_reply_queue(self, name: str) -> None: ...
+
+    async def reply_queue_exists(self, name: str) -> bool: ...
+
+    async def work_queue_depth(self, processing: str) -> int:
+        """Ready (not unacked) messages over all shards of ``processing``."""
+        ...

@@ -1,0 +1,330 @@
+"""In-memory transport: the embedded single-process default.
+
+Not a mock: it keeps the semantics the RabbitMQ adapter has (routing by type and
+shard, per-message TTL, confirms, redelivery of a dead connection's unacked
+messages, delivery limit and dead-lettering, expiring reply queues), and runs
+the same conformance suite. A ``MemoryBroker`` is the shared server; each
+``MemoryTransport`` is one connection to it, so closing one behaves like a
+process dying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from audiostream.errors import TransportError
+from audiostream.topology import Topology
+from audiostream.transport.base import Handler, Subscription
+
+
+@dataclass(slots=True)
+class _Message:
+    body: bytes
+    expires_at: float | None
+    delivery_count: int = 0
+
+
+class _Queue:
+    __slots__ = ("consumers", "delivery_limit", "expires_ms", "expiry_handle", "messages", "name")
+
+    def __init__(self, name: str, *, delivery_limit: int | None, expires_ms: int | None) -> None:
+        self.name = name
+        self.messages: deque[_Message] = deque()
+        self.consumers: list[_Consumer] = []
+        self.delivery_limit = delivery_limit
+        self.expires_ms = expires_ms
+        self.expiry_handle: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Consumer:
+    queue: _Queue
+    handler: Handler
+    prefetch: int
+    owner: MemoryTransport
+    unacked: dict[int, _Message] = field(default_factory=dict)
+    active: bool = True
+
+
+class _MemoryDelivery:
+    __slots__ = ("_consumer", "_message", "_settled", "_tag")
+
+    def __init__(self, consumer: _Consumer, tag: int, message: _Message) -> None:
+        self._consumer = consumer
+        self._tag = tag
+        self._message = message
+        self._settled = False
+
+    @property
+    def body(self) -> bytes:
+        return self._message.body
+
+    @property
+    def redelivered(self) -> bool:
+        return self._message.delivery_count > 1
+
+    def _settle(self) -> _Message | None:
+        if self._settled:
+            raise TransportError("delivery already settled")
+        self._settled = True
+        return self._consumer.unacked.pop(self._tag, None)
+
+    async def ack(self) -> None:
+        if self._settle() is not None:
+            self._consumer.owner.broker._dispatch(self._consumer.queue)
+
+    async def reject(self) -> None:
+        msg = self._settle()
+        if msg is not None:
+            self._consumer.owner.broker._dead_letter(msg, "rejected")
+            self._consumer.owner.broker._dispatch(self._consumer.queue)
+
+
+class _MemorySubscription:
+    def __init__(self, owner: MemoryTransport, consumers: list[_Consumer]) -> None:
+        self._owner = owner
+        self._consumers = consumers
+
+    async def cancel(self) -> None:
+        for c in self._consumers:
+            self._owner.broker._remove_consumer(c, requeue=True)
+
+
+class MemoryBroker:
+    """The shared in-process 'server'."""
+
+    _default: MemoryBroker | None = None
+
+    def __init__(self) -> None:
+        self._queues: dict[str, _Queue] = {}
+        self._bindings: dict[tuple[str, str], str] = {}  # (exchange, routing key) -> queue
+        self._tags = itertools.count(1)
+        self.dead_letters: deque[tuple[str, bytes]] = deque(maxlen=10_000)
+
+    @classmethod
+    def default(cls) -> MemoryBroker:
+        """The process-wide broker used by ``serve`` without ``--broker``."""
+        if cls._default is None:
+            cls._default = cls()
+        return cls._default
+
+    # -- topology ----------------------------------------------------------------
+    def _declare_queue(
+        self, name: str, *, delivery_limit: int | None = None, expires_ms: int | None = None
+    ) -> _Queue:
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = _Queue(
+                name, delivery_limit=delivery_limit, expires_ms=expires_ms
+            )
+            self._arm_expiry(q)
+        elif expires_ms is not None:
+            self._arm_expiry(q)  # a declare renews the lease, as in RabbitMQ
+        return q
+
+    def _arm_expiry(self, q: _Queue) -> None:
+        if q.expires_ms is None:
+            return
+        if q.expiry_handle is not None:
+            q.expiry_handle.cancel()
+            q.expiry_handle = None
+        if not q.consumers:
+            loop = asyncio.get_running_loop()
+            q.expiry_handle = loop.call_later(q.expires_ms / 1000, self._expire_queue, q)
+
+    def _expire_queue(self, q: _Queue) -> None:
+        if not q.consumers and self._queues.get(q.name) is q:
+            del self._queues[q.name]
+
+    def _delete_queue(self, name: str) -> None:
+        q = self._queues.pop(name, None)
+        if q is None:
+            return
+        if q.expiry_handle is not None:
+            q.expiry_handle.cancel()
+        for c in list(q.consumers):
+            c.active = False
+        q.consumers.clear()
+
+    # -- messages ----------------------------------------------------------------
+    def _enqueue(self, q: _Queue, msg: _Message) -> None:
+        q.messages.append(msg)
+        self._dispatch(q)
+
+    def _dead_letter(self, msg: _Message, reason: str) -> None:
+        self.dead_letters.append((reason, msg.body))
+
+    def _purge_expired(self, q: _Queue) -> None:
+        now = time.monotonic()
+        if any(m.expires_at is not None and m.expires_at <= now for m in q.messages):
+            keep: deque[_Message] = deque()
+            for m in q.messages:
+                if m.expires_at is not None and m.expires_at <= now:
+                    self._dead_letter(m, "expired")
+                else:
+                    keep.append(m)
+            q.messages = keep
+
+    def _dispatch(self, q: _Queue) -> None:
+        """Hand ready messages to consumers with free prefetch, round robin."""
+        if not q.consumers:
+            return
+        self._purge_expired(q)
+        while q.messages:
+            ready = [c for c in q.consumers if len(c.unacked) < c.prefetch]
+            if not ready:
+                return
+            consumer = min(ready, key=lambda c: len(c.unacked))
+            msg = q.messages.popleft()
+            msg.delivery_count += 1
+            if q.delivery_limit is not None and msg.delivery_count > q.delivery_limit:
+                self._dead_letter(msg, "delivery_limit")
+                continue
+            tag = next(self._tags)
+            consumer.unacked[tag] = msg
+            consumer.owner._spawn(consumer.handler(_MemoryDelivery(consumer, tag, msg)))
+            # Rotate so equal-load consumers take turns.
+            q.consumers.remove(consumer)
+            q.consumers.append(consumer)
+
+    def _add_consumer(self, c: _Consumer) -> None:
+        c.queue.consumers.append(c)
+        if c.queue.expiry_handle is not None:
+            c.queue.expiry_handle.cancel()
+            c.queue.expiry_handle = None
+        self._dispatch(c.queue)
+
+    def _remove_consumer(self, c: _Consumer, *, requeue: bool) -> None:
+        if not c.active:
+            return
+        c.active = False
+        q = c.queue
+        if c in q.consumers:
+            q.consumers.remove(c)
+        if requeue and c.unacked:
+            # Unacked messages go back to the head, in their original order.
+            for msg in reversed(list(c.unacked.values())):
+                q.messages.appendleft(msg)
+        c.unacked.clear()
+        if self._queues.get(q.name) is q:
+            self._arm_expiry(q)
+            self._dispatch(q)
+
+
+class MemoryTransport:
+    """One connection to a ``MemoryBroker``."""
+
+    def __init__(self, broker: MemoryBroker, topology: Topology) -> None:
+        self.broker = broker
+        self.topology = topology
+        self._connected = False
+        self._consumers: list[_Consumer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected
+
+    async def connect(self) -> None:
+        self._connected = True
+
+    async def close(self) -> None:
+        self._connected = False
+        for c in self._consumers:
+            self.broker._remove_consumer(c, requeue=True)
+        self._consumers.clear()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    def _check(self) -> None:
+        if not self._connected:
+            raise TransportError("memory transport is not connected")
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def declare(self) -> None:
+        self._check()
+        t = self.topology
+        for ptype in t.processing_types:
+            for shard in range(t.shards):
+                name = t.work_queue(ptype, shard)
+                self.broker._declare_queue(name, delivery_limit=t.delivery_limit)
+                self.broker._bindings[(t.exchange(ptype), t.routing_key(ptype, shard))] = name
+
+    async def publish_work(self, processing: str, shard: int, body: bytes, *, ttl: float) -> None:
+        self._check()
+        if ttl <= 0:
+            raise ValueError("ttl must be > 0")
+        key = (self.topology.exchange(processing), self.topology.routing_key(processing, shard))
+        name = self.broker._bindings.get(key)
+        q = self.broker._queues.get(name) if name else None
+        if q is None:
+            raise TransportError(f"no queue bound for {processing!r} shard {shard}")
+        self.broker._enqueue(q, _Message(body, time.monotonic() + ttl))
+
+    async def consume_work(
+        self, processing: str, handler: Handler, *, prefetch: int
+    ) -> Subscription:
+        self._check()
+        consumers = []
+        for name in self.topology.work_queues(processing):
+            q = self.broker._queues.get(name)
+            if q is None:
+                raise TransportError(f"work queue {name!r} is not declared")
+            consumers.append(self._consume(q, handler, prefetch))
+        return _MemorySubscription(self, consumers)
+
+    def _consume(self, q: _Queue, handler: Handler, prefetch: int) -> _Consumer:
+        c = _Consumer(q, handler, prefetch, self)
+        self._consumers.append(c)
+        self.broker._add_consumer(c)
+        return c
+
+    async def declare_reply_queue(self, name: str) -> None:
+        self._check()
+        self.broker._declare_queue(name, expires_ms=self.topology.reply_expires_ms)
+
+    async def consume_replies(self, name: str, handler: Handler) -> Subscription:
+        self._check()
+        q = self.broker._queues.get(name)
+        if q is None:
+            raise TransportError(f"reply queue {name!r} does not exist")
+        return _MemorySubscription(self, [self._consume(q, handler, 1000)])
+
+    async def publish_reply(self, queue: str, body: bytes) -> bool:
+        self._check()
+        q = self.broker._queues.get(queue)
+        if q is None:
+            return False
+        self.broker._enqueue(q, _Message(body, None))
+        return True
+
+    async def delete_reply_queue(self, name: str) -> None:
+        self._check()
+        self.broker._delete_queue(name)
+
+    async def reply_queue_exists(self, name: str) -> bool:
+        self._check()
+        return name in self.broker._queues
+
+    async def work_queue_depth(self, processing: str) -> int:
+        self._check()
+        total = 0
+        for name in self.topology.work_queues(processing):
+            q = self.broker._queues.get(name)
+            if q is not None:
+                self.broker._purge_expired(q)
+                total += len(q.messages)
+        return total
