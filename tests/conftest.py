@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,7 +13,6 @@ import pytest
 
 from audiostream.topology import Topology
 from audiostream.transport import MemoryBroker, MemoryTransport, Transport
-from audiostream.transport.rabbitmq import RabbitTransport
 
 BROKER_URL = os.environ.get("AUDIOSTREAM_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672/")
 TEST_TYPES = ("passthrough", "gain", "highpass")
@@ -28,7 +28,7 @@ def rabbitmq_url() -> str:
 
     try:
         asyncio.run(probe())
-    except Exception as exc:  # noqa: BLE001 - any failure means no broker
+    except Exception as exc:
         pytest.fail(f"RabbitMQ at {BROKER_URL} is required and unreachable: {exc!r}")
     return BROKER_URL
 
@@ -40,30 +40,20 @@ def unique_prefix() -> str:
 async def delete_prefixed(url: str, topology: Topology) -> None:
     """Remove everything a test declared under its own prefix."""
     conn = await aio_pika.connect(url)
+
+    async def attempt(action: str, name: str) -> None:
+        # A missing queue or exchange closes the channel: use a fresh one each time.
+        ch = await conn.channel()
+        with contextlib.suppress(Exception):
+            await getattr(ch, action)(name)
+
     try:
         for ptype in topology.processing_types:
             for q in topology.work_queues(ptype):
-                ch = await conn.channel()
-                try:
-                    await ch.queue_delete(q)
-                except Exception:  # noqa: BLE001 - absent queue closes the channel
-                    pass
-            ch = await conn.channel()
-            try:
-                await ch.exchange_delete(topology.exchange(ptype))
-            except Exception:  # noqa: BLE001
-                pass
-        for name in (topology.dead_letter_queue,):
-            ch = await conn.channel()
-            try:
-                await ch.queue_delete(name)
-            except Exception:  # noqa: BLE001
-                pass
-        ch = await conn.channel()
-        try:
-            await ch.exchange_delete(topology.dead_letter_exchange)
-        except Exception:  # noqa: BLE001
-            pass
+                await attempt("queue_delete", q)
+            await attempt("exchange_delete", topology.exchange(ptype))
+        await attempt("queue_delete", topology.dead_letter_queue)
+        await attempt("exchange_delete", topology.dead_letter_exchange)
     finally:
         await conn.close()
 
@@ -95,6 +85,8 @@ async def transport_factory(
         if url is None:
             t = MemoryTransport(memory, topology)
         else:
+            from audiostream.transport.rabbitmq import RabbitTransport
+
             t = RabbitTransport(url, topology)
         await t.connect()
         made.append(t)

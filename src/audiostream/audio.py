@@ -74,19 +74,11 @@ class AudioFormat:
         return self.sample_bytes * self.channels
 
     def bytes_for_ms(self, ms: float) -> int:
-        return int(round(self.sample_rate * ms / 1000.0)) * self.frame_bytes
+        return round(self.sample_rate * ms / 1000.0) * self.frame_bytes
 
     def duration_s(self, nbytes: int) -> float:
         return nbytes / self.frame_bytes / self.sample_rate
 
-    def with_(self, **changes: Any) -> AudioFormat:
-        values = {
-            "encoding": self.encoding,
-            "sample_rate": self.sample_rate,
-            "channels": self.channels,
-        }
-        values.update(changes)
-        return AudioFormat(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -170,7 +162,8 @@ def _mulaw_encode(pcm: npt.NDArray[np.int16]) -> npt.NDArray[np.uint8]:
     mag = np.minimum(np.abs(x), _MULAW_CLIP) + _MULAW_BIAS
     exponent = np.clip(np.floor(np.log2(mag)).astype(np.int32) - 7, 0, 7)
     mantissa = (mag >> (exponent + 3)) & 0x0F
-    return (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8)
+    out: npt.NDArray[np.uint8] = (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8)
+    return out
 
 
 def _alaw_encode(pcm: npt.NDArray[np.int16]) -> npt.NDArray[np.uint8]:
@@ -181,7 +174,8 @@ def _alaw_encode(pcm: npt.NDArray[np.int16]) -> npt.NDArray[np.uint8]:
     exponent = np.where(mag < 32, 0, exponent + 1)
     exponent = np.minimum(exponent, 7)
     mantissa = np.where(exponent == 0, mag >> 1, mag >> exponent) & 0x0F
-    return ((sign | (exponent << 4) | mantissa) ^ 0x55).astype(np.uint8)
+    out: npt.NDArray[np.uint8] = ((sign | (exponent << 4) | mantissa) ^ 0x55).astype(np.uint8)
+    return out
 
 
 def decode(fmt: AudioFormat, data: bytes) -> FloatAudio:
@@ -204,7 +198,7 @@ def encode(fmt: AudioFormat, audio: FloatAudio) -> bytes:
     flat = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
     if fmt.encoding is Encoding.PCM_F32LE:
         return flat.astype("<f4").tobytes()
-    ints = np.clip(np.rint(flat * 32768.0), -32768, 32767).astype("<i2")
+    ints: npt.NDArray[np.int16] = np.clip(np.rint(flat * 32768.0), -32768, 32767).astype("<i2")
     if fmt.encoding is Encoding.PCM_S16LE:
         return ints.tobytes()
     if fmt.encoding is Encoding.MULAW:

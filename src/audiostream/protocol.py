@@ -324,12 +324,12 @@ class ServerProtocol:
             return [StartRequested(msg)]
         # stop
         if self.state is not State.STREAMING:
-            err = ProtocolError(f"stop is not allowed in state {self.state.value}",
-                                ErrorCode.UNEXPECTED_MESSAGE)
+            refusal = ProtocolError(f"stop is not allowed in state {self.state.value}",
+                                    ErrorCode.UNEXPECTED_MESSAGE)
             if self.state is State.AWAITING_START:
-                self.fail(err)
+                self.fail(refusal)
             else:
-                self._error(err)
+                self._error(refusal)
             return []
         self._transition("stop")
         self._maybe_finish()

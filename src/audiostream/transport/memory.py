@@ -91,8 +91,9 @@ class _MemorySubscription:
         self._consumers = consumers
 
     async def cancel(self) -> None:
+        # As basic.cancel: no new deliveries; unacked ones stay with the connection.
         for c in self._consumers:
-            self._owner.broker._remove_consumer(c, requeue=True)
+            self._owner.broker._remove_consumer(c, requeue=False)
 
 
 class MemoryBroker:
@@ -200,8 +201,6 @@ class MemoryBroker:
         self._dispatch(c.queue)
 
     def _remove_consumer(self, c: _Consumer, *, requeue: bool) -> None:
-        if not c.active:
-            return
         c.active = False
         q = c.queue
         if c in q.consumers:

@@ -1,0 +1,3 @@
+from audiostream.cli import main
+
+raise SystemExit(main())

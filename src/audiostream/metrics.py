@@ -1,0 +1,96 @@
+"""Prometheus metrics, always registered on an injected ``CollectorRegistry``.
+
+Metric names are part of the operations contract: the alert rules in
+``helm/audiostream/files/alerts.yaml`` and the Grafana dashboard refer to them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200)
+
+#: Stages of a chunk's trip, in order; the gateway exports each from the reply's timings.
+STAGES = (
+    "gateway_to_broker",
+    "queue_wait",
+    "batch_wait",
+    "inference",
+    "reply",
+    "gateway_to_client",
+)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.connections_active = Gauge(
+            "audiostream_gateway_connections_active",
+            "Open WebSocket connections", registry=registry)
+        self.connections_capacity = Gauge(
+            "audiostream_gateway_connections_capacity",
+            "Configured maximum of connections for this gateway", registry=registry)
+        self.connections_total = Counter(
+            "audiostream_gateway_connections_total",
+            "WebSocket connections accepted", registry=registry)
+        self.sessions_total = Counter(
+            "audiostream_sessions_total", "Sessions by how they started or were refused",
+            ["result"], registry=registry)
+        self.session_duration = Histogram(
+            "audiostream_session_duration_seconds", "Session durations",
+            buckets=DURATION_BUCKETS, registry=registry)
+        self.chunks_in = Counter(
+            "audiostream_chunks_in_total", "Audio chunks accepted from clients",
+            registry=registry)
+        self.chunks_out = Counter(
+            "audiostream_chunks_out_total", "Processed audio chunks sent to clients",
+            registry=registry)
+        self.bytes_in = Counter(
+            "audiostream_bytes_in_total", "Audio bytes received", registry=registry)
+        self.bytes_out = Counter(
+            "audiostream_bytes_out_total", "Audio bytes sent", registry=registry)
+        self.dropped = Counter(
+            "audiostream_chunks_dropped_total", "Chunks answered with a drop notice",
+            ["reason"], registry=registry)
+        self.messages_published = Counter(
+            "audiostream_gateway_messages_published_total",
+            "Work messages published (one carries one or more coalesced chunks)",
+            registry=registry)
+        self.round_trip = Histogram(
+            "audiostream_round_trip_seconds",
+            "Gateway receive to outcome sent, per chunk", buckets=LATENCY_BUCKETS,
+            registry=registry)
+        self.stage = Histogram(
+            "audiostream_stage_seconds", "Time spent per stage, per message",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.errors = Counter(
+            "audiostream_gateway_errors_total", "Errors reported to clients, by code",
+            ["code"], registry=registry)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.messages = Counter(
+            "audiostream_worker_messages_total", "Messages handled, by outcome",
+            ["processing", "status"], registry=registry)
+        self.batch_size = Histogram(
+            "audiostream_worker_batch_size", "Messages per processing call",
+            ["processing"], buckets=BATCH_BUCKETS, registry=registry)
+        self.inference = Histogram(
+            "audiostream_worker_inference_seconds", "Duration of one processing call",
+            ["processing"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.errors = Counter(
+            "audiostream_worker_errors_total", "Processing or transport errors",
+            ["processing", "kind"], registry=registry)
+        self.queue_depth = Gauge(
+            "audiostream_queue_depth", "Ready messages in the work queues of a type",
+            ["processing"], registry=registry)
+        self.provider = Gauge(
+            "audiostream_worker_provider_info",
+            "Execution provider actually in use (1) per processing type",
+            ["processing", "provider"], registry=registry)

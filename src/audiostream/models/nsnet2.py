@@ -1,0 +1,463 @@
+"""Batched streaming NSNet2 noise suppression with the whole session state in bytes.
+
+Framing follows the upstream package per rate, so that the model sees exactly
+the features it was trained on:
+
+* 16 kHz: 320-sample frames, hop 160, window sqrt(np.hanning(320)) (symmetric),
+  FFT 320 (161 bins), synthesis with the same window (upstream ``featurelib``).
+* 48 kHz: 960-sample frames, hop 480, window sqrt of a *periodic* Hann, FFT 1024
+  (513 bins), synthesis window = least-squares dual (upstream ``enhance_48khz``).
+
+Frame k covers input samples ``[k*hop, k*hop + win)`` (upstream 16 kHz drops
+its first half-zero frame, which is the same thing), the gain is clipped to
+[1e-4, 1] and the frames are overlap-added.
+
+Delay: output sample n is final once frame ``n // hop`` is in, i.e. after
+``win - 1`` more samples at most. Every call returns exactly as many samples as
+it was given, so the stream is the offline result delayed by a fixed
+``win - 1`` samples (319 at 16 kHz, 959 at 48 kHz: just under 20 ms), with
+zeros first. The last ``win - 1`` samples of a stream stay in the state.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from audiostream.errors import ConfigError, ErrorCode, ModelError, ProcessingError
+from audiostream.models import files, runtime
+from audiostream.models.prepare import VARIANTS, nsnet2_name
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+C128 = npt.NDArray[np.complex128]
+
+MIN_GAIN = 1e-4  # upstream ``mingain`` of -80 dB
+LOG_POWER_FLOOR = 1e-12
+
+
+def _sqrt_hann_symmetric(n: int) -> F64:
+    return np.sqrt(np.hanning(n)).astype(np.float64)
+
+
+def _sqrt_hann_periodic(n: int) -> F64:
+    return np.sqrt(0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)).astype(np.float64)
+
+
+def _dual_window(win: F64, hop: int) -> F64:
+    """Least-squares synthesis window (what upstream computes with ``pinv`` per phase)."""
+    out = np.zeros_like(win)
+    for k in range(hop):
+        h = win[k::hop]
+        energy = float(np.dot(h, h))
+        out[k::hop] = h / energy if energy > 0 else 0.0
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Framing:
+    rate: int
+    win: int
+    hop: int
+    nfft: int
+    analysis: F64
+    synthesis: F64
+
+    @property
+    def bins(self) -> int:
+        return self.nfft // 2 + 1
+
+    @property
+    def delay(self) -> int:
+        """Fixed output delay in samples (see the module docstring)."""
+        return self.win - 1
+
+
+def _framing(rate: int) -> Framing:
+    if rate == 16000:
+        w = _sqrt_hann_symmetric(320)
+        return Framing(16000, 320, 160, 320, w, w)
+    w = _sqrt_hann_periodic(960)
+    return Framing(48000, 960, 480, 1024, w, _dual_window(w, 480))
+
+
+FRAMINGS = {rate: _framing(rate) for rate in (16000, 48000)}
+RATES = tuple(FRAMINGS)
+
+
+def framing(rate: int) -> Framing:
+    try:
+        return FRAMINGS[rate]
+    except KeyError:
+        raise ConfigError(
+            f"NSNet2 runs at {' or '.join(map(str, RATES))} Hz, not {rate}",
+            ErrorCode.UNSUPPORTED_FORMAT,
+        ) from None
+
+
+def check_variant(variant: object) -> str:
+    if variant not in VARIANTS:
+        raise ConfigError(
+            f"unknown NSNet2 variant {variant!r}; use one of {', '.join(VARIANTS)}",
+            ErrorCode.INVALID_OPTION,
+        )
+    return str(variant)
+
+
+# --- the model ----------------------------------------------------------------------
+
+
+class Model:
+    """One loaded NSNet2 graph with explicit GRU state."""
+
+    def __init__(
+        self,
+        rate: int,
+        variant: str = "fp32",
+        *,
+        model_dir: Path | None = None,
+        options: runtime.RuntimeOptions | None = None,
+    ) -> None:
+        self.framing = framing(rate)
+        self.variant = check_variant(variant)
+        directory = files.model_dir(model_dir)
+        path, entry = files.prepared_file(directory, nsnet2_name(rate, variant))
+        try:
+            self.hidden = int(entry["hidden"])
+            self.bins = int(entry["bins"])
+            per_call = entry.get("frames_per_call")
+            self.frames_per_call: int | None = None if per_call is None else int(per_call)
+            level = str(entry.get("graph_optimization", "ORT_ENABLE_ALL"))
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"manifest entry for {path.name} is malformed") from None
+        if self.bins != self.framing.bins:
+            raise ModelError(f"{path.name} has {self.bins} bins, expected {self.framing.bins}")
+        self.session = runtime.create_session(
+            path, options or runtime.RuntimeOptions(), optimization=level
+        )
+        self.providers = runtime.providers_in_use(self.session)
+        # ORT sessions are thread-safe, but state bookkeeping around them is cheap to serialise.
+        self.lock = threading.Lock()
+
+    def run(self, feat: F32, h0: F32) -> tuple[F32, F32]:
+        """Gains ``[B, T, bins]`` and the new state for features ``[B, T, bins]``."""
+        gain, hn = runtime.run(self.session, {"input": feat, "h0": h0}, ("output", "hn"))
+        return gain.astype(np.float32, copy=False), hn.astype(np.float32, copy=False)
+
+    def zero_state(self, batch: int) -> F32:
+        return np.zeros((2, batch, self.hidden), dtype=np.float32)
+
+
+# --- signal processing --------------------------------------------------------------
+
+
+def _analyse(fr: Framing, frames: F32) -> tuple[C128, F32]:
+    """Complex spectra and log-power features of frames ``[N, win]``."""
+    spec: C128 = np.fft.rfft(frames.astype(np.float64) * fr.analysis, fr.nfft, axis=-1)
+    power = spec.real**2 + spec.imag**2
+    feat = np.log10(np.maximum(power, LOG_POWER_FLOOR)).astype(np.float32)
+    return spec, feat
+
+
+def _synthesise(fr: Framing, spec: C128, gain: F32) -> F32:
+    """Windowed time frames ``[N, win]`` from spectra times clipped gains."""
+    g = np.clip(gain, np.float32(MIN_GAIN), np.float32(1.0))
+    frames = np.fft.irfft(spec * g, fr.nfft, axis=-1)[..., : fr.win] * fr.synthesis
+    return frames.astype(np.float32)
+
+
+def _overlap_add(fr: Framing, frames: F32, tail: F32) -> tuple[F32, F32]:
+    """Blocks ``b[k-1] + a[k]`` (50 % overlap) for frames ``[N, win]``; return (blocks, new tail)."""
+    hop = fr.hop
+    heads = frames[:, :hop]
+    tails = np.concatenate([tail[None, :], frames[:-1, hop:]], axis=0)
+    return (tails + heads).reshape(-1), frames[-1, hop:].copy()
+
+
+# --- state --------------------------------------------------------------------------
+
+_MAGIC = b"NSN2"
+_VERSION = 1
+_HEADER = struct.Struct("<4sHHIHHQQII")  # magic ver channels rate hidden hop n_in n_frames P R
+
+
+@dataclass(slots=True)
+class StreamState:
+    """Everything one session needs between messages (per channel rows)."""
+
+    n_in: int
+    n_frames: int
+    h: F32  # [C, 2, hidden]
+    pending: F32  # [C, P]: input from n_frames*hop on, not yet framed
+    ready: F32  # [C, R]: final output not yet emitted
+    tail: F32  # [C, hop]: second half of the last frame, awaiting the next one
+
+    @classmethod
+    def new(cls, channels: int, hidden: int, hop: int) -> StreamState:
+        return cls(
+            0,
+            0,
+            np.zeros((channels, 2, hidden), np.float32),
+            np.zeros((channels, 0), np.float32),
+            np.zeros((channels, 0), np.float32),
+            np.zeros((channels, hop), np.float32),
+        )
+
+    def to_bytes(self, rate: int) -> bytes:
+        channels, _, hidden = self.h.shape
+        header = _HEADER.pack(
+            _MAGIC,
+            _VERSION,
+            channels,
+            rate,
+            hidden,
+            self.tail.shape[1],
+            self.n_in,
+            self.n_frames,
+            self.pending.shape[1],
+            self.ready.shape[1],
+        )
+        return b"".join(
+            [header]
+            + [np.ascontiguousarray(a, dtype="<f4").tobytes() for a in (self.h, self.pending, self.ready, self.tail)]
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, fr: Framing, hidden: int, channels: int) -> StreamState:
+        def bad(why: str) -> ProcessingError:
+            return ProcessingError(f"denoise state is unusable: {why}", ErrorCode.PROCESSING_FAILED)
+
+        if len(raw) < _HEADER.size:
+            raise bad(f"{len(raw)} bytes is shorter than the header")
+        magic, version, ch, rate, hid, hop, n_in, n_frames, p_len, r_len = _HEADER.unpack_from(raw)
+        if magic != _MAGIC:
+            raise bad("not an NSNet2 state")
+        if version != _VERSION:
+            raise bad(f"version {version}, this worker reads version {_VERSION}")
+        if rate != fr.rate or hop != fr.hop:
+            raise bad(f"made at {rate} Hz, audio is {fr.rate} Hz")
+        if hid != hidden:
+            raise bad(f"GRU size {hid}, model has {hidden}")
+        if ch != channels:
+            raise bad(f"made for {ch} channel(s), audio has {channels}")
+        expect_frames = max(0, (n_in - fr.win) // fr.hop + 1)
+        expect_ready = n_frames * fr.hop - max(0, n_in - fr.delay)
+        if n_frames != expect_frames or p_len != n_in - n_frames * fr.hop or r_len != expect_ready:
+            raise bad("inconsistent sample counters")
+        sizes = (ch * 2 * hid, ch * p_len, ch * r_len, ch * hop)
+        if len(raw) != _HEADER.size + 4 * sum(sizes):
+            raise bad(f"{len(raw)} bytes, expected {_HEADER.size + 4 * sum(sizes)}")
+        flat = np.frombuffer(raw, dtype="<f4", offset=_HEADER.size).astype(np.float32)
+        if not np.isfinite(flat).all():
+            raise bad("non-finite values")
+        parts = np.split(flat, np.cumsum(sizes)[:-1])
+        return cls(
+            n_in,
+            n_frames,
+            parts[0].reshape(ch, 2, hid),
+            parts[1].reshape(ch, p_len),
+            parts[2].reshape(ch, r_len),
+            parts[3].reshape(ch, hop),
+        )
+
+
+# --- the engine ---------------------------------------------------------------------
+
+
+class Denoiser:
+    """Streams any number of sessions through one model, one ORT call per 10 ms step."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.framing = model.framing
+
+    @property
+    def delay(self) -> int:
+        return self.framing.delay
+
+    def process(
+        self, items: Sequence[tuple[npt.NDArray[Any], bytes | None]]
+    ) -> list[tuple[F32, bytes]]:
+        """Denoise ``(audio (frames, channels), state)`` pairs; same length out as in."""
+        fr = self.framing
+        hop, win = fr.hop, fr.win
+        states: list[StreamState] = []
+        inputs: list[F32] = []
+        frame_counts: list[int] = []
+        frame_blocks: list[F32] = []
+        for audio, raw in items:
+            x = _as_channels_first(audio)
+            channels = x.shape[0]
+            st = (
+                StreamState.new(channels, self.model.hidden, hop)
+                if raw is None
+                else StreamState.from_bytes(raw, fr, self.model.hidden, channels)
+            )
+            buf = np.concatenate([st.pending, x], axis=1)
+            count = (buf.shape[1] - win) // hop + 1 if buf.shape[1] >= win else 0
+            if count:
+                view = np.lib.stride_tricks.sliding_window_view(buf, win, axis=1)[:, ::hop][:, :count]
+                frame_blocks.append(np.ascontiguousarray(view).reshape(-1, win))
+            st.pending = np.ascontiguousarray(buf[:, count * hop :])
+            states.append(st)
+            inputs.append(x)
+            frame_counts.extend([count] * channels)
+
+        gains: list[F32] = []
+        spec: C128 | None = None
+        if frame_blocks:
+            spec, feat = _analyse(fr, np.concatenate(frame_blocks, axis=0))
+            h_rows = np.concatenate([st.h for st in states], axis=0)  # [rows, 2, hidden]
+            gains, h_new = self._run_rows(feat, np.asarray(frame_counts), h_rows)
+            offset = 0
+            for st in states:
+                st.h = h_new[offset : offset + st.h.shape[0]]
+                offset += st.h.shape[0]
+
+        outputs: list[tuple[F32, bytes]] = []
+        row = 0
+        frame_offset = 0
+        for st, x in zip(states, inputs, strict=True):
+            channels, n = x.shape
+            count = frame_counts[row]
+            if count:
+                blocks = []
+                tails = []
+                for c in range(channels):
+                    assert spec is not None
+                    sl = slice(frame_offset, frame_offset + count)
+                    frames = _synthesise(fr, spec[sl], gains[row + c])
+                    block, tail = _overlap_add(fr, frames, st.tail[c])
+                    blocks.append(block)
+                    tails.append(tail)
+                    frame_offset += count
+                st.ready = np.concatenate([st.ready, np.stack(blocks)], axis=1)
+                st.tail = np.stack(tails)
+                st.n_frames += count
+            zeros = int(np.clip(fr.delay - st.n_in, 0, n))
+            take = n - zeros
+            out = np.zeros((n, channels), np.float32)
+            out[zeros:] = st.ready[:, :take].T
+            st.ready = np.ascontiguousarray(st.ready[:, take:])
+            st.n_in += n
+            outputs.append((out, st.to_bytes(fr.rate)))
+            row += channels
+        return outputs
+
+    def _run_rows(
+        self, feat: F32, counts: npt.NDArray[np.int64], h_rows: F32
+    ) -> tuple[list[F32], F32]:
+        """Run every row's frames; step s feeds only rows with more than s frames."""
+        bins = self.framing.bins
+        rows = len(counts)
+        order = np.argsort(-counts, kind="stable")
+        sorted_counts = counts[order]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        longest = int(sorted_counts[0])
+        # time-major features for rows in descending frame count: [steps, rows, bins]
+        feat_t = np.zeros((longest, rows, bins), np.float32)
+        for pos, r in enumerate(order):
+            c = int(counts[r])
+            feat_t[:c, pos] = feat[starts[r] : starts[r] + c]
+        h = np.ascontiguousarray(h_rows[order].transpose(1, 0, 2))  # [2, rows, hidden]
+        gain_t = np.zeros_like(feat_t)
+        with self.model.lock:
+            for s in range(longest):
+                active = int(np.count_nonzero(sorted_counts > s))
+                g, hn = self.model.run(
+                    feat_t[s, :active].reshape(active, 1, bins), np.ascontiguousarray(h[:, :active])
+                )
+                gain_t[s, :active] = g[:, 0]
+                h[:, :active] = hn
+        gains: list[F32] = [np.empty((0, bins), np.float32)] * rows
+        h_out = np.empty_like(h_rows)
+        for pos, r in enumerate(order):
+            gains[r] = gain_t[: int(counts[r]), pos]
+            h_out[r] = h[:, pos]
+        return gains, h_out
+
+    def offline(self, audio: npt.NDArray[Any]) -> F32:
+        """The same processing over a whole signal at once, aligned (no delay), same shape.
+
+        The end is padded with zeros so every input sample is final. With the fp32
+        graph all frames go through ORT in one call.
+        """
+        fr = self.framing
+        one_d = np.ndim(audio) == 1
+        x = _as_channels_first(np.reshape(audio, (-1, 1)) if one_d else audio)
+        channels, n = x.shape
+        count = -(-n // fr.hop)  # frames until every input sample is final
+        padded = np.zeros((channels, (count + 1) * fr.hop), np.float32)
+        padded[:, :n] = x
+        view = np.lib.stride_tricks.sliding_window_view(padded, fr.win, axis=1)[:, :: fr.hop][:, :count]
+        spec, feat = _analyse(fr, np.ascontiguousarray(view).reshape(-1, fr.win))
+        feat3 = feat.reshape(channels, count, fr.bins)
+        h = self.model.zero_state(channels)
+        with self.model.lock:
+            if self.model.frames_per_call is None and count:
+                gain3, _ = self.model.run(feat3, h)
+            else:
+                steps = []
+                for s in range(count):
+                    g, h = self.model.run(np.ascontiguousarray(feat3[:, s : s + 1]), h)
+                    steps.append(g)
+                gain3 = np.concatenate(steps, axis=1) if steps else np.zeros_like(feat3)
+        out = np.zeros((channels, n), np.float32)
+        if count:
+            spec3 = spec.reshape(channels, count, fr.bins)
+            for c in range(channels):
+                frames = _synthesise(fr, spec3[c], gain3[c])
+                blocks, _ = _overlap_add(fr, frames, np.zeros(fr.hop, np.float32))
+                out[c] = blocks[:n]
+        return out[0] if one_d else np.ascontiguousarray(out.T)
+
+
+def _as_channels_first(audio: npt.NDArray[Any]) -> F32:
+    if audio.ndim != 2:
+        raise ProcessingError(f"audio must be (frames, channels), got shape {audio.shape}")
+    x = np.ascontiguousarray(audio.T, dtype=np.float32)
+    if not np.isfinite(x).all():
+        # A NaN would live on in the GRU state forever; treat it as silence.
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    return x
+
+
+_cache: dict[tuple[Any, ...], Denoiser] = {}
+_cache_lock = threading.Lock()
+
+
+def denoiser(
+    rate: int,
+    variant: str = "fp32",
+    *,
+    model_dir: Path | None = None,
+    options: runtime.RuntimeOptions | None = None,
+) -> Denoiser:
+    """A shared engine per (rate, variant, model dir, runtime options), loaded on first use."""
+    opts = options or runtime.RuntimeOptions()
+    key = (rate, check_variant(variant), str(files.model_dir(model_dir)), opts)
+    with _cache_lock:
+        engine = _cache.get(key)
+        if engine is None:
+            engine = _cache[key] = Denoiser(
+                Model(rate, variant, model_dir=model_dir, options=opts)
+            )
+        return engine
+
+
+def offline(
+    audio: npt.NDArray[Any],
+    rate: int,
+    *,
+    variant: str = "fp32",
+    model_dir: Path | None = None,
+) -> F32:
+    """Denoise a whole signal (1-D or ``(frames, channels)``) in one go, without delay."""
+    return denoiser(rate, variant, model_dir=model_dir).offline(audio)

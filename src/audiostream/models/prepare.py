@@ -1,0 +1,472 @@
+"""``audiostream models prepare``: derive the serving models from the pinned upstream files.
+
+Everything here is a pure function of the pinned source files and the installed
+``onnx``/``onnxruntime`` versions, so a model directory can be rebuilt anywhere
+(no download). What is derived, and why:
+
+* ``nsnet2-{16k,48k}-fp32.onnx``: the upstream NSNet2 with the GRU state made
+  explicit. Upstream builds a zero ``[2, B, H]`` state inside the graph
+  (Shape -> ... -> ConstantOfShape, sliced into the two GRUs), so it can only
+  run whole files. We delete that chain, feed both Slices from a new input
+  ``h0 [2, batch, H]`` and expose the GRUs' final states as ``hn [2, batch, H]``
+  (H = 400 at 16 kHz, 600 at 48 kHz). Streaming with it is bit-identical to
+  running a whole file.
+* ``nsnet2-*-int8.onnx``: ONNX Runtime *dynamic* post-training quantisation
+  (int8 weights per channel, uint8 activations quantised at run time: no
+  calibration set needed). ORT cannot quantise the GRU op, and the GRUs hold
+  ~70 % of the weights, so first each GRU is rewritten as one explicit
+  GRU cell (MatMul/Sigmoid/Tanh) for a single 10 ms step; its MatMuls then
+  quantise. This graph takes exactly one frame per call (``[batch, 1, F]``).
+* ``nsnet2-*-fp16.onnx``: float16 weights/compute for GPUs, converted with the
+  ``float16`` tool that ships inside onnxruntime (no extra dependency). Inputs
+  and outputs stay float32 so the session state format is the same, and the
+  GRUs stay float32: a recurrent state re-rounded to fp16 every 10 ms drifts
+  over long sessions, and ORT 1.32 crashes loading an fp16 GRU on CPU.
+* ``silero_vad.onnx``: copied and verified, so serving needs only the model dir.
+* ``optimized/*.cpu.onnx``: what ORT's optimiser makes of each graph on CPU,
+  for inspection (e.g. in Netron); never loaded for serving.
+* ``manifest.json``: hashes of everything above; loaders verify against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from audiostream.errors import AudioStreamError, ErrorCode, ModelError
+from audiostream.models import files
+
+log = logging.getLogger(__name__)
+
+#: Bump when the derivation changes: an older model dir is then rebuilt.
+RECIPE_VERSION = 1
+
+NSNET2_RATES = (16000, 48000)
+VARIANTS = ("fp32", "int8", "fp16")
+
+
+def nsnet2_name(rate: int, variant: str) -> str:
+    return f"nsnet2-{rate // 1000}k-{variant}.onnx"
+
+
+SILERO_NAME = "silero_vad.onnx"
+
+
+# --- graph surgery ------------------------------------------------------------------
+
+
+def _copy_node(node: Any) -> Any:
+    import onnx
+
+    return onnx.NodeProto.FromString(node.SerializeToString())
+
+
+def _opset(model: Any) -> int:
+    return int(next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
+
+
+def streaming_graph(model: Any) -> Any:
+    """Expose NSNet2's GRU state as ``h0``/``hn`` (see the module docstring)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    nodes = list(g.node)
+    zeros = [k for k, n in enumerate(nodes) if n.op_type == "ConstantOfShape"]
+    grus = [n for n in nodes if n.op_type == "GRU"]
+    if len(zeros) != 1 or len(grus) != 2:
+        raise ModelError("NSNet2 graph does not have the expected GRU state chain")
+    zero_name = nodes[zeros[0]].output[0]
+    consumers: dict[str, list[int]] = {}
+    for k, n in enumerate(nodes):
+        for name in n.input:
+            consumers.setdefault(name, []).append(k)
+    # Remove the zero-state chain: every node all of whose outputs feed only removed nodes.
+    dead = {zeros[0]}
+    changed = True
+    while changed:
+        changed = False
+        for k, n in enumerate(nodes):
+            if k in dead or not n.output:
+                continue
+            if all(consumers.get(o) and all(c in dead for c in consumers[o]) for o in n.output):
+                dead.add(k)
+                changed = True
+    kept = [_copy_node(n) for k, n in enumerate(nodes) if k not in dead]
+    hidden = int(
+        next(helper.get_attribute_value(a) for a in grus[0].attribute if a.name == "hidden_size")
+    )
+    final_states = []
+    for n in kept:
+        for i, name in enumerate(n.input):
+            if name == zero_name:
+                n.input[i] = "h0"
+        if n.op_type == "GRU":
+            if len(n.output) < 2 or not n.output[1]:
+                raise ModelError("NSNet2 GRU has no Y_h output")
+            final_states.append(n.output[1])
+    kept.append(helper.make_node("Concat", final_states, ["hn"], axis=0, name="hn_concat"))
+    bins = g.input[0].type.tensor_type.shape.dim[2].dim_value
+    used = {name for n in kept for name in n.input}
+    initializers = [t for t in g.initializer if t.name in used]
+    del g.node[:]
+    g.node.extend(kept)
+    del g.initializer[:]
+    g.initializer.extend(initializers)
+    del g.input[:]
+    del g.output[:]
+    del g.value_info[:]
+    g.input.extend(
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "frames", bins]),
+            helper.make_tensor_value_info("h0", TensorProto.FLOAT, [2, "batch", hidden]),
+        ]
+    )
+    g.output.extend(
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", "frames", bins]),
+            helper.make_tensor_value_info("hn", TensorProto.FLOAT, [2, "batch", hidden]),
+        ]
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def gru_cells(model: Any) -> Any:
+    """Replace each single-direction GRU by one explicit cell step (input ``[batch, 1, F]``).
+
+    Implements ONNX GRU with ``linear_before_reset=1`` and default activations:
+    z = σ(xWzᵀ + hRzᵀ + b), r = σ(xWrᵀ + hRrᵀ + b), n = tanh(xWnᵀ + bw + r⊙(hRnᵀ + br)),
+    h' = n + z⊙(h − n). Plain MatMuls are what dynamic quantisation can handle.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    g = model.graph
+    opset = _opset(model)
+    inits = {t.name: t for t in g.initializer}
+    out_nodes: list[Any] = []
+    extra: list[Any] = []
+    for n in g.node:
+        if n.op_type != "GRU":
+            out_nodes.append(_copy_node(n))
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if attrs.get("linear_before_reset") != 1 or attrs.get("direction", b"forward") not in (
+            b"forward",
+            "forward",
+        ):
+            raise ModelError("unexpected GRU configuration in NSNet2")
+        x, w_name, r_name, b_name = n.input[:4]
+        h_in = n.input[5]
+        hid = int(attrs["hidden_size"])
+        w = nh.to_array(inits[w_name])[0]
+        r = nh.to_array(inits[r_name])[0]
+        b = nh.to_array(inits[b_name])[0]
+        p = f"{n.name or n.output[0]}_cell/"
+
+        def const(name: str, arr: np.ndarray[Any, Any], prefix: str = p) -> str:
+            extra.append(nh.from_array(np.ascontiguousarray(arr), prefix + name))
+            return prefix + name
+
+        wt = const("WT", w.T.astype(np.float32))
+        rt = const("RT", r.T.astype(np.float32))
+        wb = const("wb", b[: 3 * hid].astype(np.float32))
+        rb = const("rb", b[3 * hid :].astype(np.float32))
+        s_x = const("shape_x", np.array([-1, w.shape[1]], dtype=np.int64))
+        s_h = const("shape_h", np.array([-1, hid], dtype=np.int64))
+        s_yh = const("shape_yh", np.array([1, -1, hid], dtype=np.int64))
+        s_y = const("shape_y", np.array([1, 1, -1, hid], dtype=np.int64))
+
+        sizes = const("split", np.array([hid] * 3, dtype=np.int64)) if opset >= 13 else ""
+
+        def split(src: str, outs: list[str]) -> Any:
+            if sizes:
+                return helper.make_node("Split", [src, sizes], outs, axis=1)
+            return helper.make_node("Split", [src], outs, axis=1, split=[hid] * 3)
+
+        def node(op: str, ins: list[str], out: str) -> Any:
+            return helper.make_node(op, ins, [out], name=p + out.rsplit("/", 1)[-1])
+
+        out_nodes += [
+            node("Reshape", [x, s_x], p + "x"),
+            node("Reshape", [h_in, s_h], p + "h"),
+            node("MatMul", [p + "x", wt], p + "xw0"),
+            node("Add", [p + "xw0", wb], p + "xw"),
+            node("MatMul", [p + "h", rt], p + "hr0"),
+            node("Add", [p + "hr0", rb], p + "hr"),
+            split(p + "xw", [p + "xz", p + "xr", p + "xn"]),
+            split(p + "hr", [p + "hz", p + "hr_r", p + "hn"]),
+            node("Add", [p + "xz", p + "hz"], p + "z0"),
+            node("Sigmoid", [p + "z0"], p + "z"),
+            node("Add", [p + "xr", p + "hr_r"], p + "r0"),
+            node("Sigmoid", [p + "r0"], p + "r"),
+            node("Mul", [p + "r", p + "hn"], p + "rhn"),
+            node("Add", [p + "xn", p + "rhn"], p + "n0"),
+            node("Tanh", [p + "n0"], p + "n"),
+            node("Sub", [p + "h", p + "n"], p + "d"),
+            node("Mul", [p + "z", p + "d"], p + "zd"),
+            node("Add", [p + "n", p + "zd"], p + "h_new"),
+            helper.make_node("Reshape", [p + "h_new", s_yh], [n.output[1]], name=p + "yh"),
+            helper.make_node("Reshape", [p + "h_new", s_y], [n.output[0]], name=p + "y"),
+        ]
+    g.initializer.extend(extra)
+    del g.node[:]
+    g.node.extend(out_nodes)
+    used = {name for nd in g.node for name in nd.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    bins = g.input[0].type.tensor_type.shape.dim[2].dim_value
+    g.input[0].CopyFrom(helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, bins]))
+    g.output[0].CopyFrom(
+        helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1, bins])
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _toposort(model: Any) -> Any:
+    """Order nodes so every input is produced before use (the fp16 converter appends casts)."""
+    g = model.graph
+    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    pending = [_copy_node(n) for n in g.node]
+    ordered: list[Any] = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ModelError("fp16 graph has a cycle or a dangling input")
+        pending = rest
+    del g.node[:]
+    g.node.extend(ordered)
+    return model
+
+
+def float16_graph(model: Any) -> Any:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=["GRU"])
+    converted = _toposort(converted)
+    onnx.checker.check_model(converted, full_check=True)
+    return converted
+
+
+# --- writing ------------------------------------------------------------------------
+
+
+def _atomic_write(dst: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same directory so a crash leaves no half file."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600; served models are world-readable
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save(model: Any, dst: Path) -> None:
+    import onnx
+
+    _atomic_write(dst, lambda p: onnx.save(model, str(p)))
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    def write(p: Path) -> None:
+        # quantize_dynamic warns about pre-processing through the root logger; its advice
+        # (symbolic shape inference) does not change this graph.
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(
+                str(src), str(p), per_channel=True, weight_type=QuantType.QInt8
+            )
+        finally:
+            root.setLevel(level)
+
+    _atomic_write(dst, write)
+
+
+def _save_optimized(src: Path, dst: Path, level: str) -> None:
+    import onnxruntime as ort
+
+    def write(p: Path) -> None:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        so.optimized_model_filepath = str(p)
+        so.log_severity_level = 3  # ORT warns that ALL-level graphs are hardware specific
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+
+    _atomic_write(dst, write)
+
+
+def _describe(rate: int, variant: str, hidden: int, bins: int) -> dict[str, Any]:
+    return {
+        "model": "nsnet2",
+        "sample_rate": rate,
+        "variant": variant,
+        "hidden": hidden,
+        "bins": bins,
+        "frames_per_call": 1 if variant == "int8" else None,
+        # ORT 1.32 segfaults applying ALL-level (layout) optimisations to the fp16 graph.
+        "graph_optimization": "ORT_ENABLE_EXTENDED" if variant == "fp16" else "ORT_ENABLE_ALL",
+    }
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime as ort
+
+    return {"onnx": str(onnx.__version__), "onnxruntime": str(ort.__version__)}
+
+
+def expected_sources() -> dict[str, str]:
+    return {k: s.sha256 for k, s in files.SOURCES.items()}
+
+
+def is_prepared(directory: Path) -> bool:
+    """Whether ``directory`` holds a complete, intact model set from this recipe."""
+    try:
+        manifest = files.read_manifest(directory)
+    except ModelError:
+        return False
+    if manifest.get("recipe") != RECIPE_VERSION or manifest.get("sources") != expected_sources():
+        return False
+    if manifest.get("versions") != _versions():
+        return False
+    try:
+        for name, entry in manifest["files"].items():
+            files.verify(directory / name, entry["sha256"])
+    except (ModelError, KeyError, TypeError):
+        return False
+    return True
+
+
+def prepare(directory: Path, *, force: bool = False, optimized: bool = True) -> bool:
+    """Build the model set in ``directory``; return False when it was already there."""
+    import onnx
+
+    if not force and is_prepared(directory):
+        return False
+    directory.mkdir(parents=True, exist_ok=True)
+    entries: dict[str, dict[str, Any]] = {}
+    for rate in NSNET2_RATES:
+        src = files.source_path(f"nsnet2-{rate // 1000}k")
+        fp32 = streaming_graph(onnx.load(str(src)))
+        hidden = int(fp32.graph.input[1].type.tensor_type.shape.dim[2].dim_value)
+        bins = int(fp32.graph.input[0].type.tensor_type.shape.dim[2].dim_value)
+        paths = {v: directory / nsnet2_name(rate, v) for v in VARIANTS}
+        _save(fp32, paths["fp32"])
+        cells = gru_cells(onnx.load(str(paths["fp32"])))
+        with tempfile.TemporaryDirectory() as tmp:
+            cell_path = Path(tmp) / "cells.onnx"
+            onnx.save(cells, str(cell_path))
+            _quantize(cell_path, paths["int8"])
+        _save(float16_graph(onnx.load(str(paths["fp32"]))), paths["fp16"])
+        for variant, path in paths.items():
+            entries[path.name] = {
+                "source": src.name,
+                **_describe(rate, variant, hidden, bins),
+            }
+    silero_src = files.source_path("silero-vad")
+    _atomic_write(directory / SILERO_NAME, lambda p: shutil.copyfile(silero_src, p))
+    entries[SILERO_NAME] = {"source": silero_src.name, "model": "silero-vad"}
+    if optimized:
+        for name in list(entries):
+            if not name.startswith("nsnet2"):
+                continue
+            opt_name = f"optimized/{name.removesuffix('.onnx')}.cpu.onnx"
+            _save_optimized(directory / name, directory / opt_name, entries[name]["graph_optimization"])
+            entries[opt_name] = {"source": name, "inspection_only": True}
+    for name, entry in entries.items():
+        path = directory / name
+        entry["sha256"] = files.sha256_file(path)
+        entry["bytes"] = path.stat().st_size
+    manifest = {
+        "format": 1,
+        "recipe": RECIPE_VERSION,
+        "sources": expected_sources(),
+        "versions": _versions(),
+        "files": dict(sorted(entries.items())),
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / files.MANIFEST_NAME, lambda p: p.write_text(text))
+    return True
+
+
+# --- CLI ----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help=f"where to write the models (default: ${files.MODEL_DIR_ENV} or "
+        "<sys.prefix>/share/audiostream/models)",
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+    parser.add_argument(
+        "--no-optimized",
+        dest="optimized",
+        action="store_false",
+        help="skip writing ORT-optimised graphs for inspection",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    directory = files.model_dir(getattr(args, "model_dir", None))
+    started = time.perf_counter()
+    try:
+        built = prepare(
+            directory,
+            force=bool(getattr(args, "force", False)),
+            optimized=bool(getattr(args, "optimized", True)),
+        )
+    except AudioStreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # onnx/onnxruntime failures while deriving
+        print(f"error: {ErrorCode.MODEL_ERROR.name}: preparing models failed: {exc!r}", file=sys.stderr)
+        return 1
+    took = time.perf_counter() - started
+    verb = "prepared" if built else "already prepared"
+    print(f"{verb}: {directory} ({took:.1f} s)")
+    return 0
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """``python -m audiostream.models.prepare`` until the CLI wires ``models prepare``."""
+    parser = argparse.ArgumentParser(prog="audiostream models prepare")
+    add_arguments(parser)
+    return run(parser.parse_args(list(argv) if argv is not None else None))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

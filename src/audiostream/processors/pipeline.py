@@ -1,0 +1,81 @@
+"""Pipeline planning: validate the client's steps and insert the conversions they need."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from audiostream.audio import AudioFormat
+from audiostream.envelope import Step
+from audiostream.errors import AudioStreamError, ConfigError, ErrorCode
+from audiostream.processors.base import ProcessorRegistry
+
+RESAMPLE = "resample"
+
+
+def parse_steps(raw: Sequence[Any], processors: ProcessorRegistry) -> list[Step]:
+    """Client pipeline entries (``"name"`` or ``{"name":…, "params":{…}}``) -> steps."""
+    steps: list[Step] = []
+    for entry in raw:
+        if isinstance(entry, str):
+            name, params = entry, {}
+        elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            name, params = entry["name"], entry.get("params", {})
+            if not isinstance(params, dict):
+                raise ConfigError(f"params of step {name!r} must be an object",
+                                  ErrorCode.INVALID_OPTION)
+        else:
+            raise ConfigError(f"bad pipeline entry {entry!r}", ErrorCode.UNKNOWN_STEP)
+        spec = processors.get(name)
+        if spec.internal:
+            raise ConfigError(f"step {name!r} is inserted automatically; do not request it",
+                              ErrorCode.UNKNOWN_STEP)
+        if spec.check_params is not None:
+            try:
+                spec.check_params(params)
+            except AudioStreamError:
+                raise
+            except Exception as exc:
+                raise ConfigError(f"bad params for {name!r}: {exc}",
+                                  ErrorCode.INVALID_OPTION) from exc
+        steps.append(Step(name, params))
+    return steps
+
+
+def _closest_rate(rate: int, allowed: frozenset[int]) -> int:
+    """Prefer the lowest allowed rate at or above ``rate`` (no information lost)."""
+    higher = sorted(r for r in allowed if r >= rate)
+    return higher[0] if higher else max(allowed)
+
+
+def plan(
+    steps: Sequence[Step], fmt: AudioFormat, processors: ProcessorRegistry
+) -> tuple[Step, ...]:
+    """Insert resampling where a step needs another rate, and back to the client's rate."""
+    planned: list[Step] = []
+    rate = fmt.sample_rate
+
+    def convert(to: int) -> None:
+        if RESAMPLE not in processors:
+            raise ConfigError(
+                f"the pipeline needs {rate} Hz -> {to} Hz but no resampler is available",
+                ErrorCode.UNSUPPORTED_FORMAT,
+            )
+        planned.append(Step(RESAMPLE, {"to": to}))
+
+    for step in steps:
+        spec = processors.get(step.name)
+        if spec.sample_rates is not None and rate not in spec.sample_rates:
+            target = _closest_rate(rate, spec.sample_rates)
+            convert(target)
+            rate = target
+        planned.append(step)
+    if rate != fmt.sample_rate:
+        convert(fmt.sample_rate)
+    return tuple(planned)
+
+
+def plan_raw(
+    raw: Sequence[Any], fmt: AudioFormat, processors: ProcessorRegistry
+) -> tuple[Step, ...]:
+    return plan(parse_steps(raw, processors), fmt, processors)

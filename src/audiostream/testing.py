@@ -1,0 +1,123 @@
+"""Helpers for tests and embedding: a whole gateway + worker in one process.
+
+``embedded_server()`` is what ``audiostream serve`` runs, with a real aiohttp
+server on a real socket (optionally TLS) and either the in-memory broker or
+RabbitMQ. Tests use it too, so they exercise the product, not a double.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from aiohttp import web
+
+from audiostream.gateway import Gateway, GatewaySettings, KeyStore, start_site
+from audiostream.processors import ProcessorRegistry, registry
+from audiostream.topology import Topology
+from audiostream.transport import MemoryBroker, open_transport
+from audiostream.worker import Worker, WorkerSettings
+
+
+def sample_wav() -> Path:
+    """The bundled noisy-speech sample (16 kHz mono, 16-bit)."""
+    return Path(str(resources.files("audiostream") / "data" / "noisy_speech_16k.wav"))
+
+
+def default_topology(shards: int = 2, prefix: str | None = None) -> Topology:
+    if prefix is None:
+        return Topology(processing_types=tuple(registry.names()), shards=shards)
+    return Topology(processing_types=tuple(registry.names()), shards=shards, prefix=prefix)
+
+
+@dataclass
+class Embedded:
+    url: str
+    """WebSocket URL of ``/v1/stream``."""
+    http_url: str
+    api_key: str
+    gateway: Gateway
+    workers: list[Worker]
+    runner: web.AppRunner
+
+
+@contextlib.asynccontextmanager
+async def embedded_server(
+    *,
+    broker_url: str | None = None,
+    topology: Topology | None = None,
+    processing: Sequence[str] | None = None,
+    workers: int = 1,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ssl_context: ssl.SSLContext | None = None,
+    keys_file: Path | None = None,
+    gateway_settings: GatewaySettings | None = None,
+    worker_settings: WorkerSettings | None = None,
+    memory_broker: MemoryBroker | None = None,
+    processors: ProcessorRegistry = registry,
+) -> AsyncIterator[Embedded]:
+    """Run a gateway and ``workers`` workers until the block exits."""
+    topo = topology or default_topology()
+    broker = memory_broker or (MemoryBroker() if broker_url is None else None)
+    keys = KeyStore(keys_file)
+    dev_key = keys.add_in_memory("development")
+    gw_transport = open_transport(broker_url, topo, broker)
+    gateway = Gateway(gw_transport, keys, settings=gateway_settings, processors=processors)
+    ws_settings = worker_settings or WorkerSettings(
+        processing=tuple(processing or topo.processing_types)
+    )
+    started: list[Worker] = []
+    runner: web.AppRunner | None = None
+    try:
+        runner, bound = await start_site(gateway.app(), host, port, ssl_context)
+        for _ in range(workers):
+            wt = open_transport(broker_url, topo, broker)
+            await wt.connect()
+            w = Worker(wt, ws_settings, processors=processors)
+            started.append(w)
+            await w.start()
+        scheme = "wss" if ssl_context else "ws"
+        http = "https" if ssl_context else "http"
+        yield Embedded(
+            url=f"{scheme}://{host}:{bound}/v1/stream",
+            http_url=f"{http}://{host}:{bound}",
+            api_key=dev_key,
+            gateway=gateway,
+            workers=started,
+            runner=runner,
+        )
+    finally:
+        for w in started:
+            await w.stop()
+            await w.transport.close()
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def eventually(
+    predicate: Callable[[], Awaitable[bool] | bool],
+    *,
+    within: float = 10.0,
+    interval: float = 0.02,
+) -> bool:
+    """Poll ``predicate`` until it is true or ``within`` seconds pass; returns its last value.
+
+    For conditions that another process or task brings about (a queue expiring, a
+    connection being cleaned up) and that offer nothing to await.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value or loop.time() >= deadline:
+            return bool(value)
+        await asyncio.sleep(interval)

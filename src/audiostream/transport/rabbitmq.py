@@ -1,0 +1,639 @@
+"""RabbitMQ transport: the ``Transport`` contract over aio-pika.
+
+This is the only module that imports aio-pika; every aio-pika, aiormq, pamqp
+and socket exception is converted here into ``TransportError`` (retryable) or
+``ConfigError`` (a declaration that contradicts what the broker already has).
+
+Channels, and why there are several kinds:
+
+* **publish**: one channel with publisher confirms and ``on_return_raises``;
+  every ``publish_*`` awaits only its own confirm, so concurrent callers
+  overlap on the wire.
+* **work consumers**: one channel per ``consume_work`` subscription, with a
+  per-consumer QoS (quorum queues refuse global QoS); cancelling the
+  subscription closes the channel, which returns its unacked messages.
+* **reply consumers**: one channel shared by every ``consume_replies``.
+* **throwaway**: declarations and passive probes run on short-lived channels,
+  because a failed passive declare (404) or an inequivalent redeclare (406)
+  closes the channel it ran on.
+
+All of these are plain (non-robust) channels on a robust connection. aio-pika
+10's robust channels reopen themselves after a channel error, and an operation
+issued during that reopen can make the broker close the whole connection
+(``504 CHANNEL_ERROR - expected 'channel.open'``). So the connection
+reconnects by itself, and this module reopens its own channels: the publish
+channel on next use, consumer channels in one owned restore task that runs
+whenever a consumer channel closes while its subscription is still wanted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final, NoReturn
+
+import aio_pika
+import aiormq
+import pamqp.exceptions
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from yarl import URL
+
+from audiostream.errors import ConfigError, TransportError
+from audiostream.topology import Topology
+from audiostream.transport.base import Handler, Subscription
+
+__all__ = ["RabbitTransport", "declare_topology"]
+
+log = logging.getLogger(__name__)
+
+#: Everything aio-pika and the layers below it raise for broker or network trouble.
+#: ``ChannelInvalidStateError`` is a ``RuntimeError``; ``TimeoutError`` is an ``OSError``.
+_BROKER_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    pamqp.exceptions.PAMQPException,
+    OSError,
+    RuntimeError,
+)
+
+#: Per-consumer prefetch of the shared reply channel (a reply is settled quickly).
+DEFAULT_REPLY_PREFETCH = 1000
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, fit for messages and logs."""
+    try:
+        parsed = URL(url)
+    except (TypeError, ValueError):
+        return "<unparseable url>"
+    return str(parsed.with_password("***")) if parsed.password else str(parsed)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short description of a broker exception (its reply text when it has one)."""
+    if isinstance(exc, aiormq.exceptions.AMQPError) and exc.args:
+        first = exc.args[0]
+        text = getattr(first, "reply_text", None)
+        return str(text) if text else str(first)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class _RabbitDelivery:
+    """One delivery from RabbitMQ; settled exactly once."""
+
+    __slots__ = ("_message", "_settled", "_subscription")
+
+    def __init__(self, message: AbstractIncomingMessage, subscription: _Subscription) -> None:
+        self._message = message
+        self._subscription = subscription
+        self._settled = False
+
+    @property
+    def body(self) -> bytes:
+        return self._message.body
+
+    @property
+    def delivery_count(self) -> int:
+        """Earlier deliveries of this message (quorum queues count them; 0 otherwise)."""
+        count = (self._message.headers or {}).get("x-delivery-count", 0)
+        return count if isinstance(count, int) else 0
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self._message.redelivered) or self.delivery_count > 0
+
+    async def ack(self) -> None:
+        await self._settle(reject=False)
+
+    async def reject(self) -> None:
+        """Reject without requeue: the queue's dead-letter exchange receives it."""
+        await self._settle(reject=True)
+
+    async def _settle(self, *, reject: bool) -> None:
+        if self._settled:
+            raise TransportError("delivery already settled")
+        self._settled = True
+        sub = self._subscription
+        sub.unsettled.discard(self._message)
+        if sub.cancelled:
+            # cancel() already returned the message to its queue; nothing to settle.
+            return
+        try:
+            if reject:
+                await self._message.reject(requeue=False)
+            else:
+                await self._message.ack()
+        except _BROKER_ERRORS as exc:
+            raise TransportError(
+                f"could not {'reject' if reject else 'ack'} a delivery ({_reason(exc)}); "
+                "the broker will redeliver it"
+            ) from exc
+
+
+class _Subscription:
+    """Consumers of one ``consume_work``/``consume_replies`` call.
+
+    Knows how to (re)start itself, so the transport can restore it after a
+    reconnect or after its channel was closed by the broker.
+    """
+
+    def __init__(
+        self,
+        transport: RabbitTransport,
+        queues: list[str],
+        handler: Handler,
+        *,
+        prefetch: int | None,
+    ) -> None:
+        self._transport = transport
+        self.queues = queues
+        self._handler = handler
+        self._prefetch = prefetch  # None: consume on the shared reply channel
+        self.channel: AbstractChannel | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.unsettled: set[AbstractIncomingMessage] = set()
+        self.cancelled = False
+
+    @property
+    def is_reply(self) -> bool:
+        return self._prefetch is None
+
+    @property
+    def healthy(self) -> bool:
+        return self.channel is not None and not self.channel.is_closed
+
+    async def start(self) -> None:
+        """Open (or join) a channel and start one consumer per queue."""
+        t = self._transport
+        self._consumers = []
+        if self._prefetch is None:
+            channel = await t._reply_channel()
+        else:
+            channel = await t._open_channel()
+            try:
+                await channel.set_qos(prefetch_count=self._prefetch)  # per consumer
+            except BaseException:
+                await _close_quietly(channel)
+                raise
+        self.channel = channel
+        try:
+            for name in self.queues:
+                queue = await channel.get_queue(name, ensure=False)
+                tag = await queue.consume(self._on_message, no_ack=False, timeout=t.op_timeout)
+                self._consumers.append((queue, tag))
+        except BaseException:
+            if self._prefetch is not None:
+                await _close_quietly(channel)
+            else:
+                await self._cancel_consumers()
+            raise
+        if self._prefetch is not None:
+            channel.close_callbacks.add(self._on_channel_closed)
+
+    def _on_channel_closed(self, _sender: object, _exc: BaseException | None) -> None:
+        if not self.cancelled:
+            self._transport._schedule_restore()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        """Runs as its own task (aio-pika makes one per delivery); the transport owns it."""
+        if self.cancelled or self._transport._closing:
+            # Arrived while cancelling: give it back untouched.
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await message.nack(requeue=True)
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            self._transport._handler_tasks.add(task)
+        self.unsettled.add(message)
+        try:
+            await self._handler(_RabbitDelivery(message, self))
+        except Exception:
+            log.exception("handler for %s failed; the delivery stays unsettled", self.queues)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+                self._transport._handler_tasks.discard(task)
+
+    async def _cancel_consumers(self) -> None:
+        consumers, self._consumers = self._consumers, []
+        for queue, tag in consumers:
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await queue.cancel(tag, timeout=self._transport.op_timeout)
+
+    async def _cancel_tasks(self) -> None:
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def cancel(self) -> None:
+        """Stop consuming; deliveries not yet settled go back to their queue."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self._transport._subscriptions.discard(self)
+        if self._prefetch is not None:
+            # Own channel: closing it returns every unacked message at once.
+            await self._cancel_tasks()
+            if self.channel is not None:
+                await _close_quietly(self.channel)
+            return
+        # Shared reply channel: stop the consumer, then hand back what is unsettled.
+        await self._cancel_consumers()
+        await self._cancel_tasks()
+        unsettled, self.unsettled = self.unsettled, set()
+        for message in unsettled:
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await message.nack(requeue=True)
+
+    async def shutdown(self) -> None:
+        """Transport close: stop handlers; the connection close returns their messages."""
+        self.cancelled = True
+        await self._cancel_tasks()
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    if channel.is_closed:
+        return
+    with contextlib.suppress(*_BROKER_ERRORS):
+        await channel.close()
+
+
+class RabbitTransport:
+    """The ``Transport`` contract on RabbitMQ (3.10+) via one robust connection."""
+
+    def __init__(
+        self,
+        url: str,
+        topology: Topology,
+        *,
+        connect_timeout: float = 10.0,
+        op_timeout: float = 10.0,
+        reconnect_interval: float = 1.0,
+        reply_prefetch: int = DEFAULT_REPLY_PREFETCH,
+        connection_name: str = "audiostream",
+    ) -> None:
+        self.topology = topology
+        self._url = url
+        self.connect_timeout = connect_timeout
+        self.op_timeout = op_timeout
+        """Timeout of one broker operation (a publish confirm, a declare, a probe)."""
+        self._reconnect_interval = reconnect_interval
+        self._reply_prefetch = reply_prefetch
+        self._connection_name = connection_name
+        self._connection: AbstractRobustConnection | None = None
+        self._publish: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._replies: AbstractChannel | None = None
+        self._channel_lock = asyncio.Lock()
+        self._subscriptions: set[_Subscription] = set()
+        self._handler_tasks: set[asyncio.Task[Any]] = set()
+        self._restore_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def __repr__(self) -> str:
+        return f"<RabbitTransport {_redact(self._url)} connected={self.is_connected}>"
+
+    # -- connection ------------------------------------------------------------------
+    @property
+    def is_connected(self) -> bool:
+        conn = self._connection
+        return conn is not None and not conn.is_closed and conn.connected.is_set()
+
+    async def connect(self) -> None:
+        if self._connection is not None:
+            return
+        self._closing = False
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self._url,
+                timeout=self.connect_timeout,
+                reconnect_interval=self._reconnect_interval,
+                client_properties={"connection_name": self._connection_name},
+            )
+        except _BROKER_ERRORS as exc:
+            raise TransportError(
+                f"cannot connect to RabbitMQ at {_redact(self._url)}: {_reason(exc)}"
+            ) from exc
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+
+    async def close(self) -> None:
+        """Cancel consumers and owned tasks, close channels and the connection.
+
+        Unacked deliveries go back to their queues when the connection closes.
+        """
+        self._closing = True
+        if self._restore_task is not None:
+            self._restore_task.cancel()
+            await asyncio.gather(self._restore_task, return_exceptions=True)
+            self._restore_task = None
+        subscriptions, self._subscriptions = list(self._subscriptions), set()
+        for sub in subscriptions:
+            await sub.shutdown()
+        tasks = list(self._handler_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._handler_tasks.clear()
+        channels = [s.channel for s in subscriptions if s.channel is not None and not s.is_reply]
+        channels += [c for c in (self._replies, self._publish) if c is not None]
+        for channel in channels:
+            await _close_quietly(channel)
+        self._publish = self._replies = None
+        self._exchanges = {}
+        conn, self._connection = self._connection, None
+        if conn is not None:
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await conn.close()
+
+    def _require_connection(self) -> AbstractRobustConnection:
+        conn = self._connection
+        if conn is None or self._closing:
+            raise TransportError("RabbitMQ transport is not connected")
+        if not self.is_connected:
+            raise TransportError(
+                f"RabbitMQ connection to {_redact(self._url)} is down (reconnecting)"
+            )
+        return conn
+
+    async def _open_channel(
+        self, *, confirms: bool = False, on_return_raises: bool = False
+    ) -> AbstractChannel:
+        """A plain channel on the robust connection (never reopened by aio-pika)."""
+        conn = self._require_connection()
+        channel = aio_pika.Channel(
+            conn, publisher_confirms=confirms, on_return_raises=on_return_raises
+        )
+        await channel.initialize(timeout=self.op_timeout)
+        return channel
+
+    @contextlib.asynccontextmanager
+    async def _throwaway(self, what: str) -> AsyncIterator[AbstractChannel]:
+        """A channel for one declaration or probe; broker errors become TransportError."""
+        try:
+            channel = await self._open_channel()
+        except _BROKER_ERRORS as exc:
+            raise TransportError(f"{what}: cannot open a channel ({_reason(exc)})") from exc
+        try:
+            yield channel
+        except _BROKER_ERRORS as exc:
+            raise TransportError(f"{what}: {_reason(exc)}") from exc
+        finally:
+            await _close_quietly(channel)
+
+    async def _publish_channel(self) -> AbstractChannel:
+        channel = self._publish
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._channel_lock:
+            if self._publish is None or self._publish.is_closed:
+                self._publish = await self._open_channel(confirms=True, on_return_raises=True)
+                self._exchanges = {}
+            return self._publish
+
+    async def _reply_channel(self) -> AbstractChannel:
+        channel = self._replies
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._channel_lock:
+            if self._replies is None or self._replies.is_closed:
+                channel = await self._open_channel()
+                try:
+                    await channel.set_qos(prefetch_count=self._reply_prefetch)
+                except BaseException:
+                    await _close_quietly(channel)
+                    raise
+                channel.close_callbacks.add(self._on_reply_channel_closed)
+                self._replies = channel
+            return self._replies
+
+    # -- restoring consumers -----------------------------------------------------------
+    def _on_reply_channel_closed(self, _sender: object, _exc: BaseException | None) -> None:
+        if any(s.is_reply for s in self._subscriptions):
+            self._schedule_restore()
+
+    def _on_reconnect(self, _connection: object) -> None:
+        self._schedule_restore()
+
+    def _schedule_restore(self) -> None:
+        if self._closing or self._connection is None:
+            return
+        if self._restore_task is None or self._restore_task.done():
+            self._restore_task = asyncio.get_running_loop().create_task(
+                self._restore(), name="audiostream-rabbitmq-restore"
+            )
+
+    async def _restore(self) -> None:
+        """Restart every wanted subscription whose channel is gone, until all run."""
+        while not self._closing and self._connection is not None:
+            await self._connection.ready()
+            broken = [s for s in list(self._subscriptions) if not s.healthy and not s.cancelled]
+            if not broken:
+                return
+            failed = False
+            for sub in broken:
+                try:
+                    if sub.is_reply:
+                        # The queue may have expired while we were away; the session lives on.
+                        for name in sub.queues:
+                            await self.declare_reply_queue(name)
+                    await sub.start()
+                except (TransportError, ConfigError, *_BROKER_ERRORS) as exc:
+                    failed = True
+                    log.warning("could not restore consumers of %s: %s", sub.queues, exc)
+                else:
+                    log.info("restored consumers of %s", sub.queues)
+            if failed:
+                await asyncio.sleep(self._reconnect_interval)
+
+    # -- declarations ------------------------------------------------------------------
+    async def declare(self) -> None:
+        """Declare exchanges, work queues and the dead-letter path (idempotent)."""
+        t = self.topology
+        async with self._throwaway("declaring the topology") as ch:
+            dlx = await _declare_exchange(ch, t.dead_letter_exchange)
+            dlq = await _declare_queue(
+                ch, t.dead_letter_queue, durable=True, arguments=t.dead_letter_queue_arguments()
+            )
+            await dlq.bind(dlx, "#", timeout=self.op_timeout)
+            for ptype in t.processing_types:
+                exchange = await _declare_exchange(ch, t.exchange(ptype))
+                for shard in range(t.shards):
+                    queue = await _declare_queue(
+                        ch,
+                        t.work_queue(ptype, shard),
+                        durable=True,
+                        arguments=t.work_queue_arguments(),
+                    )
+                    await queue.bind(
+                        exchange, t.routing_key(ptype, shard), timeout=self.op_timeout
+                    )
+
+    async def declare_reply_queue(self, name: str) -> None:
+        """Create (or renew the lease of) a classic reply queue with ``x-expires``."""
+        async with self._throwaway(f"declaring reply queue {name!r}") as ch:
+            await _declare_queue(
+                ch, name, durable=False, arguments=self.topology.reply_queue_arguments()
+            )
+
+    async def delete_reply_queue(self, name: str) -> None:
+        async with self._throwaway(f"deleting reply queue {name!r}") as ch:
+            await ch.queue_delete(name, timeout=self.op_timeout)
+
+    async def _message_count(self, name: str) -> int | None:
+        """Ready messages of ``name``, or None when it does not exist (renews x-expires)."""
+        async with self._throwaway(f"probing queue {name!r}") as ch:
+            try:
+                queue = await ch.declare_queue(name, passive=True, timeout=self.op_timeout)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return None
+            result = queue.declaration_result
+            return int(result.message_count or 0)
+
+    async def reply_queue_exists(self, name: str) -> bool:
+        """Passive declare: note that it renews the queue's ``x-expires`` lease."""
+        return await self._message_count(name) is not None
+
+    async def work_queue_depth(self, processing: str) -> int:
+        counts = await asyncio.gather(
+            *(self._message_count(q) for q in self.topology.work_queues(processing))
+        )
+        return sum(c or 0 for c in counts)
+
+    # -- publishing --------------------------------------------------------------------
+    async def _publish_to(
+        self, exchange_name: str, routing_key: str, message: aio_pika.Message
+    ) -> bool:
+        """Publish and await this message's confirm; False if the broker returned it."""
+        try:
+            channel = await self._publish_channel()
+            exchange = self._exchanges.get(exchange_name)
+            if exchange is None or exchange.channel is not channel:
+                exchange = await channel.get_exchange(exchange_name, ensure=False)
+                self._exchanges[exchange_name] = exchange
+            result = await exchange.publish(
+                message, routing_key, mandatory=True, timeout=self.op_timeout
+            )
+        except aiormq.exceptions.PublishError:
+            return False  # Basic.Return: no queue is bound for this routing key
+        except aiormq.exceptions.DeliveryError as exc:
+            raise TransportError(f"the broker refused the message ({exc})") from exc
+        except _BROKER_ERRORS as exc:
+            raise TransportError(
+                f"publish to exchange {exchange_name!r} with key {routing_key!r} failed: "
+                f"{_reason(exc)}"
+            ) from exc
+        # With on_return_raises=False aio-pika would return the message instead.
+        return not isinstance(result, aiormq.abc.DeliveredMessage)
+
+    async def publish_work(self, processing: str, shard: int, body: bytes, *, ttl: float) -> None:
+        if ttl <= 0:
+            raise ValueError("ttl must be > 0")
+        if processing not in self.topology.processing_types:
+            # Publishing to a missing exchange would close the publish channel.
+            raise TransportError(f"unknown processing type {processing!r}")
+        message = aio_pika.Message(
+            body,
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            expiration=max(ttl, 0.001),  # seconds; aio-pika sends whole milliseconds
+        )
+        routed = await self._publish_to(
+            self.topology.exchange(processing),
+            self.topology.routing_key(processing, shard),
+            message,
+        )
+        if not routed:
+            raise TransportError(
+                f"no queue is bound for {processing!r} shard {shard} "
+                f"(run 'audiostream topology declare' with this topology)"
+            )
+
+    async def publish_reply(self, queue: str, body: bytes) -> bool:
+        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
+        return await self._publish_to("", queue, message)
+
+    # -- consuming ---------------------------------------------------------------------
+    async def consume_work(
+        self, processing: str, handler: Handler, *, prefetch: int
+    ) -> Subscription:
+        """Consume every shard of ``processing``; at most ``prefetch`` unacked per shard."""
+        if prefetch < 1:
+            raise ValueError("prefetch must be >= 1")
+        if processing not in self.topology.processing_types:
+            raise TransportError(f"unknown processing type {processing!r}")
+        sub = _Subscription(
+            self, self.topology.work_queues(processing), handler, prefetch=prefetch
+        )
+        await self._start(sub, f"consuming {processing!r}")
+        return sub
+
+    async def consume_replies(self, name: str, handler: Handler) -> Subscription:
+        # Probe first: a consume on a missing queue would close the shared channel.
+        if not await self.reply_queue_exists(name):
+            raise TransportError(f"reply queue {name!r} does not exist")
+        sub = _Subscription(self, [name], handler, prefetch=None)
+        await self._start(sub, f"consuming replies from {name!r}")
+        return sub
+
+    async def _start(self, sub: _Subscription, what: str) -> None:
+        self._require_connection()
+        try:
+            await sub.start()
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TransportError(f"{what}: {_reason(exc)} (is the topology declared?)") from exc
+        except _BROKER_ERRORS as exc:
+            raise TransportError(f"{what}: {_reason(exc)}") from exc
+        self._subscriptions.add(sub)
+
+
+async def _declare_exchange(channel: AbstractChannel, name: str) -> AbstractExchange:
+    try:
+        return await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise ConfigError(
+            f"exchange {name!r} already exists with different settings ({_reason(exc)}); "
+            f"it must be a durable topic exchange: delete it "
+            f"(rabbitmqctl delete_exchange {name}) and declare the topology again"
+        ) from exc
+
+
+async def _declare_queue(
+    channel: AbstractChannel, name: str, *, durable: bool, arguments: dict[str, Any]
+) -> AbstractQueue:
+    try:
+        return await channel.declare_queue(
+            name, durable=durable, exclusive=False, auto_delete=False, arguments=arguments
+        )
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise ConfigError(
+            f"queue {name!r} already exists with different arguments ({_reason(exc)}); "
+            f"this topology wants {arguments}. Either run with the settings it was "
+            f"declared with, or delete it (rabbitmqctl delete_queue {name}; its messages "
+            f"are lost) and declare the topology again"
+        ) from exc
+
+
+async def declare_topology(url: str, topology: Topology) -> None:
+    """Declare ``topology`` on the broker at ``url`` (``audiostream topology declare``)."""
+    transport = RabbitTransport(url, topology, connection_name="audiostream-declare")
+    await transport.connect()
+    try:
+        await transport.declare()
+    finally:
+        await transport.close()
+
+
+# Keep the callback types honest for mypy without importing them at runtime twice.
+_ChannelCloseCallback = Callable[[object, BaseException | None], None]
+_Unused: tuple[type[Awaitable[None]], type[NoReturn]] | None = None

@@ -1,0 +1,271 @@
+"""Worker runtime: consume, batch across sessions, process off the loop, forward or reply, ack.
+
+A message is acked only after what it produced (the next step's message or the
+session's reply) is confirmed by the broker, so a worker that dies at any point
+loses nothing: its unacked messages go to another worker, and the gateway
+discards the duplicate reply if the first one had already gone out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from audiostream.envelope import (
+    Reply,
+    WorkEnvelope,
+    decode_work,
+    encode_reply,
+    encode_work,
+)
+from audiostream.errors import AudioStreamError, TransportError
+from audiostream.metrics import WorkerMetrics
+from audiostream.processors import ProcessorContext, ProcessorRegistry, registry
+from audiostream.processors.base import BatchFn
+from audiostream.transport.base import Delivery, Subscription, Transport
+from audiostream.worker.batcher import Batcher
+from audiostream.worker.step import BatchReport, expired_reply, run_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    processing: tuple[str, ...]
+    device: str = "cpu"
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+    prefetch: int | None = None
+    """Unacked messages per work queue; default ``max(2 * max_batch, 32)``."""
+    model_dir: Path | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    depth_poll_s: float = 5.0
+
+    @property
+    def effective_prefetch(self) -> int:
+        return self.prefetch or max(2 * self.max_batch, 32)
+
+
+@dataclass(slots=True)
+class _Item:
+    delivery: Delivery
+    envelope: WorkEnvelope
+
+
+class _Lane:
+    """One processing type: its batcher, its executor and its flusher task."""
+
+    def __init__(self, name: str, fn: BatchFn, settings: WorkerSettings) -> None:
+        self.name = name
+        self.fn = fn
+        self.batcher: Batcher[_Item] = Batcher(settings.max_batch, settings.max_wait_ms / 1000)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"as-{name}")
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.subscription: Subscription | None = None
+
+
+class Worker:
+    def __init__(
+        self,
+        transport: Transport,
+        settings: WorkerSettings,
+        *,
+        processors: ProcessorRegistry = registry,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.transport = transport
+        self.settings = settings
+        self.processors = processors
+        self.metrics = metrics
+        self._lanes: dict[str, _Lane] = {}
+        self._settling: set[asyncio.Task[None]] = set()
+        self._depth_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self.handled = 0
+
+    async def start(self) -> None:
+        """Load processors, declare the topology and start consuming."""
+        for name in self.settings.processing:
+            self.processors.get(name)  # unknown names fail before anything starts
+        await self.transport.declare()
+        loop = asyncio.get_running_loop()
+        ctx = ProcessorContext(
+            device=self.settings.device,
+            model_dir=self.settings.model_dir,
+            options=self.settings.options,
+        )
+        for name in self.settings.processing:
+            spec = self.processors.get(name)
+            lane_fn: BatchFn = await loop.run_in_executor(None, spec.factory, ctx)
+            lane = _Lane(name, lane_fn, self.settings)
+            self._lanes[name] = lane
+            self._export_provider(name, lane_fn)
+            lane.task = loop.create_task(self._flusher(lane), name=f"flusher-{name}")
+            lane.subscription = await self.transport.consume_work(
+                name, self._handler(lane), prefetch=self.settings.effective_prefetch
+            )
+        if self.metrics is not None:
+            self._depth_task = loop.create_task(self._poll_depth(), name="depth-poll")
+        log.info(
+            "worker consuming %s (device=%s, max_batch=%d, max_wait_ms=%s)",
+            ",".join(self.settings.processing),
+            self.settings.device,
+            self.settings.max_batch,
+            self.settings.max_wait_ms,
+        )
+
+    def _export_provider(self, name: str, fn: BatchFn) -> None:
+        providers = getattr(fn, "providers", None)
+        if self.metrics is None:
+            return
+        for p in providers or ["python"]:
+            self.metrics.provider.labels(processing=name, provider=str(p)).set(1)
+
+    def _handler(self, lane: _Lane) -> Any:
+        async def handle(delivery: Delivery) -> None:
+            received = time.time()
+            try:
+                env = decode_work(delivery.body)
+                if env.step.name != lane.name:
+                    raise AudioStreamError(
+                        f"message for {env.step.name!r} arrived on the {lane.name!r} queue"
+                    )
+            except AudioStreamError as err:
+                log.error("rejecting undecodable work message: %s", err)
+                if self.metrics is not None:
+                    self.metrics.errors.labels(processing=lane.name, kind="bad_message").inc()
+                await delivery.reject()
+                return
+            lane.batcher.add(
+                _Item(delivery, env.stamped(f"{lane.name}:worker_rx", received)),
+                time.monotonic(),
+            )
+            lane.wake.set()
+
+        return handle
+
+    async def _flusher(self, lane: _Lane) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = time.monotonic()
+            if not lane.batcher.ready(now) and not (self._stopping and len(lane.batcher)):
+                if self._stopping and not len(lane.batcher):
+                    return
+                due = lane.batcher.due_at()
+                lane.wake.clear()
+                timeout = None if due is None else max(0.0, due - now)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lane.wake.wait(), timeout)
+                continue
+            items = lane.batcher.take(now)
+            envelopes = [it.envelope for it in items]
+            started = time.perf_counter()
+            report: BatchReport = await loop.run_in_executor(
+                lane.executor, run_step, lane.fn, envelopes
+            )
+            if self.metrics is not None and report.processed_size:
+                self.metrics.inference.labels(processing=lane.name).observe(
+                    time.perf_counter() - started
+                )
+                self.metrics.batch_size.labels(processing=lane.name).observe(
+                    report.processed_size
+                )
+            task = loop.create_task(self._settle(lane, items, report))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, lane: _Lane, items: list[_Item], report: BatchReport) -> None:
+        """Publish every result (confirms overlap), then ack what was confirmed."""
+
+        async def forward(item: _Item, result: WorkEnvelope | Reply) -> None:
+            env = item.envelope
+            status = "ok"
+            try:
+                if isinstance(result, WorkEnvelope):
+                    ttl = result.deadline - time.time()
+                    if ttl > 0:
+                        shard = self.transport.topology.shard_for(result.session_id)
+                        await self.transport.publish_work(
+                            result.step.name, shard, encode_work(result), ttl=ttl
+                        )
+                    else:
+                        result = expired_reply(result)
+                if isinstance(result, Reply):
+                    stamped = replace(
+                        result,
+                        timings=(*result.timings, (f"{lane.name}:replied", time.time())),
+                    )
+                    await self.transport.publish_reply(env.reply_to, encode_reply(stamped))
+                    status = str(result.status)
+            except TransportError as err:
+                log.error(
+                    "could not forward session=%s seq=%d stage=%s: %s; leaving it unacked",
+                    env.session_id, env.seq, lane.name, err,
+                )
+                if self.metrics is not None:
+                    self.metrics.errors.labels(processing=lane.name, kind="transport").inc()
+                return
+            try:
+                await item.delivery.ack()
+            except TransportError as err:
+                log.warning("ack failed for session=%s seq=%d: %s", env.session_id, env.seq, err)
+            self.handled += 1
+            if self.metrics is not None:
+                self.metrics.messages.labels(processing=lane.name, status=status).inc()
+
+        await asyncio.gather(
+            *(forward(it, res) for it, res in zip(items, report.results, strict=True))
+        )
+
+    async def _poll_depth(self) -> None:
+        assert self.metrics is not None
+        while True:
+            for name in self.settings.processing:
+                try:
+                    depth = await self.transport.work_queue_depth(name)
+                except AudioStreamError as err:
+                    log.warning("queue depth of %s unavailable: %s", name, err)
+                    continue
+                self.metrics.queue_depth.labels(processing=name).set(depth)
+            await asyncio.sleep(self.settings.depth_poll_s)
+
+    async def stop(self) -> None:
+        """Stop consuming, finish and ack what was received, then release everything."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        for lane in self._lanes.values():
+            if lane.subscription is not None:
+                with contextlib.suppress(AudioStreamError):
+                    await lane.subscription.cancel()
+            lane.wake.set()
+        for lane in self._lanes.values():
+            if lane.task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await lane.task
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+        if self._depth_task is not None:
+            self._depth_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._depth_task
+        for lane in self._lanes.values():
+            lane.executor.shutdown(wait=True)
+        self._stopped.set()
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,69 @@
+"""Real TLS for gateway tests: a trustme CA, a server context (TLS 1.3) and a client context."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from audiostream.gateway import server_ssl_context
+from audiostream.testing import Embedded, embedded_server
+from audiostream.topology import Topology
+from tests.conftest import delete_prefixed
+
+
+@dataclass
+class TLS:
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TLS:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    d = tmp_path_factory.mktemp("tls")
+    ca_file, cert_file, key_file = d / "ca.pem", d / "server.pem", d / "server.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    cert_file.write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+    client = ssl.create_default_context(cafile=str(ca_file))
+    return TLS(server_ssl_context(cert_file, key_file), client, ca_file, cert_file, key_file)
+
+
+ServerFactory = Callable[..., AbstractAsyncContextManager[Embedded]]
+
+
+@pytest.fixture
+async def make_server(
+    transport_kind: str, topology: Topology, tls: TLS, request: pytest.FixtureRequest
+) -> AsyncIterator[ServerFactory]:
+    """Starts gateway + workers over wss:// on the transport under test."""
+    url = request.getfixturevalue("rabbitmq_url") if transport_kind == "rabbitmq" else None
+    used: list[Topology] = []
+
+    def make(**kw: Any) -> AbstractAsyncContextManager[Embedded]:
+        kw.setdefault("topology", topology)
+        kw.setdefault("processing", kw["topology"].processing_types)
+        used.append(kw["topology"])
+        return embedded_server(broker_url=url, ssl_context=tls.server, **kw)
+
+    yield make
+    if url is not None:
+        for topo in used:
+            await delete_prefixed(url, topo)
+
+
+@pytest.fixture
+async def server(make_server: ServerFactory) -> AsyncIterator[Embedded]:
+    async with make_server() as s:
+        yield s
