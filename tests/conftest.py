@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 import aio_pika
 import pytest
@@ -27,7 +29,9 @@ def rabbitmq_url() -> str:
         await conn.close()
 
     try:
-        asyncio.run(probe())
+        # A thread of its own: the fixture may be first requested inside a running loop.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, probe()).result()
     except Exception as exc:
         pytest.fail(f"RabbitMQ at {BROKER_URL} is required and unreachable: {exc!r}")
     return BROKER_URL
@@ -58,7 +62,17 @@ async def delete_prefixed(url: str, topology: Topology) -> None:
         await conn.close()
 
 
-TransportFactory = Callable[[], Awaitable[Transport]]
+class TransportFactory(Protocol):
+    """``await make()``: a new connected transport (its own connection) to the test's broker.
+
+    ``view`` defaults to the ``topology`` fixture; pass a variant with the same
+    prefix (e.g. fewer shards) to see the same broker objects differently.
+    """
+
+    def __call__(self, view: Topology | None = None) -> Awaitable[Transport]: ...
+
+
+DeadLetters = Callable[[], Awaitable[list[tuple[str, bytes]]]]
 
 
 @pytest.fixture(params=["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
@@ -72,22 +86,31 @@ def topology() -> Topology:
 
 
 @pytest.fixture
+def memory_broker() -> MemoryBroker:
+    """The in-memory 'server' shared by every memory transport of one test."""
+    return MemoryBroker()
+
+
+@pytest.fixture
 async def transport_factory(
-    transport_kind: str, topology: Topology, request: pytest.FixtureRequest
+    transport_kind: str,
+    topology: Topology,
+    memory_broker: MemoryBroker,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[TransportFactory]:
     """Makes connected transports (separate connections) to one broker for the test."""
     made: list[Transport] = []
-    memory = MemoryBroker()
     url = request.getfixturevalue("rabbitmq_url") if transport_kind == "rabbitmq" else None
 
-    async def make() -> Transport:
+    async def make(view: Topology | None = None) -> Transport:
+        topo = topology if view is None else view
         t: Transport
         if url is None:
-            t = MemoryTransport(memory, topology)
+            t = MemoryTransport(memory_broker, topo)
         else:
             from audiostream.transport.rabbitmq import RabbitTransport
 
-            t = RabbitTransport(url, topology)
+            t = RabbitTransport(url, topo)
         await t.connect()
         made.append(t)
         return t
@@ -97,3 +120,39 @@ async def transport_factory(
         await t.close()
     if url is not None:
         await delete_prefixed(url, topology)
+
+
+@pytest.fixture
+def dead_letters(
+    transport_kind: str,
+    topology: Topology,
+    memory_broker: MemoryBroker,
+    request: pytest.FixtureRequest,
+) -> DeadLetters:
+    """Drains the dead-letter queue: ``[(reason, body), ...]`` with the broker's reason
+    (``expired``, ``rejected``, ``delivery_limit``)."""
+    if transport_kind == "memory":
+
+        async def drain_memory() -> list[tuple[str, bytes]]:
+            out = list(memory_broker.dead_letters)
+            memory_broker.dead_letters.clear()
+            return out
+
+        return drain_memory
+
+    url: str = request.getfixturevalue("rabbitmq_url")
+
+    async def drain_rabbitmq() -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        conn = await aio_pika.connect(url)
+        try:
+            ch = await conn.channel()
+            queue = await ch.get_queue(topology.dead_letter_queue, ensure=False)
+            while (msg := await queue.get(no_ack=True, fail=False)) is not None:
+                reason = (msg.headers or {}).get("x-first-death-reason")
+                out.append((str(reason), msg.body))
+        finally:
+            await conn.close()
+        return out
+
+    return drain_rabbitmq

@@ -19,6 +19,7 @@ from pathlib import Path
 from aiohttp import web
 
 from audiostream.gateway import Gateway, GatewaySettings, KeyStore, start_site
+from audiostream.metrics import WorkerMetrics
 from audiostream.processors import ProcessorRegistry, registry
 from audiostream.topology import Topology
 from audiostream.transport import MemoryBroker, open_transport
@@ -73,6 +74,7 @@ async def embedded_server(
     ws_settings = worker_settings or WorkerSettings(
         processing=tuple(processing or topo.processing_types)
     )
+    worker_metrics = WorkerMetrics(gateway.metrics_registry)  # one /metrics for the process
     started: list[Worker] = []
     runner: web.AppRunner | None = None
     try:
@@ -80,7 +82,7 @@ async def embedded_server(
         for _ in range(workers):
             wt = open_transport(broker_url, topo, broker)
             await wt.connect()
-            w = Worker(wt, ws_settings, processors=processors)
+            w = Worker(wt, ws_settings, processors=processors, metrics=worker_metrics)
             started.append(w)
             await w.start()
         scheme = "wss" if ssl_context else "ws"

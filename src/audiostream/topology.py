@@ -22,7 +22,9 @@ class Topology:
     shards: int = 2
     """Work queues per processing type; one queue is served by about one broker core."""
     delivery_limit: int = 3
-    """Deliveries of one message before it is dead-lettered (poison-message guard)."""
+    """Returns (redeliveries) of one message before it is dead-lettered: RabbitMQ's
+    ``x-delivery-limit``, so a message is delivered at most ``delivery_limit + 1``
+    times (poison-message guard)."""
     reply_expires_ms: int = 30_000
     """A reply queue outlives its last consumer by this long, so a client can resume."""
     dead_letter_max_length: int = 10_000

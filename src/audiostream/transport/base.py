@@ -7,8 +7,9 @@ conformance suite (``tests/transport/test_conformance.py``):
 * work messages are routed by processing type and shard to durable work queues;
 * a work message whose TTL passes before delivery is dropped, never delivered;
 * a delivery is redelivered (``redelivered=True``) to another consumer when the
-  consumer's connection dies before ``ack``; after ``delivery_limit``
-  deliveries it is dead-lettered;
+  consumer's connection dies before ``ack``; a message returned more than
+  ``delivery_limit`` times (so delivered ``delivery_limit + 1`` times, as
+  RabbitMQ's ``x-delivery-limit`` counts) is dead-lettered;
 * publishes return only once the broker has taken responsibility (confirms);
 * reply queues are per session and vanish ``reply_expires_ms`` after their last
   consumer leaves;
@@ -43,7 +44,13 @@ Handler = Callable[[Delivery], Awaitable[None]]
 
 
 class Subscription(Protocol):
-    async def cancel(self) -> None: ...
+    async def cancel(self) -> None:
+        """Stop new deliveries (as ``basic.cancel``).
+
+        Deliveries already handed to the handler stay settleable; those still
+        unsettled go back to their queue when the transport closes.
+        """
+        ...
 
 
 @runtime_checkable
@@ -87,7 +94,9 @@ class Transport(Protocol):
 
     async def delete_reply_queue(self, name: str) -> None: ...
 
-    async def reply_queue_exists(self, name: str) -> bool: ...
+    async def reply_queue_exists(self, name: str) -> bool:
+        """Whether the queue exists; like a passive declare, it renews its expiry lease."""
+        ...
 
     async def work_queue_depth(self, processing: str) -> int:
         """Ready (not unacked) messages over all shards of ``processing``."""

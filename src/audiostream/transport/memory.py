@@ -91,9 +91,10 @@ class _MemorySubscription:
         self._consumers = consumers
 
     async def cancel(self) -> None:
-        # As basic.cancel: no new deliveries; unacked ones stay with the connection.
+        # As basic.cancel: no new deliveries; handed-out ones stay settleable and go
+        # back to their queue if still unsettled when the transport closes.
         for c in self._consumers:
-            self._owner.broker._remove_consumer(c, requeue=False)
+            self._owner.broker._detach_consumer(c)
 
 
 class MemoryBroker:
@@ -183,9 +184,6 @@ class MemoryBroker:
             consumer = min(ready, key=lambda c: len(c.unacked))
             msg = q.messages.popleft()
             msg.delivery_count += 1
-            if q.delivery_limit is not None and msg.delivery_count > q.delivery_limit:
-                self._dead_letter(msg, "delivery_limit")
-                continue
             tag = next(self._tags)
             consumer.unacked[tag] = msg
             consumer.owner._spawn(consumer.handler(_MemoryDelivery(consumer, tag, msg)))
@@ -200,15 +198,30 @@ class MemoryBroker:
             c.queue.expiry_handle = None
         self._dispatch(c.queue)
 
+    def _detach_consumer(self, c: _Consumer) -> None:
+        """Stop dispatching to ``c``; its unacked messages stay with it."""
+        q = c.queue
+        if c in q.consumers:
+            q.consumers.remove(c)
+            if self._queues.get(q.name) is q:
+                self._arm_expiry(q)
+
     def _remove_consumer(self, c: _Consumer, *, requeue: bool) -> None:
+        if not c.active:
+            return
         c.active = False
         q = c.queue
         if c in q.consumers:
             q.consumers.remove(c)
         if requeue and c.unacked:
-            # Unacked messages go back to the head, in their original order.
+            # Unacked messages go back to the head, in their original order; as in a
+            # quorum queue, a message returned more than delivery_limit times (so
+            # delivered delivery_limit + 1 times) is dead-lettered instead.
             for msg in reversed(list(c.unacked.values())):
-                q.messages.appendleft(msg)
+                if q.delivery_limit is not None and msg.delivery_count > q.delivery_limit:
+                    self._dead_letter(msg, "delivery_limit")
+                else:
+                    q.messages.appendleft(msg)
         c.unacked.clear()
         if self._queues.get(q.name) is q:
             self._arm_expiry(q)
@@ -316,7 +329,11 @@ class MemoryTransport:
 
     async def reply_queue_exists(self, name: str) -> bool:
         self._check()
-        return name in self.broker._queues
+        q = self.broker._queues.get(name)
+        if q is None:
+            return False
+        self.broker._arm_expiry(q)  # a passive declare renews the lease, as in RabbitMQ
+        return True
 
     async def work_queue_depth(self, processing: str) -> int:
         self._check()

@@ -31,8 +31,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final, NoReturn
+from collections.abc import AsyncIterator
+from typing import Any, Final
 
 import aio_pika
 import aiormq
@@ -121,11 +121,6 @@ class _RabbitDelivery:
         if self._settled:
             raise TransportError("delivery already settled")
         self._settled = True
-        sub = self._subscription
-        sub.unsettled.discard(self._message)
-        if sub.cancelled:
-            # cancel() already returned the message to its queue; nothing to settle.
-            return
         try:
             if reject:
                 await self._message.reject(requeue=False)
@@ -136,13 +131,15 @@ class _RabbitDelivery:
                 f"could not {'reject' if reject else 'ack'} a delivery ({_reason(exc)}); "
                 "the broker will redeliver it"
             ) from exc
+        finally:
+            await self._subscription.settled(self._message)
 
 
 class _Subscription:
     """Consumers of one ``consume_work``/``consume_replies`` call.
 
     Knows how to (re)start itself, so the transport can restore it after a
-    reconnect or after its channel was closed by the broker.
+    reconnect or after the broker closed its channel.
     """
 
     def __init__(
@@ -159,8 +156,7 @@ class _Subscription:
         self._prefetch = prefetch  # None: consume on the shared reply channel
         self.channel: AbstractChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.unsettled: set[AbstractIncomingMessage] = set()
+        self._unsettled: set[AbstractIncomingMessage] = set()
         self.cancelled = False
 
     @property
@@ -175,6 +171,7 @@ class _Subscription:
         """Open (or join) a channel and start one consumer per queue."""
         t = self._transport
         self._consumers = []
+        self._unsettled = set()  # deliveries of a previous channel cannot be settled here
         if self._prefetch is None:
             channel = await t._reply_channel()
         else:
@@ -206,23 +203,27 @@ class _Subscription:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         """Runs as its own task (aio-pika makes one per delivery); the transport owns it."""
         if self.cancelled or self._transport._closing:
-            # Arrived while cancelling: give it back untouched.
+            # Sent by the broker before it processed our cancel: give it back untouched.
             with contextlib.suppress(*_BROKER_ERRORS):
                 await message.nack(requeue=True)
             return
+        tasks = self._transport._handler_tasks
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(task)
-            self._transport._handler_tasks.add(task)
-        self.unsettled.add(message)
+            tasks.add(task)
+        self._unsettled.add(message)
         try:
             await self._handler(_RabbitDelivery(message, self))
         except Exception:
-            log.exception("handler for %s failed; the delivery stays unsettled", self.queues)
+            log.exception("handler for %s failed; its delivery stays unsettled", self.queues)
         finally:
             if task is not None:
-                self._tasks.discard(task)
-                self._transport._handler_tasks.discard(task)
+                tasks.discard(task)
+
+    async def settled(self, message: AbstractIncomingMessage) -> None:
+        self._unsettled.discard(message)
+        if self.cancelled and not self._unsettled and not self.is_reply:
+            await self._close_channel()
 
     async def _cancel_consumers(self) -> None:
         consumers, self._consumers = self._consumers, []
@@ -230,37 +231,24 @@ class _Subscription:
             with contextlib.suppress(*_BROKER_ERRORS):
                 await queue.cancel(tag, timeout=self._transport.op_timeout)
 
-    async def _cancel_tasks(self) -> None:
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def _close_channel(self) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            await _close_quietly(channel)
 
     async def cancel(self) -> None:
-        """Stop consuming; deliveries not yet settled go back to their queue."""
+        """Stop new deliveries; the ones handed out stay settleable.
+
+        Unsettled deliveries return to their queue when the transport closes (a
+        work subscription closes its own channel as soon as the last is settled).
+        """
         if self.cancelled:
             return
         self.cancelled = True
         self._transport._subscriptions.discard(self)
-        if self._prefetch is not None:
-            # Own channel: closing it returns every unacked message at once.
-            await self._cancel_tasks()
-            if self.channel is not None:
-                await _close_quietly(self.channel)
-            return
-        # Shared reply channel: stop the consumer, then hand back what is unsettled.
         await self._cancel_consumers()
-        await self._cancel_tasks()
-        unsettled, self.unsettled = self.unsettled, set()
-        for message in unsettled:
-            with contextlib.suppress(*_BROKER_ERRORS):
-                await message.nack(requeue=True)
-
-    async def shutdown(self) -> None:
-        """Transport close: stop handlers; the connection close returns their messages."""
-        self.cancelled = True
-        await self._cancel_tasks()
+        if not self.is_reply and not self._unsettled:
+            await self._close_channel()
 
 
 async def _close_quietly(channel: AbstractChannel) -> None:
@@ -294,7 +282,7 @@ class RabbitTransport:
         self._connection_name = connection_name
         self._connection: AbstractRobustConnection | None = None
         self._publish: AbstractChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
+        self._exchanges: dict[str, tuple[AbstractChannel, AbstractExchange]] = {}
         self._replies: AbstractChannel | None = None
         self._channel_lock = asyncio.Lock()
         self._subscriptions: set[_Subscription] = set()
@@ -338,18 +326,13 @@ class RabbitTransport:
             self._restore_task.cancel()
             await asyncio.gather(self._restore_task, return_exceptions=True)
             self._restore_task = None
-        subscriptions, self._subscriptions = list(self._subscriptions), set()
-        for sub in subscriptions:
-            await sub.shutdown()
+        self._subscriptions.clear()
         tasks = list(self._handler_tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._handler_tasks.clear()
-        channels = [s.channel for s in subscriptions if s.channel is not None and not s.is_reply]
-        channels += [c for c in (self._replies, self._publish) if c is not None]
-        for channel in channels:
-            await _close_quietly(channel)
+        # Closing the connection closes every channel and returns unacked deliveries.
         self._publish = self._replies = None
         self._exchanges = {}
         conn, self._connection = self._connection, None
@@ -449,7 +432,7 @@ class RabbitTransport:
                         for name in sub.queues:
                             await self.declare_reply_queue(name)
                     await sub.start()
-                except (TransportError, ConfigError, *_BROKER_ERRORS) as exc:
+                except Exception as exc:  # keep restoring the others; retry this one later
                     failed = True
                     log.warning("could not restore consumers of %s: %s", sub.queues, exc)
                 else:
@@ -518,10 +501,12 @@ class RabbitTransport:
         """Publish and await this message's confirm; False if the broker returned it."""
         try:
             channel = await self._publish_channel()
-            exchange = self._exchanges.get(exchange_name)
-            if exchange is None or exchange.channel is not channel:
+            cached = self._exchanges.get(exchange_name)
+            if cached is not None and cached[0] is channel:
+                exchange = cached[1]
+            else:
                 exchange = await channel.get_exchange(exchange_name, ensure=False)
-                self._exchanges[exchange_name] = exchange
+                self._exchanges[exchange_name] = (channel, exchange)
             result = await exchange.publish(
                 message, routing_key, mandatory=True, timeout=self.op_timeout
             )
@@ -633,7 +618,3 @@ async def declare_topology(url: str, topology: Topology) -> None:
     finally:
         await transport.close()
 
-
-# Keep the callback types honest for mypy without importing them at runtime twice.
-_ChannelCloseCallback = Callable[[object, BaseException | None], None]
-_Unused: tuple[type[Awaitable[None]], type[NoReturn]] | None = None
