@@ -98,7 +98,28 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=int, default=10_000,
                    help="connections this gateway accepts (default 10000)")
     p.add_argument("--drain-grace-s", type=float, default=20.0,
-                   help="on SIGTERM, wait this long for sessions to finish (default 20)")
+                   help="on SIGTERM, wait this long for in-flight outcomes (default 20)")
+    p.add_argument("--token-secret", default=_env("TOKEN_SECRET"),
+                   help="HMAC secret for resume tokens, shared by all gateways "
+                   "(env AUDIOSTREAM_TOKEN_SECRET; default: random, so sessions resume "
+                   "only on this process)")
+    p.add_argument("--resume-window-s", type=float, default=60.0,
+                   help="how long a dropped session can be resumed (default 60)")
+    p.add_argument("--allowed-origin", dest="allowed_origins", action="append", default=[],
+                   metavar="ORIGIN", help="browser Origin allowed to connect (repeatable; "
+                   "'*' for any). Requests without an Origin header are always allowed.")
+    p.add_argument("--behind-proxy", action="store_true",
+                   help="serve plain ws:// on a non-loopback address because a TLS-terminating "
+                   "proxy is in front (warned about at start-up)")
+    p.add_argument("--chunk-rate", type=float, default=120.0,
+                   help="chunks per second per connection before rate_limited notices "
+                   "(default 120; 0 disables)")
+    p.add_argument("--chunk-burst", type=float, default=60.0,
+                   help="chunks a connection may send at once above the rate (default 60)")
+    p.add_argument("--auth-timeout-s", type=float, default=10.0,
+                   help="close connections that send no start within this time (default 10)")
+    p.add_argument("--idle-timeout-s", type=float, default=60.0,
+                   help="close sessions that send nothing for this long (default 60)")
 
 
 def _add_worker(p: argparse.ArgumentParser) -> None:
@@ -152,7 +173,35 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         default_deadline_ms=args.deadline_ms,
         max_connections=args.max_connections,
         drain_grace_s=args.drain_grace_s,
+        resume_window_s=args.resume_window_s,
+        allowed_origins=tuple(args.allowed_origins),
+        chunk_rate=args.chunk_rate or None,
+        chunk_burst=args.chunk_burst,
+        auth_timeout_s=args.auth_timeout_s,
+        idle_timeout_s=args.idle_timeout_s,
     )
+
+
+def _check_exposure(args: argparse.Namespace) -> None:
+    """Refuse plain ws:// on a public address unless a proxy is declared; warn then."""
+    if args.tls_cert is not None:
+        return
+    loopback = args.host in ("127.0.0.1", "::1", "localhost")
+    if not loopback and not args.behind_proxy:
+        raise AudioStreamError(
+            f"refusing to serve plain ws:// on {args.host}: give --tls-cert/--tls-key, or "
+            "--behind-proxy if a TLS-terminating proxy is in front"
+        )
+    if args.behind_proxy:
+        log.warning("serving plain ws:// on %s:%s; TLS must be terminated by the proxy in front",
+                    args.host, args.port)
+
+
+def _secret(args: argparse.Namespace) -> bytes | None:
+    if args.token_secret:
+        return str(args.token_secret).encode()
+    log.warning("no --token-secret: resume tokens are valid on this process only")
+    return None
 
 
 async def _wait_for_signal() -> str:
@@ -174,7 +223,9 @@ async def _wait_for_signal() -> str:
 async def _serve(args: argparse.Namespace) -> int:
     from audiostream.testing import embedded_server, sample_wav
 
+    _check_exposure(args)
     async with embedded_server(
+        token_secret=args.token_secret.encode() if args.token_secret else None,
         broker_url=args.broker,
         topology=_topology(args),
         host=args.host,
@@ -247,8 +298,10 @@ async def _gateway(args: argparse.Namespace) -> int:
 
     if args.keys_file is None:
         raise AudioStreamError("--keys-file (or AUDIOSTREAM_KEYS_FILE) is required")
+    _check_exposure(args)
     transport = open_transport(args.broker, _topology(args))
-    gateway = Gateway(transport, KeyStore(args.keys_file), settings=_gateway_settings(args))
+    gateway = Gateway(transport, KeyStore(args.keys_file), settings=_gateway_settings(args),
+                      token_secret=_secret(args))
     runner, port = await start_site(gateway.app(), args.host, args.port, _ssl_from(args))
     scheme = "wss" if args.tls_cert else "ws"
     print(f"audiostream gateway on {scheme}://{args.host}:{port}/v1/stream", flush=True)
@@ -489,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("bench", help="N concurrent real-time sessions against a gateway")
+    _add_common(p)
+    from audiostream import bench as _bench
+
+    _bench.add_arguments(p)
+
     p = sub.add_parser("offline", help="run a pipeline on a WAV file in-process (reference)")
     _add_common(p)
     p.add_argument("input", type=Path)
@@ -560,6 +619,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_async(_worker(args))
         if cmd == "stream":
             return _run_async(_stream(args))
+        if cmd == "bench":
+            from audiostream.bench import run_cli
+
+            return _run_async(run_cli(args))
         if cmd == "healthcheck":
             return _run_async(_healthcheck(args))
         if cmd == "offline":

@@ -32,10 +32,11 @@ from typing import Any
 
 from audiostream.topology import Topology
 
-#: Exchange types. Work exchanges are topic exchanges routed by ``<type>.<shard>``;
-#: the dead-letter exchange fans every dead letter out to the one dead-letter queue.
+#: Exchange types, as ``RabbitTransport.declare`` declares them (durable topic exchanges):
+#: work exchanges route ``<type>.<shard>``; the dead-letter exchange sends every dead
+#: letter (which keeps its original routing key) to the one dead-letter queue via ``#``.
 WORK_EXCHANGE_TYPE = "topic"
-DEAD_LETTER_EXCHANGE_TYPE = "fanout"
+DEAD_LETTER_EXCHANGE_TYPE = "topic"
 DEAD_LETTER_ROUTING_KEY = "#"
 
 #: Upper bound on a work message's life (ms), applied by policy. Gateways set a
@@ -160,7 +161,6 @@ def user_definitions(
                 "password_hash": user.password_hash,
                 "hashing_algorithm": PASSWORD_HASHING_ALGORITHM,
                 "tags": list(user.tags),
-                "limits": {},
             }
         ],
         "permissions": [permissions(topology, user.name, vhost=vhost)],

@@ -122,6 +122,17 @@ class Reply:
         return len(self.chunk_frames)
 
 
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A message to whoever consumes a session's reply queue (e.g. "displace":
+    another gateway takes the session over)."""
+
+    session_id: str
+    command: str
+    nonce: str
+    version: int = ENVELOPE_VERSION
+
+
 def redistribute(lengths: Sequence[int], new_total: int) -> tuple[int, ...]:
     """Split ``new_total`` frames over chunks in proportion to ``lengths``.
 
@@ -146,6 +157,7 @@ def redistribute(lengths: Sequence[int], new_total: int) -> tuple[int, ...]:
 
 _KIND_WORK = "w"
 _KIND_REPLY = "r"
+_KIND_CONTROL = "c"
 
 
 def _fmt_wire(fmt: AudioFormat) -> list[Any]:
@@ -202,6 +214,24 @@ def encode_reply(reply: Reply) -> bytes:
         "es": reply.error_step,
     }
     return msgpack.packb(body, use_bin_type=True)
+
+
+def encode_control(ctl: Control) -> bytes:
+    body = {"k": _KIND_CONTROL, "v": ctl.version, "sid": ctl.session_id,
+            "cmd": ctl.command, "n": ctl.nonce}
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode_reply_queue_message(data: bytes) -> Reply | Control:
+    """What a reply queue carries: replies, and now and then a control message."""
+    try:
+        peek = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise ProtocolError(f"undecodable message: {exc}") from exc
+    if isinstance(peek, dict) and peek.get("k") == _KIND_CONTROL:
+        body = _unpack(data, _KIND_CONTROL)
+        return Control(_typed(body, "sid", str), _typed(body, "cmd", str), _typed(body, "n", str))
+    return decode_reply(data)
 
 
 def _unpack(data: bytes, kind: str) -> dict[str, Any]:

@@ -49,6 +49,7 @@ class ErrorCode(IntEnum):
     PROCESSING_FAILED = 4032
     # Resumption.
     RESUME_FAILED = 4040
+    DISPLACED = 4041
     # Server side.
     SERVER_DRAINING = 4050
     INTERNAL_ERROR = 4090

@@ -6,6 +6,8 @@ Metric names are part of the operations contract: the alert rules in
 
 from __future__ import annotations
 
+import weakref
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (
@@ -14,8 +16,11 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200)
 
-#: Stages of a chunk's trip, in order; the gateway exports each from the reply's timings.
+#: Stages of a message's trip, in order; the gateway exports each (see docs/operations.md).
+#: ``gateway_to_broker`` (publish until confirmed) overlaps ``queue_wait`` (publish until
+#: a worker has it); the others follow one another.
 STAGES = (
+    "gateway_backlog",
     "gateway_to_broker",
     "queue_wait",
     "batch_wait",
@@ -23,6 +28,27 @@ STAGES = (
     "reply",
     "gateway_to_client",
 )
+
+QUEUE_DEPTH = "audiostream_queue_depth"
+_queue_depth_gauges: weakref.WeakKeyDictionary[CollectorRegistry, Gauge] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def queue_depth_gauge(registry: CollectorRegistry) -> Gauge:
+    """The work-queue depth gauge of ``registry``, created once.
+
+    Gateways and workers both poll and export it (a gateway keeps reporting when no
+    worker runs, which is when depth matters most); when both live in one process
+    they share one registry, hence one gauge.
+    """
+    gauge = _queue_depth_gauges.get(registry)
+    if gauge is None:
+        gauge = Gauge(
+            QUEUE_DEPTH, "Ready messages over all shards of a processing type's work queues",
+            ["processing"], registry=registry)
+        _queue_depth_gauges[registry] = gauge
+    return gauge
 
 
 class GatewayMetrics:
@@ -43,6 +69,9 @@ class GatewayMetrics:
         self.session_duration = Histogram(
             "audiostream_session_duration_seconds", "Session durations",
             buckets=DURATION_BUCKETS, registry=registry)
+        self.replayed = Counter(
+            "audiostream_outcomes_replayed_total",
+            "Outcomes re-sent to clients that resumed a session", registry=registry)
         self.chunks_in = Counter(
             "audiostream_chunks_in_total", "Audio chunks accepted from clients",
             registry=registry)
@@ -62,14 +91,15 @@ class GatewayMetrics:
             registry=registry)
         self.round_trip = Histogram(
             "audiostream_round_trip_seconds",
-            "Gateway receive to outcome sent, per chunk", buckets=LATENCY_BUCKETS,
-            registry=registry)
+            "Chunk received by the gateway to its processed audio written to the socket",
+            buckets=LATENCY_BUCKETS, registry=registry)
         self.stage = Histogram(
             "audiostream_stage_seconds", "Time spent per stage, per message",
             ["stage"], buckets=LATENCY_BUCKETS, registry=registry)
         self.errors = Counter(
             "audiostream_gateway_errors_total", "Errors reported to clients, by code",
             ["code"], registry=registry)
+        self.queue_depth = queue_depth_gauge(registry)
 
 
 class WorkerMetrics:
@@ -87,9 +117,7 @@ class WorkerMetrics:
         self.errors = Counter(
             "audiostream_worker_errors_total", "Processing or transport errors",
             ["processing", "kind"], registry=registry)
-        self.queue_depth = Gauge(
-            "audiostream_queue_depth", "Ready messages in the work queues of a type",
-            ["processing"], registry=registry)
+        self.queue_depth = queue_depth_gauge(registry)
         self.provider = Gauge(
             "audiostream_worker_provider_info",
             "Execution provider actually in use (1) per processing type",

@@ -34,6 +34,7 @@ class State(Enum):
     STARTING = "starting"
     STREAMING = "streaming"
     STOPPING = "stopping"
+    DRAINING = "draining"
     CLOSED = "closed"
 
 
@@ -44,6 +45,9 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.STARTING, "reject"): State.CLOSED,
     (State.STREAMING, "stop"): State.STOPPING,
     (State.STOPPING, "flushed"): State.CLOSED,
+    (State.STREAMING, "drain"): State.DRAINING,
+    (State.DRAINING, "drained"): State.CLOSED,
+    (State.DRAINING, "fail"): State.CLOSED,
     (State.AWAITING_START, "fail"): State.CLOSED,
     (State.STARTING, "fail"): State.CLOSED,
     (State.STREAMING, "fail"): State.CLOSED,
@@ -82,7 +86,13 @@ class KeepaliveMessage:
     pass
 
 
-ClientMessage = StartMessage | StopMessage | KeepaliveMessage
+@dataclass(frozen=True, slots=True)
+class AckMessage:
+    received: int
+    """Outcomes the client holds (seq 0 .. received-1); lets the server forget them."""
+
+
+ClientMessage = StartMessage | StopMessage | KeepaliveMessage | AckMessage
 
 
 def _require(cond: bool, message: str, code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> None:
@@ -102,6 +112,11 @@ def parse_client_message(text: str) -> ClientMessage:
         return StopMessage()
     if kind == "keepalive":
         return KeepaliveMessage()
+    if kind == "ack":
+        received = data.get("received")
+        _require(isinstance(received, int) and not isinstance(received, bool)
+                 and received >= 0, "ack needs a non-negative integer 'received'")
+        return AckMessage(received)
     if kind != "start":
         raise ProtocolError(f"unknown message type {kind!r}", ErrorCode.UNEXPECTED_MESSAGE)
     version = data.get("version", PROTOCOL_VERSION)
@@ -193,7 +208,12 @@ class KeepaliveReceived:
     pass
 
 
-ServerEvent = StartRequested | ChunkReceived | StopRequested | KeepaliveReceived
+@dataclass(frozen=True, slots=True)
+class AckReceived:
+    received: int
+
+
+ServerEvent = StartRequested | ChunkReceived | StopRequested | KeepaliveReceived | AckReceived
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +252,26 @@ def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
     }
 
 
+class TokenBucket:
+    """Rate limiter: ``rate`` tokens per second, at most ``burst`` saved up. Pure."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.updated = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
 @dataclass(slots=True)
 class _Pending:
     audio: bytes | None = None
@@ -242,7 +282,13 @@ class _Pending:
 class ServerProtocol:
     """One client session on the server, as a state machine over frames."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        chunk_rate: float | None = None,
+        chunk_burst: float = 60.0,
+    ) -> None:
         self.state = State.AWAITING_START
         self.format: AudioFormat | None = None
         self.session_id: str | None = None
@@ -258,6 +304,10 @@ class ServerProtocol:
         self.dropped: dict[str, int] = {}
         self.latencies_ms: list[float] = []
         self.close_code: int | None = None
+        self.rate_limited = 0
+        self._bucket = (
+            TokenBucket(chunk_rate, chunk_burst, clock()) if chunk_rate is not None else None
+        )
 
     # -- helpers ------------------------------------------------------------------
     def _transition(self, trigger: str) -> None:
@@ -268,6 +318,11 @@ class ServerProtocol:
                 ErrorCode.UNEXPECTED_MESSAGE,
             )
         self.state = nxt
+
+    def send_json(self, msg: Mapping[str, Any]) -> None:
+        """Queue a control message (e.g. a refreshed resume token)."""
+        if self.state is not State.CLOSED:
+            self._send_json(msg)
 
     def _send_json(self, msg: Mapping[str, Any]) -> None:
         self._out.append(SendText(json.dumps(msg, separators=(",", ":"))))
@@ -313,6 +368,15 @@ class ServerProtocol:
         if isinstance(msg, KeepaliveMessage):
             self._send_json({"type": "keepalive"})
             return [KeepaliveReceived()]
+        if isinstance(msg, AckMessage):
+            if self.state not in (State.STREAMING, State.STOPPING, State.DRAINING):
+                self._error(ProtocolError("ack before ready", ErrorCode.UNEXPECTED_MESSAGE))
+                return []
+            if msg.received > self.next_out:
+                self._error(ProtocolError(
+                    f"ack of {msg.received} outcomes but only {self.next_out} were sent"))
+                return []
+            return [AckReceived(msg.received)]
         if isinstance(msg, StartMessage):
             if self.state is not State.AWAITING_START:
                 self._error(
@@ -344,11 +408,19 @@ class ServerProtocol:
         if self.state is State.STOPPING:
             self._error(ProtocolError("audio after stop", ErrorCode.UNEXPECTED_MESSAGE))
             return []
+        if self.state is State.DRAINING:
+            return []  # not accepted: the client re-sends it after resuming elsewhere
         assert self.format is not None
         seq = self.next_in
         self.next_in += 1
         now = self._clock()
         self._received_at[seq] = now
+        if self._bucket is not None and not self._bucket.take(now):
+            self.rate_limited += 1
+            self.deliver_notice(
+                seq, ErrorCode.RATE_LIMITED,
+                f"more than {self._bucket.rate:g} chunks/s (burst {self._bucket.burst:g})")
+            return []
         try:
             if len(data) > self.max_frame_bytes:
                 raise ProtocolError(
@@ -363,10 +435,24 @@ class ServerProtocol:
         return [ChunkReceived(seq, data, now)]
 
     # -- decisions from the adapter --------------------------------------------------
-    def accept(self, session_id: str, fmt: AudioFormat, extra: Mapping[str, Any]) -> None:
+    def accept(
+        self,
+        session_id: str,
+        fmt: AudioFormat,
+        extra: Mapping[str, Any],
+        *,
+        next_seq: int = 0,
+        delivered: int = 0,
+    ) -> None:
+        """Send ``ready``. A resumed session starts at ``next_seq`` with ``delivered``
+        outcomes already in the client's hands."""
+        if not 0 <= delivered <= next_seq:
+            raise ValueError("delivered must be within [0, next_seq]")
         self._transition("accept")
         self.session_id = session_id
         self.format = fmt
+        self.next_in = next_seq
+        self.next_out = delivered
         self._send_json(
             {
                 "type": "ready",
@@ -391,12 +477,24 @@ class ServerProtocol:
         self._close(int(err.code), err.code.name.lower())
 
     def go_away(self, extra: Mapping[str, Any]) -> None:
-        """Server shutting down: tell the client, then close 1001."""
-        if self.state is State.CLOSED:
-            return
-        self._send_json({"type": "going_away", **extra})
-        self.state = State.CLOSED
-        self._close(GOING_AWAY, "server going away")
+        """Server draining: tell the client to reconnect elsewhere; audio sent from now
+        on is not accepted. ``finish_drain`` closes with 1001 once outcomes are out."""
+        if self.state is State.STREAMING:
+            self._send_json({"type": "going_away", **extra})
+            self._transition("drain")
+        elif self.state in (State.AWAITING_START, State.STARTING):
+            self.state = State.CLOSED
+            self._close(GOING_AWAY, "server going away")
+
+    def finish_drain(self) -> None:
+        if self.state is State.DRAINING:
+            self._transition("drained")
+            self._close(GOING_AWAY, "server going away")
+
+    def displace(self) -> None:
+        """A newer connection took this session over."""
+        self.fail(ProtocolError("the session was resumed on another connection",
+                                ErrorCode.DISPLACED))
 
     def _close(self, code: int, reason: str) -> None:
         self.close_code = code
@@ -524,7 +622,15 @@ class GoingAway:
     data: Mapping[str, Any]
 
 
-ClientEvent = Ready | AudioOutcome | DropNotice | StreamEvent | ServerError | Summary | GoingAway
+@dataclass(frozen=True, slots=True)
+class TokenRefresh:
+    token: str
+
+
+ClientEvent = (
+    Ready | AudioOutcome | DropNotice | StreamEvent | ServerError | Summary | GoingAway
+    | TokenRefresh
+)
 
 
 def _code(value: Any) -> ErrorCode | int:
@@ -542,6 +648,7 @@ class ClientProtocol:
         self.received = 0
         self.session_id: str | None = None
         self.ready_info: Mapping[str, Any] = {}
+        self.token: str | None = None
 
     def next_seq(self) -> int:
         seq = self.sent
@@ -570,7 +677,18 @@ class ClientProtocol:
         if kind == "ready":
             self.session_id = str(msg["session_id"])
             self.ready_info = msg
+            self.token = msg.get("token", self.token)
+            if msg.get("resumed"):
+                # The server has everything before resume_from; outcomes from
+                # `received` on are replayed; the client re-sends from resume_from.
+                resume_from = int(msg["resume_from"])
+                if resume_from < self.received:
+                    raise ProtocolError("server resumed before what we already have")
+                self.sent = resume_from
             return Ready(self.session_id, msg)
+        if kind == "token":
+            self.token = str(msg["token"])
+            return TokenRefresh(self.token)
         if kind == "notice":
             seq = int(msg["seq"])
             if seq != self.received:
@@ -586,6 +704,7 @@ class ClientProtocol:
         if kind == "summary":
             return Summary(msg)
         if kind == "going_away":
+            self.token = msg.get("token", self.token)
             return GoingAway(msg)
         if kind == "keepalive":
             return None

@@ -63,6 +63,7 @@ async def embedded_server(
     worker_settings: WorkerSettings | None = None,
     memory_broker: MemoryBroker | None = None,
     processors: ProcessorRegistry = registry,
+    token_secret: bytes | None = None,
 ) -> AsyncIterator[Embedded]:
     """Run a gateway and ``workers`` workers until the block exits."""
     topo = topology or default_topology()
@@ -70,7 +71,8 @@ async def embedded_server(
     keys = KeyStore(keys_file)
     dev_key = keys.add_in_memory("development")
     gw_transport = open_transport(broker_url, topo, broker)
-    gateway = Gateway(gw_transport, keys, settings=gateway_settings, processors=processors)
+    gateway = Gateway(gw_transport, keys, settings=gateway_settings, processors=processors,
+                      token_secret=token_secret)
     ws_settings = worker_settings or WorkerSettings(
         processing=tuple(processing or topo.processing_types)
     )

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import trustme
 
-from audiostream.gateway import server_ssl_context
+from audiostream.gateway import GatewaySettings, server_ssl_context
 from audiostream.testing import Embedded, embedded_server
 from audiostream.topology import Topology
 from tests.conftest import delete_prefixed
@@ -52,6 +53,8 @@ async def make_server(
     used: list[Topology] = []
 
     def make(**kw: Any) -> AbstractAsyncContextManager[Embedded]:
+        # Tests stream faster than real time: no per-connection rate limit unless asked.
+        kw.setdefault("gateway_settings", GatewaySettings(chunk_rate=None))
         kw.setdefault("topology", topology)
         kw.setdefault("processing", kw["topology"].processing_types)
         used.append(kw["topology"])
@@ -67,3 +70,13 @@ async def make_server(
 async def server(make_server: ServerFactory) -> AsyncIterator[Embedded]:
     async with make_server() as s:
         yield s
+
+
+async def expect_close(ws: aiohttp.ClientWebSocketResponse, code: int) -> None:
+    """The server closes with ``code``: read it from the close frame itself, because
+    answering the close can race the server dropping TLS, which aiohttp reports as 1006."""
+    msg = await ws.receive(timeout=10)
+    if msg.type is aiohttp.WSMsgType.CLOSE:
+        assert msg.data == code, (msg.data, msg.extra)
+    else:
+        assert msg.type is aiohttp.WSMsgType.CLOSED and ws.close_code == code, msg

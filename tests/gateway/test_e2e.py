@@ -25,7 +25,7 @@ from audiostream.protocol import start_json
 from audiostream.testing import Embedded, eventually, sample_wav
 from audiostream.topology import Topology
 from tests.conftest import unique_prefix
-from tests.gateway.conftest import TLS, ServerFactory
+from tests.gateway.conftest import TLS, ServerFactory, expect_close
 
 pytestmark = pytest.mark.integration
 
@@ -110,12 +110,6 @@ async def receive_json(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
     assert msg.type is aiohttp.WSMsgType.TEXT, (msg.type, msg.data)
     data: dict[str, Any] = json.loads(msg.data)
     return data
-
-
-async def expect_close(ws: aiohttp.ClientWebSocketResponse, code: int) -> None:
-    msg = await ws.receive(timeout=10)
-    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-    assert ws.close_code == code
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,12 @@ coalesced into the next message, so load raises message size, not message
 count, and the per-session state (returned by the workers with each reply) is
 always applied in order. Every accepted chunk ends as audio or a drop notice:
 a reply, a deadline timer, or a publish failure settles it.
+
+The reply queue doubles as the session's journal: replies stay unacked until
+the client confirms it holds their outcomes (and the newest one always stays,
+for its state). If the gateway dies or drains, they return to the queue, and
+the gateway that takes the session over (``take_over``) replays what the
+client missed and continues from the newest state.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,14 +27,16 @@ from typing import Any
 
 from audiostream.audio import AudioFormat
 from audiostream.envelope import (
+    Control,
     Reply,
     ReplyStatus,
     Step,
     WorkEnvelope,
-    decode_reply,
+    decode_reply_queue_message,
+    encode_control,
     encode_work,
 )
-from audiostream.errors import AudioStreamError, ErrorCode
+from audiostream.errors import AudioStreamError, AuthError, ErrorCode
 from audiostream.metrics import GatewayMetrics
 from audiostream.transport.base import Delivery, Subscription, Transport
 
@@ -37,6 +46,11 @@ log = logging.getLogger(__name__)
 MAX_COALESCE = 50
 #: Most chunks waiting for a session before new ones are refused as overloaded.
 MAX_BACKLOG = 1000
+#: Most replies kept unacked for a client that never confirms what it received.
+MAX_JOURNAL = 3000
+#: Message ids are ``generation << GEN_SHIFT | counter``.
+GEN_SHIFT = 32
+DISPLACE = "displace"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +65,40 @@ class Outcome:
 
 
 OutcomeSink = Callable[[list[Outcome]], None]
+
+
+def reply_outcomes(reply: Reply, seqs: list[int]) -> list[Outcome]:
+    """Per-chunk outcomes of a reply covering ``seqs`` (its chunks, in order)."""
+    if reply.status is ReplyStatus.OK and reply.chunk_count == len(seqs):
+        events: dict[int, list[Mapping[str, Any]]] = {}
+        for ev in reply.events:
+            events.setdefault(int(ev.get("seq", seqs[0])), []).append(ev)
+        outcomes = []
+        pos = 0
+        fb = reply.format.frame_bytes
+        for seq, frames in zip(seqs, reply.chunk_frames, strict=True):
+            data = reply.audio[pos : pos + frames * fb]
+            pos += frames * fb
+            outcomes.append(Outcome(seq, audio=data, events=tuple(events.get(seq, ()))))
+        return outcomes
+    if reply.status is ReplyStatus.OK:
+        code, message = ErrorCode.PROCESSING_FAILED, "reply does not match the message"
+    else:
+        code = ErrorCode(reply.error_code or ErrorCode.PROCESSING_FAILED)
+        message = reply.error_message or str(reply.status)
+        if reply.error_step:
+            message = f"{reply.error_step}: {message}"
+    return [Outcome(seq, code=code, message=message) for seq in seqs]
+
+
+@dataclass(slots=True)
+class _Entry:
+    delivery: Delivery
+    reply: Reply
+
+    @property
+    def end(self) -> int:
+        return self.reply.seq + self.reply.chunk_count
 
 
 @dataclass(slots=True)
@@ -81,6 +129,9 @@ class SessionPipeline:
         deadline_s: float,
         sink: OutcomeSink,
         metrics: GatewayMetrics | None = None,
+        generation: int = 0,
+        state: Mapping[str, bytes] | None = None,
+        on_displaced: Callable[[], None] | None = None,
     ) -> None:
         self.session_id = session_id
         self.transport = transport
@@ -91,10 +142,18 @@ class SessionPipeline:
         self.metrics = metrics
         self.reply_queue = transport.topology.reply_queue(session_id)
         self.shard = transport.topology.shard_for(session_id)
-        self.state: dict[str, bytes] = {}
+        self.state: dict[str, bytes] = dict(state or {})
+        self.generation = generation
+        self.on_displaced = on_displaced
+        self.nonce = uuid.uuid4().hex
         self._backlog: deque[_Chunk] = deque()
         self._inflight: _InFlight | None = None
-        self._next_msg_id = 0
+        self._next_msg_id = generation << GEN_SHIFT
+        self._journal: list[_Entry] = []
+        self._confirmed = 0
+        self._history: list[_Entry] | None = None
+        self._history_expected = 0
+        self._got_history = asyncio.Event()
         self._subscription: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -105,6 +164,74 @@ class SessionPipeline:
     async def open(self) -> None:
         await self.transport.declare_reply_queue(self.reply_queue)
         self._subscription = await self.transport.consume_replies(self.reply_queue, self._on_reply)
+
+    async def take_over(self, *, settle_s: float = 5.0) -> list[Reply]:
+        """Become the reply queue's only consumer and read the journal a previous
+        holder left: returns its replies (deduplicated, by seq) and keeps them unacked."""
+        t = self.transport
+        stats = await t.reply_queue_stats(self.reply_queue)
+        if stats is None:
+            raise AuthError("the session has expired (its reply queue is gone)",
+                            ErrorCode.RESUME_FAILED)
+        await t.publish_reply(
+            self.reply_queue, encode_control(Control(self.session_id, DISPLACE, self.nonce))
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settle_s
+        while True:
+            stats = await t.reply_queue_stats(self.reply_queue)
+            if stats is None:
+                raise AuthError("the session's reply queue vanished during the takeover",
+                                ErrorCode.RESUME_FAILED)
+            if stats[1] == 0:
+                break
+            if loop.time() >= deadline:
+                raise AudioStreamError("the previous connection did not let the session go",
+                                       ErrorCode.RESUME_FAILED)
+            await asyncio.sleep(0.02)  # polling the broker: nothing to await on
+        self._history = []
+        self._history_expected = stats[0]
+        if stats[0] == 0:
+            self._got_history.set()
+        self._subscription = await t.consume_replies(self.reply_queue, self._on_reply)
+        try:
+            await asyncio.wait_for(self._got_history.wait(), settle_s)
+        except TimeoutError:
+            log.warning("session=%s stage=resume: journal incomplete (%d of %d)",
+                        self.session_id, len(self._history), stats[0])
+        history, self._history = self._history, None
+        seen: set[int] = set()
+        entries: list[_Entry] = []
+        for entry in sorted(history, key=lambda e: (e.reply.seq, e.reply.msg_id)):
+            if entry.reply.msg_id in seen or entry.reply.session_id != self.session_id:
+                await self._settle_delivery(entry.delivery)
+                continue
+            seen.add(entry.reply.msg_id)
+            entries.append(entry)
+        self._journal = entries
+        if entries:
+            self.state = dict(entries[-1].reply.state)
+        return [e.reply for e in entries]
+
+    async def _settle_delivery(self, delivery: Delivery) -> None:
+        with contextlib.suppress(AudioStreamError):
+            await delivery.ack()
+
+    def confirm(self, received: int) -> None:
+        """The client holds every outcome before ``received``: forget those replies."""
+        self._confirmed = max(self._confirmed, received)
+        self._trim()
+
+    def _trim(self) -> None:
+        keep: list[_Entry] = []
+        last = len(self._journal) - 1
+        for i, entry in enumerate(self._journal):
+            over_cap = len(self._journal) - i > MAX_JOURNAL
+            if i < last and (entry.end <= self._confirmed or over_cap):
+                self._spawn(self._settle_delivery(entry.delivery))
+            else:
+                keep.append(entry)
+        self._journal = keep
 
     @property
     def outstanding(self) -> int:
@@ -150,6 +277,10 @@ class SessionPipeline:
             self._idle.set()
             return
         chunks = [self._backlog.popleft() for _ in range(min(MAX_COALESCE, len(self._backlog)))]
+        if self.metrics is not None:
+            self.metrics.stage.labels(stage="gateway_backlog").observe(
+                max(0.0, now - chunks[0].received_at)
+            )
         msg_id = self._next_msg_id
         self._next_msg_id += 1
         flight = _InFlight(msg_id, chunks)
@@ -218,48 +349,54 @@ class SessionPipeline:
     # -- receiving -----------------------------------------------------------------------
     async def _on_reply(self, delivery: Delivery) -> None:
         try:
-            reply = decode_reply(delivery.body)
+            msg = decode_reply_queue_message(delivery.body)
         except AudioStreamError as err:
-            log.error("session=%s stage=reply: undecodable reply: %s", self.session_id, err)
-            await delivery.ack()
+            flight = self._inflight
+            log.error("session=%s seq=%d stage=reply: undecodable reply: %s", self.session_id,
+                      flight.chunks[0].seq if flight is not None else -1, err)
+            await self._settle_delivery(delivery)
             return
-        await delivery.ack()
-        self.handle_reply(reply)
+        if isinstance(msg, Control):
+            await self._settle_delivery(delivery)
+            if msg.command == DISPLACE and msg.nonce != self.nonce and self._history is None:
+                log.info("session=%s stage=resume: taken over by another connection",
+                         self.session_id)
+                if self.on_displaced is not None:
+                    self.on_displaced()
+            if self._history is not None:
+                self._count_history()
+            return
+        if self._history is not None:
+            self._history.append(_Entry(delivery, msg))
+            self._count_history()
+            return
+        if not self.handle_reply(msg):
+            await self._settle_delivery(delivery)
+            return
+        self._journal.append(_Entry(delivery, msg))
+        self._trim()
 
-    def handle_reply(self, reply: Reply) -> None:
+    def _count_history(self) -> None:
+        self._history_expected -= 1
+        if self._history_expected <= 0:
+            self._got_history.set()
+
+    def handle_reply(self, reply: Reply) -> bool:
+        """Turn the awaited reply into outcomes; False for one that is not awaited."""
         flight = self._inflight
         if flight is None or reply.msg_id != flight.msg_id or reply.session_id != self.session_id:
             # A duplicate (redelivery after a worker crash) or a reply past its deadline.
             log.debug("session=%s: discarding reply for msg %d", self.session_id, reply.msg_id)
-            return
+            return False
         if flight.timer is not None:
             flight.timer.cancel()
         self._inflight = None
         self._observe(reply)
-        chunks = flight.chunks
-        if reply.status is ReplyStatus.OK and reply.chunk_count == len(chunks):
+        if reply.status is ReplyStatus.OK:
             self.state = dict(reply.state)
-            events: dict[int, list[Mapping[str, Any]]] = {}
-            for ev in reply.events:
-                events.setdefault(int(ev.get("seq", chunks[0].seq)), []).append(ev)
-            outcomes = []
-            pos = 0
-            fb = reply.format.frame_bytes
-            for c, frames in zip(chunks, reply.chunk_frames, strict=True):
-                data = reply.audio[pos : pos + frames * fb]
-                pos += frames * fb
-                outcomes.append(Outcome(c.seq, audio=data, events=tuple(events.get(c.seq, ()))))
-            self._emit(outcomes)
-        else:
-            if reply.status is ReplyStatus.OK:
-                code, message = ErrorCode.PROCESSING_FAILED, "reply does not match the message"
-            else:
-                code = ErrorCode(reply.error_code or ErrorCode.PROCESSING_FAILED)
-                message = reply.error_message or str(reply.status)
-                if reply.error_step:
-                    message = f"{reply.error_step}: {message}"
-            self._emit([Outcome(c.seq, code=code, message=message) for c in chunks])
+        self._emit(reply_outcomes(reply, [c.seq for c in flight.chunks]))
         self._pump()
+        return True
 
     def _observe(self, reply: Reply) -> None:
         if self.metrics is None:
@@ -283,8 +420,13 @@ class SessionPipeline:
         if replied is not None:
             stage.labels(stage="reply").observe(max(0.0, now - replied))
 
-    async def close(self, *, delete_reply_queue: bool) -> None:
-        """Stop consuming; settle whatever is outstanding as dropped; free the reply queue."""
+    async def close(self, *, finished: bool) -> None:
+        """Stop consuming and cancel owned tasks.
+
+        ``finished`` (a clean stop): the journal is acked and the reply queue deleted.
+        Otherwise the journal goes back to the queue for whoever resumes the session,
+        and the queue is left to expire.
+        """
         if self._closed:
             return
         self._closed = True
@@ -298,7 +440,14 @@ class SessionPipeline:
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if delete_reply_queue:
+        journal, self._journal = self._journal, []
+        for entry in journal:
+            with contextlib.suppress(AudioStreamError):
+                if finished:
+                    await entry.delivery.ack()
+                else:
+                    await entry.delivery.release()
+        if finished:
             with contextlib.suppress(AudioStreamError):
                 await self.transport.delete_reply_queue(self.reply_queue)
         self._idle.set()

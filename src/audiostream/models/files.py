@@ -135,7 +135,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             ErrorCode.MODEL_ERROR,
         ) from None
     except (OSError, ValueError) as exc:
-        raise ModelError(f"unreadable model manifest {path}: {exc}", ErrorCode.MODEL_ERROR) from None
+        raise ModelError(
+            f"unreadable model manifest {path}: {exc}", ErrorCode.MODEL_ERROR
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         raise ModelError(f"model manifest {path} is malformed", ErrorCode.MODEL_ERROR)
     return data

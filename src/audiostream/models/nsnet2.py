@@ -143,7 +143,8 @@ class Model:
             path, options or runtime.RuntimeOptions(), optimization=level
         )
         self.providers = runtime.providers_in_use(self.session)
-        # ORT sessions are thread-safe, but state bookkeeping around them is cheap to serialise.
+        # One inference at a time per model: concurrent runs would only compete for the
+        # same cores (a worker scales with processes, not threads).
         self.lock = threading.Lock()
 
     def run(self, feat: F32, h0: F32) -> tuple[F32, F32]:
@@ -174,7 +175,7 @@ def _synthesise(fr: Framing, spec: C128, gain: F32) -> F32:
 
 
 def _overlap_add(fr: Framing, frames: F32, tail: F32) -> tuple[F32, F32]:
-    """Blocks ``b[k-1] + a[k]`` (50 % overlap) for frames ``[N, win]``; return (blocks, new tail)."""
+    """Blocks ``b[k-1] + a[k]`` (50 % overlap) of frames ``[N, win]``, and the new tail."""
     hop = fr.hop
     heads = frames[:, :hop]
     tails = np.concatenate([tail[None, :], frames[:-1, hop:]], axis=0)
@@ -226,7 +227,10 @@ class StreamState:
         )
         return b"".join(
             [header]
-            + [np.ascontiguousarray(a, dtype="<f4").tobytes() for a in (self.h, self.pending, self.ready, self.tail)]
+            + [
+                np.ascontiguousarray(a, dtype="<f4").tobytes()
+                for a in (self.h, self.pending, self.ready, self.tail)
+            ]
         )
 
     @classmethod
@@ -257,14 +261,14 @@ class StreamState:
         flat = np.frombuffer(raw, dtype="<f4", offset=_HEADER.size).astype(np.float32)
         if not np.isfinite(flat).all():
             raise bad("non-finite values")
-        parts = np.split(flat, np.cumsum(sizes)[:-1])
+        a, b, c = sizes[0], sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2]
         return cls(
             n_in,
             n_frames,
-            parts[0].reshape(ch, 2, hid),
-            parts[1].reshape(ch, p_len),
-            parts[2].reshape(ch, r_len),
-            parts[3].reshape(ch, hop),
+            flat[:a].reshape(ch, 2, hid),
+            flat[a:b].reshape(ch, p_len),
+            flat[b:c].reshape(ch, r_len),
+            flat[c:].reshape(ch, hop),
         )
 
 
@@ -285,13 +289,18 @@ class Denoiser:
     def process(
         self, items: Sequence[tuple[npt.NDArray[Any], bytes | None]]
     ) -> list[tuple[F32, bytes]]:
-        """Denoise ``(audio (frames, channels), state)`` pairs; same length out as in."""
+        """Denoise ``(audio (frames, channels), state)`` pairs; same length out as in.
+
+        All frames of the batch go through one FFT, one ORT call per hop step and
+        one inverse FFT; only bookkeeping is per session.
+        """
         fr = self.framing
         hop, win = fr.hop, fr.win
         states: list[StreamState] = []
         inputs: list[F32] = []
-        frame_counts: list[int] = []
-        frame_blocks: list[F32] = []
+        buffers: list[F32] = []
+        counts: list[int] = []  # frames per item
+        row_counts: list[int] = []  # frames per row (item x channel)
         for audio, raw in items:
             x = _as_channels_first(audio)
             channels = x.shape[0]
@@ -300,87 +309,93 @@ class Denoiser:
                 if raw is None
                 else StreamState.from_bytes(raw, fr, self.model.hidden, channels)
             )
-            buf = np.concatenate([st.pending, x], axis=1)
+            buf = np.concatenate([st.pending, x], axis=1) if st.pending.shape[1] else x
             count = (buf.shape[1] - win) // hop + 1 if buf.shape[1] >= win else 0
-            if count:
-                view = np.lib.stride_tricks.sliding_window_view(buf, win, axis=1)[:, ::hop][:, :count]
-                frame_blocks.append(np.ascontiguousarray(view).reshape(-1, win))
-            st.pending = np.ascontiguousarray(buf[:, count * hop :])
+            st.pending = buf[:, count * hop :]
             states.append(st)
             inputs.append(x)
-            frame_counts.extend([count] * channels)
+            buffers.append(buf)
+            counts.append(count)
+            row_counts.extend([count] * channels)
 
-        gains: list[F32] = []
-        spec: C128 | None = None
-        if frame_blocks:
-            spec, feat = _analyse(fr, np.concatenate(frame_blocks, axis=0))
+        total = sum(row_counts)
+        synth = np.empty((0, win), np.float32)
+        if total:
+            frames = np.empty((total, win), np.float32)
+            pos = 0
+            for buf, count in zip(buffers, counts, strict=True):
+                for c in range(buf.shape[0]):
+                    for k in range(count):
+                        frames[pos] = buf[c, k * hop : k * hop + win]
+                        pos += 1
+            spec, feat = _analyse(fr, frames)
             h_rows = np.concatenate([st.h for st in states], axis=0)  # [rows, 2, hidden]
-            gains, h_new = self._run_rows(feat, np.asarray(frame_counts), h_rows)
-            offset = 0
+            gains, h_new = self._run_rows(feat, np.asarray(row_counts), h_rows)
+            synth = _synthesise(fr, spec, gains)
+            row = 0
             for st in states:
-                st.h = h_new[offset : offset + st.h.shape[0]]
-                offset += st.h.shape[0]
+                st.h = h_new[row : row + st.h.shape[0]]
+                row += st.h.shape[0]
 
         outputs: list[tuple[F32, bytes]] = []
-        row = 0
-        frame_offset = 0
-        for st, x in zip(states, inputs, strict=True):
+        pos = 0
+        for st, x, count in zip(states, inputs, counts, strict=True):
             channels, n = x.shape
-            count = frame_counts[row]
             if count:
-                blocks = []
-                tails = []
+                blocks = np.empty((channels, count * hop), np.float32)
+                tails = np.empty((channels, hop), np.float32)
                 for c in range(channels):
-                    assert spec is not None
-                    sl = slice(frame_offset, frame_offset + count)
-                    frames = _synthesise(fr, spec[sl], gains[row + c])
-                    block, tail = _overlap_add(fr, frames, st.tail[c])
-                    blocks.append(block)
-                    tails.append(tail)
-                    frame_offset += count
-                st.ready = np.concatenate([st.ready, np.stack(blocks)], axis=1)
-                st.tail = np.stack(tails)
+                    blocks[c], tails[c] = _overlap_add(fr, synth[pos : pos + count], st.tail[c])
+                    pos += count
+                st.ready = np.concatenate([st.ready, blocks], axis=1)
+                st.tail = tails
                 st.n_frames += count
-            zeros = int(np.clip(fr.delay - st.n_in, 0, n))
+            zeros = min(max(fr.delay - st.n_in, 0), n)
             take = n - zeros
             out = np.zeros((n, channels), np.float32)
             out[zeros:] = st.ready[:, :take].T
-            st.ready = np.ascontiguousarray(st.ready[:, take:])
+            st.ready = st.ready[:, take:]
             st.n_in += n
             outputs.append((out, st.to_bytes(fr.rate)))
-            row += channels
         return outputs
 
-    def _run_rows(
-        self, feat: F32, counts: npt.NDArray[np.int64], h_rows: F32
-    ) -> tuple[list[F32], F32]:
-        """Run every row's frames; step s feeds only rows with more than s frames."""
+    def _run_rows(self, feat: F32, counts: npt.NDArray[np.int64], h_rows: F32) -> tuple[F32, F32]:
+        """Gains for ``feat`` (rows' frames back to back); step s feeds rows with > s frames."""
         bins = self.framing.bins
         rows = len(counts)
-        order = np.argsort(-counts, kind="stable")
+        longest = int(counts.max())
+        uniform = bool((counts == longest).all())
+        if uniform:  # the common case: every session sent the same duration
+            order = np.arange(rows)
+            feat_t = np.ascontiguousarray(feat.reshape(rows, longest, bins).transpose(1, 0, 2))
+        else:
+            order = np.argsort(-counts, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            feat_t = np.zeros((longest, rows, bins), np.float32)
+            for pos, r in enumerate(order):
+                feat_t[: counts[r], pos] = feat[starts[r] : starts[r] + counts[r]]
         sorted_counts = counts[order]
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        longest = int(sorted_counts[0])
-        # time-major features for rows in descending frame count: [steps, rows, bins]
-        feat_t = np.zeros((longest, rows, bins), np.float32)
-        for pos, r in enumerate(order):
-            c = int(counts[r])
-            feat_t[:c, pos] = feat[starts[r] : starts[r] + c]
         h = np.ascontiguousarray(h_rows[order].transpose(1, 0, 2))  # [2, rows, hidden]
-        gain_t = np.zeros_like(feat_t)
+        gain_t = np.empty_like(feat_t)
         with self.model.lock:
             for s in range(longest):
-                active = int(np.count_nonzero(sorted_counts > s))
+                active = rows if uniform else int(np.count_nonzero(sorted_counts > s))
                 g, hn = self.model.run(
-                    feat_t[s, :active].reshape(active, 1, bins), np.ascontiguousarray(h[:, :active])
+                    feat_t[s, :active].reshape(active, 1, bins),
+                    h if active == rows else np.ascontiguousarray(h[:, :active]),
                 )
                 gain_t[s, :active] = g[:, 0]
-                h[:, :active] = hn
-        gains: list[F32] = [np.empty((0, bins), np.float32)] * rows
+                if active == rows:
+                    h = hn
+                else:
+                    h[:, :active] = hn
         h_out = np.empty_like(h_rows)
+        h_out[order] = h.transpose(1, 0, 2)
+        if uniform:
+            return np.ascontiguousarray(gain_t.transpose(1, 0, 2)).reshape(-1, bins), h_out
+        gains = np.empty_like(feat)
         for pos, r in enumerate(order):
-            gains[r] = gain_t[: int(counts[r]), pos]
-            h_out[r] = h[:, pos]
+            gains[starts[r] : starts[r] + counts[r]] = gain_t[: counts[r], pos]
         return gains, h_out
 
     def offline(self, audio: npt.NDArray[Any]) -> F32:
@@ -396,7 +411,9 @@ class Denoiser:
         count = -(-n // fr.hop)  # frames until every input sample is final
         padded = np.zeros((channels, (count + 1) * fr.hop), np.float32)
         padded[:, :n] = x
-        view = np.lib.stride_tricks.sliding_window_view(padded, fr.win, axis=1)[:, :: fr.hop][:, :count]
+        view = np.lib.stride_tricks.sliding_window_view(padded, fr.win, axis=1)[:, :: fr.hop][
+            :, :count
+        ]
         spec, feat = _analyse(fr, np.ascontiguousarray(view).reshape(-1, fr.win))
         feat3 = feat.reshape(channels, count, fr.bins)
         h = self.model.zero_state(channels)
@@ -446,9 +463,7 @@ def denoiser(
     with _cache_lock:
         engine = _cache.get(key)
         if engine is None:
-            engine = _cache[key] = Denoiser(
-                Model(rate, variant, model_dir=model_dir, options=opts)
-            )
+            engine = _cache[key] = Denoiser(Model(rate, variant, model_dir=model_dir, options=opts))
         return engine
 
 

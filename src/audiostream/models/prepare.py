@@ -143,16 +143,85 @@ def streaming_graph(model: Any) -> Any:
     return model
 
 
+class _CellBuilder:
+    """Nodes and initialisers for one GRU rewritten as a single cell step."""
+
+    def __init__(self, prefix: str, hidden: int, opset: int) -> None:
+        self.p = prefix
+        self.hidden = hidden
+        self.opset = opset
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+
+    def const(self, name: str, arr: np.ndarray[Any, Any]) -> str:
+        from onnx import numpy_helper as nh
+
+        self.initializers.append(nh.from_array(np.ascontiguousarray(arr), self.p + name))
+        return self.p + name
+
+    def node(self, op: str, ins: list[str], out: str) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, ins, [self.p + out], name=self.p + out))
+        return self.p + out
+
+    def split(self, src: str, outs: list[str]) -> list[str]:
+        from onnx import helper
+
+        names = [self.p + o for o in outs]
+        thirds = [self.hidden] * 3
+        if self.opset >= 13:
+            sizes = self.const(f"{outs[0]}_split", np.array(thirds, dtype=np.int64))
+            self.nodes.append(helper.make_node("Split", [src, sizes], names, axis=1))
+        else:
+            self.nodes.append(helper.make_node("Split", [src], names, axis=1, split=thirds))
+        return names
+
+
+def _gru_cell(gru: Any, inits: dict[str, Any], opset: int) -> tuple[list[Any], list[Any]]:
+    from onnx import helper
+    from onnx import numpy_helper as nh
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in gru.attribute}
+    direction = attrs.get("direction", b"forward")
+    if attrs.get("linear_before_reset") != 1 or direction not in (b"forward", "forward"):
+        raise ModelError("unexpected GRU configuration in NSNet2")
+    x, w_name, r_name, b_name = gru.input[:4]
+    hid = int(attrs["hidden_size"])
+    w = nh.to_array(inits[w_name])[0]
+    r = nh.to_array(inits[r_name])[0]
+    b = nh.to_array(inits[b_name])[0]
+    c = _CellBuilder(f"{gru.name or gru.output[0]}_cell/", hid, opset)
+    xs = c.node("Reshape", [x, c.const("shape_x", np.array([-1, w.shape[1]], np.int64))], "x")
+    h = c.node("Reshape", [gru.input[5], c.const("shape_h", np.array([-1, hid], np.int64))], "h")
+    xw = c.node("MatMul", [xs, c.const("WT", w.T.astype(np.float32))], "xw0")
+    xw = c.node("Add", [xw, c.const("wb", b[: 3 * hid].astype(np.float32))], "xw")
+    hr = c.node("MatMul", [h, c.const("RT", r.T.astype(np.float32))], "hr0")
+    hr = c.node("Add", [hr, c.const("rb", b[3 * hid :].astype(np.float32))], "hr")
+    xz, xr, xn = c.split(xw, ["xz", "xr", "xn"])
+    hz, hr_r, hn = c.split(hr, ["hz", "hr_r", "hn"])
+    z = c.node("Sigmoid", [c.node("Add", [xz, hz], "z0")], "z")
+    rr = c.node("Sigmoid", [c.node("Add", [xr, hr_r], "r0")], "r")
+    n = c.node("Tanh", [c.node("Add", [xn, c.node("Mul", [rr, hn], "rhn")], "n0")], "n")
+    zd = c.node("Mul", [z, c.node("Sub", [h, n], "d")], "zd")
+    h_new = c.node("Add", [n, zd], "h_new")
+    shape_yh = c.const("shape_yh", np.array([1, -1, hid], np.int64))
+    shape_y = c.const("shape_y", np.array([1, 1, -1, hid], np.int64))
+    c.nodes.append(helper.make_node("Reshape", [h_new, shape_yh], [gru.output[1]], name=c.p + "yh"))
+    c.nodes.append(helper.make_node("Reshape", [h_new, shape_y], [gru.output[0]], name=c.p + "y"))
+    return c.nodes, c.initializers
+
+
 def gru_cells(model: Any) -> Any:
     """Replace each single-direction GRU by one explicit cell step (input ``[batch, 1, F]``).
 
     Implements ONNX GRU with ``linear_before_reset=1`` and default activations:
-    z = σ(xWzᵀ + hRzᵀ + b), r = σ(xWrᵀ + hRrᵀ + b), n = tanh(xWnᵀ + bw + r⊙(hRnᵀ + br)),
-    h' = n + z⊙(h − n). Plain MatMuls are what dynamic quantisation can handle.
+    z = sigmoid(x Wz' + h Rz' + b), r = sigmoid(x Wr' + h Rr' + b),
+    n = tanh(x Wn' + bw + r * (h Rn' + br)), h_new = n + z * (h - n).
+    Plain MatMuls are what dynamic quantisation can handle.
     """
     import onnx
     from onnx import TensorProto, helper
-    from onnx import numpy_helper as nh
 
     g = model.graph
     opset = _opset(model)
@@ -160,68 +229,12 @@ def gru_cells(model: Any) -> Any:
     out_nodes: list[Any] = []
     extra: list[Any] = []
     for n in g.node:
-        if n.op_type != "GRU":
+        if n.op_type == "GRU":
+            nodes, tensors = _gru_cell(n, inits, opset)
+            out_nodes += nodes
+            extra += tensors
+        else:
             out_nodes.append(_copy_node(n))
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        if attrs.get("linear_before_reset") != 1 or attrs.get("direction", b"forward") not in (
-            b"forward",
-            "forward",
-        ):
-            raise ModelError("unexpected GRU configuration in NSNet2")
-        x, w_name, r_name, b_name = n.input[:4]
-        h_in = n.input[5]
-        hid = int(attrs["hidden_size"])
-        w = nh.to_array(inits[w_name])[0]
-        r = nh.to_array(inits[r_name])[0]
-        b = nh.to_array(inits[b_name])[0]
-        p = f"{n.name or n.output[0]}_cell/"
-
-        def const(name: str, arr: np.ndarray[Any, Any], prefix: str = p) -> str:
-            extra.append(nh.from_array(np.ascontiguousarray(arr), prefix + name))
-            return prefix + name
-
-        wt = const("WT", w.T.astype(np.float32))
-        rt = const("RT", r.T.astype(np.float32))
-        wb = const("wb", b[: 3 * hid].astype(np.float32))
-        rb = const("rb", b[3 * hid :].astype(np.float32))
-        s_x = const("shape_x", np.array([-1, w.shape[1]], dtype=np.int64))
-        s_h = const("shape_h", np.array([-1, hid], dtype=np.int64))
-        s_yh = const("shape_yh", np.array([1, -1, hid], dtype=np.int64))
-        s_y = const("shape_y", np.array([1, 1, -1, hid], dtype=np.int64))
-
-        sizes = const("split", np.array([hid] * 3, dtype=np.int64)) if opset >= 13 else ""
-
-        def split(src: str, outs: list[str]) -> Any:
-            if sizes:
-                return helper.make_node("Split", [src, sizes], outs, axis=1)
-            return helper.make_node("Split", [src], outs, axis=1, split=[hid] * 3)
-
-        def node(op: str, ins: list[str], out: str) -> Any:
-            return helper.make_node(op, ins, [out], name=p + out.rsplit("/", 1)[-1])
-
-        out_nodes += [
-            node("Reshape", [x, s_x], p + "x"),
-            node("Reshape", [h_in, s_h], p + "h"),
-            node("MatMul", [p + "x", wt], p + "xw0"),
-            node("Add", [p + "xw0", wb], p + "xw"),
-            node("MatMul", [p + "h", rt], p + "hr0"),
-            node("Add", [p + "hr0", rb], p + "hr"),
-            split(p + "xw", [p + "xz", p + "xr", p + "xn"]),
-            split(p + "hr", [p + "hz", p + "hr_r", p + "hn"]),
-            node("Add", [p + "xz", p + "hz"], p + "z0"),
-            node("Sigmoid", [p + "z0"], p + "z"),
-            node("Add", [p + "xr", p + "hr_r"], p + "r0"),
-            node("Sigmoid", [p + "r0"], p + "r"),
-            node("Mul", [p + "r", p + "hn"], p + "rhn"),
-            node("Add", [p + "xn", p + "rhn"], p + "n0"),
-            node("Tanh", [p + "n0"], p + "n"),
-            node("Sub", [p + "h", p + "n"], p + "d"),
-            node("Mul", [p + "z", p + "d"], p + "zd"),
-            node("Add", [p + "n", p + "zd"], p + "h_new"),
-            helper.make_node("Reshape", [p + "h_new", s_yh], [n.output[1]], name=p + "yh"),
-            helper.make_node("Reshape", [p + "h_new", s_y], [n.output[0]], name=p + "y"),
-        ]
     g.initializer.extend(extra)
     del g.node[:]
     g.node.extend(out_nodes)
@@ -230,7 +243,9 @@ def gru_cells(model: Any) -> Any:
     del g.initializer[:]
     g.initializer.extend(keep)
     bins = g.input[0].type.tensor_type.shape.dim[2].dim_value
-    g.input[0].CopyFrom(helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, bins]))
+    g.input[0].CopyFrom(
+        helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, bins])
+    )
     g.output[0].CopyFrom(
         helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1, bins])
     )
@@ -273,7 +288,7 @@ def float16_graph(model: Any) -> Any:
 # --- writing ------------------------------------------------------------------------
 
 
-def _atomic_write(dst: Path, write: Callable[[Path], None]) -> None:
+def _atomic_write(dst: Path, write: Callable[[Path], object]) -> None:
     """Write through a temporary file in the same directory so a crash leaves no half file."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
@@ -305,9 +320,7 @@ def _quantize(src: Path, dst: Path) -> None:
         level = root.level
         root.setLevel(logging.ERROR)
         try:
-            quantize_dynamic(
-                str(src), str(p), per_channel=True, weight_type=QuantType.QInt8
-            )
+            quantize_dynamic(str(src), str(p), per_channel=True, weight_type=QuantType.QInt8)
         finally:
             root.setLevel(level)
 
@@ -403,7 +416,9 @@ def prepare(directory: Path, *, force: bool = False, optimized: bool = True) -> 
             if not name.startswith("nsnet2"):
                 continue
             opt_name = f"optimized/{name.removesuffix('.onnx')}.cpu.onnx"
-            _save_optimized(directory / name, directory / opt_name, entries[name]["graph_optimization"])
+            _save_optimized(
+                directory / name, directory / opt_name, entries[name]["graph_optimization"]
+            )
             entries[opt_name] = {"source": name, "inspection_only": True}
     for name, entry in entries.items():
         path = directory / name
@@ -453,7 +468,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # onnx/onnxruntime failures while deriving
-        print(f"error: {ErrorCode.MODEL_ERROR.name}: preparing models failed: {exc!r}", file=sys.stderr)
+        print(
+            f"error: {ErrorCode.MODEL_ERROR.name}: preparing models failed: {exc!r}",
+            file=sys.stderr,
+        )
         return 1
     took = time.perf_counter() - started
     verb = "prepared" if built else "already prepared"

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -64,7 +64,9 @@ class Hysteresis:
             if key in params:
                 v = params[key]
                 if not isinstance(v, int | float) or isinstance(v, bool):
-                    raise ConfigError(f"parameter {key!r} must be a number", ErrorCode.INVALID_OPTION)
+                    raise ConfigError(
+                        f"parameter {key!r} must be a number", ErrorCode.INVALID_OPTION
+                    )
                 values[key] = float(v)
         if "threshold" in values and "neg_threshold" not in values:
             values["neg_threshold"] = max(0.0, values["threshold"] - 0.15)
@@ -94,7 +96,7 @@ class Result:
 
 _MAGIC = b"SVD1"
 _VERSION = 1
-_HEADER = struct.Struct("<4sHHIBxxxqqI")  # magic ver rate_k? rate triggered temp_end n_win rem
+_HEADER = struct.Struct("<4sHHIBxxxqqI")  # magic version - rate triggered temp_end windows rem
 
 
 @dataclass(slots=True)
@@ -116,7 +118,13 @@ class StreamState:
 
     def to_bytes(self, rate: int) -> bytes:
         header = _HEADER.pack(
-            _MAGIC, _VERSION, 0, rate, int(self.triggered), self.temp_end, self.windows,
+            _MAGIC,
+            _VERSION,
+            0,
+            rate,
+            int(self.triggered),
+            self.temp_end,
+            self.windows,
             self.remainder.size,
         )
         return header + b"".join(
@@ -171,10 +179,19 @@ class Model:
         return out.reshape(-1).astype(np.float32), new_state.astype(np.float32, copy=False)
 
 
+class ScoringModel(Protocol):
+    """What the detector needs from a model (tests script probabilities with it)."""
+
+    lock: threading.Lock
+    providers: list[str]
+
+    def run(self, x: F32, state: F32, rate: int) -> tuple[F32, F32]: ...
+
+
 class Detector:
     """Streams many sessions of one rate through the model, one ORT call per window step."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: ScoringModel) -> None:
         self.model = model
 
     def process(

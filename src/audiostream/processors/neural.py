@@ -50,6 +50,58 @@ def _default_variant(ctx: ProcessorContext) -> str:
     return nsnet2.check_variant(variant)
 
 
+class _Lane:
+    """A batch function that also reports the execution providers really in use.
+
+    The worker reads ``providers`` for its metrics; before the first batch has
+    loaded a model it shows the requested chain, afterwards the truth.
+    """
+
+    def __init__(self, ctx: ProcessorContext) -> None:
+        self.ctx = ctx
+        self.options = runtime.RuntimeOptions.from_options(ctx.device, ctx.options)
+        self._loaded: list[list[str]] = []
+
+    @property
+    def providers(self) -> list[str]:
+        if not self._loaded:
+            return [
+                p if isinstance(p, str) else p[0] for p in runtime.requested_providers(self.options)
+            ]
+        seen: dict[str, None] = {}
+        for chain in self._loaded:
+            seen.update(dict.fromkeys(chain))
+        return list(seen)
+
+    def _note(self, providers: list[str]) -> None:
+        if providers not in self._loaded:
+            self._loaded.append(providers)
+
+
+class _Denoise(_Lane):
+    def __init__(self, ctx: ProcessorContext) -> None:
+        super().__init__(ctx)
+        self.default = _default_variant(ctx)
+
+    def __call__(self, batch: Sequence[StepInput]) -> list[StepOutput]:
+        groups: dict[tuple[int, str], list[int]] = {}
+        for i, item in enumerate(batch):
+            _check_denoise(item.params)
+            nsnet2.framing(item.sample_rate)
+            variant = str(item.params.get("variant", self.default))
+            groups.setdefault((item.sample_rate, variant), []).append(i)
+        out: list[StepOutput | None] = [None] * len(batch)
+        for (rate, variant), idx in groups.items():
+            engine = nsnet2.denoiser(
+                rate, variant, model_dir=self.ctx.model_dir, options=self.options
+            )
+            self._note(engine.model.providers)
+            results = engine.process([(batch[i].audio, batch[i].state) for i in idx])
+            for i, (audio, state) in zip(idx, results, strict=True):
+                out[i] = StepOutput(audio, state=state)
+        return [o for o in out if o is not None]
+
+
 @registry.factory(
     "denoise",
     sample_rates=nsnet2.RATES,
@@ -58,30 +110,43 @@ def _default_variant(ctx: ProcessorContext) -> str:
 )
 def denoise(ctx: ProcessorContext) -> BatchFn:
     """NSNet2 noise suppression (16 or 48 kHz), streaming with ~20 ms delay."""
-    options = runtime.RuntimeOptions.from_options(ctx.device, ctx.options)
-    default = _default_variant(ctx)
-
-    def run(batch: Sequence[StepInput]) -> list[StepOutput]:
-        groups: dict[tuple[int, str], list[int]] = {}
-        for i, item in enumerate(batch):
-            _check_denoise(item.params)
-            nsnet2.framing(item.sample_rate)
-            variant = str(item.params.get("variant", default))
-            groups.setdefault((item.sample_rate, variant), []).append(i)
-        out: list[StepOutput | None] = [None] * len(batch)
-        for (rate, variant), idx in groups.items():
-            engine = nsnet2.denoiser(rate, variant, model_dir=ctx.model_dir, options=options)
-            results = engine.process([(batch[i].audio, batch[i].state) for i in idx])
-            for i, (audio, state) in zip(idx, results, strict=True):
-                out[i] = StepOutput(audio, state=state)
-        return [o for o in out if o is not None]
-
-    return run
+    return _Denoise(ctx)
 
 
 def _check_vad(params: Mapping[str, Any]) -> None:
     _only(params, _VAD_KEYS, "vad")
     silero.Hysteresis.from_params(params)
+
+
+class _Vad(_Lane):
+    def __call__(self, batch: Sequence[StepInput]) -> list[StepOutput]:
+        groups: dict[int, list[int]] = {}
+        hyst = []
+        for i, item in enumerate(batch):
+            _only(item.params, _VAD_KEYS, "vad")
+            silero.check_rate(item.sample_rate)
+            hyst.append(silero.Hysteresis.from_params(item.params))
+            groups.setdefault(item.sample_rate, []).append(i)
+        out: list[StepOutput | None] = [None] * len(batch)
+        for rate, idx in groups.items():
+            det = silero.detector(model_dir=self.ctx.model_dir, options=self.options)
+            self._note(det.model.providers)
+            results = det.process([(batch[i].audio, batch[i].state, hyst[i]) for i in idx], rate)
+            for i, res in zip(idx, results, strict=True):
+                out[i] = StepOutput(batch[i].audio, state=res.state, events=_vad_events(res))
+        return [o for o in out if o is not None]
+
+
+def _vad_events(res: silero.Result) -> tuple[dict[str, Any], ...]:
+    """One ``vad`` event per window, each speech_start/speech_end right after its window."""
+    marks = {e.end: e for e in res.events}
+    events: list[dict[str, Any]] = []
+    for w in res.windows:
+        events.append({"name": "vad", "probability": w.probability, "offset": w.end})
+        mark = marks.get(w.end)
+        if mark is not None:
+            events.append({"name": mark.name, "offset": mark.end})
+    return tuple(events)
 
 
 @registry.factory(
@@ -92,29 +157,4 @@ def _check_vad(params: Mapping[str, Any]) -> None:
 )
 def vad(ctx: ProcessorContext) -> BatchFn:
     """Silero voice activity events at 8/16 kHz; the audio passes through unchanged."""
-    options = runtime.RuntimeOptions.from_options(ctx.device, ctx.options)
-
-    def run(batch: Sequence[StepInput]) -> list[StepOutput]:
-        groups: dict[int, list[int]] = {}
-        hyst = []
-        for i, item in enumerate(batch):
-            _only(item.params, _VAD_KEYS, "vad")
-            silero.check_rate(item.sample_rate)
-            hyst.append(silero.Hysteresis.from_params(item.params))
-            groups.setdefault(item.sample_rate, []).append(i)
-        out: list[StepOutput | None] = [None] * len(batch)
-        for rate, idx in groups.items():
-            det = silero.detector(model_dir=ctx.model_dir, options=options)
-            results = det.process([(batch[i].audio, batch[i].state, hyst[i]) for i in idx], rate)
-            for i, res in zip(idx, results, strict=True):
-                events: list[dict[str, Any]] = []
-                starts = {e.end: e for e in res.events}
-                for w in res.windows:
-                    events.append({"name": "vad", "probability": w.probability, "offset": w.end})
-                    ev = starts.get(w.end)
-                    if ev is not None:
-                        events.append({"name": ev.name, "offset": ev.end})
-                out[i] = StepOutput(batch[i].audio, state=res.state, events=tuple(events))
-        return [o for o in out if o is not None]
-
-    return run
+    return _Vad(ctx)

@@ -128,7 +128,9 @@ class ResampleState:
         return cls(n_in, values.reshape(ch, hist))
 
 
-def process(d: Design, audio: npt.NDArray[Any], state: ResampleState | None) -> tuple[F32, ResampleState]:
+def process(
+    d: Design, audio: npt.NDArray[Any], state: ResampleState | None
+) -> tuple[F32, ResampleState]:
     """Resample one chunk ``(frames, channels)``; return the output and the new state."""
     if audio.ndim != 2:
         raise ProcessingError(f"audio must be (frames, channels), got shape {audio.shape}")
@@ -183,9 +185,7 @@ def resample(item: StepInput) -> StepOutput:
         return StepOutput(item.audio, state=item.state, sample_rate=to)
     d = design(item.sample_rate, to)
     state = (
-        None
-        if item.state is None
-        else ResampleState.from_bytes(item.state, d, item.audio.shape[1])
+        None if item.state is None else ResampleState.from_bytes(item.state, d, item.audio.shape[1])
     )
     out, new = process(d, item.audio, state)
     return StepOutput(out, state=new.to_bytes(d), sample_rate=to)

@@ -39,6 +39,10 @@ class Delivery(Protocol):
         """Refuse the message for good: it is dead-lettered, not requeued."""
         ...
 
+    async def release(self) -> None:
+        """Give the message back to its queue (in place) for another consumer."""
+        ...
+
 
 Handler = Callable[[Delivery], Awaitable[None]]
 
@@ -96,6 +100,13 @@ class Transport(Protocol):
 
     async def reply_queue_exists(self, name: str) -> bool:
         """Whether the queue exists; like a passive declare, it renews its expiry lease."""
+        ...
+
+    async def reply_queue_stats(self, name: str) -> tuple[int, int] | None:
+        """(ready messages, consumers) of a reply queue, or None if it does not exist.
+
+        Like ``reply_queue_exists`` it renews the expiry lease.
+        """
         ...
 
     async def work_queue_depth(self, processing: str) -> int:

@@ -84,6 +84,12 @@ class _MemoryDelivery:
             self._consumer.owner.broker._dead_letter(msg, "rejected")
             self._consumer.owner.broker._dispatch(self._consumer.queue)
 
+    async def release(self) -> None:
+        msg = self._settle()
+        if msg is not None:
+            self._consumer.owner.broker._requeue(self._consumer.queue, msg)
+            self._consumer.owner.broker._dispatch(self._consumer.queue)
+
 
 class _MemorySubscription:
     def __init__(self, owner: MemoryTransport, consumers: list[_Consumer]) -> None:
@@ -158,6 +164,15 @@ class MemoryBroker:
         q.messages.append(msg)
         self._dispatch(q)
 
+    def _requeue(self, q: _Queue, msg: _Message) -> None:
+        """Return a message to the head of its queue, or, as a quorum queue does once
+        it was returned more than delivery_limit times (so delivered delivery_limit + 1
+        times), dead-letter it."""
+        if q.delivery_limit is not None and msg.delivery_count > q.delivery_limit:
+            self._dead_letter(msg, "delivery_limit")
+        else:
+            q.messages.appendleft(msg)
+
     def _dead_letter(self, msg: _Message, reason: str) -> None:
         self.dead_letters.append((reason, msg.body))
 
@@ -214,14 +229,9 @@ class MemoryBroker:
         if c in q.consumers:
             q.consumers.remove(c)
         if requeue and c.unacked:
-            # Unacked messages go back to the head, in their original order; as in a
-            # quorum queue, a message returned more than delivery_limit times (so
-            # delivered delivery_limit + 1 times) is dead-lettered instead.
+            # Unacked messages go back to the head, in their original order.
             for msg in reversed(list(c.unacked.values())):
-                if q.delivery_limit is not None and msg.delivery_count > q.delivery_limit:
-                    self._dead_letter(msg, "delivery_limit")
-                else:
-                    q.messages.appendleft(msg)
+                self._requeue(q, msg)
         c.unacked.clear()
         if self._queues.get(q.name) is q:
             self._arm_expiry(q)
@@ -326,6 +336,14 @@ class MemoryTransport:
     async def delete_reply_queue(self, name: str) -> None:
         self._check()
         self.broker._delete_queue(name)
+
+    async def reply_queue_stats(self, name: str) -> tuple[int, int] | None:
+        self._check()
+        q = self.broker._queues.get(name)
+        if q is None:
+            return None
+        self.broker._arm_expiry(q)
+        return len(q.messages), len(q.consumers)
 
     async def reply_queue_exists(self, name: str) -> bool:
         self._check()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -111,25 +112,34 @@ class _RabbitDelivery:
         return bool(self._message.redelivered) or self.delivery_count > 0
 
     async def ack(self) -> None:
-        await self._settle(reject=False)
+        await self._settle("ack")
 
     async def reject(self) -> None:
         """Reject without requeue: the queue's dead-letter exchange receives it."""
-        await self._settle(reject=True)
+        await self._settle("reject")
 
-    async def _settle(self, *, reject: bool) -> None:
+    async def release(self) -> None:
+        """``basic.nack(requeue=True)``: back to the head of its queue.
+
+        On a quorum queue this counts as a delivery attempt (``x-delivery-limit``).
+        Like every settlement it is not confirmed by the broker.
+        """
+        await self._settle("release")
+
+    async def _settle(self, how: str) -> None:
         if self._settled:
             raise TransportError("delivery already settled")
         self._settled = True
         try:
-            if reject:
+            if how == "ack":
+                await self._message.ack()
+            elif how == "reject":
                 await self._message.reject(requeue=False)
             else:
-                await self._message.ack()
+                await self._message.nack(requeue=True)
         except _BROKER_ERRORS as exc:
             raise TransportError(
-                f"could not {'reject' if reject else 'ack'} a delivery ({_reason(exc)}); "
-                "the broker will redeliver it"
+                f"could not {how} a delivery ({_reason(exc)}); the broker will redeliver it"
             ) from exc
         finally:
             await self._subscription.settled(self._message)
@@ -158,6 +168,7 @@ class _Subscription:
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._unsettled: set[AbstractIncomingMessage] = set()
         self.cancelled = False
+        self._cancelled_by_broker = False
 
     @property
     def is_reply(self) -> bool:
@@ -165,12 +176,19 @@ class _Subscription:
 
     @property
     def healthy(self) -> bool:
-        return self.channel is not None and not self.channel.is_closed
+        return (
+            self.channel is not None
+            and not self.channel.is_closed
+            and not self._cancelled_by_broker
+        )
 
     async def start(self) -> None:
         """Open (or join) a channel and start one consumer per queue."""
         t = self._transport
+        if self._prefetch is not None:
+            await self._close_channel()  # a broken predecessor: returns what it held
         self._consumers = []
+        self._cancelled_by_broker = False
         self._unsettled = set()  # deliveries of a previous channel cannot be settled here
         if self._prefetch is None:
             channel = await t._reply_channel()
@@ -195,9 +213,22 @@ class _Subscription:
             raise
         if self._prefetch is not None:
             channel.close_callbacks.add(self._on_channel_closed)
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
 
     def _on_channel_closed(self, _sender: object, _exc: BaseException | None) -> None:
         if not self.cancelled:
+            self._transport._schedule_restore()
+
+    def _on_broker_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
+        """The broker cancelled a consumer (its queue was deleted): start over.
+
+        Runs inside the channel's frame reader, so it must not wait on the channel:
+        the restore task reopens the subscription, retrying until the queue is back.
+        """
+        if not self.cancelled and any(tag == frame.consumer_tag for _, tag in self._consumers):
+            log.warning("the broker cancelled consuming %s; restarting", self.queues)
+            self._cancelled_by_broker = True
             self._transport._schedule_restore()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -285,6 +316,7 @@ class RabbitTransport:
         self._exchanges: dict[str, tuple[AbstractChannel, AbstractExchange]] = {}
         self._replies: AbstractChannel | None = None
         self._channel_lock = asyncio.Lock()
+        self._channels: weakref.WeakSet[AbstractChannel] = weakref.WeakSet()
         self._subscriptions: set[_Subscription] = set()
         self._handler_tasks: set[asyncio.Task[Any]] = set()
         self._restore_task: asyncio.Task[None] | None = None
@@ -327,12 +359,15 @@ class RabbitTransport:
             await asyncio.gather(self._restore_task, return_exceptions=True)
             self._restore_task = None
         self._subscriptions.clear()
-        tasks = list(self._handler_tasks)
+        current = asyncio.current_task()  # close() may run inside a handler
+        tasks = [t for t in self._handler_tasks if t is not current]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._handler_tasks.clear()
-        # Closing the connection closes every channel and returns unacked deliveries.
+        # Channels closed one by one finish their close callbacks before we return
+        # (a connection close would leave them running); unacked deliveries go back.
+        await asyncio.gather(*(_close_quietly(c) for c in list(self._channels)))
         self._publish = self._replies = None
         self._exchanges = {}
         conn, self._connection = self._connection, None
@@ -359,6 +394,7 @@ class RabbitTransport:
             conn, publisher_confirms=confirms, on_return_raises=on_return_raises
         )
         await channel.initialize(timeout=self.op_timeout)
+        self._channels.add(channel)
         return channel
 
     @contextlib.asynccontextmanager
@@ -474,25 +510,31 @@ class RabbitTransport:
         async with self._throwaway(f"deleting reply queue {name!r}") as ch:
             await ch.queue_delete(name, timeout=self.op_timeout)
 
-    async def _message_count(self, name: str) -> int | None:
-        """Ready messages of ``name``, or None when it does not exist (renews x-expires)."""
+    async def _queue_stats(self, name: str) -> tuple[int, int] | None:
+        """(ready messages, consumers) of ``name``, or None when it does not exist.
+
+        A passive declare: exact and cheap, and it renews an ``x-expires`` lease.
+        """
         async with self._throwaway(f"probing queue {name!r}") as ch:
             try:
                 queue = await ch.declare_queue(name, passive=True, timeout=self.op_timeout)
             except aiormq.exceptions.ChannelNotFoundEntity:
                 return None
             result = queue.declaration_result
-            return int(result.message_count or 0)
+            return int(result.message_count or 0), int(result.consumer_count or 0)
 
     async def reply_queue_exists(self, name: str) -> bool:
         """Passive declare: note that it renews the queue's ``x-expires`` lease."""
-        return await self._message_count(name) is not None
+        return await self._queue_stats(name) is not None
+
+    async def reply_queue_stats(self, name: str) -> tuple[int, int] | None:
+        return await self._queue_stats(name)
 
     async def work_queue_depth(self, processing: str) -> int:
-        counts = await asyncio.gather(
-            *(self._message_count(q) for q in self.topology.work_queues(processing))
+        stats = await asyncio.gather(
+            *(self._queue_stats(q) for q in self.topology.work_queues(processing))
         )
-        return sum(c or 0 for c in counts)
+        return sum(s[0] for s in stats if s is not None)
 
     # -- publishing --------------------------------------------------------------------
     async def _publish_to(

@@ -1,0 +1,283 @@
+"""Shared helpers for the benchmark scripts: processes, keys, CPU/RSS accounting, cleanup.
+
+Everything here talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BROKER = os.environ.get("AUDIOSTREAM_BENCH_BROKER", "amqp://guest:guest@127.0.0.1:5672/")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def emit(obj: dict[str, Any], out: Any = None) -> None:
+    """One JSON object per line on stdout (and appended to ``out`` if given)."""
+    line = json.dumps(obj, sort_keys=False)
+    print(line, flush=True)
+    if out is not None:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError):
+        m = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
+        mem_kb = int(m.group(1)) if m else 0
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "ram_gib": round(mem_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def use_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+# --- per-process CPU and memory --------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+
+
+def find_pid(comm: str) -> int | None:
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (d / "comm").read_text().strip() == comm:
+                    return int(d.name)
+    return None
+
+
+@dataclass
+class CpuMeter:
+    """CPU use of named processes over an interval, in cores (1.0 = one core busy)."""
+
+    pids: dict[str, int]
+    start: dict[str, float] = field(default_factory=dict)
+    t0: float = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self.t0 = time.monotonic()
+        self.start = {k: self._cpu(p) for k, p in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    @staticmethod
+    def _cpu(pid: int) -> float:
+        if pid == os.getpid():
+            t = os.times()
+            return t.user + t.system
+        try:
+            return cpu_seconds(pid)
+        except OSError:
+            return 0.0
+
+    def read(self) -> dict[str, float]:
+        wall = time.monotonic() - self.t0
+        return {k: round((self._cpu(p) - self.start[k]) / wall, 3)
+                for k, p in self.pids.items()}
+
+
+# --- audiostream processes ---------------------------------------------------------------------
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "audiostream", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+
+def create_key(keys_file: Path) -> str:
+    import subprocess
+
+    out = subprocess.run(cli("keys", "create", "bench", "--keys-file", str(keys_file)),
+                         check=True, capture_output=True, text=True, env=env())
+    return out.stdout.strip().splitlines()[-1]
+
+
+@dataclass
+class Proc:
+    name: str
+    proc: asyncio.subprocess.Process
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def stop(self, grace_s: float = 30) -> int | None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), grace_s)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        return self.proc.returncode
+
+
+async def start(name: str, argv: Sequence[str], ready: str, within_s: float = 120) -> Proc:
+    """Start a process and wait for a stdout line containing ``ready``."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=ROOT, env=env(), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + within_s
+    while True:
+        left = deadline - time.monotonic()
+        line = await asyncio.wait_for(proc.stdout.readline(), max(left, 0.1))
+        if not line:
+            raise RuntimeError(f"{name} exited ({await proc.wait()}) before it was ready")
+        if ready in line.decode():
+            p = Proc(name, proc, {"line": line.decode().strip()})
+            asyncio.get_running_loop().create_task(_drain(proc))
+            return p
+
+
+async def _drain(proc: asyncio.subprocess.Process) -> None:
+    assert proc.stdout is not None
+    while await proc.stdout.readline():
+        pass
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    """A gateway and a worker process on RabbitMQ under a private prefix."""
+
+    prefix: str
+    key: str
+    gateway: Proc
+    worker: Proc | None
+    ws_url: str
+    gateway_metrics: str
+    worker_metrics: str | None
+
+
+@contextlib.asynccontextmanager
+async def stack(processing: Sequence[str], *, broker: str = BROKER, workers: bool = True,
+                gateway_args: Sequence[str] = (), worker_args: Sequence[str] = ()
+                ) -> AsyncIterator[Stack]:
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = Path(tmp) / "keys.json"
+        key = create_key(keys)
+        procs: list[Proc] = []
+        try:
+            worker = None
+            wport = free_port()
+            if workers:
+                worker = await start("worker", cli(
+                    "worker", "--broker", broker, "--prefix", prefix,
+                    "--processing", ",".join(processing), "--metrics-port", str(wport),
+                    "--metrics-host", "127.0.0.1", *worker_args), "consuming")
+                procs.append(worker)
+            gateway = await start("gateway", cli(
+                "gateway", "--broker", broker, "--prefix", prefix, "--keys-file", str(keys),
+                "--host", "127.0.0.1", "--port", "0", "--drain-grace-s", "1",
+                *gateway_args), "audiostream gateway on")
+            procs.append(gateway)
+            m = re.search(r"(ws://\S+)", gateway.info["line"])
+            assert m, gateway.info
+            url = m.group(1)
+            yield Stack(prefix, key, gateway, worker, url,
+                        url.replace("ws://", "http://").replace("/v1/stream", "/metrics"),
+                        f"http://127.0.0.1:{wport}/metrics" if worker else None)
+        finally:
+            for p in reversed(procs):
+                await p.stop()
+            await delete_prefix(broker, prefix)
+
+
+async def delete_prefix(broker: str, prefix: str) -> None:
+    """Delete the work queues and exchanges a benchmark declared under ``prefix``."""
+    import aio_pika
+
+    from audiostream.testing import default_topology
+
+    topo = default_topology(prefix=prefix)
+    conn = await aio_pika.connect(broker)
+    try:
+        async def attempt(action: str, name: str) -> None:
+            ch = await conn.channel()  # a missing queue closes the channel
+            with contextlib.suppress(Exception):
+                await getattr(ch, action)(name)
+            with contextlib.suppress(Exception):
+                await ch.close()
+
+        for ptype in topo.processing_types:
+            for q in topo.work_queues(ptype):
+                await attempt("queue_delete", q)
+            await attempt("exchange_delete", topo.exchange(ptype))
+        await attempt("queue_delete", topo.dead_letter_queue)
+        await attempt("exchange_delete", topo.dead_letter_exchange)
+    finally:
+        await conn.close()
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    from audiostream.protocol import latency_summary
+
+    out = dict(latency_summary(list(values)))
+    out["count"] = len(values)
+    return out

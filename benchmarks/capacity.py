@@ -1,0 +1,120 @@
+"""Capacity sweep: the most real-time sessions this machine holds with p99 < 100 ms and no drops.
+
+Everything co-located: RabbitMQ, one ``audiostream gateway`` process, one
+``audiostream worker`` process and this load generator (which costs CPU too).
+For each processing type (``passthrough``, and ``denoise`` when it is registered)
+the number of sessions grows by ``--step`` until a trial fails, then is bisected
+down to ``--resolution``. One JSON object per trial and one per processing type.
+
+    .venv/bin/python benchmarks/capacity.py [--types passthrough,denoise] [--duration 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c
+
+P99_LIMIT_MS = 100.0
+
+
+async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
+                pids: dict[str, int]) -> dict[str, Any]:
+    from audiostream.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(url=st.ws_url, api_key=st.key, sessions=sessions, duration_s=duration,
+                      pipeline=(ptype,), ramp_s=min(3.0, 0.05 * sessions),
+                      metrics_urls=tuple(u for u in (st.gateway_metrics, st.worker_metrics)
+                                         if u))
+    with c.CpuMeter(pids) as cpu:
+        r = await run_bench(cfg)
+        usage = cpu.read()
+    rt = r["round_trip_ms"]
+    srv = r["server"] or {}
+    ok = (rt["p99"] < P99_LIMIT_MS and r["chunks"]["dropped"] == 0 and not r["errors_by_code"]
+          and r["sessions"]["completed"] == sessions)
+    return {
+        "bench": "capacity", "processing": ptype, "sessions": sessions, "pass": ok,
+        "latency_ms": {k: rt[k] for k in ("p50", "p90", "p99", "max")},
+        "dropped": r["chunks"]["dropped"], "drops_by_reason": r["drops_by_reason"],
+        "errors": r["errors_by_code"],
+        "chunks_per_message": srv.get("chunks_per_message"),
+        "stage_means_ms": {k: v["mean_ms"] for k, v in srv.get("stages", {}).items()},
+        "worker": srv.get("workers"),
+        "cpu_cores": usage,
+    }
+
+
+async def sweep(args: argparse.Namespace, ptype: str) -> dict[str, Any]:
+    rabbit = c.find_pid("beam.smp")
+    try:
+        async with c.stack([ptype], broker=args.broker) as st:
+            assert st.worker is not None
+            pids = {"client": os.getpid(), "gateway": st.gateway.pid, "worker": st.worker.pid}
+            if rabbit:
+                pids["rabbitmq"] = rabbit
+            best, worst = 0, None
+            n = args.start
+            while n <= args.max:
+                c.log(f"[capacity] {ptype}: {n} sessions")
+                t = await trial(st, ptype, n, args.duration, pids)
+                c.emit(t, args.out)
+                if not t["pass"]:
+                    worst = n
+                    break
+                best = n
+                n += args.step
+            while worst is not None and worst - best > args.resolution:
+                n = (best + worst) // 2
+                c.log(f"[capacity] {ptype}: {n} sessions (bisecting {best}..{worst})")
+                t = await trial(st, ptype, n, args.duration, pids)
+                c.emit(t, args.out)
+                if t["pass"]:
+                    best = n
+                else:
+                    worst = n
+    except RuntimeError as exc:
+        return {"bench": "capacity", "processing": ptype, "unavailable": str(exc)}
+    return {"bench": "capacity", "processing": ptype, "max_sessions": best,
+            "first_failing": worst, "criterion": f"p99 < {P99_LIMIT_MS:g} ms, no drops",
+            "resolution": args.resolution}
+
+
+async def main(args: argparse.Namespace) -> int:
+    from audiostream.processors import registry
+
+    c.emit({"bench": "capacity", "machine": c.machine(), "duration_s": args.duration}, args.out)
+    for ptype in args.types.split(","):
+        if ptype not in registry:
+            c.emit({"bench": "capacity", "processing": ptype,
+                    "unavailable": "not registered"}, args.out)
+            continue
+        c.emit(await sweep(args, ptype), args.out)
+    return 0
+
+
+def cli() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--broker", default=c.BROKER)
+    ap.add_argument("--types", default="passthrough,denoise")
+    ap.add_argument("--start", type=int, default=10)
+    ap.add_argument("--step", type=int, default=10)
+    ap.add_argument("--max", type=int, default=300)
+    ap.add_argument("--resolution", type=int, default=2)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per trial")
+    ap.add_argument("--out", type=Path, default=None, help="also append JSON lines here")
+    args = ap.parse_args()
+    c.use_uvloop()
+    c.raise_nofile()
+    return asyncio.run(main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,325 @@
+"""Pipeline round trip against two floors, measured in one run (``make bench``).
+
+    client -> gateway -> RabbitMQ -> worker (passthrough) -> RabbitMQ -> gateway -> client
+
+at 1, 10, 25 and 50 real-time sessions (20 ms chunks), gateway and worker as
+separate ``audiostream`` processes. At each level, in the same run:
+
+* ``amqp_floor``: bare aio-pika, one message per chunk at the same rate: publisher
+  (confirms) -> topic exchange -> quorum queue -> consumer process (prefetch 128,
+  reply confirmed before ack, like the worker) -> per-session reply queue -> publisher;
+* ``ws_floor``: a bare aiohttp WebSocket echo process, same clients, same rate.
+
+Prints one JSON object per line (one per measurement, then a summary with the
+pipeline/floor ratios). Talks to 127.0.0.1 only.
+
+    .venv/bin/python benchmarks/roundtrip.py [--levels 1,10,25,50] [--duration 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import struct
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c
+
+SELF = str(Path(__file__).resolve())
+CHUNK_MS = 20.0
+BODY_BYTES = 700  # about a msgpack work envelope carrying 20 ms of 16 kHz mono audio
+
+
+def ramp_for(sessions: int) -> float:
+    return min(2.0, 0.05 * sessions)
+
+
+# --- floor 1: bare aio-pika ---------------------------------------------------------------------
+
+
+async def amqp_echo(broker: str, queue: str) -> None:
+    """The floor's consumer process: reply to each message, ack after the confirm."""
+    import aio_pika
+
+    conn = await aio_pika.connect(broker)
+    pub = await conn.channel(publisher_confirms=True)
+    sub = await conn.channel()
+    await sub.set_qos(prefetch_count=128)
+    q = await sub.get_queue(queue, ensure=False)
+
+    async def on_message(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+        assert msg.reply_to is not None
+        await pub.default_exchange.publish(aio_pika.Message(msg.body), routing_key=msg.reply_to)
+        await msg.ack()
+
+    await q.consume(on_message)
+    print("amqp echo ready", flush=True)
+    await asyncio.Event().wait()
+
+
+async def measure_amqp(broker: str, prefix: str, sessions: int, duration: float,
+                       pids: dict[str, int]) -> dict[str, Any]:
+    import aio_pika
+
+    conn = await aio_pika.connect(broker)
+    setup = await conn.channel()
+    exchange_name, work = f"{prefix}.floor", f"{prefix}.floor.work"
+    exchange = await setup.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC,
+                                            durable=True)
+    wq = await setup.declare_queue(work, durable=True, arguments={"x-queue-type": "quorum"})
+    await wq.bind(exchange, "floor.0")
+    echo = await c.start("amqp-echo", [sys.executable, SELF, "--role", "amqp-echo",
+                                       "--broker", broker, "--queue", work], "ready")
+    pub = await conn.channel(publisher_confirms=True)
+    pub_exchange = await pub.get_exchange(exchange_name, ensure=False)
+    replies = await conn.channel()
+    sent_at: dict[tuple[int, int], float] = {}
+    latencies: list[float] = []
+    lost = 0
+    reply_queues = []
+    tasks: set[asyncio.Task[None]] = set()
+    sending = True
+    all_back = asyncio.Event()
+    try:
+        for i in range(sessions):
+            rq = await replies.declare_queue(f"{prefix}.floor.reply.{i}",
+                                             arguments={"x-expires": 60_000})
+            reply_queues.append(rq)
+
+            async def on_reply(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+                now = time.monotonic()
+                key = struct.unpack_from("!II", msg.body)
+                t = sent_at.pop((key[0], key[1]), None)
+                if t is not None:
+                    latencies.append((now - t) * 1000)
+                await msg.ack()
+                if not sending and not sent_at:
+                    all_back.set()
+
+            await rq.consume(on_reply)
+
+        async def publish(body: bytes, reply_to: str) -> None:
+            # A nack or a closed channel (cleanup while behind) shows up as a lost message.
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError):
+                await pub_exchange.publish(
+                    aio_pika.Message(body, reply_to=reply_to, expiration=1.0), "floor.0")
+
+        async def session(i: int) -> None:
+            await asyncio.sleep(i * ramp_for(sessions) / sessions)  # the ramp
+            start = time.monotonic()
+            pad = bytes(BODY_BYTES - 8)
+            for seq in range(int(duration * 1000 / CHUNK_MS)):
+                delay = start + seq * CHUNK_MS / 1000 - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # real-time pacing
+                sent_at[(i, seq)] = time.monotonic()
+                t = asyncio.get_running_loop().create_task(
+                    publish(struct.pack("!II", i, seq) + pad, reply_queues[i].name))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+
+        with c.CpuMeter({**pids, "echo": echo.pid}) as cpu:
+            await asyncio.gather(*(session(i) for i in range(sessions)))
+            sending = False
+            if sent_at:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(all_back.wait(), 5)  # the last replies
+            usage = cpu.read()
+        lost = len(sent_at)
+    finally:
+        for t in list(tasks):
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await echo.stop()
+        with contextlib.suppress(Exception):
+            await replies.close()
+        for rq in reply_queues:
+            with contextlib.suppress(Exception):
+                await rq.delete(if_unused=False, if_empty=False)
+        with contextlib.suppress(Exception):
+            await setup.queue_delete(work)
+        with contextlib.suppress(Exception):
+            await setup.exchange_delete(exchange_name)
+        await conn.close()
+    return {"latency_ms": c.percentiles(latencies), "lost": lost, "cpu_cores": usage}
+
+
+# --- floor 2: bare aiohttp WebSocket echo -----------------------------------------------------
+
+
+async def ws_echo() -> None:
+    from aiohttp import WSMsgType, web
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/echo", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    print(f"ws echo on {port}", flush=True)
+    await asyncio.Event().wait()
+
+
+async def measure_ws(sessions: int, duration: float, pids: dict[str, int]) -> dict[str, Any]:
+    import aiohttp
+
+    echo = await c.start("ws-echo", [sys.executable, SELF, "--role", "ws-echo"], "ws echo on")
+    port = int(echo.info["line"].rsplit(" ", 1)[1])
+    latencies: list[float] = []
+    lost = 0
+    chunk = bytes(640)
+
+    async def session(http: aiohttp.ClientSession, i: int) -> int:
+        await asyncio.sleep(i * ramp_for(sessions) / sessions)  # the ramp
+        n = int(duration * 1000 / CHUNK_MS)
+        sent: dict[int, float] = {}
+        async with http.ws_connect(f"http://127.0.0.1:{port}/echo", compress=0) as ws:
+
+            async def receive() -> None:
+                for _ in range(n):
+                    msg = await ws.receive()
+                    if msg.type is not aiohttp.WSMsgType.BINARY:
+                        return
+                    seq = struct.unpack_from("!I", msg.data)[0]
+                    latencies.append((time.monotonic() - sent.pop(seq)) * 1000)
+
+            rx = asyncio.get_running_loop().create_task(receive())
+            start = time.monotonic()
+            for seq in range(n):
+                delay = start + seq * CHUNK_MS / 1000 - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # real-time pacing
+                sent[seq] = time.monotonic()
+                await ws.send_bytes(struct.pack("!I", seq) + chunk[4:])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rx, 5)
+        return len(sent)
+
+    try:
+        with c.CpuMeter({**pids, "echo": echo.pid}) as cpu:
+            async with aiohttp.ClientSession() as http:
+                lost = sum(await asyncio.gather(*(session(http, i) for i in range(sessions))))
+            usage = cpu.read()
+    finally:
+        await echo.stop()
+    return {"latency_ms": c.percentiles(latencies), "lost": lost, "cpu_cores": usage}
+
+
+# --- the pipeline ----------------------------------------------------------------------------
+
+
+async def measure_pipeline(st: c.Stack, sessions: int, duration: float,
+                           pids: dict[str, int]) -> dict[str, Any]:
+    from audiostream.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(url=st.ws_url, api_key=st.key, sessions=sessions, duration_s=duration,
+                      pipeline=("passthrough",), chunk_ms=CHUNK_MS, ramp_s=ramp_for(sessions),
+                      metrics_urls=tuple(u for u in (st.gateway_metrics, st.worker_metrics)
+                                         if u))
+    with c.CpuMeter(pids) as cpu:
+        r = await run_bench(cfg)
+        usage = cpu.read()
+    srv = r["server"] or {}
+    return {
+        "latency_ms": {**{k: r["round_trip_ms"][k] for k in ("p50", "p90", "p99", "max")},
+                       "count": r["round_trip_ms"]["count"]},
+        "dropped": r["chunks"]["dropped"],
+        "errors": r["errors_by_code"],
+        "consistent": r.get("consistent"),
+        "chunks_per_message": srv.get("chunks_per_message"),
+        "stage_means_ms": {k: v["mean_ms"] for k, v in srv.get("stages", {}).items()},
+        "worker": srv.get("workers"),
+        "cpu_cores": usage,
+    }
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+async def main(args: argparse.Namespace) -> int:
+    levels = [int(x) for x in args.levels.split(",")]
+    c.emit({"bench": "roundtrip", "machine": c.machine(), "levels": levels,
+            "duration_s": args.duration, "chunk_ms": CHUNK_MS}, args.out)
+    rabbit = c.find_pid("beam.smp")
+    results: dict[int, dict[str, Any]] = {}
+    async with c.stack(["passthrough"], broker=args.broker) as st:
+        assert st.worker is not None
+        pids = {"client": os.getpid(), "gateway": st.gateway.pid,
+                "worker": st.worker.pid}
+        if rabbit:
+            pids["rabbitmq"] = rabbit
+        for n in levels:
+            row: dict[str, Any] = {}
+            c.log(f"[roundtrip] {n} sessions: pipeline")
+            row["pipeline"] = await measure_pipeline(st, n, args.duration, pids)
+            floor_pids = {k: v for k, v in pids.items() if k not in ("gateway", "worker")}
+            c.log(f"[roundtrip] {n} sessions: amqp floor")
+            prefix = f"{st.prefix}f{uuid.uuid4().hex[:4]}"
+            row["amqp_floor"] = await measure_amqp(args.broker, prefix, n, args.duration,
+                                                   floor_pids)
+            c.log(f"[roundtrip] {n} sessions: ws floor")
+            row["ws_floor"] = await measure_ws(n, args.duration, floor_pids)
+            for mode, data in row.items():
+                c.emit({"bench": "roundtrip", "mode": mode, "sessions": n, **data}, args.out)
+            results[n] = row
+
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 2) if b else None
+
+    summary = []
+    for n, row in results.items():
+        p, a, w = (row[k]["latency_ms"] for k in ("pipeline", "amqp_floor", "ws_floor"))
+        summary.append({
+            "sessions": n,
+            "pipeline_p50_ms": p["p50"], "pipeline_p99_ms": p["p99"],
+            "amqp_floor_p50_ms": a["p50"], "amqp_floor_p99_ms": a["p99"],
+            "ws_floor_p50_ms": w["p50"], "ws_floor_p99_ms": w["p99"],
+            "ratio_p50_vs_amqp": ratio(p["p50"], a["p50"]),
+            "ratio_p99_vs_amqp": ratio(p["p99"], a["p99"]),
+            "ratio_p50_vs_amqp_plus_ws": ratio(p["p50"], a["p50"] + w["p50"]),
+            "ratio_p99_vs_amqp_plus_ws": ratio(p["p99"], a["p99"] + w["p99"]),
+            "pipeline_dropped": row["pipeline"]["dropped"],
+        })
+    c.emit({"bench": "roundtrip", "summary": summary}, args.out)
+    return 0
+
+
+def cli() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--role", default="main", choices=("main", "amqp-echo", "ws-echo"))
+    ap.add_argument("--broker", default=c.BROKER)
+    ap.add_argument("--queue", default="")
+    ap.add_argument("--levels", default="1,10,25,50")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    ap.add_argument("--out", type=Path, default=None, help="also append JSON lines here")
+    args = ap.parse_args()
+    c.use_uvloop()
+    c.raise_nofile()
+    if args.role == "amqp-echo":
+        asyncio.run(amqp_echo(args.broker, args.queue))
+        return 0
+    if args.role == "ws-echo":
+        asyncio.run(ws_echo())
+        return 0
+    return asyncio.run(main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

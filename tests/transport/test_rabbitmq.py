@@ -1,0 +1,302 @@
+"""RabbitMQ-only behaviour of the transport: declarations, wire format, connection loss."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import aio_pika
+import aiormq
+import pytest
+
+from audiostream.errors import ConfigError, ErrorCode, TransportError
+from audiostream.topology import Topology
+from audiostream.transport.rabbitmq import RabbitTransport, declare_topology
+from tests.conftest import delete_prefixed
+from tests.transport.test_conformance import Inbox, eventually
+
+pytestmark = pytest.mark.rabbitmq
+
+A = "passthrough"
+RabbitFactory = Callable[..., Awaitable[RabbitTransport]]
+
+
+@pytest.fixture
+async def rabbit(rabbitmq_url: str, topology: Topology) -> AsyncIterator[RabbitFactory]:
+    """Connected RabbitTransports (``rabbit(view=None, **options)``), closed and cleaned up."""
+    made: list[RabbitTransport] = []
+
+    async def make(view: Topology | None = None, **options: Any) -> RabbitTransport:
+        t = RabbitTransport(rabbitmq_url, view or topology, **options)
+        await t.connect()
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        await t.close()
+    await delete_prefixed(rabbitmq_url, topology)
+
+
+# -- declarations ----------------------------------------------------------------------
+
+
+async def test_redeclare_with_other_arguments_raises_config_error(
+    rabbit: RabbitFactory, topology: Topology
+) -> None:
+    first = await rabbit()
+    await first.declare()
+    other = await rabbit(replace(topology, delivery_limit=topology.delivery_limit + 2))
+    with pytest.raises(ConfigError) as caught:
+        await other.declare()
+    message = str(caught.value)
+    assert caught.value.code is ErrorCode.CONFIG_ERROR
+    assert repr(topology.work_queue(topology.processing_types[0], 0)) in message
+    assert "x-delivery-limit" in message and "delete" in message
+    # Only a throwaway channel died: the transport still publishes and probes.
+    assert other.is_connected
+    await other.publish_work(A, 0, b"x", ttl=5)
+    assert await other.work_queue_depth(A) == 1
+
+
+async def test_reply_queue_with_other_expiry_raises_config_error(
+    rabbit: RabbitFactory, topology: Topology
+) -> None:
+    gateway = await rabbit()
+    name = topology.reply_queue(uuid.uuid4().hex)
+    await gateway.declare_reply_queue(name)
+    other = await rabbit(replace(topology, reply_expires_ms=topology.reply_expires_ms + 1))
+    with pytest.raises(ConfigError, match=name):
+        await other.declare_reply_queue(name)
+
+
+async def test_declare_topology_twice_is_idempotent(rabbitmq_url: str, topology: Topology) -> None:
+    try:
+        await declare_topology(rabbitmq_url, topology)
+        await declare_topology(rabbitmq_url, topology)
+        conn = await aio_pika.connect(rabbitmq_url)
+        try:
+            for ptype in topology.processing_types:
+                for name in topology.work_queues(ptype):
+                    # Redeclaring with the topology's arguments passes only if they match.
+                    ch = await conn.channel()
+                    await ch.declare_queue(
+                        name, durable=True, arguments=topology.work_queue_arguments()
+                    )
+                    await ch.close()
+                ch = await conn.channel()
+                with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+                    await ch.declare_queue(
+                        topology.work_queue(ptype, 0),
+                        durable=True,
+                        arguments={"x-queue-type": "classic"},
+                    )
+            # The dead-letter exchange routes any key to the dead-letter queue.
+            ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            dlx = await ch.get_exchange(topology.dead_letter_exchange, ensure=False)
+            await dlx.publish(aio_pika.Message(b"dead"), routing_key="any.key", mandatory=True)
+            dlq = await ch.declare_queue(
+                topology.dead_letter_queue,
+                durable=True,
+                arguments=topology.dead_letter_queue_arguments(),
+            )
+            assert dlq.declaration_result.message_count == 1
+        finally:
+            await conn.close()
+    finally:
+        await delete_prefixed(rabbitmq_url, topology)
+
+
+async def test_work_messages_are_transient_with_a_per_message_ttl(
+    rabbit: RabbitFactory, rabbitmq_url: str, topology: Topology
+) -> None:
+    t = await rabbit()
+    await t.declare()
+    await t.publish_work(A, 1, b"audio", ttl=2.5)
+    conn = await aio_pika.connect(rabbitmq_url)
+    try:
+        ch = await conn.channel()
+        queue = await ch.get_queue(topology.work_queue(A, 1), ensure=False)
+        msg = await queue.get(no_ack=True, timeout=5)
+        assert msg is not None
+        assert msg.body == b"audio"
+        assert msg.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
+        assert msg.expiration == pytest.approx(2.5)  # "2500" ms on the wire
+    finally:
+        await conn.close()
+
+
+# -- connecting ------------------------------------------------------------------------
+
+
+def _new_tasks(before: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+    return [
+        t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()
+    ]
+
+
+async def test_unreachable_broker_raises_transport_error_quickly(topology: Topology) -> None:
+    before = asyncio.all_tasks()
+    t = RabbitTransport("amqp://guest:secret@127.0.0.1:1/", topology, connect_timeout=2)
+    started = time.monotonic()
+    with pytest.raises(TransportError) as caught:
+        await t.connect()
+    assert time.monotonic() - started < 3
+    assert caught.value.retryable
+    assert "127.0.0.1:1" in str(caught.value)
+    assert "secret" not in str(caught.value)
+    assert not t.is_connected
+    await t.close()
+    assert _new_tasks(before) == []
+
+
+async def test_silent_broker_times_out_at_connect_timeout(topology: Topology) -> None:
+    """A peer that accepts TCP but never speaks AMQP must not hang the caller."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        writers.append(w)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        t = RabbitTransport(f"amqp://guest:guest@127.0.0.1:{port}/", topology, connect_timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(TransportError):
+            await t.connect()
+        assert time.monotonic() - started < 2.5
+        assert not t.is_connected
+        await t.close()
+    finally:
+        for w in writers:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_operations_before_connect_raise_transport_error(topology: Topology) -> None:
+    t = RabbitTransport("amqp://guest:guest@127.0.0.1:1/", topology)
+    with pytest.raises(TransportError):
+        await t.publish_work(A, 0, b"x", ttl=1)
+    with pytest.raises(TransportError):
+        await t.work_queue_depth(A)
+
+
+# -- connection loss -------------------------------------------------------------------
+
+
+def _connection_pids(name: str) -> list[str]:
+    out = subprocess.run(
+        ["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    return [line.split("\t", 1)[0] for line in out.splitlines() if f'"{name}"' in line]
+
+
+async def _drop_connection(t: RabbitTransport, name: str) -> None:
+    """Make the broker close ``t``'s connection (or, without rabbitmqctl, the socket)."""
+    if shutil.which("rabbitmqctl") is None:
+        conn = t._connection
+        assert conn is not None and conn.transport is not None
+        await conn.transport.connection.close(ConnectionError("dropped by the test"))
+        return
+    (pid,) = await asyncio.to_thread(_connection_pids, name)
+    await asyncio.to_thread(
+        subprocess.run,
+        ["rabbitmqctl", "close_connection", pid, "dropped by the test"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+
+    async def replaced() -> bool:
+        pids = await asyncio.to_thread(_connection_pids, name)
+        return bool(pids) and pid not in pids
+
+    await eventually(replaced, within=10, interval=0.1)
+
+
+async def test_consumers_and_publishing_resume_after_the_connection_drops(
+    rabbit: RabbitFactory, topology: Topology
+) -> None:
+    name = f"audiostream-test-{uuid.uuid4().hex[:8]}"
+    t = await rabbit(connection_name=name, reconnect_interval=0.1)
+    await t.declare()
+    other = await rabbit()
+    work, replies = Inbox(), Inbox()
+    held = Inbox(ack=False)
+    await t.consume_work(A, work, prefetch=10)
+    await t.consume_work("gain", held, prefetch=10)
+    reply_queue = topology.reply_queue(uuid.uuid4().hex)
+    await t.declare_reply_queue(reply_queue)
+    await t.consume_replies(reply_queue, replies)
+    await other.publish_work("gain", 0, b"unacked", ttl=30)
+    await held.wait_for(1)
+
+    await _drop_connection(t, name)
+
+    await other.publish_work(A, 0, b"work after", ttl=30)
+    await work.wait_for(1, within=10)
+    await held.wait_for(2, within=10)  # the unacked one came back on the new connection
+    assert held.deliveries[1].body == b"unacked" and held.deliveries[1].redelivered
+
+    async def replied() -> bool:
+        return await other.publish_reply(reply_queue, b"reply after")
+
+    await eventually(replied, within=10)
+    await replies.wait_for(1, within=10)
+    assert replies.bodies == [b"reply after"]
+
+    async def publishes() -> bool:
+        try:
+            await t.publish_work(A, 1, b"own publish", ttl=30)
+        except TransportError:
+            return False
+        return True
+
+    await eventually(publishes, within=10, interval=0.05)
+    await work.wait_for(2, within=10)
+    assert t.is_connected
+    with pytest.raises(TransportError):  # the old delivery's channel is gone
+        await held.deliveries[0].ack()
+
+
+async def test_work_consumer_restarts_when_its_queue_is_deleted_and_declared_again(
+    rabbit: RabbitFactory,
+    rabbitmq_url: str,
+    topology: Topology,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    worker = await rabbit(reconnect_interval=0.1)
+    await worker.declare()
+    inbox = Inbox()
+    await worker.consume_work(A, inbox, prefetch=5)
+    conn = await aio_pika.connect(rabbitmq_url)
+    try:
+        ch = await conn.channel()
+        await ch.queue_delete(topology.work_queue(A, 0))  # the broker cancels our consumer
+    finally:
+        await conn.close()
+
+    # Redeclare only once the worker noticed: RabbitMQ 3.10 does not cancel the
+    # consumer of a quorum queue deleted and redeclared within a few milliseconds,
+    # and that consumer then silently receives nothing.
+    async def noticed() -> bool:
+        return "the broker cancelled consuming" in caplog.text
+
+    await eventually(noticed)
+    operator = await rabbit()
+    await operator.declare()
+    await operator.publish_work(A, 0, b"after redeclare", ttl=30)
+    await operator.publish_work(A, 1, b"other shard", ttl=30)
+    await inbox.wait_for(2, within=10)
+    assert sorted(inbox.bodies) == [b"after redeclare", b"other shard"]
