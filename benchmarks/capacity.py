@@ -66,6 +66,10 @@ async def sweep(args: argparse.Namespace, ptype: str) -> dict[str, Any]:
                 c.log(f"[capacity] {ptype}: {n} sessions")
                 t = await trial(st, ptype, n, args.duration, pids)
                 c.emit(t, args.out)
+                if not t["latency_ms"]["max"] and set(t["drops_by_reason"]) <= {
+                        "model_error", "processing_failed"}:
+                    raise RuntimeError(f"{ptype} fails every chunk: {t['drops_by_reason']} "
+                                       "(models prepared? `audiostream models prepare`)")
                 if not t["pass"]:
                     worst = n
                     break

@@ -127,7 +127,7 @@ def check_chunk(fmt: AudioFormat, data: bytes) -> None:
 # --- G.711 (mu-law / A-law), vectorised ---------------------------------------------
 
 _MULAW_BIAS = 0x84
-_MULAW_CLIP = 32635
+_MULAW_CLIP_14 = 8159  # magnitude clip on the 14-bit scale
 
 
 def _mulaw_decode_table() -> npt.NDArray[np.int16]:
@@ -156,25 +156,31 @@ _MULAW_DECODE = _mulaw_decode_table()
 _ALAW_DECODE = _alaw_decode_table()
 
 
+def _floor_log2(x: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
+    """floor(log2(x)) for x >= 1, exactly (frexp, not a rounded float log)."""
+    return (np.frexp(x)[1] - 1).astype(np.int32)
+
+
 def _mulaw_encode(pcm: npt.NDArray[np.int16]) -> npt.NDArray[np.uint8]:
-    x = pcm.astype(np.int32)
-    sign = np.where(x < 0, 0x80, 0)
-    mag = np.minimum(np.abs(x), _MULAW_CLIP) + _MULAW_BIAS
-    exponent = np.clip(np.floor(np.log2(mag)).astype(np.int32) - 7, 0, 7)
-    mantissa = (mag >> (exponent + 3)) & 0x0F
-    out: npt.NDArray[np.uint8] = (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8)
+    # The G.711 reference (Sun g711.c, as in audioop): quantise the 14-bit value
+    # (an arithmetic shift, so negatives round down), clip, bias, find the segment.
+    x = pcm.astype(np.int32) >> 2
+    mask = np.where(x < 0, 0x7F, 0xFF)
+    mag = np.minimum(np.abs(x), _MULAW_CLIP_14) + (_MULAW_BIAS >> 2)
+    seg = np.maximum(_floor_log2(mag) - 5, 0)  # segment ends are 2**(seg + 6) - 1
+    uval = np.where(seg >= 8, 0x7F, (seg << 4) | ((mag >> (seg + 1)) & 0x0F))
+    out: npt.NDArray[np.uint8] = (uval ^ mask).astype(np.uint8)
     return out
 
 
 def _alaw_encode(pcm: npt.NDArray[np.int16]) -> npt.NDArray[np.uint8]:
-    x = pcm.astype(np.int32)
-    sign = np.where(x >= 0, 0x80, 0)
-    mag = np.minimum(np.where(x >= 0, x, -x - 1), 32767) >> 3
-    exponent = np.clip(np.floor(np.log2(np.maximum(mag, 1))).astype(np.int32) - 4, 0, 7)
-    exponent = np.where(mag < 32, 0, exponent + 1)
-    exponent = np.minimum(exponent, 7)
-    mantissa = np.where(exponent == 0, mag >> 1, mag >> exponent) & 0x0F
-    out: npt.NDArray[np.uint8] = ((sign | (exponent << 4) | mantissa) ^ 0x55).astype(np.uint8)
+    # The G.711 reference on the 13-bit value; negatives use one's complement.
+    x = pcm.astype(np.int32) >> 3
+    mask = np.where(x >= 0, 0xD5, 0x55)
+    mag = np.where(x >= 0, x, -x - 1)  # 0..4095
+    seg = np.where(mag < 32, 0, _floor_log2(np.maximum(mag, 1)) - 4)  # ends 2**(seg + 5) - 1
+    mantissa = (mag >> np.maximum(seg, 1)) & 0x0F
+    out: npt.NDArray[np.uint8] = (((seg << 4) | mantissa) ^ mask).astype(np.uint8)
     return out
 
 

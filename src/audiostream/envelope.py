@@ -142,6 +142,11 @@ def redistribute(lengths: Sequence[int], new_total: int) -> tuple[int, ...]:
     old_total = sum(lengths)
     if old_total == new_total:
         return tuple(lengths)
+    if old_total == 0:
+        if not lengths:
+            raise ValueError(f"cannot split {new_total} frames over no chunks")
+        # Nothing to be proportional to: split evenly, so the parts still add up.
+        return redistribute([1] * len(lengths), new_total)
     out: list[int] = []
     cum_old = 0
     prev = 0

@@ -34,6 +34,11 @@ class Topology:
             raise ValueError("shards must be >= 1")
         if self.delivery_limit < 1:
             raise ValueError("delivery_limit must be >= 1")
+        # RabbitMQ refuses queue arguments that are not integers (a float is refused).
+        for name in ("reply_expires_ms", "dead_letter_max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     # -- names ---------------------------------------------------------------------
     def exchange(self, processing: str) -> str:

@@ -165,6 +165,7 @@ async def test_silent_broker_times_out_at_connect_timeout(topology: Topology) ->
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
+    before = asyncio.all_tasks()
     try:
         t = RabbitTransport(f"amqp://guest:guest@127.0.0.1:{port}/", topology, connect_timeout=0.5)
         started = time.monotonic()
@@ -173,6 +174,11 @@ async def test_silent_broker_times_out_at_connect_timeout(topology: Topology) ->
         assert time.monotonic() - started < 2.5
         assert not t.is_connected
         await t.close()
+
+        async def quiet() -> bool:  # no reconnect loop left behind
+            return _new_tasks(before) == []
+
+        await eventually(quiet, within=2)
     finally:
         for w in writers:
             w.close()

@@ -51,6 +51,10 @@ MAX_JOURNAL = 3000
 #: Message ids are ``generation << GEN_SHIFT | counter``.
 GEN_SHIFT = 32
 DISPLACE = "displace"
+RELEASED = "released"
+#: After our displace message comes back, how long to wait for a closing holder's
+#: "released" (a holder that died never sends one).
+RELEASE_GRACE_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +156,8 @@ class SessionPipeline:
         self._journal: list[_Entry] = []
         self._confirmed = 0
         self._history: list[_Entry] | None = None
-        self._history_expected = 0
-        self._got_history = asyncio.Event()
+        self._seen_own_displace = asyncio.Event()
+        self._seen_released = asyncio.Event()
         self._subscription: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -189,16 +193,29 @@ class SessionPipeline:
                 raise AudioStreamError("the previous connection did not let the session go",
                                        ErrorCode.RESUME_FAILED)
             await asyncio.sleep(0.02)  # polling the broker: nothing to await on
+        # Read the journal until our own displace message comes back: the holder's
+        # released replies were queued ahead of it. A holder that closed cleanly says
+        # "released" when it has put everything back; one that died has nothing to say
+        # (the broker requeued its replies when its connection dropped).
         self._history = []
-        self._history_expected = stats[0]
-        if stats[0] == 0:
-            self._got_history.set()
         self._subscription = await t.consume_replies(self.reply_queue, self._on_reply)
         try:
-            await asyncio.wait_for(self._got_history.wait(), settle_s)
+            released = asyncio.ensure_future(self._seen_released.wait())
+            own = asyncio.ensure_future(self._seen_own_displace.wait())
+            try:
+                done, _ = await asyncio.wait({released, own}, timeout=settle_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise TimeoutError
+                if released not in done:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(released), RELEASE_GRACE_S)
+            finally:
+                released.cancel()
+                own.cancel()
         except TimeoutError:
-            log.warning("session=%s stage=resume: journal incomplete (%d of %d)",
-                        self.session_id, len(self._history), stats[0])
+            log.warning("session=%s stage=resume: journal may be incomplete (%d replies)",
+                        self.session_id, len(self._history))
         history, self._history = self._history, None
         seen: set[int] = set()
         entries: list[_Entry] = []
@@ -212,6 +229,21 @@ class SessionPipeline:
         if entries:
             self.state = dict(entries[-1].reply.state)
         return [e.reply for e in entries]
+
+    async def _hand_back(self, delivery: Delivery) -> None:
+        """Put a reply back for the next holder: a confirmed copy, then ack the original.
+
+        Copies and the final "released" marker go out on one channel in order, so a
+        taker that sees "released" has seen every copy. (A nack-requeue gives no such
+        ordering against a publish.)
+        """
+        try:
+            await self.transport.publish_reply(self.reply_queue, delivery.body)
+        except AudioStreamError:
+            with contextlib.suppress(AudioStreamError):
+                await delivery.release()
+            return
+        await self._settle_delivery(delivery)
 
     async def _settle_delivery(self, delivery: Delivery) -> None:
         with contextlib.suppress(AudioStreamError):
@@ -348,6 +380,11 @@ class SessionPipeline:
 
     # -- receiving -----------------------------------------------------------------------
     async def _on_reply(self, delivery: Delivery) -> None:
+        if self._closed:
+            # Closing without finishing: whatever still arrives belongs to whoever
+            # resumes the session, so it goes back to the queue.
+            await self._hand_back(delivery)
+            return
         try:
             msg = decode_reply_queue_message(delivery.body)
         except AudioStreamError as err:
@@ -358,28 +395,25 @@ class SessionPipeline:
             return
         if isinstance(msg, Control):
             await self._settle_delivery(delivery)
-            if msg.command == DISPLACE and msg.nonce != self.nonce and self._history is None:
+            if self._history is not None:
+                if msg.command == DISPLACE and msg.nonce == self.nonce:
+                    self._seen_own_displace.set()
+                elif msg.command == RELEASED and msg.nonce != self.nonce:
+                    self._seen_released.set()
+            elif msg.command == DISPLACE and msg.nonce != self.nonce:
                 log.info("session=%s stage=resume: taken over by another connection",
                          self.session_id)
                 if self.on_displaced is not None:
                     self.on_displaced()
-            if self._history is not None:
-                self._count_history()
             return
         if self._history is not None:
             self._history.append(_Entry(delivery, msg))
-            self._count_history()
             return
         if not self.handle_reply(msg):
             await self._settle_delivery(delivery)
             return
         self._journal.append(_Entry(delivery, msg))
         self._trim()
-
-    def _count_history(self) -> None:
-        self._history_expected -= 1
-        if self._history_expected <= 0:
-            self._got_history.set()
 
     def handle_reply(self, reply: Reply) -> bool:
         """Turn the awaited reply into outcomes; False for one that is not awaited."""
@@ -442,12 +476,16 @@ class SessionPipeline:
                 await t
         journal, self._journal = self._journal, []
         for entry in journal:
-            with contextlib.suppress(AudioStreamError):
-                if finished:
-                    await entry.delivery.ack()
-                else:
-                    await entry.delivery.release()
-        if finished:
-            with contextlib.suppress(AudioStreamError):
+            if finished:
+                await self._settle_delivery(entry.delivery)
+            else:
+                await self._hand_back(entry.delivery)
+        with contextlib.suppress(AudioStreamError):
+            if finished:
                 await self.transport.delete_reply_queue(self.reply_queue)
+            else:
+                await self.transport.publish_reply(
+                    self.reply_queue,
+                    encode_control(Control(self.session_id, RELEASED, self.nonce)),
+                )
         self._idle.set()
