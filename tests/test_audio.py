@@ -148,7 +148,7 @@ def test_g711_decoding_matches_audioop_for_all_256_codes(fmt: AudioFormat, refer
 )
 def test_g711_encoding_matches_audioop_for_every_int16(fmt: AudioFormat, reference: Any) -> None:
     want = reference(ALL_INT16.tobytes(), 2)
-    got = encode(fmt, (ALL_INT16.astype(np.float32) / 32768).reshape(-1, 1))
+    got = encode(fmt, (ALL_INT16.astype(np.float32) / np.float32(32768)).reshape(-1, 1))
     assert got == want
 
 

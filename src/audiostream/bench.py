@@ -498,6 +498,9 @@ def plot(r: Mapping[str, Any], out: Path) -> None:
     ax1.set_xlabel("seconds since start")
     ax1.set_ylabel("round trip (ms)")
     ax1.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax1.yaxis.set_major_formatter(ScalarFormatter())
     ax1.legend(loc="upper left", fontsize="small")
     rt = r["round_trip_ms"]
     ax2.set_xlabel(f"round trip (ms): p50 {rt['p50']:.1f}, p99 {rt['p99']:.1f}, "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import pytest
@@ -20,50 +19,10 @@ from audiostream.errors import TransportError
 from audiostream.topology import Topology
 from audiostream.transport import Delivery, Transport
 from tests.conftest import DeadLetters, TransportFactory
+from tests.transport.helpers import Inbox, eventually
 
 A, B, C = "passthrough", "gain", "highpass"
 LONG_TTL = 30.0
-
-
-class Inbox:
-    """A handler that records deliveries and lets a test wait for a count."""
-
-    def __init__(self, *, ack: bool = True) -> None:
-        self.deliveries: list[Delivery] = []
-        self._ack = ack
-        self._changed = asyncio.Event()
-
-    async def __call__(self, delivery: Delivery) -> None:
-        if self._ack:
-            await delivery.ack()
-        self.deliveries.append(delivery)
-        self._changed.set()
-
-    @property
-    def bodies(self) -> list[bytes]:
-        return [d.body for d in self.deliveries]
-
-    async def wait_for(self, count: int, within: float = 5.0) -> list[Delivery]:
-        """Wait until at least ``count`` deliveries arrived."""
-        try:
-            async with asyncio.timeout(within):
-                while len(self.deliveries) < count:
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            pytest.fail(f"got {len(self.deliveries)} deliveries, wanted {count}: {self.bodies}")
-        return self.deliveries
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, within: float = 5.0, interval: float = 0.02
-) -> None:
-    """Poll ``check`` until it is true, failing after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within} s")
-        await asyncio.sleep(interval)
 
 
 async def declared(make: TransportFactory) -> Transport:
@@ -603,12 +562,12 @@ async def test_close_cancels_everything_the_transport_owns(
     before = asyncio.all_tasks()
     t = await declared(transport_factory)
     assert t.is_connected
-    running: list[bytes] = []
+    started: list[bytes] = []
     cancelled: list[bytes] = []
     changed = asyncio.Event()
 
     async def stuck(delivery: Delivery) -> None:
-        running.append(delivery.body)
+        started.append(delivery.body)
         changed.set()
         try:
             await asyncio.Event().wait()
@@ -623,7 +582,7 @@ async def test_close_cancels_everything_the_transport_owns(
     await t.publish_work(A, 0, b"work", ttl=LONG_TTL)
     assert await t.publish_reply(name, b"reply")
     async with asyncio.timeout(5):
-        while len(running) < 2:
+        while len(started) < 2:
             changed.clear()
             await changed.wait()
 
@@ -631,7 +590,7 @@ async def test_close_cancels_everything_the_transport_owns(
     assert not t.is_connected
     assert sorted(cancelled) == [b"reply", b"work"]
 
-    def running() -> list[asyncio.Task[object]]:
+    def running_tasks() -> list[asyncio.Task[object]]:
         return [
             task
             for task in asyncio.all_tasks() - before
@@ -639,12 +598,12 @@ async def test_close_cancels_everything_the_transport_owns(
         ]
 
     # Nothing running our code survives close() ...
-    assert [task for task in running() if _runs_our_code(task)] == []
+    assert [task for task in running_tasks() if _runs_our_code(task)] == []
 
     # ... and what the client library started for the connection winds down too
     # (aiormq finishes closing its socket writer in a task of its own).
     async def quiet() -> bool:
-        return running() == []
+        return running_tasks() == []
 
     await eventually(quiet, within=2)
     with pytest.raises(TransportError):

@@ -19,7 +19,7 @@ from audiostream.errors import ConfigError, ErrorCode, TransportError
 from audiostream.topology import Topology
 from audiostream.transport.rabbitmq import RabbitTransport, declare_topology
 from tests.conftest import delete_prefixed
-from tests.transport.test_conformance import Inbox, eventually
+from tests.transport.helpers import Inbox, eventually
 
 pytestmark = pytest.mark.rabbitmq
 

@@ -325,9 +325,10 @@ class _Connection:
         if self.key is not None and self.pipeline is not None:
             gw.sessions_per_key[self.key.id] -= 1
         if not self.writer.done():
-            self.kick()
-            with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
-                await asyncio.wait_for(asyncio.shield(self.writer), 1.0)
+            if self.proto.state is State.CLOSED and not self.ws.closed:
+                self.kick()
+                with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+                    await asyncio.wait_for(asyncio.shield(self.writer), 1.0)
             self.writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
             await self.writer
@@ -510,9 +511,10 @@ class Gateway:
                 elif isinstance(ev, AckReceived) and conn.pipeline is not None:
                     conn.pipeline.confirm(ev.received)
             conn.kick()
-        # Let the writer finish sending (summary and close frame).
-        with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
-            await asyncio.wait_for(asyncio.shield(conn.writer), 5.0)
+        if proto.state is State.CLOSED and not ws.closed:
+            # Let the writer finish sending (summary and close frame).
+            with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+                await asyncio.wait_for(asyncio.shield(conn.writer), 5.0)
 
     async def drain(self, grace_s: float) -> None:
         """Fail readiness and refuse new sessions; tell every client to resume elsewhere

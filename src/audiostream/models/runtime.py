@@ -15,19 +15,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+from typing import TYPE_CHECKING
 
 from audiostream.errors import ConfigError, ErrorCode, ModelError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "gpu")
-_LEVELS = {
-    "ORT_DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "ORT_ENABLE_BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "ORT_ENABLE_EXTENDED": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "ORT_ENABLE_ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
+_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+
+
+def _ort() -> Any:
+    """Import onnxruntime on first use, so gateways run without it installed."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ModelError(
+            "onnxruntime is not installed: pip install 'audiostream[cpu]' (or '[gpu]' for "
+            "onnxruntime-gpu; never both)"
+        ) from exc
+    return onnxruntime
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,7 +76,7 @@ def requested_providers(options: RuntimeOptions) -> list[str | tuple[str, dict[s
     if options.device == "cpu":
         return ["CPUExecutionProvider"]
     chain: list[str | tuple[str, dict[str, Any]]] = []
-    available = set(ort.get_available_providers())
+    available = set(_ort().get_available_providers())
     if options.tensorrt:
         if "TensorrtExecutionProvider" in available:
             chain.append(("TensorrtExecutionProvider", {"trt_fp16_enable": True}))
@@ -90,14 +100,14 @@ def create_session(
     optimization: str = "ORT_ENABLE_ALL",
 ) -> ort.InferenceSession:
     """A throughput-tuned session for ``path`` on ``options.device``."""
+    ort = _ort()
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.intra_op_threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    try:
-        so.graph_optimization_level = _LEVELS[optimization]
-    except KeyError:
-        raise ModelError(f"unknown graph optimisation level {optimization!r}") from None
+    if optimization not in _LEVELS:
+        raise ModelError(f"unknown graph optimisation level {optimization!r}")
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
     providers = requested_providers(options)
     try:
         session = ort.InferenceSession(str(path), so, providers=providers)
@@ -130,4 +140,4 @@ def run(
 
 
 def versions() -> dict[str, str]:
-    return {"onnxruntime": str(ort.__version__)}
+    return {"onnxruntime": str(_ort().__version__)}

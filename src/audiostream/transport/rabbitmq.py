@@ -10,8 +10,9 @@ Channels, and why there are several kinds:
   every ``publish_*`` awaits only its own confirm, so concurrent callers
   overlap on the wire.
 * **work consumers**: one channel per ``consume_work`` subscription, with a
-  per-consumer QoS (quorum queues refuse global QoS); cancelling the
-  subscription closes the channel, which returns its unacked messages.
+  per-consumer QoS (quorum queues refuse global QoS). Cancelling is a
+  ``basic.cancel``: deliveries already handed out can still be settled, and the
+  channel closes once they are (closing returns whatever is left unacked).
 * **reply consumers**: one channel shared by every ``consume_replies``.
 * **throwaway**: declarations and passive probes run on short-lived channels,
   because a failed passive declare (404) or an inequivalent redeclare (406)
@@ -290,7 +291,13 @@ async def _close_quietly(channel: AbstractChannel) -> None:
 
 
 class RabbitTransport:
-    """The ``Transport`` contract on RabbitMQ (3.10+) via one robust connection."""
+    """The ``Transport`` contract on RabbitMQ (3.10+) via one robust connection.
+
+    ``connect_timeout`` bounds the first connection (TCP and AMQP handshake);
+    ``op_timeout`` bounds one publish confirm, declaration or probe;
+    ``reconnect_interval`` is the pause between reconnection attempts;
+    ``connection_name`` is what the management UI and ``rabbitmqctl`` show.
+    """
 
     def __init__(
         self,
