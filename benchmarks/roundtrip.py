@@ -8,6 +8,8 @@ separate ``audiostream`` processes. At each level, in the same run:
 * ``amqp_floor``: bare aio-pika, one message per chunk at the same rate: publisher
   (confirms) -> topic exchange -> quorum queue -> consumer process (prefetch 128,
   reply confirmed before ack, like the worker) -> per-session reply queue -> publisher;
+* ``amqp_coalesced_floor``: the same, but with the gateway's message pattern: one
+  message in flight per session, chunks arriving meanwhile ride in the next one;
 * ``ws_floor``: a bare aiohttp WebSocket echo process, same clients, same rate.
 
 Prints one JSON object per line (one per measurement, then a summary with the
@@ -66,7 +68,9 @@ async def amqp_echo(broker: str, queue: str) -> None:
 
 
 async def measure_amqp(broker: str, prefix: str, sessions: int, duration: float,
-                       pids: dict[str, int]) -> dict[str, Any]:
+                       pids: dict[str, int], *, coalesce: bool = False) -> dict[str, Any]:
+    """Bare aio-pika round trips. ``coalesce``: like the gateway, one message in flight
+    per session, chunks that arrive meanwhile ride in the next message (1 s deadline)."""
     import aio_pika
 
     conn = await aio_pika.connect(broker)
@@ -81,9 +85,14 @@ async def measure_amqp(broker: str, prefix: str, sessions: int, duration: float,
     pub = await conn.channel(publisher_confirms=True)
     pub_exchange = await pub.get_exchange(exchange_name, ensure=False)
     replies = await conn.channel()
-    sent_at: dict[tuple[int, int], float] = {}
+    sent_at: dict[tuple[int, int], list[float]] = {}
+    """(session, message) -> send times of the chunks it carries."""
+    pending: list[list[float]] = [[] for _ in range(sessions)]
+    in_flight: list[int | None] = [None] * sessions
+    next_msg = [0] * sessions
     latencies: list[float] = []
     lost = 0
+    messages = 0
     reply_queues = []
     tasks: set[asyncio.Task[None]] = set()
     sending = True
@@ -96,12 +105,15 @@ async def measure_amqp(broker: str, prefix: str, sessions: int, duration: float,
 
             async def on_reply(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
                 now = time.monotonic()
-                key = struct.unpack_from("!II", msg.body)
-                t = sent_at.pop((key[0], key[1]), None)
-                if t is not None:
-                    latencies.append((now - t) * 1000)
+                s, m = struct.unpack_from("!II", msg.body)
+                times = sent_at.pop((s, m), None)
+                if times is not None:
+                    latencies.extend((now - t) * 1000 for t in times)
+                    if coalesce and in_flight[s] == m:
+                        in_flight[s] = None
+                        flush(s)
                 await msg.ack()
-                if not sending and not sent_at:
+                if not sending and not sent_at and not any(pending):
                     all_back.set()
 
             await rq.consume(on_reply)
@@ -112,19 +124,39 @@ async def measure_amqp(broker: str, prefix: str, sessions: int, duration: float,
                 await pub_exchange.publish(
                     aio_pika.Message(body, reply_to=reply_to, expiration=1.0), "floor.0")
 
+        pad = bytes(BODY_BYTES - 8)
+
+        def expire(i: int, m: int) -> None:
+            if in_flight[i] == m:  # no reply by the deadline: give up, send the rest
+                in_flight[i] = None
+                flush(i)
+
+        def flush(i: int) -> None:
+            nonlocal messages
+            if not pending[i] or (coalesce and in_flight[i] is not None):
+                return
+            times, pending[i] = pending[i], []
+            m = next_msg[i]
+            next_msg[i] += 1
+            sent_at[(i, m)] = times
+            messages += 1
+            body = struct.pack("!II", i, m) + pad * len(times)
+            if coalesce:
+                in_flight[i] = m
+                asyncio.get_running_loop().call_later(1.0, expire, i, m)
+            t = asyncio.get_running_loop().create_task(publish(body, reply_queues[i].name))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+
         async def session(i: int) -> None:
             await asyncio.sleep(i * ramp_for(sessions) / sessions)  # the ramp
             start = time.monotonic()
-            pad = bytes(BODY_BYTES - 8)
             for seq in range(int(duration * 1000 / CHUNK_MS)):
                 delay = start + seq * CHUNK_MS / 1000 - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)  # real-time pacing
-                sent_at[(i, seq)] = time.monotonic()
-                t = asyncio.get_running_loop().create_task(
-                    publish(struct.pack("!II", i, seq) + pad, reply_queues[i].name))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
+                pending[i].append(time.monotonic())
+                flush(i)
 
         with c.CpuMeter({**pids, "echo": echo.pid}) as cpu:
             await asyncio.gather(*(session(i) for i in range(sessions)))
@@ -133,7 +165,7 @@ async def measure_amqp(broker: str, prefix: str, sessions: int, duration: float,
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(all_back.wait(), 5)  # the last replies
             usage = cpu.read()
-        lost = len(sent_at)
+        lost = sum(len(v) for v in sent_at.values()) + sum(len(p) for p in pending)
     finally:
         for t in list(tasks):
             t.cancel()
@@ -149,7 +181,10 @@ async def measure_amqp(broker: str, prefix: str, sessions: int, duration: float,
         with contextlib.suppress(Exception):
             await setup.exchange_delete(exchange_name)
         await conn.close()
-    return {"latency_ms": c.percentiles(latencies), "lost": lost, "cpu_cores": usage}
+    chunks = len(latencies) + lost
+    return {"latency_ms": c.percentiles(latencies), "lost": lost, "messages": messages,
+            "chunks_per_message": round(chunks / messages, 3) if messages else None,
+            "cpu_cores": usage}
 
 
 # --- floor 2: bare aiohttp WebSocket echo -----------------------------------------------------
@@ -274,6 +309,10 @@ async def main(args: argparse.Namespace) -> int:
             prefix = f"{st.prefix}f{uuid.uuid4().hex[:4]}"
             row["amqp_floor"] = await measure_amqp(args.broker, prefix, n, args.duration,
                                                    floor_pids)
+            c.log(f"[roundtrip] {n} sessions: amqp floor, coalescing like the gateway")
+            prefix = f"{st.prefix}g{uuid.uuid4().hex[:4]}"
+            row["amqp_coalesced_floor"] = await measure_amqp(
+                args.broker, prefix, n, args.duration, floor_pids, coalesce=True)
             c.log(f"[roundtrip] {n} sessions: ws floor")
             row["ws_floor"] = await measure_ws(n, args.duration, floor_pids)
             for mode, data in row.items():
@@ -285,12 +324,16 @@ async def main(args: argparse.Namespace) -> int:
 
     summary = []
     for n, row in results.items():
-        p, a, w = (row[k]["latency_ms"] for k in ("pipeline", "amqp_floor", "ws_floor"))
+        p, a, w, q = (row[k]["latency_ms"] for k in ("pipeline", "amqp_floor", "ws_floor",
+                                                       "amqp_coalesced_floor"))
         summary.append({
             "sessions": n,
             "pipeline_p50_ms": p["p50"], "pipeline_p99_ms": p["p99"],
             "amqp_floor_p50_ms": a["p50"], "amqp_floor_p99_ms": a["p99"],
             "ws_floor_p50_ms": w["p50"], "ws_floor_p99_ms": w["p99"],
+            "amqp_coalesced_floor_p50_ms": q["p50"], "amqp_coalesced_floor_p99_ms": q["p99"],
+            "ratio_p50_vs_amqp_coalesced": ratio(p["p50"], q["p50"]),
+            "ratio_p99_vs_amqp_coalesced": ratio(p["p99"], q["p99"]),
             "ratio_p50_vs_amqp": ratio(p["p50"], a["p50"]),
             "ratio_p99_vs_amqp": ratio(p["p99"], a["p99"]),
             "ratio_p50_vs_amqp_plus_ws": ratio(p["p50"], a["p50"] + w["p50"]),

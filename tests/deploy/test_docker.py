@@ -4,8 +4,8 @@ the compose file checked against the chart's and the CLI's expectations. Nothing
 
 from __future__ import annotations
 
-import hashlib
 import configparser
+import hashlib
 import json
 import re
 import shlex

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tests.integration.slow_processors  # noqa: F401  (registers slowpass here too)
 from audiostream.audio import AudioFormat, Encoding
 from audiostream.client import AudioStreamClient
-from audiostream.testing import default_topology, embedded_server
+from audiostream.processors import ProcessorRegistry, StepInput, StepOutput, registry
+from audiostream.testing import embedded_server
+from audiostream.topology import Topology
 from tests.conftest import delete_prefixed, unique_prefix
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
@@ -38,10 +39,19 @@ async def start_worker(url: str, prefix: str) -> asyncio.subprocess.Process:
 
 async def test_sigkill_mid_batch_loses_nothing(rabbitmq_url: str) -> None:
     prefix = unique_prefix()
-    topology = default_topology(prefix=prefix)
+    # The worker subprocess registers slowpass (--import); the gateway here only needs
+    # to know the name, so it gets a private registry and the global one stays clean.
+    gateway_registry = ProcessorRegistry()
+
+    @gateway_registry.per_item("slowpass")
+    def slowpass(item: StepInput) -> StepOutput:
+        return StepOutput(item.audio)
+
+    topology = Topology(processing_types=(*registry.names(), "slowpass"), prefix=prefix)
     victim = survivor = None
     try:
-        async with embedded_server(broker_url=rabbitmq_url, topology=topology, workers=0) as srv:
+        async with embedded_server(broker_url=rabbitmq_url, topology=topology, workers=0,
+                                   processors=gateway_registry) as srv:
             victim = await start_worker(rabbitmq_url, prefix)
             survivor = await start_worker(rabbitmq_url, prefix)
             x = (np.random.default_rng(11).standard_normal(16000 * 2) * 3000).astype(np.int16)

@@ -462,10 +462,12 @@ class Gateway:
         try:
             await self._serve(conn)
         finally:
-            self.connections.discard(conn)
-            self.metrics.connections_active.dec()
-            await conn.close()
-            self._changed.set()
+            try:
+                await conn.close()
+            finally:
+                self.connections.discard(conn)
+                self.metrics.connections_active.dec()
+                self._changed.set()
         return ws
 
     async def _serve(self, conn: _Connection) -> None:
