@@ -25,8 +25,8 @@ class Topology:
     """Returns (redeliveries) of one message before it is dead-lettered: RabbitMQ's
     ``x-delivery-limit``, so a message is delivered at most ``delivery_limit + 1``
     times (poison-message guard)."""
-    reply_expires_ms: int = 30_000
-    """A reply queue outlives its last consumer by this long, so a client can resume."""
+    reply_expires_ms: int = 60_000
+    """A reply queue outlives its last consumer by this long (the resume window)."""
     dead_letter_max_length: int = 10_000
 
     def __post_init__(self) -> None:

@@ -80,3 +80,41 @@ async def test_sigkill_mid_batch_loses_nothing(rabbitmq_url: str) -> None:
                 proc.kill()
                 await proc.wait()
         await delete_prefixed(rabbitmq_url, topology)
+
+
+async def test_sigterm_finishes_the_batch_then_exits(rabbitmq_url: str) -> None:
+    prefix = unique_prefix()
+    gateway_registry = ProcessorRegistry()
+
+    @gateway_registry.per_item("slowpass")
+    def slowpass(item: StepInput) -> StepOutput:
+        return StepOutput(item.audio)
+
+    topology = Topology(processing_types=(*registry.names(), "slowpass"), prefix=prefix)
+    leaving = staying = None
+    try:
+        async with embedded_server(broker_url=rabbitmq_url, topology=topology, workers=0,
+                                   processors=gateway_registry) as srv:
+            leaving = await start_worker(rabbitmq_url, prefix)
+            staying = await start_worker(rabbitmq_url, prefix)
+            x = (np.random.default_rng(12).standard_normal(16000 * 2) * 3000).astype(np.int16)
+            c = AudioStreamClient(srv.url, api_key=srv.api_key, pipeline=["slowpass"],
+                                  format=FMT, deadline_ms=8000)
+            stream = asyncio.create_task(c.stream(x, rate=1.0))
+            assert leaving.stdout is not None
+            while True:
+                line = await asyncio.wait_for(leaving.stdout.readline(), 30)
+                if line.startswith(b"start"):
+                    leaving.send_signal(signal.SIGTERM)
+                    break
+            rest = await asyncio.wait_for(leaving.stdout.read(), 30)
+            assert await leaving.wait() == 0  # a clean exit ...
+            assert rest.startswith(b"end")  # ... after finishing the batch it held
+            result = await asyncio.wait_for(stream, 60)
+            assert not result.dropped and result.audio == x.tobytes()
+    finally:
+        for proc in (leaving, staying):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        await delete_prefixed(rabbitmq_url, topology)

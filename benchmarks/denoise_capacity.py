@@ -1,0 +1,307 @@
+"""NSNet2 real-time sessions per worker core through the whole pipeline, batched vs unbatched.
+
+client (this process) -> ``audiostream gateway`` -> RabbitMQ -> one ``audiostream worker
+--processing denoise`` process -> RabbitMQ -> gateway -> client, 16 kHz mono in 20 ms
+chunks streamed in real time (``audiostream.bench``). The worker is pinned to
+``--worker-cpus`` (all of its threads, re-applied after the model loads); ONNX Runtime
+runs with one intra-op thread (the worker default). For each batching mode
+(``--modes``, default: the worker's dynamic batcher at ``--max-wait-ms`` 2 and 10, and
+``--max-batch 1``) the session count grows by ``--step`` until a trial fails (p99 >= 100
+ms, a drop, an error), then is bisected. Every trial reports CPU per process (cores,
+1.0 = one core busy), the worker's batch sizes and call times (from its ``/metrics``),
+and ``sessions_per_worker_core`` = sessions / worker CPU: what one fully used worker core
+would carry at that per-session cost. It is only a measured capacity when the worker is
+the process that saturates; the summary says which process was the busiest.
+
+Optional: ``--profile`` records the worker with py-spy during one trial at the largest
+passing session count (``pip install py-spy``) and prints where its CPU time goes;
+``--engine`` measures the bare NSNet2 engine at the batch size and message length the
+pipeline actually produced, for comparison.
+
+    .venv/bin/python benchmarks/denoise_capacity.py --profile --engine
+    # GPU machine (not run here): one worker on the GPU, two CPU cores for its Python side
+    .venv/bin/python benchmarks/denoise_capacity.py --device gpu --worker-cpus 2,3 \\
+        --start 50 --step 50 --max 2000 --modes batched:256:5,unbatched:1:0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c
+
+P99_LIMIT_MS = 100.0
+
+
+def pin(pid: int, cpus: set[int]) -> list[int]:
+    """Pin every thread of ``pid`` (threads created later inherit it); returns the CPUs."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+            os.sched_setaffinity(int(task.name), cpus)
+    return sorted(os.sched_getaffinity(pid))
+
+
+def pipeline(variant: str | None) -> tuple[Any, ...]:
+    if variant is None:
+        return ("denoise",)
+    return ({"name": "denoise", "params": {"variant": variant}},)
+
+
+async def trial(st: c.Stack, sessions: int, duration: float, pids: dict[str, int],
+                args: argparse.Namespace, profile_to: Path | None = None) -> dict[str, Any]:
+    from audiostream.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(url=st.ws_url, api_key=st.key, sessions=sessions, duration_s=duration,
+                      pipeline=pipeline(args.variant), ramp_s=min(3.0, 0.05 * sessions),
+                      metrics_urls=tuple(u for u in (st.gateway_metrics, st.worker_metrics)
+                                         if u))
+    spy = None
+    if profile_to is not None:
+        assert st.worker is not None
+        spy = await asyncio.create_subprocess_exec(
+            args.py_spy, "record", "-p", str(st.worker.pid), "-d", str(int(duration)),
+            "-r", "200", "-f", "raw", "--nonblocking", "-o", str(profile_to),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    load_before = os.getloadavg()[0]
+    with c.CpuMeter(pids) as cpu:
+        r = await run_bench(cfg)
+        usage = cpu.read()
+    if spy is not None:
+        await spy.wait()
+    rt = r["round_trip_ms"]
+    srv = r["server"] or {}
+    worker = (srv.get("workers") or {}).get("denoise") or {}
+    ok = (rt["p99"] < P99_LIMIT_MS and r["chunks"]["dropped"] == 0 and not r["errors_by_code"]
+          and r["sessions"]["completed"] == sessions)
+    wcpu = usage.get("worker", 0.0)
+    inference = worker.get("inference") or {}
+    return {
+        "bench": "denoise_capacity", "sessions": sessions, "pass": ok,
+        "latency_ms": {k: rt[k] for k in ("p50", "p90", "p99", "max")},
+        "dropped": r["chunks"]["dropped"], "drops_by_reason": r["drops_by_reason"],
+        "errors": r["errors_by_code"],
+        "cpu_cores": usage,
+        "worker_cpu_percent": round(100 * wcpu, 1),
+        "worker_cpu_ms_per_session_second": round(1000 * wcpu / sessions, 2),
+        "sessions_per_worker_core": round(sessions / wcpu, 1) if wcpu > 0 else None,
+        "busiest": max(usage, key=lambda k: usage[k]) if usage else None,
+        "mean_batch_size": worker.get("mean_batch_size"),
+        "batches": worker.get("batches"),
+        "worker_call_mean_ms": inference.get("mean_ms"),
+        "chunks_per_message": srv.get("chunks_per_message"),
+        "messages_per_s": round(srv.get("messages_published", 0) / r["wall_s"], 1)
+        if r["wall_s"] else None,
+        "stage_means_ms": {k: v["mean_ms"] for k, v in srv.get("stages", {}).items()},
+        "load_average_1m_before": round(load_before, 2),
+    }
+
+
+def worker_args(mode: tuple[str, int, float], args: argparse.Namespace) -> list[str]:
+    _, batch, wait = mode
+    out = ["--max-batch", str(batch), "--max-wait-ms", str(wait), "--device", args.device,
+           "--log-level", "warning"]
+    if args.model_dir is not None:
+        out += ["--model-dir", str(args.model_dir)]
+    return out
+
+
+async def sweep(args: argparse.Namespace, mode: tuple[str, int, float]) -> dict[str, Any]:
+    name, batch, wait = mode
+    rabbit = c.find_pid("beam.smp")
+    trials: dict[int, dict[str, Any]] = {}
+    async with c.stack(["denoise"], broker=args.broker, worker_args=worker_args(mode, args)
+                       ) as st:
+        assert st.worker is not None
+        cpus = {int(x) for x in args.worker_cpus.split(",") if x.strip()}
+        pinned = pin(st.worker.pid, cpus) if cpus else sorted(os.sched_getaffinity(st.worker.pid))
+        pids = {"client": os.getpid(), "gateway": st.gateway.pid, "worker": st.worker.pid}
+        if rabbit:
+            pids["rabbitmq"] = rabbit
+        c.log(f"[denoise_capacity] {name}: warm-up (loads the model)")
+        warm = await trial(st, 2, 2.0, pids, args)
+        if warm["dropped"] and set(warm["drops_by_reason"]) <= {"model_error",
+                                                                "processing_failed"}:
+            raise RuntimeError(f"denoise fails: {warm['drops_by_reason']} "
+                               "(models prepared? `audiostream models prepare`)")
+        if cpus:
+            pinned = pin(st.worker.pid, cpus)  # threads started by the model load
+
+        async def run(n: int) -> dict[str, Any]:
+            c.log(f"[denoise_capacity] {name}: {n} sessions")
+            t = await trial(st, n, args.duration, pids, args)
+            t.update(mode=name, max_batch=batch, max_wait_ms=wait)
+            trials[n] = t
+            c.emit(t, args.out)
+            return t
+
+        best, worst = 0, None
+        n = args.start
+        while n <= args.max:
+            if not (await run(n))["pass"]:
+                worst = n
+                break
+            best = n
+            n += args.step
+        while worst is not None and worst - best > args.resolution:
+            n = (best + worst) // 2
+            if (await run(n))["pass"]:
+                best = n
+            else:
+                worst = n
+        profile = None
+        if args.profile and best:
+            c.log(f"[denoise_capacity] {name}: profiling the worker at {best} sessions")
+            with tempfile.TemporaryDirectory() as tmp:
+                raw = Path(tmp) / "worker.txt"
+                t = await trial(st, best, args.duration, pids, args, profile_to=raw)
+                t.update(mode=name, profiled=True)
+                c.emit(t, args.out)
+                profile = summarize_profile(raw) if raw.exists() else {"error": "no output"}
+    at_best = trials.get(best, {})
+    return {
+        "bench": "denoise_capacity", "mode": name, "max_batch": batch, "max_wait_ms": wait,
+        "device": args.device, "variant": args.variant or "default",
+        "worker_cpus": pinned, "max_sessions": best, "first_failing": worst,
+        "criterion": f"p99 < {P99_LIMIT_MS:g} ms, no drops", "resolution": args.resolution,
+        "at_max": {k: at_best.get(k) for k in (
+            "latency_ms", "cpu_cores", "worker_cpu_percent", "sessions_per_worker_core",
+            "worker_cpu_ms_per_session_second", "mean_batch_size", "worker_call_mean_ms",
+            "chunks_per_message", "busiest")},
+        "first_failing_trial": {k: trials[worst].get(k) for k in (
+            "latency_ms", "dropped", "cpu_cores", "busiest", "mean_batch_size")}
+        if worst is not None else None,
+        "worker_profile": profile,
+    }
+
+
+# --- where the worker's time goes ---------------------------------------------------------------
+
+#: (category, substrings of a frame) in priority order: a sample counts for the first
+#: category that any frame of its stack matches (ONNX Runtime is called from nsnet2.py,
+#: which is called from step.py, which the worker runtime calls).
+CATEGORIES = [
+    ("onnxruntime (NSNet2 GRU/FC)", ("onnxruntime_inference_collection",)),
+    ("nsnet2 numpy (STFT, framing, overlap-add, state)", ("models/nsnet2.py",)),
+    ("audio decode/encode", ("audiostream/audio.py",)),
+    ("envelope msgpack", ("audiostream/envelope.py", "msgpack")),
+    ("step / batch bookkeeping", ("worker/step.py", "worker/batcher.py")),
+    ("AMQP client (aio-pika, aiormq, pamqp)", ("aio_pika", "aiormq", "pamqp")),
+    ("prometheus", ("prometheus_client",)),
+    ("worker runtime (consume, settle, ack)", ("worker/runtime.py",)),
+    ("executor hand-off (concurrent.futures)", ("concurrent/futures",)),
+    ("event loop (uvloop C code and callbacks)", ("asyncio", "uvloop")),
+]
+
+
+def summarize_profile(raw: Path) -> dict[str, Any]:
+    """Shares of active samples (py-spy omits idle threads) per category, plus top leaves."""
+    cats: Counter[str] = Counter()
+    leaf: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")[1:]  # the first element names the thread
+        leaf[frames[-1] if frames else "?"] += n
+        hit = next((name for name, keys in CATEGORIES
+                    if any(k in f for f in frames for k in keys)), "other")
+        cats[hit] += n
+    if not total:
+        return {"samples": 0}
+    return {
+        "samples": total,
+        "share_by_category": {k: round(v / total, 3) for k, v in cats.most_common()},
+        "top_functions": [[k, round(v / total, 3)] for k, v in leaf.most_common(12)],
+    }
+
+
+def engine_reference(results: list[dict[str, Any]], args: argparse.Namespace
+                     ) -> list[dict[str, Any]]:
+    """The bare engine (bench_models.throughput) at the batch size / message length seen."""
+    import bench_models
+
+    from audiostream.models import nsnet2, runtime
+
+    out = []
+    engine = nsnet2.denoiser(16000, args.variant or "fp32", model_dir=args.model_dir,
+                             options=runtime.RuntimeOptions(intra_op_threads=1))
+    for r in results:
+        at = r.get("at_max") or {}
+        batch = max(1, round(at.get("mean_batch_size") or 1))
+        chunk_ms = 20 * max(1, round(at.get("chunks_per_message") or 1))
+        t = bench_models.throughput(engine, batch, chunk_ms, 2.0)
+        out.append({"bench": "denoise_capacity", "engine_only": True, "mode": r["mode"],
+                    **t})
+    return out
+
+
+async def main(args: argparse.Namespace) -> int:
+    modes = []
+    for spec in args.modes.split(","):
+        name, batch, wait = spec.split(":")
+        modes.append((name, int(batch), float(wait)))
+    c.emit({"bench": "denoise_capacity", "machine": c.machine(), "duration_s": args.duration,
+            "chunk_ms": 20, "sample_rate": 16000, "device": args.device,
+            "worker_cpus": args.worker_cpus, "intra_op_threads": 1,
+            "load_average": os.getloadavg()}, args.out)
+    results = []
+    for mode in modes:
+        try:
+            res = await sweep(args, mode)
+        except RuntimeError as exc:
+            res = {"bench": "denoise_capacity", "mode": mode[0], "unavailable": str(exc)}
+        results.append(res)
+        c.emit(res, args.out)
+    if args.engine:
+        for row in engine_reference([r for r in results if "at_max" in r], args):
+            c.emit(row, args.out)
+    return 0
+
+
+def cli() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--broker", default=c.BROKER)
+    ap.add_argument("--modes", default="batched:64:2,batched_wait10:64:10,unbatched:1:0",
+                    help="name:max_batch:max_wait_ms, comma separated")
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument("--variant", choices=("fp32", "int8", "fp16"), default=None,
+                    help="ask for this NSNet2 variant in the pipeline (default: the worker's)")
+    ap.add_argument("--model-dir", type=Path, default=None)
+    ap.add_argument("--worker-cpus", default="1",
+                    help="CPUs to pin the worker to, e.g. 1 or 2,3 ('' = no pinning)")
+    ap.add_argument("--start", type=int, default=5)
+    ap.add_argument("--step", type=int, default=5)
+    ap.add_argument("--max", type=int, default=400)
+    ap.add_argument("--resolution", type=int, default=2)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per trial")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy the worker at the largest passing count (needs py-spy)")
+    ap.add_argument("--engine", action="store_true",
+                    help="also measure the bare engine at the batch sizes the pipeline made")
+    ap.add_argument("--out", type=Path, default=None, help="also append JSON lines here")
+    args = ap.parse_args()
+    args.py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if args.profile:
+        subprocess.run([args.py_spy, "--version"], check=True, capture_output=True)
+    c.use_uvloop()
+    c.raise_nofile()
+    return asyncio.run(main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
