@@ -92,7 +92,7 @@ url
 {{- define "audiostream.deadLetterQueue" -}}{{ .Values.topology.prefix }}.dead{{- end -}}
 {{/* Topology.delivery_limit, reply_expires_ms and dead_letter_max_length defaults. */}}
 {{- define "audiostream.deliveryLimit" -}}3{{- end -}}
-{{- define "audiostream.replyExpiresMs" -}}30000{{- end -}}
+{{- define "audiostream.replyExpiresMs" -}}60000{{- end -}}
 {{- define "audiostream.deadLetterMaxLength" -}}10000{{- end -}}
 
 {{/* Environment shared by gateways and workers. */}}
