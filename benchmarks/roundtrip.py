@@ -112,7 +112,8 @@ async def measure_amqp(broker: str, prefix: str, sessions: int, duration: float,
                     if coalesce and in_flight[s] == m:
                         in_flight[s] = None
                         flush(s)
-                await msg.ack()
+                with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError):
+                    await msg.ack()  # the channel may be closing at the end of a run
                 if not sending and not sent_at and not any(pending):
                     all_back.set()
 

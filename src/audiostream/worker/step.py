@@ -44,36 +44,32 @@ class BatchReport:
     """Inputs given to the processing call (expired ones are not processed)."""
 
 
-def failure_reply(env: WorkEnvelope, err: AudioStreamError) -> Reply:
+def _no_audio_reply(
+    env: WorkEnvelope, status: ReplyStatus, code: ErrorCode, message: str
+) -> Reply:
+    """A reply without audio; it keeps the state the message came with."""
     return Reply(
         session_id=env.session_id,
         msg_id=env.msg_id,
         seq=env.seq,
-        status=ReplyStatus.FAILED,
+        status=status,
         chunk_frames=env.chunk_frames,
         format=env.output_format,
         state=env.state,
         timings=env.timings,
-        error_code=int(err.code),
-        error_message=err.message,
+        error_code=int(code),
+        error_message=message,
         error_step=env.step.name,
     )
+
+
+def failure_reply(env: WorkEnvelope, err: AudioStreamError) -> Reply:
+    return _no_audio_reply(env, ReplyStatus.FAILED, err.code, err.message)
 
 
 def expired_reply(env: WorkEnvelope) -> Reply:
-    return Reply(
-        session_id=env.session_id,
-        msg_id=env.msg_id,
-        seq=env.seq,
-        status=ReplyStatus.EXPIRED,
-        chunk_frames=env.chunk_frames,
-        format=env.output_format,
-        state=env.state,
-        timings=env.timings,
-        error_code=int(ErrorCode.EXPIRED),
-        error_message=f"deadline passed before step {env.step.name!r} could run",
-        error_step=env.step.name,
-    )
+    return _no_audio_reply(env, ReplyStatus.EXPIRED, ErrorCode.EXPIRED,
+                           f"deadline passed before step {env.step.name!r} could run")
 
 
 def _call(fn: BatchFn, inputs: Sequence[StepInput]) -> list[StepOutput | AudioStreamError]:
