@@ -191,6 +191,17 @@ class AudioStreamClient:
         self._event_cbs.append(callback)
         return callback
 
+    def stream_sync(
+        self,
+        source: str | Path | npt.NDArray[Any] | Iterable[bytes],
+        *,
+        chunk_ms: float = 20.0,
+        rate: float | None = 1.0,
+        progress: ProgressCallback | None = None,
+    ) -> StreamResult:
+        """Blocking ``stream`` for code without an event loop (runs one of its own)."""
+        return asyncio.run(self.stream(source, chunk_ms=chunk_ms, rate=rate, progress=progress))
+
     def on_error(self, callback: ErrorCallback) -> ErrorCallback:
         """Typed error events (``ServerError`` with an ``ErrorCode``) as they arrive."""
         self._error_cbs.append(callback)

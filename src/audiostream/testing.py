@@ -8,13 +8,16 @@ RabbitMQ. Tests use it too, so they exercise the product, not a double.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -125,3 +128,47 @@ async def eventually(
         if value or loop.time() >= deadline:
             return bool(value)
         await asyncio.sleep(interval)
+
+
+class ThreadedServer:
+    """``embedded_server`` on an event loop in a thread of its own, for synchronous code
+    (a sync SDK call, a hypothesis test). ``run`` executes a coroutine on that loop."""
+
+    def __init__(self, **server_kwargs: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self._stop: asyncio.Event | None = None
+        ready: concurrent.futures.Future[Embedded] = concurrent.futures.Future()
+        self._done = asyncio.run_coroutine_threadsafe(self._serve(ready, server_kwargs),
+                                                      self.loop)
+        self.server = ready.result(timeout=60)
+
+    async def _serve(
+        self, ready: concurrent.futures.Future[Embedded], kwargs: dict[str, Any]
+    ) -> None:
+        self._stop = asyncio.Event()
+        try:
+            async with embedded_server(**kwargs) as srv:
+                ready.set_result(srv)
+                await self._stop.wait()
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+            raise
+
+    def run(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._done.result(timeout=60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    def __enter__(self) -> ThreadedServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

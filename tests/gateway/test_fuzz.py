@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -21,49 +20,18 @@ from audiostream.audio import AudioFormat, Encoding
 from audiostream.client import AudioStreamClient, StreamResult
 from audiostream.gateway import GatewaySettings
 from audiostream.protocol import start_json
-from audiostream.testing import Embedded, embedded_server
+from audiostream.testing import ThreadedServer
 
 pytestmark = pytest.mark.integration
 
 FMT = AudioFormat(Encoding.PCM_S16LE, 16000, 1)
 
 
-class LiveServer:
-    """A gateway + worker on an event loop of its own thread, for sync hypothesis tests."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self._stop: asyncio.Event | None = None
-        ready: Future[Embedded] = Future()
-        self._done = asyncio.run_coroutine_threadsafe(self._serve(ready), self.loop)
-        self.server = ready.result(timeout=30)
-
-    async def _serve(self, ready: Future[Embedded]) -> None:
-        self._stop = asyncio.Event()
-        settings = GatewaySettings(chunk_rate=200, chunk_burst=20, auth_timeout_s=2)
-        async with embedded_server(processing=("passthrough", "gain"),
-                                   gateway_settings=settings) as srv:
-            ready.set_result(srv)
-            await self._stop.wait()
-
-    def run(self, coro: Any, timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        assert self._stop is not None
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self._done.result(timeout=30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
-def live() -> Iterator[LiveServer]:
-    server = LiveServer()
-    yield server
-    server.close()
+def live() -> Iterator[ThreadedServer]:
+    settings = GatewaySettings(chunk_rate=200, chunk_burst=20, auth_timeout_s=2)
+    with ThreadedServer(processing=("passthrough", "gain"), gateway_settings=settings) as srv:
+        yield srv
 
 
 def text_frames(key: str) -> st.SearchStrategy[str]:
@@ -109,7 +77,7 @@ async def poke(url: str, frames: list[tuple[str, Any]]) -> None:
                 break
 
 
-def test_fuzzing_never_hurts_the_gateway_or_other_sessions(live: LiveServer) -> None:
+def test_fuzzing_never_hurts_the_gateway_or_other_sessions(live: ThreadedServer) -> None:
     srv = live.server
     x = (np.random.default_rng(5).standard_normal(16000 * 4) * 3000).astype(np.int16)
 
