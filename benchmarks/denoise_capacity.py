@@ -1,25 +1,31 @@
 """NSNet2 real-time sessions per worker core through the whole pipeline, batched vs unbatched.
 
 client (this process) -> ``audiostream gateway`` -> RabbitMQ -> one ``audiostream worker
---processing denoise`` process -> RabbitMQ -> gateway -> client, 16 kHz mono in 20 ms
-chunks streamed in real time (``audiostream.bench``). The worker is pinned to
+--processing denoise,passthrough`` process -> RabbitMQ -> gateway -> client, 16 kHz mono
+in 20 ms chunks streamed in real time (``audiostream.bench``). The worker is pinned to
 ``--worker-cpus`` (all of its threads, re-applied after the model loads); ONNX Runtime
-runs with one intra-op thread (the worker default). For each batching mode
-(``--modes``, default: the worker's dynamic batcher at ``--max-wait-ms`` 2 and 10, and
-``--max-batch 1``) the session count grows by ``--step`` until a trial fails (p99 >= 100
-ms, a drop, an error), then is bisected. Every trial reports CPU per process (cores,
-1.0 = one core busy), the worker's batch sizes and call times (from its ``/metrics``),
-and ``sessions_per_worker_core`` = sessions / worker CPU: what one fully used worker core
-would carry at that per-session cost. It is only a measured capacity when the worker is
-the process that saturates; the summary says which process was the busiest.
+runs with one intra-op thread (the worker default).
 
-Optional: ``--profile`` records the worker with py-spy during one trial at the largest
-passing session count (``pip install py-spy``) and prints where its CPU time goes;
-``--engine`` measures the bare NSNet2 engine at the batch size and message length the
-pipeline actually produced, for comparison.
+For each batching mode (``--modes``; default: the dynamic batcher with ``--max-wait-ms``
+2 (the worker default) and 10, and ``--max-batch 1``) the session count grows by
+``--step`` until a trial fails (p99 >= 100 ms, a drop, an error; each count gets
+``--attempts`` tries because the machine may be shared), then is bisected. Then, on the
+same worker, a ``passthrough`` control trial at the largest passing count measures
+everything but the model (gateway, broker, the worker's messaging).
+
+Every trial reports CPU per process in cores (1.0 = one core busy), the machine's busy
+cores (everyone's: other load shows up here), the worker's CPU split into its event-loop
+thread and its executor (processing) thread, its batch sizes and call times (from its
+``/metrics``), and ``sessions_per_worker_core`` = sessions / worker CPU: what one fully
+used worker core would carry at that per-session cost. That is a measured capacity only
+if the worker is what saturates; ``busiest`` says which process was.
+
+``--profile`` records the worker with py-spy during one more trial at the largest passing
+count and groups the samples; ``--engine`` measures the bare NSNet2 engine
+(``bench_models.throughput``) at the batch size and message length the pipeline made.
 
     .venv/bin/python benchmarks/denoise_capacity.py --profile --engine
-    # GPU machine (not run here): one worker on the GPU, two CPU cores for its Python side
+    # GPU machine (not run here): the worker on the GPU with two CPU cores for its Python
     .venv/bin/python benchmarks/denoise_capacity.py --device gpu --worker-cpus 2,3 \\
         --start 50 --step 50 --max 2000 --modes batched:256:5,unbatched:1:0
 """
@@ -34,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -59,40 +66,96 @@ def pipeline(variant: str | None) -> tuple[Any, ...]:
     return ({"name": "denoise", "params": {"variant": variant}},)
 
 
-async def trial(st: c.Stack, sessions: int, duration: float, pids: dict[str, int],
-                args: argparse.Namespace, profile_to: Path | None = None) -> dict[str, Any]:
+def _busy_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _task_seconds(pid: int, tid: int) -> float:
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / c.CLK_TCK
+
+
+class Meters:
+    """Machine-wide busy cores (everyone's, not just ours) and the worker's CPU split by
+    thread: the event-loop thread (AMQP, msgpack, batching) vs the executor threads (the
+    processing step: decode, NSNet2, encode)."""
+
+    def __init__(self, worker_pid: int) -> None:
+        self.pid = worker_pid
+
+    def __enter__(self) -> Meters:
+        self.t0 = time.monotonic()
+        self.busy0 = _busy_jiffies()
+        self.threads0 = self._threads()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def _threads(self) -> dict[int, float]:
+        out = {}
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                out[int(task.name)] = _task_seconds(self.pid, int(task.name))
+        return out
+
+    def read(self) -> dict[str, Any]:
+        wall = time.monotonic() - self.t0
+        busy, total = _busy_jiffies()
+        share = (busy - self.busy0[0]) / max(1, total - self.busy0[1])
+        now = self._threads()
+        delta = {tid: (v - self.threads0.get(tid, 0.0)) / wall for tid, v in now.items()}
+        loop = delta.pop(self.pid, 0.0)
+        return {
+            "machine_busy_cores": round(share * (os.cpu_count() or 1), 3),
+            "worker_threads_cores": {"event_loop": round(loop, 3),
+                                     "executor_and_other": round(sum(delta.values()), 3)},
+        }
+
+
+async def trial(st: c.Stack, pipe: tuple[Any, ...], sessions: int, duration: float,
+                pids: dict[str, int], args: argparse.Namespace,
+                profile_to: Path | None = None) -> dict[str, Any]:
     from audiostream.bench import BenchConfig, run_bench
 
+    assert st.worker is not None
     cfg = BenchConfig(url=st.ws_url, api_key=st.key, sessions=sessions, duration_s=duration,
-                      pipeline=pipeline(args.variant), ramp_s=min(3.0, 0.05 * sessions),
+                      pipeline=pipe, ramp_s=min(3.0, 0.05 * sessions),
                       metrics_urls=tuple(u for u in (st.gateway_metrics, st.worker_metrics)
                                          if u))
     spy = None
     if profile_to is not None:
-        assert st.worker is not None
         spy = await asyncio.create_subprocess_exec(
             args.py_spy, "record", "-p", str(st.worker.pid), "-d", str(int(duration)),
             "-r", "200", "-f", "raw", "--nonblocking", "-o", str(profile_to),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     load_before = os.getloadavg()[0]
-    with c.CpuMeter(pids) as cpu:
+    with c.CpuMeter(pids) as cpu, Meters(st.worker.pid) as meters:
         r = await run_bench(cfg)
         usage = cpu.read()
+        machine = meters.read()
     if spy is not None:
         await spy.wait()
     rt = r["round_trip_ms"]
     srv = r["server"] or {}
-    worker = (srv.get("workers") or {}).get("denoise") or {}
+    name = pipe[0] if isinstance(pipe[0], str) else pipe[0]["name"]
+    worker = (srv.get("workers") or {}).get(name) or {}
     ok = (rt["p99"] < P99_LIMIT_MS and r["chunks"]["dropped"] == 0 and not r["errors_by_code"]
           and r["sessions"]["completed"] == sessions)
     wcpu = usage.get("worker", 0.0)
     inference = worker.get("inference") or {}
+    ours = sum(usage.values())
     return {
-        "bench": "denoise_capacity", "sessions": sessions, "pass": ok,
+        "bench": "denoise_capacity", "processing": name, "sessions": sessions, "pass": ok,
         "latency_ms": {k: rt[k] for k in ("p50", "p90", "p99", "max")},
         "dropped": r["chunks"]["dropped"], "drops_by_reason": r["drops_by_reason"],
         "errors": r["errors_by_code"],
         "cpu_cores": usage,
+        **machine,
+        "other_processes_cores": round(max(0.0, machine["machine_busy_cores"] - ours), 3),
         "worker_cpu_percent": round(100 * wcpu, 1),
         "worker_cpu_ms_per_session_second": round(1000 * wcpu / sessions, 2),
         "sessions_per_worker_core": round(sessions / wcpu, 1) if wcpu > 0 else None,
@@ -117,12 +180,24 @@ def worker_args(mode: tuple[str, int, float], args: argparse.Namespace) -> list[
     return out
 
 
+AT_MAX_KEYS = (
+    "latency_ms", "cpu_cores", "machine_busy_cores", "other_processes_cores",
+    "worker_threads_cores", "worker_cpu_percent", "sessions_per_worker_core",
+    "worker_cpu_ms_per_session_second", "mean_batch_size", "worker_call_mean_ms",
+    "chunks_per_message", "messages_per_s", "busiest",
+)
+
+
 async def sweep(args: argparse.Namespace, mode: tuple[str, int, float]) -> dict[str, Any]:
+    """Largest passing session count for one batching mode, then a passthrough control
+    trial at that count on the same worker (its CPU is the cost of everything but the
+    model), and optionally a py-spy profile."""
     name, batch, wait = mode
     rabbit = c.find_pid("beam.smp")
     trials: dict[int, dict[str, Any]] = {}
-    async with c.stack(["denoise"], broker=args.broker, worker_args=worker_args(mode, args)
-                       ) as st:
+    denoise = pipeline(args.variant)
+    async with c.stack(["denoise", "passthrough"], broker=args.broker,
+                       worker_args=worker_args(mode, args)) as st:
         assert st.worker is not None
         cpus = {int(x) for x in args.worker_cpus.split(",") if x.strip()}
         pinned = pin(st.worker.pid, cpus) if cpus else sorted(os.sched_getaffinity(st.worker.pid))
@@ -130,21 +205,31 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float]) -> dict[
         if rabbit:
             pids["rabbitmq"] = rabbit
         c.log(f"[denoise_capacity] {name}: warm-up (loads the model)")
-        warm = await trial(st, 2, 2.0, pids, args)
+        warm = await trial(st, denoise, 2, 2.0, pids, args)
         if warm["dropped"] and set(warm["drops_by_reason"]) <= {"model_error",
                                                                 "processing_failed"}:
             raise RuntimeError(f"denoise fails: {warm['drops_by_reason']} "
                                "(models prepared? `audiostream models prepare`)")
+        await trial(st, ("passthrough",), 2, 1.0, pids, args)
         if cpus:
-            pinned = pin(st.worker.pid, cpus)  # threads started by the model load
+            pinned = pin(st.worker.pid, cpus)  # threads started since
 
         async def run(n: int) -> dict[str, Any]:
-            c.log(f"[denoise_capacity] {name}: {n} sessions")
-            t = await trial(st, n, args.duration, pids, args)
-            t.update(mode=name, max_batch=batch, max_wait_ms=wait)
-            trials[n] = t
-            c.emit(t, args.out)
-            return t
+            best_try: dict[str, Any] | None = None
+            for attempt in range(1, args.attempts + 1):
+                c.log(f"[denoise_capacity] {name}: {n} sessions (attempt {attempt})")
+                t = await trial(st, denoise, n, args.duration, pids, args)
+                t.update(mode=name, max_batch=batch, max_wait_ms=wait, attempt=attempt)
+                c.emit(t, args.out)
+                if best_try is None or t["pass"] or (
+                        not best_try["pass"]
+                        and t["latency_ms"]["p99"] < best_try["latency_ms"]["p99"]):
+                    best_try = t
+                if t["pass"]:
+                    break
+            assert best_try is not None
+            trials[n] = best_try
+            return best_try
 
         best, worst = 0, None
         n = args.start
@@ -160,12 +245,17 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float]) -> dict[
                 best = n
             else:
                 worst = n
+        at = best or args.start
+        c.log(f"[denoise_capacity] {name}: passthrough control at {at} sessions")
+        ctl = await trial(st, ("passthrough",), at, args.duration, pids, args)
+        ctl.update(mode=name, control=True)
+        c.emit(ctl, args.out)
         profile = None
         if args.profile and best:
             c.log(f"[denoise_capacity] {name}: profiling the worker at {best} sessions")
             with tempfile.TemporaryDirectory() as tmp:
                 raw = Path(tmp) / "worker.txt"
-                t = await trial(st, best, args.duration, pids, args, profile_to=raw)
+                t = await trial(st, denoise, best, args.duration, pids, args, profile_to=raw)
                 t.update(mode=name, profiled=True)
                 c.emit(t, args.out)
                 profile = summarize_profile(raw) if raw.exists() else {"error": "no output"}
@@ -174,14 +264,13 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float]) -> dict[
         "bench": "denoise_capacity", "mode": name, "max_batch": batch, "max_wait_ms": wait,
         "device": args.device, "variant": args.variant or "default",
         "worker_cpus": pinned, "max_sessions": best, "first_failing": worst,
-        "criterion": f"p99 < {P99_LIMIT_MS:g} ms, no drops", "resolution": args.resolution,
-        "at_max": {k: at_best.get(k) for k in (
-            "latency_ms", "cpu_cores", "worker_cpu_percent", "sessions_per_worker_core",
-            "worker_cpu_ms_per_session_second", "mean_batch_size", "worker_call_mean_ms",
-            "chunks_per_message", "busiest")},
+        "criterion": f"p99 < {P99_LIMIT_MS:g} ms, no drops, best of {args.attempts} attempt(s)",
+        "resolution": args.resolution,
+        "at_max": {k: at_best.get(k) for k in AT_MAX_KEYS},
         "first_failing_trial": {k: trials[worst].get(k) for k in (
-            "latency_ms", "dropped", "cpu_cores", "busiest", "mean_batch_size")}
-        if worst is not None else None,
+            "latency_ms", "dropped", "cpu_cores", "machine_busy_cores", "other_processes_cores",
+            "busiest", "mean_batch_size")} if worst is not None else None,
+        "passthrough_control": {k: ctl.get(k) for k in ("sessions", *AT_MAX_KEYS)},
         "worker_profile": profile,
     }
 
@@ -289,6 +378,8 @@ def cli() -> int:
     ap.add_argument("--max", type=int, default=400)
     ap.add_argument("--resolution", type=int, default=2)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per trial")
+    ap.add_argument("--attempts", type=int, default=2,
+                    help="tries per session count; it passes if one does (shared machines)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy the worker at the largest passing count (needs py-spy)")
     ap.add_argument("--engine", action="store_true",

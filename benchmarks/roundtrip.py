@@ -174,13 +174,14 @@ async def measure_amqp(broker: str, prefix: str, sessions: int, duration: float,
         await echo.stop()
         with contextlib.suppress(Exception):
             await replies.close()
-        for rq in reply_queues:
+        # A fresh channel per delete: an earlier error may have closed the others.
+        names = [rq.name for rq in reply_queues] + [work]
+        for action, name in [("queue_delete", n) for n in names] + [
+                ("exchange_delete", exchange_name)]:
             with contextlib.suppress(Exception):
-                await rq.delete(if_unused=False, if_empty=False)
-        with contextlib.suppress(Exception):
-            await setup.queue_delete(work)
-        with contextlib.suppress(Exception):
-            await setup.exchange_delete(exchange_name)
+                ch = await conn.channel()
+                await getattr(ch, action)(name)
+                await ch.close()
         await conn.close()
     chunks = len(latencies) + lost
     return {"latency_ms": c.percentiles(latencies), "lost": lost, "messages": messages,

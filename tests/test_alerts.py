@@ -108,6 +108,16 @@ def test_exported_names_cover_the_issue_list() -> None:
 # --- helpers --------------------------------------------------------------------------------
 
 
+def promql() -> Any:
+    """The PromQL parser (PyPI ``promql-parser``, a binding of the Rust parser; offline)."""
+    try:
+        import promql_parser
+    except ImportError:
+        pytest.fail("promql-parser is needed to parse alert and dashboard queries: it belongs "
+                    "in the dev extras (pip install promql-parser)")
+    return promql_parser
+
+
 def strip_strings(expr: str) -> str:
     return re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
 
@@ -136,8 +146,7 @@ def superficial_problems(expr: str) -> list[str]:
 
 
 def selectors(node: Any) -> list[Any]:
-    import promql_parser
-
+    promql_parser = promql()
     found: list[Any] = []
 
     def visit(n: Any) -> None:
@@ -150,8 +159,7 @@ def selectors(node: Any) -> list[Any]:
 
 def output_labels(node: Any) -> set[str] | None:
     """Labels an expression keeps; None means "whatever the series had"."""
-    import promql_parser as pp
-
+    pp = promql()
     if isinstance(node, pp.AggregateExpr):
         if node.modifier is None:
             return set()
@@ -174,8 +182,7 @@ def output_labels(node: Any) -> set[str] | None:
 
 def selector_problems(expr: str) -> list[str]:
     """Full parse; every selector names an exported series with labels it has."""
-    import promql_parser
-
+    promql_parser = promql()
     problems = []
     try:
         tree = promql_parser.parse(expr)
@@ -247,10 +254,8 @@ def test_rule_is_complete_and_refers_to_exported_metrics(rule: dict[str, Any] | 
 
 @pytest.mark.parametrize("rule", list(rule_ids()))
 def test_annotation_labels_survive_the_expression(rule: dict[str, Any] | None) -> None:
-    import promql_parser
-
     assert rule is not None, "alerts.yaml could not be read"
-    kept = output_labels(promql_parser.parse(rule["expr"]))
+    kept = output_labels(promql().parse(rule["expr"]))
     text = " ".join(str(v) for v in rule.get("annotations", {}).values())
     for label in re.findall(r"\$labels\.([a-zA-Z_][a-zA-Z0-9_]*)", text):
         assert kept is None or label in kept, f"$labels.{label} is aggregated away"

@@ -218,3 +218,20 @@ def test_client_core_rejects_out_of_order_notice() -> None:
     c.next_seq()
     with pytest.raises(Exception, match="expected 0"):
         c.receive_text('{"type":"notice","seq":1,"code":4030,"reason":"expired","message":""}')
+
+
+def test_latency_memory_is_bounded_for_long_sessions() -> None:
+    from audiostream.protocol import LATENCY_WINDOW
+
+    clock = Clock()
+    p = started(clock)
+    total = 2 * LATENCY_WINDOW + 500
+    for seq in range(total):
+        p.receive_bytes(b"\x00\x00")
+        clock.now += 0.001 if seq < total - LATENCY_WINDOW else 0.002
+        p.deliver_audio(seq, b"a")
+        p.data_to_send()
+    assert p.measured == total
+    assert LATENCY_WINDOW <= len(p.latencies_ms) <= 2 * LATENCY_WINDOW
+    # The summary reflects the recent chunks (2 ms), not the early ones (1 ms).
+    assert p.summary()["latency_ms"]["p99"] == pytest.approx(2.0)

@@ -27,6 +27,9 @@ MAX_CHUNK_MS = 1000
 MIN_DEADLINE_MS = 20
 MAX_DEADLINE_MS = 30_000
 MAX_PIPELINE_STEPS = 8
+#: The summary's latency percentiles cover at least this many of the most recent chunks
+#: (bounded memory for sessions that last hours).
+LATENCY_WINDOW = 10_000
 
 
 class State(Enum):
@@ -303,6 +306,9 @@ class ServerProtocol:
         self.chunks_out = 0
         self.dropped: dict[str, int] = {}
         self.latencies_ms: list[float] = []
+        """Recent per-chunk latencies (at most ``LATENCY_WINDOW``) for the summary."""
+        self.measured = 0
+        """Latencies measured so far in total (the list keeps only the recent ones)."""
         self.close_code: int | None = None
         self.rate_limited = 0
         self._bucket = (
@@ -548,6 +554,9 @@ class ServerProtocol:
                 received = self._received_at.get(seq)
                 if received is not None:
                     self.latencies_ms.append((self._clock() - received) * 1000)
+                    self.measured += 1
+                    if len(self.latencies_ms) > 2 * LATENCY_WINDOW:
+                        del self.latencies_ms[:LATENCY_WINDOW]
             else:
                 assert slot.notice is not None
                 self._send_json(slot.notice)

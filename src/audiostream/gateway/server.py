@@ -138,7 +138,7 @@ class _Connection:
     def on_outcomes(self, outcomes: list[Outcome]) -> None:
         replied = time.monotonic()
         sent_before = self.proto.chunks_out
-        measured_before = len(self.proto.latencies_ms)
+        measured_before = self.proto.measured
         for o in outcomes:
             for ev in o.events:
                 self.proto.deliver_event(o.seq, ev)
@@ -152,7 +152,8 @@ class _Connection:
             # The protocol measured each queued chunk's latency just now, on the same clock
             # (chunks it has no receive time for, e.g. replays, come first and get None).
             now = time.monotonic()
-            lat = self.proto.latencies_ms[measured_before:]
+            fresh = self.proto.measured - measured_before
+            lat = self.proto.latencies_ms[len(self.proto.latencies_ms) - fresh:] if fresh else []
             rx: list[float | None] = [None] * (queued - len(lat))
             rx += [now - ms / 1000 for ms in lat[-queued:]]
             for i, received in enumerate(rx):

@@ -140,7 +140,7 @@ class Worker:
                         f"message for {env.step.name!r} arrived on the {lane.name!r} queue"
                     )
             except AudioStreamError as err:
-                log.error("rejecting undecodable work message: %s", err)
+                log.error("stage=%s: rejecting an undecodable work message: %s", lane.name, err)
                 if self.metrics is not None:
                     self.metrics.errors.labels(processing=lane.name, kind="bad_message").inc()
                 await delivery.reject()
@@ -217,7 +217,8 @@ class Worker:
             try:
                 await item.delivery.ack()
             except TransportError as err:
-                log.warning("ack failed for session=%s seq=%d: %s", env.session_id, env.seq, err)
+                log.warning("session=%s seq=%d stage=%s: ack failed: %s",
+                            env.session_id, env.seq, lane.name, err)
             self.handled += 1
             if self.metrics is not None:
                 self.metrics.messages.labels(processing=lane.name, status=status).inc()

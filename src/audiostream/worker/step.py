@@ -85,7 +85,8 @@ def _call(fn: BatchFn, inputs: Sequence[StepInput]) -> list[StepOutput | AudioSt
         if len(inputs) == 1:
             if isinstance(exc, AudioStreamError):
                 return [exc]
-            log.exception("processing failed")
+            log.exception("session=%s stage=processing: the processor raised",
+                          inputs[0].session_id)
             return [ProcessingError(f"{type(exc).__name__}: {exc}")]
     results: list[StepOutput | AudioStreamError] = []
     for item in inputs:
