@@ -20,7 +20,7 @@ from audiostream.protocol import ResumeRequest, State, start_json
 from audiostream.testing import Embedded, eventually
 from audiostream.transport import MemoryBroker
 from audiostream.worker.offline import run_offline
-from tests.gateway.conftest import TLS, ServerFactory, expect_close
+from tests.gateway.conftest import TLS, ServerFactory, TcpProxy, expect_close
 
 pytestmark = pytest.mark.integration
 
@@ -36,46 +36,6 @@ def noise(seed: int, seconds: float) -> np.ndarray:
 
 def chunks(x: np.ndarray) -> list[bytes]:
     return [x[i:i + 320].tobytes() for i in range(0, x.size, 320)]
-
-
-class TcpProxy:
-    """A real TCP hop we can cut, to simulate a network blip between client and gateway."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    def cut(self) -> None:
-        for w in list(self._writers):
-            w.transport.abort()
-        self._writers.clear()
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
 
 
 @pytest.fixture
