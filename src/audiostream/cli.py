@@ -116,6 +116,9 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
                    "(default 120; 0 disables)")
     p.add_argument("--chunk-burst", type=float, default=60.0,
                    help="chunks a connection may send at once above the rate (default 60)")
+    p.add_argument("--heartbeat-s", type=float, default=30.0,
+                   help="WebSocket ping interval; a missing pong closes the connection "
+                   "(default 30)")
     p.add_argument("--auth-timeout-s", type=float, default=10.0,
                    help="close connections that send no start within this time (default 10)")
     p.add_argument("--idle-timeout-s", type=float, default=60.0,
@@ -179,6 +182,7 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         chunk_burst=args.chunk_burst,
         auth_timeout_s=args.auth_timeout_s,
         idle_timeout_s=args.idle_timeout_s,
+        heartbeat_s=args.heartbeat_s,
     )
 
 

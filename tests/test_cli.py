@@ -1,0 +1,87 @@
+"""The command line: keys, offline, topology, help, and refusing an exposed plain ws://."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from audiostream.cli import build_parser, main
+from audiostream.gateway import KeyStore
+from audiostream.testing import sample_wav
+from audiostream.topology import Topology
+from tests.conftest import delete_prefixed, unique_prefix
+
+COMMANDS = ["serve", "gateway", "worker", "stream", "offline", "healthcheck", "keys",
+            "topology", "models", "bench"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([command, "--help"])
+    assert info.value.code == 0
+    assert "usage: audiostream " + command in capsys.readouterr().out
+
+
+def test_keys_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = tmp_path / "keys.json"
+    assert main(["keys", "create", "acme", "--keys-file", str(keys), "--max-sessions", "3",
+                 "--pipelines", "gain,highpass"]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]  # the key is the last line
+    assert key.startswith("as_") and key.split("_")[2] not in keys.read_text()
+    record = KeyStore(keys).verify(key)
+    assert record.max_sessions == 3 and record.pipelines == ("gain", "highpass")
+    assert main(["keys", "list", "--keys-file", str(keys)]) == 0
+    listed = capsys.readouterr().out
+    assert "acme" in listed and "active" in listed and key not in listed
+    assert main(["keys", "revoke", "acme", "--keys-file", str(keys)]) == 0
+    assert main(["keys", "list", "--keys-file", str(keys)]) == 0
+    assert "revoked" in capsys.readouterr().out
+
+
+def test_offline_highpass_writes_a_filtered_file(tmp_path: Path) -> None:
+    out = tmp_path / "out.wav"
+    assert main(["offline", str(sample_wav()), str(out), "--pipeline", "highpass"]) == 0
+    x, rate = soundfile.read(sample_wav(), dtype="int16")
+    y, rate_out = soundfile.read(out, dtype="int16")
+    assert rate == rate_out and y.shape == x.shape
+    assert not np.array_equal(x, y)
+
+
+def test_offline_reports_a_bad_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    assert main(["offline", str(sample_wav()), str(tmp_path / "o.wav"),
+                 "--pipeline", "teleport"]) == 2
+    assert "UNKNOWN_STEP" in capsys.readouterr().err
+
+
+def test_plain_ws_on_a_public_address_is_refused_without_behind_proxy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": []}))
+    code = main(["gateway", "--broker", "amqp://127.0.0.1:1/", "--host", "0.0.0.0",
+                 "--keys-file", str(keys)])
+    assert code == 2 and "--behind-proxy" in capsys.readouterr().err
+
+
+@pytest.mark.rabbitmq
+def test_topology_declare_is_idempotent(rabbitmq_url: str) -> None:
+    prefix = unique_prefix()
+    for _ in range(2):
+        run = subprocess.run(
+            [sys.executable, "-m", "audiostream", "topology", "declare", "--broker", rabbitmq_url,
+             "--prefix", prefix], capture_output=True, text=True, timeout=60, check=False)
+        assert run.returncode == 0, run.stderr
+        assert "declared" in run.stdout
+    import asyncio
+
+    from audiostream.processors import registry
+    asyncio.run(delete_prefixed(rabbitmq_url, Topology(
+        processing_types=tuple(registry.names()), prefix=prefix)))
