@@ -45,6 +45,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
@@ -275,6 +277,136 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float]) -> dict[
     }
 
 
+# --- the worker's own ceiling (no gateway) ----------------------------------------------------
+
+
+def _work_messages(args: argparse.Namespace, processing: str, sessions: int, reply_to: str
+                   ) -> list[bytes]:
+    """One encoded 20 ms work message per session, as the gateway makes them. For denoise
+    each carries a steady-state NSNet2 state (from 1 s of audio), so the worker does the
+    real per-message work (two 10 ms frames, state in and out)."""
+    from audiostream.audio import AudioFormat, Encoding
+    from audiostream.bench import synthetic_audio
+    from audiostream.envelope import Step, WorkEnvelope, encode_work, state_key
+    from audiostream.models import nsnet2
+
+    fmt = AudioFormat(Encoding.PCM_S16LE, 16000, 1)
+    step = Step(processing, {"variant": args.variant} if args.variant and
+                processing == "denoise" else {})
+    warm = synthetic_audio(0, 1.0, 16000).astype(np.float32)[:, None] / 32768
+    state: dict[str, bytes] = {}
+    if processing == "denoise":
+        engine = nsnet2.denoiser(16000, args.variant or "fp32", model_dir=args.model_dir)
+        ((_, raw),) = engine.process([(warm, None)])
+        state = {state_key(0, step): raw}
+    out = []
+    for i in range(sessions):
+        pcm = synthetic_audio(i, 0.02, 16000).tobytes()
+        out.append(encode_work(WorkEnvelope(
+            session_id=f"ceiling{i}", msg_id=0, seq=0, chunk_frames=(320,),
+            received_at=time.time(), deadline=time.time() + 3600, format=fmt,
+            output_format=fmt, audio=pcm, pipeline=(step,), step_index=0,
+            reply_to=reply_to, state=state)))
+    return out
+
+
+async def ceiling(args: argparse.Namespace, mode: tuple[str, int, float], processing: str
+                  ) -> dict[str, Any]:
+    """Work messages (20 ms each) kept ``inflight`` at a time straight into the work queues,
+    replies read back: the worker's throughput per core of its own when it is never
+    starved. Sessions per worker core = messages/s per worker core / 50."""
+    import uuid
+
+    from audiostream.bench import scrape_all, server_view
+    from audiostream.testing import default_topology
+    from audiostream.transport import open_transport
+
+    name, batch, _ = mode
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    topo = default_topology(prefix=prefix)
+    port = c.free_port()
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    inflight = max(4 * batch, 256)
+    worker = await c.start("worker", c.cli(
+        "worker", "--broker", args.broker, "--prefix", prefix, "--processing",
+        "denoise,passthrough", "--metrics-port", str(port), "--metrics-host", "127.0.0.1",
+        "--prefetch", str(inflight), *worker_args(mode, args)), "consuming")
+    transport = open_transport(args.broker, topo)
+    reply_q = topo.reply_queue("ceiling")
+    try:
+        cpus = {int(x) for x in args.worker_cpus.split(",") if x.strip()}
+        if cpus:
+            pin(worker.pid, cpus)
+        await transport.connect()
+        await transport.declare()
+        await transport.declare_reply_queue(reply_q)
+        bodies = _work_messages(args, processing, inflight, reply_q)
+        done = 0
+        stop_at = time.monotonic() + 3.0
+        tasks: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+
+        async def publish(k: int) -> None:
+            await transport.publish_work(processing, topo.shard_for(f"ceiling{k}"),
+                                         bodies[k], ttl=60.0)
+
+        def send(k: int) -> None:
+            # Publishes overlap (confirms are awaited concurrently, never one by one).
+            task = loop.create_task(publish(k))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        async def on_reply(delivery: Any) -> None:
+            nonlocal done
+            done += 1
+            await delivery.ack()
+            if time.monotonic() < stop_at:
+                send(done % len(bodies))
+
+        sub = await transport.consume_replies(reply_q, on_reply)
+        c.log(f"[denoise_capacity] ceiling {name}/{processing}: warm-up")
+        for k in range(inflight):
+            send(k)
+        await asyncio.sleep(3.0)  # warm-up: the model loads, the loop reaches steady state
+        if cpus:
+            pin(worker.pid, cpus)
+        rabbit = c.find_pid("beam.smp")
+        pids = {"client": os.getpid(), "worker": worker.pid, **({"rabbitmq": rabbit}
+                                                                  if rabbit else {})}
+        stop_at = time.monotonic() + args.duration + 10.0
+        before = await scrape_all([metrics], None)
+        start_done = done
+        c.log(f"[denoise_capacity] ceiling {name}/{processing}: {args.duration:g} s")
+        with c.CpuMeter(pids) as cpu, Meters(worker.pid) as meters:
+            await asyncio.sleep(args.duration)  # measuring a steady flow for this long
+            usage, machine = cpu.read(), meters.read()
+            replies = done - start_done
+        stop_at = 0.0
+        after = await scrape_all([metrics], None)
+        await sub.cancel()
+        for task in list(tasks):
+            task.cancel()
+    finally:
+        with contextlib.suppress(Exception):
+            await transport.delete_reply_queue(reply_q)
+        await transport.close()
+        await worker.stop()
+        await c.delete_prefix(args.broker, prefix)
+    view = server_view(before, after)["workers"].get(processing, {})
+    rate = replies / args.duration
+    wcpu = usage.get("worker", 0.0)
+    per_core = rate / wcpu if wcpu else None
+    return {
+        "bench": "denoise_capacity", "ceiling": True, "mode": name, "max_batch": batch,
+        "processing": processing, "inflight": inflight, "messages_per_s": round(rate, 1),
+        "cpu_cores": usage, **machine,
+        "mean_batch_size": view.get("mean_batch_size"),
+        "worker_call_mean_ms": (view.get("inference") or {}).get("mean_ms"),
+        "messages_per_worker_core_s": round(per_core, 1) if per_core else None,
+        "sessions_per_worker_core_at_20ms": round(per_core / 50, 1) if per_core else None,
+    }
+
+
 # --- where the worker's time goes ---------------------------------------------------------------
 
 #: (category, substrings of a frame) in priority order: a sample counts for the first
@@ -319,23 +451,51 @@ def summarize_profile(raw: Path) -> dict[str, Any]:
     }
 
 
+def step_throughput(args: argparse.Namespace, batch: int, seconds: float) -> float:
+    """Real-time streams per core of the worker's whole step, without AMQP: decode the
+    work messages, ``run_step`` (audio decode, NSNet2, audio encode, state in and out),
+    encode the replies; ``batch`` 20 ms messages per call."""
+    from audiostream.envelope import decode_work, encode_reply
+    from audiostream.processors import ProcessorContext, registry
+    from audiostream.worker.step import run_step
+
+    fn = registry.get("denoise").factory(ProcessorContext(model_dir=args.model_dir))
+    bodies = _work_messages(args, "denoise", batch, "bench")
+
+    def once() -> None:
+        report = run_step(fn, [decode_work(b) for b in bodies])
+        for r in report.results:
+            encode_reply(r)  # type: ignore[arg-type]
+
+    for _ in range(3):
+        once()
+    calls = 0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    while time.perf_counter() - wall0 < seconds:
+        once()
+        calls += 1
+    return round(calls * batch * 0.02 / (time.process_time() - cpu0), 1)
+
+
 def engine_reference(results: list[dict[str, Any]], args: argparse.Namespace
                      ) -> list[dict[str, Any]]:
-    """The bare engine (bench_models.throughput) at the batch size / message length seen."""
+    """Streams per core of the bare engine (``bench_models.throughput``) and of the whole
+    worker step without AMQP, at batch sizes 1, 8, 64 and those the pipeline made."""
     import bench_models
 
     from audiostream.models import nsnet2, runtime
 
-    out = []
     engine = nsnet2.denoiser(16000, args.variant or "fp32", model_dir=args.model_dir,
                              options=runtime.RuntimeOptions(intra_op_threads=1))
-    for r in results:
-        at = r.get("at_max") or {}
-        batch = max(1, round(at.get("mean_batch_size") or 1))
-        chunk_ms = 20 * max(1, round(at.get("chunks_per_message") or 1))
-        t = bench_models.throughput(engine, batch, chunk_ms, 2.0)
-        out.append({"bench": "denoise_capacity", "engine_only": True, "mode": r["mode"],
-                    **t})
+    seen = {max(1, round((r.get("at_max") or {}).get("mean_batch_size") or 1))
+            for r in results}
+    out = []
+    for batch in sorted({1, 8, 64} | seen):
+        t = bench_models.throughput(engine, batch, 20, 2.0)
+        out.append({"bench": "denoise_capacity", "engine_only": True, "batch": batch,
+                    "chunk_ms": 20, "engine_streams_per_core": t["streams_per_core"],
+                    "engine_ms_per_call": t["ms_per_call"],
+                    "step_streams_per_core": step_throughput(args, batch, 2.0)})
     return out
 
 
@@ -349,13 +509,17 @@ async def main(args: argparse.Namespace) -> int:
             "worker_cpus": args.worker_cpus, "intra_op_threads": 1,
             "load_average": os.getloadavg()}, args.out)
     results = []
-    for mode in modes:
+    for mode in modes if args.sweep else []:
         try:
             res = await sweep(args, mode)
         except RuntimeError as exc:
             res = {"bench": "denoise_capacity", "mode": mode[0], "unavailable": str(exc)}
         results.append(res)
         c.emit(res, args.out)
+    if args.ceiling:
+        for mode in modes:
+            for processing in ("denoise", "passthrough"):
+                c.emit(await ceiling(args, mode, processing), args.out)
     if args.engine:
         for row in engine_reference([r for r in results if "at_max" in r], args):
             c.emit(row, args.out)
@@ -384,6 +548,10 @@ def cli() -> int:
                     help="py-spy the worker at the largest passing count (needs py-spy)")
     ap.add_argument("--engine", action="store_true",
                     help="also measure the bare engine at the batch sizes the pipeline made")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also measure the worker alone, fed straight through RabbitMQ")
+    ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the pipeline sweeps (--no-sweep: only --ceiling/--engine)")
     ap.add_argument("--out", type=Path, default=None, help="also append JSON lines here")
     args = ap.parse_args()
     args.py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")

@@ -237,7 +237,7 @@ async def test_worker_killed_mid_batch_another_finishes_the_session(
             survivor = await start_worker(rabbitmq_url, prefix, model_dir)
             reader = asyncio.create_task(read_lines(survivor, survivor_lines))
             stream = asyncio.create_task(
-                client(srv, fmt, ["denoise_traced"]).stream(x, chunk_ms=20, rate=2.0))
+                client(srv, fmt, ["denoise_traced"]).stream(x, chunk_ms=20, rate=1.0))
             assert victim.stdout is not None
             victim_done: list[str] = []
             killed: list[str] | None = None

@@ -83,6 +83,12 @@ class _Denoise(_Lane):
         super().__init__(ctx)
         self.default = _default_variant(ctx)
 
+    def warmup(self) -> None:
+        """Load the default model now, so start-up logs the providers really in use."""
+        engine = nsnet2.denoiser(16000, self.default, model_dir=self.ctx.model_dir,
+                                 options=self.options)
+        self._note(engine.model.providers)
+
     def __call__(self, batch: Sequence[StepInput]) -> list[StepOutput]:
         groups: dict[tuple[int, str], list[int]] = {}
         for i, item in enumerate(batch):
@@ -119,6 +125,11 @@ def _check_vad(params: Mapping[str, Any]) -> None:
 
 
 class _Vad(_Lane):
+    def warmup(self) -> None:
+        """Load the model now, so start-up logs the providers really in use."""
+        det = silero.detector(model_dir=self.ctx.model_dir, options=self.options)
+        self._note(det.model.providers)
+
     def __call__(self, batch: Sequence[StepInput]) -> list[StepOutput]:
         groups: dict[int, list[int]] = {}
         hyst = []

@@ -106,6 +106,13 @@ class Worker:
         for name in self.settings.processing:
             spec = self.processors.get(name)
             lane_fn: BatchFn = await loop.run_in_executor(None, spec.factory, ctx)
+            warmup = getattr(lane_fn, "warmup", None)
+            if callable(warmup):
+                try:
+                    await loop.run_in_executor(None, warmup)
+                except AudioStreamError as err:
+                    # Keep serving: its messages will get error outcomes naming the cause.
+                    log.error("stage=%s: model not available: %s", name, err)
             lane = _Lane(name, lane_fn, self.settings)
             self._lanes[name] = lane
             self._export_provider(name, lane_fn)
@@ -124,11 +131,16 @@ class Worker:
         )
 
     def _export_provider(self, name: str, fn: BatchFn) -> None:
+        """Log and export the execution providers really in use (after warm-up)."""
         providers = getattr(fn, "providers", None)
-        if self.metrics is None:
-            return
-        for p in providers or ["python"]:
-            self.metrics.provider.labels(processing=name, provider=str(p)).set(1)
+        if providers:
+            log.info("stage=%s: execution providers in use: %s", name, ", ".join(providers))
+            if self.settings.device == "gpu" and list(providers) == ["CPUExecutionProvider"]:
+                log.warning("stage=%s: --device gpu but ONNX Runtime runs on the CPU only "
+                            "(no CUDA device or onnxruntime-gpu missing)", name)
+        if self.metrics is not None:
+            for p in providers or ["python"]:
+                self.metrics.provider.labels(processing=name, provider=str(p)).set(1)
 
     def _handler(self, lane: _Lane) -> Any:
         async def handle(delivery: Delivery) -> None:
