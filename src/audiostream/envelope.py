@@ -229,22 +229,19 @@ def encode_control(ctl: Control) -> bytes:
 
 def decode_reply_queue_message(data: bytes) -> Reply | Control:
     """What a reply queue carries: replies, and now and then a control message."""
-    try:
-        peek = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as exc:
-        raise ProtocolError(f"undecodable message: {exc}") from exc
-    if isinstance(peek, dict) and peek.get("k") == _KIND_CONTROL:
-        body = _unpack(data, _KIND_CONTROL)
+    body = _unpack(data, (_KIND_REPLY, _KIND_CONTROL))
+    if body["k"] == _KIND_CONTROL:
         return Control(_typed(body, "sid", str), _typed(body, "cmd", str), _typed(body, "n", str))
-    return decode_reply(data)
+    return _reply_from(body)
 
 
-def _unpack(data: bytes, kind: str) -> dict[str, Any]:
+def _unpack(data: bytes, kind: str | tuple[str, ...]) -> dict[str, Any]:
     try:
         body = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"undecodable message: {exc}") from exc
-    if not isinstance(body, dict) or body.get("k") != kind:
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if not isinstance(body, dict) or body.get("k") not in kinds:
         raise ProtocolError(f"not a {kind!r} message")
     if body.get("v") != ENVELOPE_VERSION:
         raise ProtocolError(
@@ -312,7 +309,10 @@ def decode_work(data: bytes) -> WorkEnvelope:
 
 
 def decode_reply(data: bytes) -> Reply:
-    body = _unpack(data, _KIND_REPLY)
+    return _reply_from(_unpack(data, _KIND_REPLY))
+
+
+def _reply_from(body: dict[str, Any]) -> Reply:
     try:
         ec = body.get("ec")
         return Reply(
