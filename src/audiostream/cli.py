@@ -136,6 +136,12 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
                    help="unacked messages per work queue (default max(2*max-batch, 32))")
     p.add_argument("--model-dir", type=Path, default=_env("MODEL_DIR"),
                    help="prepared models (default: inside the environment)")
+    p.add_argument("--intra-op-threads", type=int, default=1,
+                   help="ONNX Runtime threads per model call (default 1: scale with processes)")
+    p.add_argument("--denoise-variant", choices=("fp32", "int8", "fp16"), default=None,
+                   help="NSNet2 variant (default fp32 on cpu, fp16 on gpu)")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="with --device gpu, try the TensorRT execution provider first")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import a module that registers more processors (repeatable)")
 
@@ -166,6 +172,11 @@ def _worker_settings(args: argparse.Namespace, processing: Sequence[str]) -> Any
         max_wait_ms=args.max_wait_ms,
         prefetch=args.prefetch,
         model_dir=args.model_dir,
+        options={
+            "intra_op_threads": args.intra_op_threads,
+            "tensorrt": args.tensorrt,
+            **({"denoise_variant": args.denoise_variant} if args.denoise_variant else {}),
+        },
     )
 
 

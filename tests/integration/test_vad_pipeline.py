@@ -200,12 +200,6 @@ async def test_events_arrive_in_order_beside_their_chunk(
     assert names == ["speech_start", "speech_end"] * 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/audiostream/worker/step.py _events_with_seq: `offset` stays relative to the "
-           "coalesced message instead of the chunk, and bisect_right puts a window that ends "
-           "exactly on a chunk boundary into the next chunk",
-)
 @pytest.mark.parametrize(("rate", "chunk_ms"), [(16000, 20)])
 async def test_event_seq_and_offset_place_the_window_in_its_chunk(
     rabbitmq_url: str, model_dir: Path, rate: int, chunk_ms: int

@@ -97,14 +97,19 @@ def _call(fn: BatchFn, inputs: Sequence[StepInput]) -> list[StepOutput | AudioSt
 def _events_with_seq(
     env: WorkEnvelope, events: Sequence[Mapping[str, Any]], step_name: str
 ) -> list[Mapping[str, Any]]:
+    """Place each event in its chunk: ``seq`` of that chunk, ``offset`` in frames from the
+    chunk's start at the client's rate (a window ending on a boundary stays in its chunk)."""
     if not events:
         return []
     edges = list(itertools.accumulate(env.chunk_frames))
+    scale = env.output_format.sample_rate / env.format.sample_rate
     out: list[Mapping[str, Any]] = []
     for ev in events:
         offset = int(ev.get("offset", 0))
-        idx = min(bisect.bisect_right(edges, offset), len(edges) - 1)
-        out.append({**ev, "step": step_name, "seq": env.seq + idx})
+        idx = min(bisect.bisect_left(edges, offset), len(edges) - 1)
+        start = edges[idx - 1] if idx else 0
+        out.append({**ev, "offset": round((offset - start) * scale), "step": step_name,
+                    "seq": env.seq + idx})
     return out
 
 
