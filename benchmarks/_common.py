@@ -251,28 +251,10 @@ async def stack(processing: Sequence[str], *, broker: str = BROKER, workers: boo
 
 async def delete_prefix(broker: str, prefix: str) -> None:
     """Delete the work queues and exchanges a benchmark declared under ``prefix``."""
-    import aio_pika
-
     from audiostream.testing import default_topology
+    from audiostream.transport.rabbitmq import delete_topology
 
-    topo = default_topology(prefix=prefix)
-    conn = await aio_pika.connect(broker)
-    try:
-        async def attempt(action: str, name: str) -> None:
-            ch = await conn.channel()  # a missing queue closes the channel
-            with contextlib.suppress(Exception):
-                await getattr(ch, action)(name)
-            with contextlib.suppress(Exception):
-                await ch.close()
-
-        for ptype in topo.processing_types:
-            for q in topo.work_queues(ptype):
-                await attempt("queue_delete", q)
-            await attempt("exchange_delete", topo.exchange(ptype))
-        await attempt("queue_delete", topo.dead_letter_queue)
-        await attempt("exchange_delete", topo.dead_letter_exchange)
-    finally:
-        await conn.close()
+    await delete_topology(broker, default_topology(prefix=prefix))
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float]:

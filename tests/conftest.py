@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,23 +42,9 @@ def unique_prefix() -> str:
 
 async def delete_prefixed(url: str, topology: Topology) -> None:
     """Remove everything a test declared under its own prefix."""
-    conn = await aio_pika.connect(url)
+    from audiostream.transport.rabbitmq import delete_topology
 
-    async def attempt(action: str, name: str) -> None:
-        # A missing queue or exchange closes the channel: use a fresh one each time.
-        ch = await conn.channel()
-        with contextlib.suppress(Exception):
-            await getattr(ch, action)(name)
-
-    try:
-        for ptype in topology.processing_types:
-            for q in topology.work_queues(ptype):
-                await attempt("queue_delete", q)
-            await attempt("exchange_delete", topology.exchange(ptype))
-        await attempt("queue_delete", topology.dead_letter_queue)
-        await attempt("exchange_delete", topology.dead_letter_exchange)
-    finally:
-        await conn.close()
+    await delete_topology(url, topology)
 
 
 class TransportFactory(Protocol):

@@ -306,3 +306,30 @@ async def test_work_consumer_restarts_when_its_queue_is_deleted_and_declared_aga
     await operator.publish_work(A, 1, b"other shard", ttl=30)
     await inbox.wait_for(2, within=10)
     assert sorted(inbox.bodies) == [b"after redeclare", b"other shard"]
+
+
+@pytest.mark.rabbitmq
+async def test_delete_topology_removes_what_declare_made(rabbitmq_url: str) -> None:
+    from audiostream.transport.rabbitmq import declare_topology, delete_topology
+    from tests.conftest import unique_prefix
+
+    topo = Topology(processing_types=("gain",), prefix=unique_prefix())
+
+    async def exists(queue: str) -> bool:
+        conn = await aio_pika.connect(rabbitmq_url)
+        try:
+            channel = await conn.channel()
+            try:
+                await channel.declare_queue(queue, passive=True)
+            except aio_pika.exceptions.ChannelClosed:
+                return False
+            return True
+        finally:
+            await conn.close()
+
+    await declare_topology(rabbitmq_url, topo)
+    assert await exists(topo.work_queue("gain", 0))
+    await delete_topology(rabbitmq_url, topo)
+    await delete_topology(rabbitmq_url, topo)  # twice: missing objects are skipped
+    assert not await exists(topo.work_queue("gain", 0))
+    assert not await exists(topo.dead_letter_queue)

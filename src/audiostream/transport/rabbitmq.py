@@ -667,3 +667,31 @@ async def declare_topology(url: str, topology: Topology) -> None:
     finally:
         await transport.close()
 
+
+
+async def delete_topology(url: str, topology: Topology) -> None:
+    """Delete the exchanges and work queues of ``topology`` (test and benchmark teardown).
+
+    Missing objects are skipped: each deletion gets its own channel, because RabbitMQ
+    closes a channel on a 404.
+    """
+    try:
+        conn = await aio_pika.connect(url)
+    except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
+        raise TransportError(f"cannot reach {_redact(url)}: {_reason(exc)}") from exc
+
+    async def attempt(action: str, name: str) -> None:
+        channel = await conn.channel()
+        with contextlib.suppress(aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException):
+            await getattr(channel, action)(name)
+        await _close_quietly(channel)
+
+    try:
+        for ptype in topology.processing_types:
+            for queue in topology.work_queues(ptype):
+                await attempt("queue_delete", queue)
+            await attempt("exchange_delete", topology.exchange(ptype))
+        await attempt("queue_delete", topology.dead_letter_queue)
+        await attempt("exchange_delete", topology.dead_letter_exchange)
+    finally:
+        await conn.close()
