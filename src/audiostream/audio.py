@@ -109,9 +109,6 @@ class AudioFormat:
         return cls(encoding, rate, channels)
 
 
-FLOAT_FORMAT_16K = AudioFormat(Encoding.PCM_F32LE, 16000, 1)
-
-
 def check_chunk(fmt: AudioFormat, data: bytes) -> None:
     """Reject a chunk that is not a whole number of sample frames."""
     if len(data) == 0:

@@ -24,6 +24,7 @@ import aiohttp
 import numpy as np
 import numpy.typing as npt
 
+from audiostream import audio
 from audiostream.audio import AudioFormat, Encoding
 from audiostream.errors import AudioStreamError, ErrorCode, ProtocolError, TransportError
 from audiostream.protocol import (
@@ -76,8 +77,6 @@ def chunk_array(
     samples: npt.NDArray[Any], fmt: AudioFormat, chunk_ms: float
 ) -> list[bytes]:
     """Cut an array into wire chunks of ``chunk_ms`` in ``fmt``."""
-    from audiostream import audio as _audio
-
     arr = np.asarray(samples)
     if arr.ndim == 1:
         arr = arr[:, None]
@@ -85,7 +84,7 @@ def chunk_array(
         floats = arr.astype(np.float32) / 32768.0
     else:
         floats = arr.astype(np.float32)
-    data = _audio.encode(fmt, floats)
+    data = audio.encode(fmt, floats)
     step = fmt.bytes_for_ms(chunk_ms)
     return [data[i : i + step] for i in range(0, len(data), step)]
 

@@ -222,6 +222,10 @@ ServerEvent = StartRequested | ChunkReceived | StopRequested | KeepaliveReceived
 @dataclass(frozen=True, slots=True)
 class SendText:
     text: str
+    kind: str = ""
+    """The message's ``type`` ("notice", "error", …), so adapters need not parse it."""
+    label: str = ""
+    """A notice's ``reason`` or an error's ``name``; empty otherwise."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +335,10 @@ class ServerProtocol:
             self._send_json(msg)
 
     def _send_json(self, msg: Mapping[str, Any]) -> None:
-        self._out.append(SendText(json.dumps(msg, separators=(",", ":"))))
+        kind = str(msg.get("type", ""))
+        label = str(msg.get("reason" if kind == "notice" else "name", "")) if kind in (
+            "notice", "error") else ""
+        self._out.append(SendText(json.dumps(msg, separators=(",", ":")), kind, label))
 
     def _error(self, err: AudioStreamError, *, seq: int | None = None) -> None:
         msg: dict[str, Any] = {

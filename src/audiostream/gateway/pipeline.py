@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from audiostream.audio import AudioFormat
@@ -119,7 +119,6 @@ class _InFlight:
     chunks: list[_Chunk]
     timer: asyncio.TimerHandle | None = None
     published_at: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class SessionPipeline:

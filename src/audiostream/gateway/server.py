@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import ssl
 import time
@@ -110,7 +109,7 @@ class _Connection:
                     self._observe_written()
                 elif isinstance(out, SendText):
                     await self.ws.send_str(out.text)
-                    self._count_text(out.text)
+                    self._count_text(out)
                 elif isinstance(out, Close):
                     await self.ws.close(code=out.code, message=out.reason.encode())
                     return
@@ -126,14 +125,12 @@ class _Connection:
         if last:
             metrics.stage.labels(stage="gateway_to_client").observe(now - replied)
 
-    def _count_text(self, text: str) -> None:
-        """Count drop notices and errors as they leave (the protocol writes "type" first)."""
-        if text.startswith('{"type":"notice"'):
-            reason = str(json.loads(text).get("reason", "unknown"))
-            self.gateway.metrics.dropped.labels(reason=reason).inc()
-        elif text.startswith('{"type":"error"'):
-            name = str(json.loads(text).get("name", "unknown"))
-            self.gateway.metrics.errors.labels(code=name).inc()
+    def _count_text(self, out: SendText) -> None:
+        """Count drop notices and errors as they leave."""
+        if out.kind == "notice":
+            self.gateway.metrics.dropped.labels(reason=out.label).inc()
+        elif out.kind == "error":
+            self.gateway.metrics.errors.labels(code=out.label).inc()
 
     def on_outcomes(self, outcomes: list[Outcome]) -> None:
         replied = time.monotonic()
