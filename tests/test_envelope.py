@@ -21,9 +21,11 @@ from audiostream.envelope import (
     decode_reply,
     decode_reply_queue_message,
     decode_work,
+    decode_work_message,
     encode_control,
     encode_reply,
     encode_work,
+    encode_work_bundle,
     redistribute,
     state_key,
 )
@@ -239,3 +241,49 @@ def test_redistribute_parts_add_up_and_never_go_negative(
         # Each chunk's share is within one frame of its exact proportion.
         for n, old in zip(out, lengths, strict=True):
             assert abs(n - old * new_total / sum(lengths)) < 2
+
+
+# -- bundles of many sessions ------------------------------------------------------------
+
+
+def test_a_bundle_carries_the_envelopes_of_many_sessions_in_order() -> None:
+    envs = [work(session_id=f"s-{i}", msg_id=i, audio=bytes([i]) * 640) for i in range(5)]
+    decoded, bad = decode_work_message(encode_work_bundle(envs))
+    assert decoded == envs
+    assert bad == []
+
+
+def test_a_single_work_message_is_a_bundle_of_one() -> None:
+    assert decode_work_message(encode_work(work())) == ([work()], [])
+
+
+def test_a_malformed_bundle_item_costs_only_itself() -> None:
+    body = msgpack.unpackb(encode_work_bundle([work(session_id="a"), work(session_id="b"),
+                                               work(session_id="c")]), raw=False)
+    body["items"][1]["cf"] = "not frames"
+    body["items"][2]["v"] = ENVELOPE_VERSION + 1
+    good, bad = decode_work_message(msgpack.packb(body, use_bin_type=True))
+    assert [e.session_id for e in good] == ["a"]
+    assert len(bad) == 2
+    assert all(isinstance(e, ProtocolError) for e in bad)
+    assert bad[1].code is ErrorCode.UNSUPPORTED_VERSION
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"k": "b", "v": ENVELOPE_VERSION, "items": []},
+        {"k": "b", "v": ENVELOPE_VERSION, "items": "nope"},
+        {"k": "b", "v": ENVELOPE_VERSION},
+        {"k": "b", "v": ENVELOPE_VERSION + 1, "items": [1]},
+        {"k": "r", "v": ENVELOPE_VERSION},
+    ],
+)
+def test_a_bundle_that_is_not_one_raises(body: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError):
+        decode_work_message(msgpack.packb(body, use_bin_type=True))
+
+
+def test_an_empty_bundle_cannot_be_made() -> None:
+    with pytest.raises(ValueError):
+        encode_work_bundle([])

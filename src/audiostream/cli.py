@@ -123,6 +123,12 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
                    help="close connections that send no start within this time (default 10)")
     p.add_argument("--idle-timeout-s", type=float, default=60.0,
                    help="close sessions that send nothing for this long (default 60)")
+    p.add_argument("--bundle-max", type=int, default=64,
+                   help="most sessions' work messages packed into one broker message "
+                   "(default 64; 1 = one broker message per session message)")
+    p.add_argument("--bundle-wait-ms", type=float, default=5.0,
+                   help="longest a work message waits for its bundle while the previous "
+                   "bundle awaits its confirm; with none in flight it goes at once (default 5)")
 
 
 def _add_worker(p: argparse.ArgumentParser) -> None:
@@ -194,6 +200,8 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         auth_timeout_s=args.auth_timeout_s,
         idle_timeout_s=args.idle_timeout_s,
         heartbeat_s=args.heartbeat_s,
+        bundle_max=args.bundle_max,
+        bundle_wait_ms=args.bundle_wait_ms,
     )
 
 

@@ -6,6 +6,11 @@ through the remaining steps of its pipeline. Per-step state rides along so any
 worker can process any message. The last step sends a ``Reply`` to the
 session's reply queue. Both carry a version; an unknown version is refused, not
 guessed at.
+
+On the work queues, one broker message is a *bundle* of envelopes of many
+sessions bound for the same processing type: the per-message cost of AMQP
+(framing, confirms, acks, a task per delivery) is paid once per bundle, not
+once per session, which is what lets a worker core carry ~100 sessions.
 """
 
 from __future__ import annotations
@@ -161,6 +166,7 @@ def redistribute(lengths: Sequence[int], new_total: int) -> tuple[int, ...]:
 # --- wire encoding --------------------------------------------------------------------
 
 _KIND_WORK = "w"
+_KIND_BUNDLE = "b"
 _KIND_REPLY = "r"
 _KIND_CONTROL = "c"
 
@@ -178,7 +184,19 @@ def _fmt_parse(raw: Any) -> AudioFormat:
 
 
 def encode_work(env: WorkEnvelope) -> bytes:
-    body = {
+    return msgpack.packb(_work_body(env), use_bin_type=True)
+
+
+def encode_work_bundle(envelopes: Sequence[WorkEnvelope]) -> bytes:
+    """One broker message carrying the envelopes of many sessions for one processing type."""
+    if not envelopes:
+        raise ValueError("a bundle needs at least one envelope")
+    body = {"k": _KIND_BUNDLE, "v": ENVELOPE_VERSION, "items": [_work_body(e) for e in envelopes]}
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _work_body(env: WorkEnvelope) -> dict[str, Any]:
+    return {
         "k": _KIND_WORK,
         "v": env.version,
         "sid": env.session_id,
@@ -197,7 +215,6 @@ def encode_work(env: WorkEnvelope) -> bytes:
         "ev": [dict(e) for e in env.events],
         "tm": [list(t) for t in env.timings],
     }
-    return msgpack.packb(body, use_bin_type=True)
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -279,7 +296,42 @@ def _frames(raw: Any) -> tuple[int, ...]:
 
 
 def decode_work(data: bytes) -> WorkEnvelope:
-    body = _unpack(data, _KIND_WORK)
+    return _work_from(_unpack(data, _KIND_WORK))
+
+
+def decode_work_message(data: bytes) -> tuple[list[WorkEnvelope], list[ProtocolError]]:
+    """What a work queue carries: a single envelope or a bundle.
+
+    A bundle is decoded item by item: a malformed item is returned as an error
+    (its session's gateway answers those chunks when their deadline passes) and
+    does not cost its neighbours their audio. A message that is not a work
+    message at all raises.
+    """
+    body = _unpack(data, (_KIND_WORK, _KIND_BUNDLE))
+    if body["k"] == _KIND_WORK:
+        return [_work_from(body)], []
+    items = body.get("items")
+    if not isinstance(items, list) or not items:
+        raise ProtocolError("a work bundle needs a non-empty 'items' list")
+    good: list[WorkEnvelope] = []
+    bad: list[ProtocolError] = []
+    for raw in items:
+        try:
+            if not isinstance(raw, dict) or raw.get("k") != _KIND_WORK:
+                raise ProtocolError("a bundle item is not a work envelope")
+            if raw.get("v") != ENVELOPE_VERSION:
+                raise ProtocolError(
+                    f"envelope version {raw.get('v')!r} is not supported "
+                    f"(expected {ENVELOPE_VERSION})",
+                    ErrorCode.UNSUPPORTED_VERSION,
+                )
+            good.append(_work_from(raw))
+        except ProtocolError as err:
+            bad.append(err)
+    return good, bad
+
+
+def _work_from(body: dict[str, Any]) -> WorkEnvelope:
     try:
         pipeline = tuple(Step.from_wire(s) for s in _typed(body, "pl", list))
         step_index = _typed(body, "si", int)

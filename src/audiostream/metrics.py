@@ -89,6 +89,10 @@ class GatewayMetrics:
             "audiostream_gateway_messages_published_total",
             "Work messages published (one carries one or more coalesced chunks)",
             registry=registry)
+        self.bundles_published = Counter(
+            "audiostream_gateway_bundles_published_total",
+            "Broker messages published; one bundles the work messages of one or more sessions",
+            registry=registry)
         self.round_trip = Histogram(
             "audiostream_round_trip_seconds",
             "Chunk received by the gateway to its processed audio written to the socket",
@@ -110,6 +114,10 @@ class WorkerMetrics:
             ["processing", "status"], registry=registry)
         self.batch_size = Histogram(
             "audiostream_worker_batch_size", "Messages per processing call",
+            ["processing"], buckets=BATCH_BUCKETS, registry=registry)
+        self.bundle_size = Histogram(
+            "audiostream_worker_bundle_size",
+            "Work messages per broker delivery (the gateway bundles sessions)",
             ["processing"], buckets=BATCH_BUCKETS, registry=registry)
         self.inference = Histogram(
             "audiostream_worker_inference_seconds", "Duration of one processing call",

@@ -3,7 +3,8 @@
 At most one message per session is in flight. Chunks that arrive meanwhile are
 coalesced into the next message, so load raises message size, not message
 count, and the per-session state (returned by the workers with each reply) is
-always applied in order. Every accepted chunk ends as audio or a drop notice:
+always applied in order. The gateway's ``WorkBundler`` then packs the messages
+of many sessions into one broker message. Every accepted chunk ends as audio or a drop notice:
 a reply, a deadline timer, or a publish failure settles it.
 
 The reply queue doubles as the session's journal: replies stay unacked until
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from audiostream.audio import AudioFormat
+from audiostream.bundler import WorkBundler
 from audiostream.envelope import (
     Control,
     Reply,
@@ -34,7 +36,6 @@ from audiostream.envelope import (
     WorkEnvelope,
     decode_reply_queue_message,
     encode_control,
-    encode_work,
 )
 from audiostream.errors import AudioStreamError, AuthError, ErrorCode
 from audiostream.metrics import GatewayMetrics
@@ -135,16 +136,19 @@ class SessionPipeline:
         generation: int = 0,
         state: Mapping[str, bytes] | None = None,
         on_displaced: Callable[[], None] | None = None,
+        bundler: WorkBundler | None = None,
     ) -> None:
         self.session_id = session_id
         self.transport = transport
+        # A gateway shares one bundler between its sessions; alone, a session owns one.
+        self._own_bundler = bundler is None
+        self.bundler = WorkBundler(transport) if bundler is None else bundler
         self.pipeline = pipeline
         self.format = fmt
         self.deadline_s = deadline_s
         self.sink = sink
         self.metrics = metrics
         self.reply_queue = transport.topology.reply_queue(session_id)
-        self.shard = transport.topology.shard_for(session_id)
         self.state: dict[str, bytes] = dict(state or {})
         self.generation = generation
         self.on_displaced = on_displaced
@@ -335,19 +339,17 @@ class SessionPipeline:
             state=dict(self.state),
             timings=(("gateway_rx", chunks[0].received_at), ("gateway_publish", now)),
         )
-        self._spawn(self._publish(flight, env, deadline - now))
+        self._spawn(self._publish(flight, env))
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish(self, flight: _InFlight, env: WorkEnvelope, ttl: float) -> None:
+    async def _publish(self, flight: _InFlight, env: WorkEnvelope) -> None:
         started = time.time()
         try:
-            await self.transport.publish_work(
-                env.step.name, self.shard, encode_work(env), ttl=max(ttl, 0.001)
-            )
+            await self.bundler.publish(env)
         except AudioStreamError as err:
             log.warning("session=%s seq=%d stage=publish: %s", self.session_id, env.seq, err)
             if self._inflight is flight:
@@ -473,6 +475,8 @@ class SessionPipeline:
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self._own_bundler:
+            await self.bundler.close()
         journal, self._journal = self._journal, []
         for entry in journal:
             if finished:

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from audiostream.bundler import WorkBundler
 from audiostream.envelope import Step
 from audiostream.errors import AudioStreamError, AuthError, ErrorCode, LimitError
 from audiostream.gateway.keys import KeyRecord, KeyStore
@@ -70,6 +71,11 @@ class GatewaySettings:
     resume_window_s: float = 60.0
     depth_poll_s: float = 5.0
     """How often the work-queue depth gauge is refreshed; 0 disables polling."""
+    bundle_max: int = 64
+    """Most sessions' work messages packed into one broker message."""
+    bundle_wait_ms: float = 5.0
+    """Longest an envelope waits for its bundle while an earlier one awaits its confirm
+    (with none in flight it goes out at once)."""
 
 
 class _Connection:
@@ -230,6 +236,7 @@ class _Connection:
             generation=grant.generation,
             state=state,
             on_displaced=self.on_displaced,
+            bundler=self.gateway.bundler,
         )
 
     def _started(self, pl: SessionPipeline, result: str) -> None:
@@ -352,6 +359,12 @@ class Gateway:
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.metrics = GatewayMetrics(self.metrics_registry)
         self.metrics.connections_capacity.set(self.settings.max_connections)
+        self.bundler = WorkBundler(
+            transport,
+            max_items=self.settings.bundle_max,
+            max_wait_s=self.settings.bundle_wait_ms / 1000,
+            on_sent=lambda _n: self.metrics.bundles_published.inc(),
+        )
         self.connections: set[_Connection] = set()
         self.sessions_per_key: dict[str, int] = {}
         self.draining = False
@@ -381,6 +394,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
         await self.close_connections()
+        await self.bundler.close()
         await self.transport.close()
 
     async def _poll_depth(self) -> None:

@@ -1,9 +1,11 @@
 """Worker runtime: consume, batch across sessions, process off the loop, forward or reply, ack.
 
-A message is acked only after what it produced (the next step's message or the
-session's reply) is confirmed by the broker, so a worker that dies at any point
-loses nothing: its unacked messages go to another worker, and the gateway
-discards the duplicate reply if the first one had already gone out.
+A broker message is a bundle of work envelopes of many sessions (see
+``audiostream.bundler``); its envelopes join the batcher one by one. The
+message is acked only after everything its envelopes produced (the next step's
+messages, bundled again, or the sessions' replies) is confirmed by the broker,
+so a worker that dies at any point loses nothing: its unacked messages go to
+another worker, and the gateway discards a duplicate reply by message id.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from audiostream.bundler import WorkBundler
 from audiostream.envelope import (
     Reply,
     WorkEnvelope,
-    decode_work,
+    decode_work_message,
     encode_reply,
-    encode_work,
 )
 from audiostream.errors import AudioStreamError, TransportError
 from audiostream.metrics import WorkerMetrics
@@ -54,8 +56,17 @@ class WorkerSettings:
 
 
 @dataclass(slots=True)
-class _Item:
+class _Held:
+    """One broker delivery and how many of its envelopes are not settled yet."""
+
     delivery: Delivery
+    pending: int
+    failed: bool = False
+
+
+@dataclass(slots=True)
+class _Item:
+    held: _Held
     envelope: WorkEnvelope
 
 
@@ -86,6 +97,8 @@ class Worker:
         self.processors = processors
         self.metrics = metrics
         self._lanes: dict[str, _Lane] = {}
+        # Forwards results to their next step, bundling sessions like the gateway does.
+        self.bundler = WorkBundler(transport, max_items=max(settings.max_batch, 1))
         self._settling: set[asyncio.Task[None]] = set()
         self._depth_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -145,22 +158,36 @@ class Worker:
     def _handler(self, lane: _Lane) -> Any:
         async def handle(delivery: Delivery) -> None:
             received = time.time()
+            bad: list[AudioStreamError] = []
             try:
-                env = decode_work(delivery.body)
-                if env.step.name != lane.name:
-                    raise AudioStreamError(
-                        f"message for {env.step.name!r} arrived on the {lane.name!r} queue"
-                    )
+                envelopes, undecodable = decode_work_message(delivery.body)
+                bad.extend(undecodable)
             except AudioStreamError as err:
-                log.error("stage=%s: rejecting an undecodable work message: %s", lane.name, err)
+                envelopes = []
+                bad.append(err)
+            wrong = [e for e in envelopes if e.step.name != lane.name]
+            if wrong:
+                envelopes = [e for e in envelopes if e.step.name == lane.name]
+                bad += [AudioStreamError(f"message for {e.step.name!r} arrived on the "
+                                         f"{lane.name!r} queue") for e in wrong]
+            if bad:
+                # Their sessions' gateways answer those chunks with a drop notice when
+                # the deadline passes; the rest of the bundle is served normally.
+                log.error("stage=%s: %d undecodable work item(s) (%s)%s", lane.name, len(bad),
+                          bad[0], "" if envelopes else "; rejecting the message")
                 if self.metrics is not None:
-                    self.metrics.errors.labels(processing=lane.name, kind="bad_message").inc()
+                    self.metrics.errors.labels(processing=lane.name, kind="bad_message").inc(
+                        len(bad))
+            if not envelopes:
                 await delivery.reject()
                 return
-            lane.batcher.add(
-                _Item(delivery, env.stamped(f"{lane.name}:worker_rx", received)),
-                time.monotonic(),
-            )
+            if self.metrics is not None:
+                self.metrics.bundle_size.labels(processing=lane.name).observe(len(envelopes))
+            held = _Held(delivery, len(envelopes))
+            now = time.monotonic()
+            stage = f"{lane.name}:worker_rx"
+            for env in envelopes:
+                lane.batcher.add(_Item(held, env.stamped(stage, received)), now)
             lane.wake.set()
 
         return handle
@@ -196,19 +223,16 @@ class Worker:
             task.add_done_callback(self._settling.discard)
 
     async def _settle(self, lane: _Lane, items: list[_Item], report: BatchReport) -> None:
-        """Publish every result (confirms overlap), then ack what was confirmed."""
+        """Publish every result (confirms overlap), then ack each delivery whose
+        envelopes are all confirmed."""
 
-        async def forward(item: _Item, result: WorkEnvelope | Reply) -> None:
+        async def forward(item: _Item, result: WorkEnvelope | Reply) -> bool:
             env = item.envelope
             status = "ok"
             try:
                 if isinstance(result, WorkEnvelope):
-                    ttl = result.deadline - time.time()
-                    if ttl > 0:
-                        shard = self.transport.topology.shard_for(result.session_id)
-                        await self.transport.publish_work(
-                            result.step.name, shard, encode_work(result), ttl=ttl
-                        )
+                    if result.deadline > time.time():
+                        await self.bundler.publish(result)
                     else:
                         result = expired_reply(result)
                 if isinstance(result, Reply):
@@ -225,19 +249,27 @@ class Worker:
                 )
                 if self.metrics is not None:
                     self.metrics.errors.labels(processing=lane.name, kind="transport").inc()
-                return
-            try:
-                await item.delivery.ack()
-            except TransportError as err:
-                log.warning("session=%s seq=%d stage=%s: ack failed: %s",
-                            env.session_id, env.seq, lane.name, err)
+                return False
             self.handled += 1
             if self.metrics is not None:
                 self.metrics.messages.labels(processing=lane.name, status=status).inc()
+            return True
 
-        await asyncio.gather(
+        done = await asyncio.gather(
             *(forward(it, res) for it, res in zip(items, report.results, strict=True))
         )
+        for item, ok in zip(items, done, strict=True):
+            held = item.held
+            held.pending -= 1
+            held.failed = held.failed or not ok
+            if held.pending or held.failed:
+                continue
+            try:
+                await held.delivery.ack()
+            except TransportError as err:
+                env = item.envelope
+                log.warning("session=%s seq=%d stage=%s: ack failed: %s",
+                            env.session_id, env.seq, lane.name, err)
 
     async def _poll_depth(self) -> None:
         assert self.metrics is not None
@@ -268,6 +300,7 @@ class Worker:
                     await lane.task
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
+        await self.bundler.close()
         if self._depth_task is not None:
             self._depth_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,132 @@
+"""A worker serving bundles of many sessions, on both transports."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from audiostream.audio import AudioFormat, Encoding
+from audiostream.envelope import (
+    Reply,
+    ReplyStatus,
+    Step,
+    WorkEnvelope,
+    decode_reply,
+    encode_work_bundle,
+)
+from audiostream.metrics import WorkerMetrics
+from audiostream.transport import Transport
+from audiostream.worker import Worker, WorkerSettings
+from tests.conftest import DeadLetters, TransportFactory
+from tests.transport.helpers import Inbox, eventually
+
+FMT = AudioFormat(Encoding.PCM_S16LE, 16000, 1)
+
+
+def envelope(t: Transport, name: str, pipeline: tuple[Step, ...]) -> WorkEnvelope:
+    now = time.time()
+    pcm = (np.arange(320, dtype=np.int16) * (len(name) + 1)).tobytes()
+    return WorkEnvelope(
+        session_id=name, msg_id=1, seq=0, chunk_frames=(320,), received_at=now,
+        deadline=now + 30, format=FMT, output_format=FMT, audio=pcm, pipeline=pipeline,
+        step_index=0, reply_to=t.topology.reply_queue(name),
+    )
+
+
+async def replies_for(t: Transport, names: list[str]) -> dict[str, Inbox]:
+    inboxes = {}
+    for name in names:
+        queue = t.topology.reply_queue(name)
+        await t.declare_reply_queue(queue)
+        inboxes[name] = Inbox()
+        await t.consume_replies(queue, inboxes[name])
+    return inboxes
+
+
+async def test_a_bad_item_costs_only_its_own_session_and_the_bundle_is_acked(
+    transport_factory: TransportFactory, dead_letters: DeadLetters,
+) -> None:
+    gw = await transport_factory()
+    await gw.declare()
+    names = ["alpha", "bravo", "charlie"]
+    inboxes = await replies_for(gw, names)
+    envs = [envelope(gw, n, (Step("passthrough"),)) for n in names]
+    body = msgpack.unpackb(encode_work_bundle(envs), raw=False)
+    body["items"][1]["pcm"] = "not audio bytes"
+    worker = Worker(await transport_factory(), WorkerSettings(processing=("passthrough",)))
+    await worker.start()
+    try:
+        await gw.publish_work("passthrough", 0, msgpack.packb(body, use_bin_type=True), ttl=30)
+        for name, env in ((n, e) for n, e in zip(names, envs, strict=True) if n != "bravo"):
+            (delivery,) = await inboxes[name].wait_for(1)
+            reply = decode_reply(delivery.body)
+            assert reply.status is ReplyStatus.OK
+            assert reply.session_id == name
+            assert reply.audio == env.audio  # passthrough: bit-identical
+    finally:
+        await worker.stop()
+    assert inboxes["bravo"].bodies == []
+    assert worker.handled == 2
+    # Acked, not left unacked (stopping would have returned it) nor dead-lettered.
+    assert await gw.work_queue_depth("passthrough") == 0
+    assert await dead_letters() == []
+
+
+async def test_a_bundle_with_nothing_usable_is_dead_lettered(
+    transport_factory: TransportFactory, dead_letters: DeadLetters,
+) -> None:
+    gw = await transport_factory()
+    await gw.declare()
+    body = {"k": "b", "v": 1, "items": [{"k": "w", "v": 1, "sid": 3}]}
+    worker = Worker(await transport_factory(), WorkerSettings(processing=("passthrough",)))
+    await worker.start()
+    try:
+        await gw.publish_work("passthrough", 1, msgpack.packb(body), ttl=30)
+        got: list[tuple[str, bytes]] = []
+
+        async def dead() -> bool:
+            got.extend(await dead_letters())
+            return bool(got)
+
+        await eventually(dead)
+    finally:
+        await worker.stop()
+    assert [reason for reason, _ in got] == ["rejected"]
+
+
+async def test_results_for_the_next_step_travel_in_bundles_too(
+    transport_factory: TransportFactory,
+) -> None:
+    gw = await transport_factory()
+    await gw.declare()
+    names = [f"s{i}" for i in range(12)]
+    inboxes = await replies_for(gw, names)
+    pipeline = (Step("gain", {"db": 0.0}), Step("passthrough"))
+    envs = [envelope(gw, n, pipeline) for n in names]
+    registry = CollectorRegistry()
+    worker = Worker(await transport_factory(),
+                    WorkerSettings(processing=("gain", "passthrough")),
+                    metrics=WorkerMetrics(registry))
+    await worker.start()
+    try:
+        await gw.publish_work("gain", 0, encode_work_bundle(envs), ttl=30)
+        for name, env in zip(names, envs, strict=True):
+            (delivery,) = await inboxes[name].wait_for(1)
+            reply: Reply = decode_reply(delivery.body)
+            assert reply.status is ReplyStatus.OK
+            assert reply.audio == env.audio  # 0 dB gain then passthrough
+    finally:
+        await worker.stop()
+
+    def deliveries(step: str) -> float:
+        value = registry.get_sample_value("audiostream_worker_bundle_size_count",
+                                          {"processing": step})
+        return value or 0.0
+
+    assert deliveries("gain") == 1
+    assert 1 <= deliveries("passthrough") < len(names)  # forwarded as bundles, not one by one
+    assert registry.get_sample_value("audiostream_worker_bundle_size_sum",
+                                     {"processing": "passthrough"}) == len(names)
