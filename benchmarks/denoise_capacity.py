@@ -166,6 +166,10 @@ async def trial(st: c.Stack, pipe: tuple[Any, ...], sessions: int, duration: flo
         "batches": worker.get("batches"),
         "worker_call_mean_ms": inference.get("mean_ms"),
         "chunks_per_message": srv.get("chunks_per_message"),
+        "messages_per_bundle": srv.get("messages_per_bundle"),
+        "worker_mean_bundle_size": worker.get("mean_bundle_size"),
+        "worker_deliveries_per_s": round((worker.get("deliveries") or 0) / r["wall_s"], 1)
+        if r["wall_s"] else None,
         "messages_per_s": round(srv.get("messages_published", 0) / r["wall_s"], 1)
         if r["wall_s"] else None,
         "stage_means_ms": {k: v["mean_ms"] for k, v in srv.get("stages", {}).items()},
@@ -173,8 +177,12 @@ async def trial(st: c.Stack, pipe: tuple[Any, ...], sessions: int, duration: flo
     }
 
 
-def worker_args(mode: tuple[str, int, float], args: argparse.Namespace) -> list[str]:
-    _, batch, wait = mode
+Mode = tuple[str, int, float, int]
+"""name, worker --max-batch, worker --max-wait-ms, gateway --bundle-max"""
+
+
+def worker_args(mode: Mode, args: argparse.Namespace) -> list[str]:
+    _, batch, wait, _ = mode
     out = ["--max-batch", str(batch), "--max-wait-ms", str(wait), "--device", args.device,
            "--log-level", "warning"]
     if args.model_dir is not None:
@@ -186,20 +194,22 @@ AT_MAX_KEYS = (
     "latency_ms", "cpu_cores", "machine_busy_cores", "other_processes_cores",
     "worker_threads_cores", "worker_cpu_percent", "sessions_per_worker_core",
     "worker_cpu_ms_per_session_second", "mean_batch_size", "worker_call_mean_ms",
-    "chunks_per_message", "messages_per_s", "busiest",
+    "chunks_per_message", "messages_per_bundle", "worker_mean_bundle_size",
+    "worker_deliveries_per_s", "messages_per_s", "busiest",
 )
 
 
-async def sweep(args: argparse.Namespace, mode: tuple[str, int, float]) -> dict[str, Any]:
+async def sweep(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     """Largest passing session count for one batching mode, then a passthrough control
     trial at that count on the same worker (its CPU is the cost of everything but the
     model), and optionally a py-spy profile."""
-    name, batch, wait = mode
+    name, batch, wait, bundle = mode
     rabbit = c.find_pid("beam.smp")
     trials: dict[int, dict[str, Any]] = {}
     denoise = pipeline(args.variant)
     async with c.stack(["denoise", "passthrough"], broker=args.broker,
-                       worker_args=worker_args(mode, args)) as st:
+                       worker_args=worker_args(mode, args),
+                       gateway_args=["--bundle-max", str(bundle)]) as st:
         assert st.worker is not None
         cpus = {int(x) for x in args.worker_cpus.split(",") if x.strip()}
         pinned = pin(st.worker.pid, cpus) if cpus else sorted(os.sched_getaffinity(st.worker.pid))
@@ -221,7 +231,8 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float]) -> dict[
             for attempt in range(1, args.attempts + 1):
                 c.log(f"[denoise_capacity] {name}: {n} sessions (attempt {attempt})")
                 t = await trial(st, denoise, n, args.duration, pids, args)
-                t.update(mode=name, max_batch=batch, max_wait_ms=wait, attempt=attempt)
+                t.update(mode=name, max_batch=batch, max_wait_ms=wait, bundle_max=bundle,
+                         attempt=attempt)
                 c.emit(t, args.out)
                 if best_try is None or t["pass"] or (
                         not best_try["pass"]
@@ -264,7 +275,7 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float]) -> dict[
     at_best = trials.get(best, {})
     return {
         "bench": "denoise_capacity", "mode": name, "max_batch": batch, "max_wait_ms": wait,
-        "device": args.device, "variant": args.variant or "default",
+        "bundle_max": bundle, "device": args.device, "variant": args.variant or "default",
         "worker_cpus": pinned, "max_sessions": best, "first_failing": worst,
         "criterion": f"p99 < {P99_LIMIT_MS:g} ms, no drops, best of {args.attempts} attempt(s)",
         "resolution": args.resolution,
@@ -282,12 +293,19 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float]) -> dict[
 
 def _work_messages(args: argparse.Namespace, processing: str, sessions: int, reply_to: str
                    ) -> list[bytes]:
-    """One encoded 20 ms work message per session, as the gateway makes them. For denoise
+    from audiostream.envelope import encode_work
+
+    return [encode_work(e) for e in _work_envelopes(args, processing, sessions, reply_to)]
+
+
+def _work_envelopes(args: argparse.Namespace, processing: str, sessions: int, reply_to: str
+                    ) -> list[Any]:
+    """One 20 ms work message per session, as the gateway makes them. For denoise
     each carries a steady-state NSNet2 state (from 1 s of audio), so the worker does the
     real per-message work (two 10 ms frames, state in and out)."""
     from audiostream.audio import AudioFormat, Encoding
     from audiostream.bench import synthetic_audio
-    from audiostream.envelope import Step, WorkEnvelope, encode_work, state_key
+    from audiostream.envelope import Step, WorkEnvelope, state_key
     from audiostream.models import nsnet2
 
     fmt = AudioFormat(Encoding.PCM_S16LE, 16000, 1)
@@ -302,26 +320,27 @@ def _work_messages(args: argparse.Namespace, processing: str, sessions: int, rep
     out = []
     for i in range(sessions):
         pcm = synthetic_audio(i, 0.02, 16000).tobytes()
-        out.append(encode_work(WorkEnvelope(
+        out.append(WorkEnvelope(
             session_id=f"ceiling{i}", msg_id=0, seq=0, chunk_frames=(320,),
             received_at=time.time(), deadline=time.time() + 3600, format=fmt,
             output_format=fmt, audio=pcm, pipeline=(step,), step_index=0,
-            reply_to=reply_to, state=state)))
+            reply_to=reply_to, state=state))
     return out
 
 
-async def ceiling(args: argparse.Namespace, mode: tuple[str, int, float], processing: str
-                  ) -> dict[str, Any]:
+async def ceiling(args: argparse.Namespace, mode: Mode, processing: str) -> dict[str, Any]:
     """Work messages (20 ms each) kept ``inflight`` at a time straight into the work queues,
     replies read back: the worker's throughput per core of its own when it is never
-    starved. Sessions per worker core = messages/s per worker core / 50."""
+    starved. Sessions per worker core = messages/s per worker core / 50. With a mode's
+    bundle size > 1 the messages go through the gateway's ``WorkBundler``."""
     import uuid
 
     from audiostream.bench import scrape_all, server_view
+    from audiostream.bundler import WorkBundler
     from audiostream.testing import default_topology
     from audiostream.transport import open_transport
 
-    name, batch, _ = mode
+    name, batch, _, bundle = mode
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     topo = default_topology(prefix=prefix)
     port = c.free_port()
@@ -340,15 +359,20 @@ async def ceiling(args: argparse.Namespace, mode: tuple[str, int, float], proces
         await transport.connect()
         await transport.declare()
         await transport.declare_reply_queue(reply_q)
+        envelopes = _work_envelopes(args, processing, inflight, reply_q)
         bodies = _work_messages(args, processing, inflight, reply_q)
+        bundler = WorkBundler(transport, max_items=bundle) if bundle > 1 else None
         done = 0
         stop_at = time.monotonic() + 3.0
         tasks: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
 
         async def publish(k: int) -> None:
-            await transport.publish_work(processing, topo.shard_for(f"ceiling{k}"),
-                                         bodies[k], ttl=60.0)
+            if bundler is not None:
+                await bundler.publish(envelopes[k])
+            else:
+                await transport.publish_work(processing, topo.shard_for(f"ceiling{k}"),
+                                             bodies[k], ttl=60.0)
 
         def send(k: int) -> None:
             # Publishes overlap (confirms are awaited concurrently, never one by one).
@@ -386,6 +410,8 @@ async def ceiling(args: argparse.Namespace, mode: tuple[str, int, float], proces
         await sub.cancel()
         for task in list(tasks):
             task.cancel()
+        if bundler is not None:
+            await bundler.close()
     finally:
         with contextlib.suppress(Exception):
             await transport.delete_reply_queue(reply_q)
@@ -398,7 +424,9 @@ async def ceiling(args: argparse.Namespace, mode: tuple[str, int, float], proces
     per_core = rate / wcpu if wcpu else None
     return {
         "bench": "denoise_capacity", "ceiling": True, "mode": name, "max_batch": batch,
-        "processing": processing, "inflight": inflight, "messages_per_s": round(rate, 1),
+        "bundle_max": bundle, "processing": processing,
+        "mean_bundle_size": view.get("mean_bundle_size"), "inflight": inflight,
+        "messages_per_s": round(rate, 1),
         "cpu_cores": usage, **machine,
         "mean_batch_size": view.get("mean_batch_size"),
         "worker_call_mean_ms": (view.get("inference") or {}).get("mean_ms"),
@@ -502,8 +530,8 @@ def engine_reference(results: list[dict[str, Any]], args: argparse.Namespace
 async def main(args: argparse.Namespace) -> int:
     modes = []
     for spec in args.modes.split(","):
-        name, batch, wait = spec.split(":")
-        modes.append((name, int(batch), float(wait)))
+        name, batch, wait, *bundle = spec.split(":")
+        modes.append((name, int(batch), float(wait), int(bundle[0]) if bundle else 64))
     c.emit({"bench": "denoise_capacity", "machine": c.machine(), "duration_s": args.duration,
             "chunk_ms": 20, "sample_rate": 16000, "device": args.device,
             "worker_cpus": args.worker_cpus, "intra_op_threads": 1,
@@ -529,8 +557,10 @@ async def main(args: argparse.Namespace) -> int:
 def cli() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--broker", default=c.BROKER)
-    ap.add_argument("--modes", default="batched:64:2,batched_wait10:64:10,unbatched:1:0",
-                    help="name:max_batch:max_wait_ms, comma separated")
+    ap.add_argument("--modes", default="bundled:64:2:64,unbundled:64:2:1,unbatched:1:0:1",
+                    help="name:max_batch:max_wait_ms[:bundle_max], comma separated: the "
+                    "worker's --max-batch/--max-wait-ms and the gateway's --bundle-max "
+                    "(default 64)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--variant", choices=("fp32", "int8", "fp16"), default=None,
                     help="ask for this NSNet2 variant in the pipeline (default: the worker's)")

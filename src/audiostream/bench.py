@@ -296,9 +296,14 @@ def server_view(before: Samples, after: Samples) -> dict[str, Any]:
         batches = t(before, after, "audiostream_worker_batch_size_count",
                     processing=processing)
         items = t(before, after, "audiostream_worker_batch_size_sum", processing=processing)
+        deliveries = t(before, after, "audiostream_worker_bundle_size_count",
+                       processing=processing)
+        carried = t(before, after, "audiostream_worker_bundle_size_sum", processing=processing)
         workers[processing] = {
             "batches": batches,
             "mean_batch_size": round(items / batches, 3) if batches else None,
+            "deliveries": deliveries,
+            "mean_bundle_size": round(carried / deliveries, 3) if deliveries else None,
             "inference": _histogram(before, after, "audiostream_worker_inference_seconds",
                                     processing=processing),
             "messages_by_status": _delta_by(
@@ -306,6 +311,7 @@ def server_view(before: Samples, after: Samples) -> dict[str, Any]:
                 {"processing": processing}),
         }
     messages = t(before, after, "audiostream_gateway_messages_published_total")
+    bundles = t(before, after, "audiostream_gateway_bundles_published_total")
     chunks_in = t(before, after, "audiostream_chunks_in_total")
     return {
         "chunks_in": chunks_in,
@@ -318,6 +324,8 @@ def server_view(before: Samples, after: Samples) -> dict[str, Any]:
             before, after, "audiostream_gateway_errors_total", "code").items() if v},
         "messages_published": messages,
         "chunks_per_message": round(chunks_in / messages, 3) if messages else None,
+        "bundles_published": bundles,
+        "messages_per_bundle": round(messages / bundles, 3) if bundles else None,
         "round_trip": _histogram(before, after, "audiostream_round_trip_seconds"),
         "stages": stages,
         "workers": workers,

@@ -226,6 +226,8 @@ class Worker:
         """Publish every result (confirms overlap), then ack each delivery whose
         envelopes are all confirmed."""
 
+        settled: dict[str, int] = {}
+
         async def forward(item: _Item, result: WorkEnvelope | Reply) -> bool:
             env = item.envelope
             status = "ok"
@@ -251,13 +253,15 @@ class Worker:
                     self.metrics.errors.labels(processing=lane.name, kind="transport").inc()
                 return False
             self.handled += 1
-            if self.metrics is not None:
-                self.metrics.messages.labels(processing=lane.name, status=status).inc()
+            settled[status] = settled.get(status, 0) + 1
             return True
 
         done = await asyncio.gather(
             *(forward(it, res) for it, res in zip(items, report.results, strict=True))
         )
+        if self.metrics is not None:  # once per batch, not per message: it adds up
+            for status, count in settled.items():
+                self.metrics.messages.labels(processing=lane.name, status=status).inc(count)
         for item, ok in zip(items, done, strict=True):
             held = item.held
             held.pending -= 1
