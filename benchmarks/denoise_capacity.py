@@ -209,7 +209,8 @@ async def sweep(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     denoise = pipeline(args.variant)
     async with c.stack(["denoise", "passthrough"], broker=args.broker,
                        worker_args=worker_args(mode, args),
-                       gateway_args=["--bundle-max", str(bundle)]) as st:
+                       gateway_args=["--bundle-max", str(bundle),
+                                     *args.gateway_args.split()]) as st:
         assert st.worker is not None
         cpus = {int(x) for x in args.worker_cpus.split(",") if x.strip()}
         pinned = pin(st.worker.pid, cpus) if cpus else sorted(os.sched_getaffinity(st.worker.pid))
@@ -275,7 +276,8 @@ async def sweep(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     at_best = trials.get(best, {})
     return {
         "bench": "denoise_capacity", "mode": name, "max_batch": batch, "max_wait_ms": wait,
-        "bundle_max": bundle, "device": args.device, "variant": args.variant or "default",
+        "bundle_max": bundle, "gateway_args": args.gateway_args, "device": args.device,
+        "variant": args.variant or "default",
         "worker_cpus": pinned, "max_sessions": best, "first_failing": worst,
         "criterion": f"p99 < {P99_LIMIT_MS:g} ms, no drops, best of {args.attempts} attempt(s)",
         "resolution": args.resolution,
@@ -561,6 +563,8 @@ def cli() -> int:
                     help="name:max_batch:max_wait_ms[:bundle_max], comma separated: the "
                     "worker's --max-batch/--max-wait-ms and the gateway's --bundle-max "
                     "(default 64)")
+    ap.add_argument("--gateway-args", default="",
+                    help="extra gateway options for every mode, e.g. '--linger-ms 20'")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--variant", choices=("fp32", "int8", "fp16"), default=None,
                     help="ask for this NSNet2 variant in the pipeline (default: the worker's)")

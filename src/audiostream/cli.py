@@ -123,6 +123,10 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
                    help="close connections that send no start within this time (default 10)")
     p.add_argument("--idle-timeout-s", type=float, default=60.0,
                    help="close sessions that send nothing for this long (default 60)")
+    p.add_argument("--linger-ms", type=float, default=0.0,
+                   help="hold a session's next message until its oldest chunk is this old, "
+                   "so it carries more chunks: up to this much latency for fewer messages "
+                   "per session (default 0)")
     p.add_argument("--bundle-max", type=int, default=64,
                    help="most sessions' work messages packed into one broker message "
                    "(default 64; 1 = one broker message per session message)")
@@ -200,6 +204,7 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         auth_timeout_s=args.auth_timeout_s,
         idle_timeout_s=args.idle_timeout_s,
         heartbeat_s=args.heartbeat_s,
+        linger_ms=args.linger_ms,
         bundle_max=args.bundle_max,
         bundle_wait_ms=args.bundle_wait_ms,
     )

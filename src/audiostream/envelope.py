@@ -217,7 +217,8 @@ def _work_body(env: WorkEnvelope) -> dict[str, Any]:
     }
 
 
-def encode_reply(reply: Reply) -> bytes:
+def encode_reply(reply: Reply, *, also: Sequence[tuple[str, float]] = ()) -> bytes:
+    """``also``: timings to append on the wire (the moment of sending, without a copy)."""
     body = {
         "k": _KIND_REPLY,
         "v": reply.version,
@@ -230,7 +231,7 @@ def encode_reply(reply: Reply) -> bytes:
         "pcm": reply.audio,
         "st": dict(reply.state),
         "ev": [dict(e) for e in reply.events],
-        "tm": [list(t) for t in reply.timings],
+        "tm": [list(t) for t in (*reply.timings, *also)],
         "ec": reply.error_code,
         "em": reply.error_message,
         "es": reply.error_step,

@@ -80,6 +80,25 @@ async def test_two_step_chain_matches_offline(server: Embedded, tls: TLS) -> Non
     assert result.audio != x.tobytes()
 
 
+async def test_linger_trades_latency_for_fewer_larger_messages(
+    make_server: ServerFactory, tls: TLS
+) -> None:
+    from audiostream.gateway import GatewaySettings
+    from audiostream.worker.offline import run_offline
+
+    x = noise(11, 0.6)  # 30 chunks of 20 ms, streamed in real time
+    settings = GatewaySettings(chunk_rate=None, linger_ms=60)
+    async with make_server(gateway_settings=settings) as server:
+        result = await client(server, tls, ["highpass"]).stream(x, rate=1.0)
+        published = server.gateway.metrics_registry.get_sample_value(
+            "audiostream_gateway_messages_published_total")
+    chunks = -(-x.shape[0] // CHUNK)
+    assert not result.dropped
+    assert result.audio == run_offline(x.tobytes(), FMT, ["highpass"])  # same audio, stateful
+    # A message leaves once its oldest chunk is 60 ms old: >= 3 chunks each, but the last.
+    assert published is not None and published <= chunks // 3 + 1
+
+
 async def test_chunks_may_have_any_whole_sample_size(server: Embedded, tls: TLS) -> None:
     x = noise(3, 0.3)
     sizes = [1, 7, 160, 333, 320, 999]

@@ -137,6 +137,7 @@ class SessionPipeline:
         state: Mapping[str, bytes] | None = None,
         on_displaced: Callable[[], None] | None = None,
         bundler: WorkBundler | None = None,
+        linger_s: float = 0.0,
     ) -> None:
         self.session_id = session_id
         self.transport = transport
@@ -146,6 +147,10 @@ class SessionPipeline:
         self.pipeline = pipeline
         self.format = fmt
         self.deadline_s = deadline_s
+        # Opt-in latency for throughput: hold a message until its oldest chunk is this
+        # old, so it carries more chunks (never more than half the deadline).
+        self.linger_s = max(0.0, min(linger_s, deadline_s / 2))
+        self._linger: asyncio.TimerHandle | None = None
         self.sink = sink
         self.metrics = metrics
         self.reply_queue = transport.topology.reply_queue(session_id)
@@ -311,6 +316,12 @@ class SessionPipeline:
         if not self._backlog:
             self._idle.set()
             return
+        if self.linger_s and len(self._backlog) < MAX_COALESCE:
+            wait = self._backlog[0].received_at + self.linger_s - now
+            if wait > 0:
+                if self._linger is None:
+                    self._linger = asyncio.get_running_loop().call_later(wait, self._lingered)
+                return
         chunks = [self._backlog.popleft() for _ in range(min(MAX_COALESCE, len(self._backlog)))]
         if self.metrics is not None:
             self.metrics.stage.labels(stage="gateway_backlog").observe(
@@ -340,6 +351,10 @@ class SessionPipeline:
             timings=(("gateway_rx", chunks[0].received_at), ("gateway_publish", now)),
         )
         self._spawn(self._publish(flight, env))
+
+    def _lingered(self) -> None:
+        self._linger = None
+        self._pump()
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
@@ -465,6 +480,8 @@ class SessionPipeline:
         if self._closed:
             return
         self._closed = True
+        if self._linger is not None:
+            self._linger.cancel()
         if self._inflight is not None and self._inflight.timer is not None:
             self._inflight.timer.cancel()
         if self._subscription is not None:

@@ -73,6 +73,10 @@ class GatewaySettings:
     """How often the work-queue depth gauge is refreshed; 0 disables polling."""
     bundle_max: int = 64
     """Most sessions' work messages packed into one broker message."""
+    linger_ms: float = 0.0
+    """Hold a session's next message until its oldest chunk is this old (0: send as soon
+    as the previous one is answered). Fewer, larger messages per session for up to this
+    much latency: a throughput knob for workers that are the bottleneck."""
     bundle_wait_ms: float = 5.0
     """Longest an envelope waits for its bundle while an earlier one awaits its confirm
     (with none in flight it goes out at once)."""
@@ -237,6 +241,7 @@ class _Connection:
             state=state,
             on_displaced=self.on_displaced,
             bundler=self.gateway.bundler,
+            linger_s=self.gateway.settings.linger_ms / 1000,
         )
 
     def _started(self, pl: SessionPipeline, result: str) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,8 @@ class _Held:
 class _Item:
     held: _Held
     envelope: WorkEnvelope
+    received: float
+    """Wall-clock time the delivery arrived (stamped with the batch start, in one go)."""
 
 
 class _Lane:
@@ -185,9 +188,8 @@ class Worker:
                 self.metrics.bundle_size.labels(processing=lane.name).observe(len(envelopes))
             held = _Held(delivery, len(envelopes))
             now = time.monotonic()
-            stage = f"{lane.name}:worker_rx"
             for env in envelopes:
-                lane.batcher.add(_Item(held, env.stamped(stage, received)), now)
+                lane.batcher.add(_Item(held, env, received), now)
             lane.wake.set()
 
         return handle
@@ -207,9 +209,10 @@ class Worker:
                 continue
             items = lane.batcher.take(now)
             envelopes = [it.envelope for it in items]
+            received = [it.received for it in items]
             started = time.perf_counter()
             report: BatchReport = await loop.run_in_executor(
-                lane.executor, run_step, lane.fn, envelopes
+                lane.executor, functools.partial(run_step, lane.fn, envelopes, received=received)
             )
             if self.metrics is not None and report.processed_size:
                 self.metrics.inference.labels(processing=lane.name).observe(
@@ -238,11 +241,8 @@ class Worker:
                     else:
                         result = expired_reply(result)
                 if isinstance(result, Reply):
-                    stamped = replace(
-                        result,
-                        timings=(*result.timings, (f"{lane.name}:replied", time.time())),
-                    )
-                    await self.transport.publish_reply(env.reply_to, encode_reply(stamped))
+                    body = encode_reply(result, also=((f"{lane.name}:replied", time.time()),))
+                    await self.transport.publish_reply(env.reply_to, body)
                     status = str(result.status)
             except TransportError as err:
                 log.error(

@@ -159,18 +159,36 @@ def _advance(env: WorkEnvelope, out: StepOutput, now: float) -> Result:
     )
 
 
+def _stamp(env: WorkEnvelope, start: float, received: float | None) -> WorkEnvelope:
+    name = env.step.name
+    marks = ((f"{name}:batch_start", start),) if received is None else (
+        (f"{name}:worker_rx", received), (f"{name}:batch_start", start))
+    return replace(env, timings=(*env.timings, *marks))
+
+
 def run_step(
-    fn: BatchFn, envelopes: Sequence[WorkEnvelope], *, now: float | None = None
+    fn: BatchFn,
+    envelopes: Sequence[WorkEnvelope],
+    *,
+    now: float | None = None,
+    received: Sequence[float] | None = None,
 ) -> BatchReport:
-    """Process one batch of envelopes that all wait for the same processing type."""
+    """Process one batch of envelopes that all wait for the same processing type.
+
+    ``received``: when the worker got each envelope, stamped as ``<step>:worker_rx``
+    together with ``<step>:batch_start``.
+    """
     start = time.time() if now is None else now
+    if received is not None and len(received) != len(envelopes):
+        raise ValueError("one receive time per envelope")
     results: list[Result | None] = [None] * len(envelopes)
     live: list[int] = []
     inputs: list[StepInput] = []
     expired = failed = 0
     for i, env in enumerate(envelopes):
         if env.expired(start):
-            results[i] = expired_reply(env)
+            results[i] = expired_reply(
+                _stamp(env, start, None if received is None else received[i]))
             expired += 1
             continue
         try:
@@ -190,9 +208,8 @@ def run_step(
             )
         )
     if inputs:
-        stamped = [
-            envelopes[i].stamped(f"{envelopes[i].step.name}:batch_start", start) for i in live
-        ]
+        stamped = [_stamp(envelopes[i], start, None if received is None else received[i])
+                   for i in live]
         outputs = _call(fn, inputs)
         done = time.time()
         for i, env, out in zip(live, stamped, outputs, strict=True):
