@@ -53,6 +53,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
      "/gateway/drain/extraSeconds"),
     ("string where a number goes", {"gateway": {"maxConnections": "10k"}},
      "/gateway/maxConnections"),
+    ("empty bundles", {"gateway": {"bundleMax": 0}}, "/gateway/bundleMax"),
+    ("negative linger", {"gateway": {"lingerMs": -5}}, "/gateway/lingerMs"),
     ("even broker cluster", {"rabbitmq": {"cluster": {"replicas": 2}}},
      "/rabbitmq/cluster/replicas"),
     ("password that breaks the URL", {"rabbitmq": {"user": {"password": "p@ss/word"}}},
