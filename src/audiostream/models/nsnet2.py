@@ -21,6 +21,7 @@ zeros first. The last ``win - 1`` samples of a stream stay in the state.
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 from collections.abc import Sequence
@@ -33,7 +34,9 @@ import numpy.typing as npt
 
 from audiostream.errors import ConfigError, ErrorCode, ModelError, ProcessingError
 from audiostream.models import files, runtime
-from audiostream.models.prepare import VARIANTS, nsnet2_name
+from audiostream.models.prepare import RECIPE_VERSION, VARIANTS, nsnet2_name
+
+log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -129,6 +132,17 @@ class Model:
         self.variant = check_variant(variant)
         directory = files.model_dir(model_dir)
         path, entry = files.prepared_file(directory, nsnet2_name(rate, variant))
+        recipe = files.read_manifest(directory).get("recipe")
+        if recipe != RECIPE_VERSION:
+            # Still loadable, but e.g. recipe 1's int8 mixed sessions of one batch.
+            log.warning(
+                "%s was prepared by recipe %s, this version builds recipe %s: re-run "
+                "`audiostream models prepare --model-dir %s`",
+                path.name,
+                recipe,
+                RECIPE_VERSION,
+                directory,
+            )
         try:
             self.hidden = int(entry["hidden"])
             self.bins = int(entry["bins"])
@@ -187,11 +201,48 @@ def _overlap_add(fr: Framing, frames: F32, tail: F32) -> tuple[F32, F32]:
 _MAGIC = b"NSN2"
 _VERSION = 1
 _HEADER = struct.Struct("<4sHHIHHQQII")  # magic ver channels rate hidden hop n_in n_frames P R
+#: The payload after the header is 4-byte aligned, so a batch of equal-sized states
+#: reads as one float32 matrix (header columns dropped) without a per-state copy.
+_HEADER_FLOATS = _HEADER.size // 4
+assert _HEADER.size % 4 == 0
+
+
+def _bad_state(why: str) -> ProcessingError:
+    return ProcessingError(f"denoise state is unusable: {why}", ErrorCode.PROCESSING_FAILED)
+
+
+def _check_header(raw: bytes, fr: Framing, hidden: int, channels: int) -> tuple[int, int, int, int]:
+    """``(n_in, n_frames, P, R)`` of a state; everything is checked but the values' finiteness."""
+    if len(raw) < _HEADER.size:
+        raise _bad_state(f"{len(raw)} bytes is shorter than the header")
+    magic, version, ch, rate, hid, hop, n_in, n_frames, p_len, r_len = _HEADER.unpack_from(raw)
+    if magic != _MAGIC:
+        raise _bad_state("not an NSNet2 state")
+    if version != _VERSION:
+        raise _bad_state(f"version {version}, this worker reads version {_VERSION}")
+    if rate != fr.rate or hop != fr.hop:
+        raise _bad_state(f"made at {rate} Hz, audio is {fr.rate} Hz")
+    if hid != hidden:
+        raise _bad_state(f"GRU size {hid}, model has {hidden}")
+    if ch != channels:
+        raise _bad_state(f"made for {ch} channel(s), audio has {channels}")
+    expect_frames = max(0, (n_in - fr.win) // fr.hop + 1)
+    expect_ready = n_frames * fr.hop - max(0, n_in - fr.delay)
+    if n_frames != expect_frames or p_len != n_in - n_frames * fr.hop or r_len != expect_ready:
+        raise _bad_state("inconsistent sample counters")
+    size = _HEADER.size + 4 * ch * (2 * hid + p_len + r_len + hop)
+    if len(raw) != size:
+        raise _bad_state(f"{len(raw)} bytes, expected {size}")
+    return n_in, n_frames, p_len, r_len
 
 
 @dataclass(slots=True)
 class StreamState:
-    """Everything one session needs between messages (per channel rows)."""
+    """Everything one session needs between messages (per channel rows).
+
+    The reference form of the state bytes; ``Denoiser.process`` reads and writes
+    the same layout for whole groups of sessions at once (``_Group``).
+    """
 
     n_in: int
     n_frames: int
@@ -235,37 +286,18 @@ class StreamState:
 
     @classmethod
     def from_bytes(cls, raw: bytes, fr: Framing, hidden: int, channels: int) -> StreamState:
-        def bad(why: str) -> ProcessingError:
-            return ProcessingError(f"denoise state is unusable: {why}", ErrorCode.PROCESSING_FAILED)
-
-        if len(raw) < _HEADER.size:
-            raise bad(f"{len(raw)} bytes is shorter than the header")
-        magic, version, ch, rate, hid, hop, n_in, n_frames, p_len, r_len = _HEADER.unpack_from(raw)
-        if magic != _MAGIC:
-            raise bad("not an NSNet2 state")
-        if version != _VERSION:
-            raise bad(f"version {version}, this worker reads version {_VERSION}")
-        if rate != fr.rate or hop != fr.hop:
-            raise bad(f"made at {rate} Hz, audio is {fr.rate} Hz")
-        if hid != hidden:
-            raise bad(f"GRU size {hid}, model has {hidden}")
-        if ch != channels:
-            raise bad(f"made for {ch} channel(s), audio has {channels}")
-        expect_frames = max(0, (n_in - fr.win) // fr.hop + 1)
-        expect_ready = n_frames * fr.hop - max(0, n_in - fr.delay)
-        if n_frames != expect_frames or p_len != n_in - n_frames * fr.hop or r_len != expect_ready:
-            raise bad("inconsistent sample counters")
-        sizes = (ch * 2 * hid, ch * p_len, ch * r_len, ch * hop)
-        if len(raw) != _HEADER.size + 4 * sum(sizes):
-            raise bad(f"{len(raw)} bytes, expected {_HEADER.size + 4 * sum(sizes)}")
+        n_in, n_frames, p_len, r_len = _check_header(raw, fr, hidden, channels)
         flat = np.frombuffer(raw, dtype="<f4", offset=_HEADER.size).astype(np.float32)
         if not np.isfinite(flat).all():
-            raise bad("non-finite values")
-        a, b, c = sizes[0], sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2]
+            raise _bad_state("non-finite values")
+        ch, hop = channels, fr.hop
+        a = ch * 2 * hidden
+        b = a + ch * p_len
+        c = b + ch * r_len
         return cls(
             n_in,
             n_frames,
-            flat[:a].reshape(ch, 2, hid),
+            flat[:a].reshape(ch, 2, hidden),
             flat[a:b].reshape(ch, p_len),
             flat[b:c].reshape(ch, r_len),
             flat[c:].reshape(ch, hop),
@@ -273,6 +305,131 @@ class StreamState:
 
 
 # --- the engine ---------------------------------------------------------------------
+
+#: Sessions that share (channels, new samples, P, R, leading zeros, is new) stack into
+#: arrays: the common case (every session sends 20 ms) is one group per batch.
+_Layout = tuple[int, int, int, int, int, bool]
+
+
+@dataclass(slots=True)
+class _Group:
+    """Sessions of one batch with the same layout, as stacked rows (session x channel)."""
+
+    index: list[int]  # positions in the batch
+    channels: int
+    zeros: int  # leading zeros of every output (streams younger than the delay)
+    n_in: list[int]
+    n_frames: list[int]
+    x: F32  # [rows, n]: new audio
+    h: F32  # [rows, 2, hidden]
+    pending: F32  # [rows, P]
+    ready: F32  # [rows, R]
+    tail: F32  # [rows, hop]
+    count: int = 0  # new frames per row
+
+    @classmethod
+    def load(
+        cls,
+        layout: _Layout,
+        index: list[int],
+        items: Sequence[tuple[npt.NDArray[Any], bytes | None]],
+        counters: list[tuple[int, int]],
+        hidden: int,
+        hop: int,
+    ) -> _Group:
+        channels, n, p_len, r_len, zeros, fresh = layout
+        size = len(index)
+        rows = size * channels
+        arrays = [items[i][0] for i in index]
+        audio = arrays[0][None] if size == 1 else np.stack(arrays)  # [G, n, C]
+        x = np.ascontiguousarray(audio.transpose(0, 2, 1), dtype=np.float32).reshape(rows, n)
+        if not np.isfinite(x).all():
+            # A NaN would live on in the GRU state forever; treat it as silence.
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        if fresh:
+            h = np.zeros((rows, 2, hidden), np.float32)
+            pending = np.zeros((rows, 0), np.float32)
+            ready = np.zeros((rows, 0), np.float32)
+            tail = np.zeros((rows, hop), np.float32)
+        else:
+            raws = [items[i][1] or b"" for i in index]
+            flat = np.frombuffer(b"".join(raws), dtype="<f4").astype(np.float32, copy=False)
+            flat = flat.reshape(size, -1)[:, _HEADER_FLOATS:]
+            if not np.isfinite(flat).all():
+                raise _bad_state("non-finite values")
+            a = channels * 2 * hidden
+            b = a + channels * p_len
+            c = b + channels * r_len
+            h = flat[:, :a].reshape(rows, 2, hidden)
+            pending = flat[:, a:b].reshape(rows, p_len)
+            ready = flat[:, b:c].reshape(rows, r_len)
+            tail = flat[:, c:].reshape(rows, hop)
+        return cls(
+            index,
+            channels,
+            zeros,
+            [counters[i][0] for i in index],
+            [counters[i][1] for i in index],
+            x,
+            h,
+            pending,
+            ready,
+            tail,
+        )
+
+    def frames(self, fr: Framing) -> F32:
+        """The new frames ``[rows * count, win]`` (row-major); consumed input leaves ``pending``."""
+        buf = np.concatenate([self.pending, self.x], axis=1) if self.pending.shape[1] else self.x
+        length = buf.shape[1]
+        self.count = (length - fr.win) // fr.hop + 1 if length >= fr.win else 0
+        self.pending = buf[:, self.count * fr.hop :]
+        if not self.count:
+            return np.empty((0, fr.win), np.float32)
+        # Frame k of a row is buf[row, k*hop : k*hop + win]; a loop over frames, not rows.
+        frames = np.empty((buf.shape[0], self.count, fr.win), np.float32)
+        for k in range(self.count):
+            frames[:, k] = buf[:, k * fr.hop : k * fr.hop + fr.win]
+        return frames.reshape(-1, fr.win)
+
+    def finish(self, fr: Framing, synth: F32, h: F32) -> list[tuple[F32, bytes]]:
+        """Overlap-add this group's synthesised frames, emit outputs and new state bytes."""
+        hop, count = fr.hop, self.count
+        rows, n = self.x.shape
+        if count:
+            frames = synth.reshape(rows, count, fr.win)
+            # Block k = second half of frame k-1 + first half of frame k (50 % overlap).
+            tails = np.concatenate([self.tail[:, None, :], frames[:, :-1, hop:]], axis=1)
+            blocks = (tails + frames[:, :, :hop]).reshape(rows, count * hop)
+            self.tail = frames[:, -1, hop:]
+            self.ready = (
+                np.concatenate([self.ready, blocks], axis=1) if self.ready.shape[1] else blocks
+            )
+            self.h = h
+        size, channels, take = len(self.index), self.channels, n - self.zeros
+        out = np.zeros((size, n, channels), np.float32)
+        out[:, self.zeros :] = self.ready[:, :take].reshape(size, channels, take).transpose(0, 2, 1)
+        self.ready = self.ready[:, take:]
+        payload = np.concatenate(
+            [a.reshape(size, -1) for a in (self.h, self.pending, self.ready, self.tail)], axis=1
+        ).astype("<f4", copy=False)
+        hidden = self.h.shape[2]
+        p_len, r_len = self.pending.shape[1], self.ready.shape[1]
+        results = []
+        for g in range(size):
+            header = _HEADER.pack(
+                _MAGIC,
+                _VERSION,
+                channels,
+                fr.rate,
+                hidden,
+                hop,
+                self.n_in[g] + n,
+                self.n_frames[g] + count,
+                p_len,
+                r_len,
+            )
+            results.append((out[g], header + payload[g].tobytes()))
+        return results
 
 
 class Denoiser:
@@ -292,72 +449,52 @@ class Denoiser:
         """Denoise ``(audio (frames, channels), state)`` pairs; same length out as in.
 
         All frames of the batch go through one FFT, one ORT call per hop step and
-        one inverse FFT; only bookkeeping is per session.
+        one inverse FFT. Sessions with the same layout are handled as stacked
+        arrays; only header checks and state bytes are per session.
         """
         fr = self.framing
-        hop, win = fr.hop, fr.win
-        states: list[StreamState] = []
-        inputs: list[F32] = []
-        buffers: list[F32] = []
-        counts: list[int] = []  # frames per item
-        row_counts: list[int] = []  # frames per row (item x channel)
-        for audio, raw in items:
-            x = _as_channels_first(audio)
-            channels = x.shape[0]
-            st = (
-                StreamState.new(channels, self.model.hidden, hop)
-                if raw is None
-                else StreamState.from_bytes(raw, fr, self.model.hidden, channels)
+        hidden = self.model.hidden
+        layouts: dict[_Layout, list[int]] = {}
+        counters: list[tuple[int, int]] = []
+        for i, (audio, raw) in enumerate(items):
+            if audio.ndim != 2:
+                raise ProcessingError(f"audio must be (frames, channels), got shape {audio.shape}")
+            n, channels = audio.shape
+            if raw is None:
+                n_in = n_frames = p_len = r_len = 0
+            else:
+                n_in, n_frames, p_len, r_len = _check_header(raw, fr, hidden, channels)
+            counters.append((n_in, n_frames))
+            zeros = min(max(fr.delay - n_in, 0), n)
+            key = (channels, n, p_len, r_len, zeros, raw is None)
+            layouts.setdefault(key, []).append(i)
+        groups = [
+            _Group.load(key, index, items, counters, hidden, fr.hop)
+            for key, index in layouts.items()
+        ]
+        frames = [g.frames(fr) for g in groups]
+        active = [g for g in groups if g.count]
+        synth = np.empty((0, fr.win), np.float32)
+        h_new = np.empty((0, 2, hidden), np.float32)
+        if active:
+            spec, feat = _analyse(fr, _join([f for f in frames if len(f)]))
+            row_counts = np.repeat(
+                np.array([g.count for g in active], np.int64), [g.x.shape[0] for g in active]
             )
-            buf = np.concatenate([st.pending, x], axis=1) if st.pending.shape[1] else x
-            count = (buf.shape[1] - win) // hop + 1 if buf.shape[1] >= win else 0
-            st.pending = buf[:, count * hop :]
-            states.append(st)
-            inputs.append(x)
-            buffers.append(buf)
-            counts.append(count)
-            row_counts.extend([count] * channels)
-
-        total = sum(row_counts)
-        synth = np.empty((0, win), np.float32)
-        if total:
-            frames = np.empty((total, win), np.float32)
-            pos = 0
-            for buf, count in zip(buffers, counts, strict=True):
-                for c in range(buf.shape[0]):
-                    for k in range(count):
-                        frames[pos] = buf[c, k * hop : k * hop + win]
-                        pos += 1
-            spec, feat = _analyse(fr, frames)
-            h_rows = np.concatenate([st.h for st in states], axis=0)  # [rows, 2, hidden]
-            gains, h_new = self._run_rows(feat, np.asarray(row_counts), h_rows)
+            gains, h_new = self._run_rows(feat, row_counts, _join([g.h for g in active]))
             synth = _synthesise(fr, spec, gains)
-            row = 0
-            for st in states:
-                st.h = h_new[row : row + st.h.shape[0]]
-                row += st.h.shape[0]
-
-        outputs: list[tuple[F32, bytes]] = []
-        pos = 0
-        for st, x, count in zip(states, inputs, counts, strict=True):
-            channels, n = x.shape
-            if count:
-                blocks = np.empty((channels, count * hop), np.float32)
-                tails = np.empty((channels, hop), np.float32)
-                for c in range(channels):
-                    blocks[c], tails[c] = _overlap_add(fr, synth[pos : pos + count], st.tail[c])
-                    pos += count
-                st.ready = np.concatenate([st.ready, blocks], axis=1)
-                st.tail = tails
-                st.n_frames += count
-            zeros = min(max(fr.delay - st.n_in, 0), n)
-            take = n - zeros
-            out = np.zeros((n, channels), np.float32)
-            out[zeros:] = st.ready[:, :take].T
-            st.ready = st.ready[:, take:]
-            st.n_in += n
-            outputs.append((out, st.to_bytes(fr.rate)))
-        return outputs
+        outputs: list[tuple[F32, bytes] | None] = [None] * len(items)
+        frame_pos = row = 0
+        for g in groups:
+            rows = g.x.shape[0]
+            n_frames = rows * g.count
+            h = h_new[row : row + rows] if g.count else g.h
+            results = g.finish(fr, synth[frame_pos : frame_pos + n_frames], h)
+            for i, result in zip(g.index, results, strict=True):
+                outputs[i] = result
+            frame_pos += n_frames
+            row += rows if g.count else 0
+        return [o for o in outputs if o is not None]
 
     def _run_rows(self, feat: F32, counts: npt.NDArray[np.int64], h_rows: F32) -> tuple[F32, F32]:
         """Gains for ``feat`` (rows' frames back to back); step s feeds rows with > s frames."""
@@ -434,6 +571,11 @@ class Denoiser:
                 blocks, _ = _overlap_add(fr, frames, np.zeros(fr.hop, np.float32))
                 out[c] = blocks[:n]
         return out[0] if one_d else np.ascontiguousarray(out.T)
+
+
+def _join(arrays: list[F32]) -> F32:
+    """Concatenate along the first axis; a lone array is used as is (no copy)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def _as_channels_first(audio: npt.NDArray[Any]) -> F32:

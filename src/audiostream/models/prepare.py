@@ -11,12 +11,16 @@ Everything here is a pure function of the pinned source files and the installed
   ``h0 [2, batch, H]`` and expose the GRUs' final states as ``hn [2, batch, H]``
   (H = 400 at 16 kHz, 600 at 48 kHz). Streaming with it is bit-identical to
   running a whole file.
-* ``nsnet2-*-int8.onnx``: ONNX Runtime *dynamic* post-training quantisation
-  (int8 weights per channel, uint8 activations quantised at run time: no
-  calibration set needed). ORT cannot quantise the GRU op, and the GRUs hold
-  ~70 % of the weights, so first each GRU is rewritten as one explicit
-  GRU cell (MatMul/Sigmoid/Tanh) for a single 10 ms step; its MatMuls then
-  quantise. This graph takes exactly one frame per call (``[batch, 1, F]``).
+* ``nsnet2-*-int8.onnx``: dynamic int8 quantisation (no calibration set),
+  built here rather than with ``onnxruntime.quantization.quantize_dynamic``:
+  that quantises activations with one scale per *tensor*, i.e. per batch, so a
+  session's output would change with its batch neighbours. Here every
+  activation *row* (one session's frame) gets its own scale; weights are int8
+  per output column; integer accumulation is exact, so a row's output depends
+  on that row only and sessions stay isolated (see ``int8_graph``). The GRUs
+  hold ~70 % of the weights and a GRU op cannot be quantised, so first each
+  GRU is rewritten as one explicit GRU cell (MatMul/Sigmoid/Tanh) for a single
+  10 ms step. This graph takes exactly one frame per call (``[batch, 1, F]``).
 * ``nsnet2-*-fp16.onnx``: float16 weights/compute for GPUs, converted with the
   ``float16`` tool that ships inside onnxruntime (no extra dependency). Inputs
   and outputs stay float32 so the session state format is the same, and the
@@ -50,7 +54,7 @@ from audiostream.models import files
 log = logging.getLogger(__name__)
 
 #: Bump when the derivation changes: an older model dir is then rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 NSNET2_RATES = (16000, 48000)
 VARIANTS = ("fp32", "int8", "fp16")
@@ -144,7 +148,7 @@ def streaming_graph(model: Any) -> Any:
 
 
 class _CellBuilder:
-    """Nodes and initialisers for one GRU rewritten as a single cell step."""
+    """Nodes and initialisers for one rewritten subgraph, names under ``prefix``."""
 
     def __init__(self, prefix: str, hidden: int, opset: int) -> None:
         self.p = prefix
@@ -159,11 +163,25 @@ class _CellBuilder:
         self.initializers.append(nh.from_array(np.ascontiguousarray(arr), self.p + name))
         return self.p + name
 
-    def node(self, op: str, ins: list[str], out: str) -> str:
+    def node(
+        self, op: str, ins: list[str], out: str, *, output: str | None = None, **attrs: Any
+    ) -> str:
+        """Add one node; its output is ``prefix + out`` unless ``output`` names it."""
         from onnx import helper
 
-        self.nodes.append(helper.make_node(op, ins, [self.p + out], name=self.p + out))
-        return self.p + out
+        name = output or self.p + out
+        domain = attrs.pop("domain", "")
+        self.nodes.append(
+            helper.make_node(op, ins, [name], name=self.p + out, domain=domain, **attrs)
+        )
+        return name
+
+    def reduce(self, op: str, src: str, out: str) -> str:
+        """``op`` (ReduceMax/ReduceMin) over the last axis, keeping it (axes moved in opset 18)."""
+        if self.opset >= 18:
+            axes = self.const(f"{out}_axes", np.array([-1], np.int64))
+            return self.node(op, [src, axes], out, keepdims=1)
+        return self.node(op, [src], out, axes=[-1], keepdims=1)
 
     def split(self, src: str, outs: list[str]) -> list[str]:
         from onnx import helper
@@ -253,6 +271,112 @@ def gru_cells(model: Any) -> Any:
     return model
 
 
+# --- int8: per-row dynamic quantisation ---------------------------------------------
+
+#: Guards the scale of an all-zero row (the first GRU state, silence after a ReLU).
+_TINY_RANGE = 1e-30
+#: Ops that only move values: a ReLU's output is still non-negative after them.
+_LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+_MS_DOMAIN = "com.microsoft"
+
+
+def _int8_weights(w: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Symmetric int8 per output column: ``w ~= q * scale[None, :]``."""
+    amax = np.abs(w).max(axis=0)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _after_relu(name: str, producers: dict[str, Any]) -> bool:
+    node = producers.get(name)
+    while node is not None and node.op_type in _LAYOUT_OPS:
+        node = producers.get(node.input[0])
+    return node is not None and node.op_type == "Relu"
+
+
+def _row_quantized_matmul(
+    x: str, w: np.ndarray[Any, Any], y: str, prefix: str, opset: int, *, non_negative: bool
+) -> tuple[list[Any], list[Any]]:
+    """``y = x @ w`` with ``x`` quantised to uint8 per row (last axis), ``w`` int8 per column.
+
+    ORT's CPU ``MatMulInteger`` takes only a scalar ``a_zero_point`` (the ONNX
+    spec allows one per row; ORT refuses it), so only the *scale* is per row and
+    the zero point is a constant: after a ReLU the row is quantised on
+    ``[0, max]`` (zero point 0, 255 steps), otherwise symmetrically on
+    ``[-max|x|, max|x|]`` (zero point 128, 254 steps). ``MatMulIntegerToFloat``
+    (ORT's fused integer GEMM) applies the column scales; the row scale is one
+    more Mul. Written as plain ``MatMulInteger -> Cast -> Mul(row x column scales)
+    -> Add(bias)`` instead, ORT 1.32's optimiser fuses all of it into one
+    ``MatMulIntegerToFloat`` with the row scales as ``a_scale``, and that kernel
+    then scales the bias by the row scale too: ``s_row * (acc * s_col + bias)``.
+    """
+    q_w, col_scale = _int8_weights(w)
+    levels, zero_point = (255.0, 0) if non_negative else (127.0, 128)
+    c = _CellBuilder(prefix, 0, opset)
+    amax = c.reduce("ReduceMax", x if non_negative else c.node("Abs", [x], "abs"), "amax")
+    span = c.node("Max", [amax, c.const("tiny", np.array(_TINY_RANGE, np.float32))], "span")
+    inv_scale = c.node("Div", [c.const("levels", np.array(levels, np.float32)), span], "inv_scale")
+    zp = c.const("zero_point", np.array(zero_point, np.uint8))
+    one = c.const("one", np.array(1.0, np.float32))
+    # Round half to even and saturate, in one vectorised kernel.
+    x_q = c.node("QuantizeLinear", [c.node("Mul", [x, inv_scale], "x_scaled"), one, zp], "x_q")
+    # The row scale is span / levels: 1 / levels goes into the column scales.
+    col = c.const("col_scale", (col_scale / np.float32(levels)).astype(np.float32))
+    y_col = c.node(
+        "MatMulIntegerToFloat",
+        [x_q, c.const("w_q", q_w), one, col, zp],
+        "y_col",
+        domain=_MS_DOMAIN,
+    )
+    c.node("Mul", [y_col, span], "y", output=y)
+    return c.nodes, c.initializers
+
+
+def int8_graph(model: Any) -> Any:
+    """Quantise every MatMul with a constant 2-D weight in ``model`` (the cell graph).
+
+    Per-row activation scales make each session's output independent of its
+    batch neighbours (see the module docstring and ``_row_quantized_matmul``).
+    """
+    import onnx
+    from onnx import helper
+    from onnx import numpy_helper as nh
+
+    g = model.graph
+    opset = _opset(model)
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    out_nodes: list[Any] = []
+    extra: list[Any] = []
+    for k, n in enumerate(g.node):
+        w = inits.get(n.input[1]) if n.op_type == "MatMul" else None
+        if w is None or len(w.dims) != 2:
+            out_nodes.append(_copy_node(n))
+            continue
+        nodes, tensors = _row_quantized_matmul(
+            n.input[0],
+            nh.to_array(w).astype(np.float32),
+            n.output[0],
+            f"{n.name or n.output[0]}_q{k}/",
+            opset,
+            non_negative=_after_relu(n.input[0], producers),
+        )
+        out_nodes += nodes
+        extra += tensors
+    g.initializer.extend(extra)
+    del g.node[:]
+    g.node.extend(out_nodes)
+    used = {name for nd in g.node for name in nd.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    if not any(o.domain == _MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def _toposort(model: Any) -> Any:
     """Order nodes so every input is produced before use (the fp16 converter appends casts)."""
     g = model.graph
@@ -308,23 +432,6 @@ def _save(model: Any, dst: Path) -> None:
     import onnx
 
     _atomic_write(dst, lambda p: onnx.save(model, str(p)))
-
-
-def _quantize(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    def write(p: Path) -> None:
-        # quantize_dynamic warns about pre-processing through the root logger; its advice
-        # (symbolic shape inference) does not change this graph.
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)
-        try:
-            quantize_dynamic(str(src), str(p), per_channel=True, weight_type=QuantType.QInt8)
-        finally:
-            root.setLevel(level)
-
-    _atomic_write(dst, write)
 
 
 def _save_optimized(src: Path, dst: Path, level: str) -> None:
@@ -397,11 +504,7 @@ def prepare(directory: Path, *, force: bool = False, optimized: bool = True) -> 
         bins = int(fp32.graph.input[0].type.tensor_type.shape.dim[2].dim_value)
         paths = {v: directory / nsnet2_name(rate, v) for v in VARIANTS}
         _save(fp32, paths["fp32"])
-        cells = gru_cells(onnx.load(str(paths["fp32"])))
-        with tempfile.TemporaryDirectory() as tmp:
-            cell_path = Path(tmp) / "cells.onnx"
-            onnx.save(cells, str(cell_path))
-            _quantize(cell_path, paths["int8"])
+        _save(int8_graph(gru_cells(onnx.load(str(paths["fp32"])))), paths["int8"])
         _save(float16_graph(onnx.load(str(paths["fp32"]))), paths["fp16"])
         for variant, path in paths.items():
             entries[path.name] = {
