@@ -115,10 +115,18 @@ async def trial(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
     done = asyncio.Event()
     answered = 0
 
+    acked = [0] * sessions
+
     def sink_for(i: int) -> Any:
         def sink(outcomes: list[Outcome]) -> None:
             nonlocal answered
             now = time.monotonic()
+            # Like the SDK: confirm what it holds every 25 outcomes, so the gateway code
+            # settles its journal (unconfirmed replies stay in the reply queue).
+            end = outcomes[-1].seq + 1
+            if end - acked[i] >= 25:
+                acked[i] = end
+                pipes[i].confirm(end)
             for o in outcomes:
                 t = sent_at[i].pop(o.seq, None)
                 if o.audio is None:

@@ -153,10 +153,15 @@ class Model:
             raise ModelError(f"manifest entry for {path.name} is malformed") from None
         if self.bins != self.framing.bins:
             raise ModelError(f"{path.name} has {self.bins} bins, expected {self.framing.bins}")
-        self.session = runtime.create_session(
-            path, options or runtime.RuntimeOptions(), optimization=level
-        )
+        self.options = options or runtime.RuntimeOptions()
+        self.session = runtime.create_session(path, self.options, optimization=level)
         self.providers = runtime.providers_in_use(self.session)
+        #: With I/O binding the GRU state stays on the session's device across hops.
+        self.binding = (
+            runtime.RecurrentBinding(self.session, self.options, state_in="h0", state_out="hn")
+            if self.options.bind_io
+            else None
+        )
         # One inference at a time per model: concurrent runs would only compete for the
         # same cores (a worker scales with processes, not threads).
         self.lock = threading.Lock()
@@ -165,6 +170,51 @@ class Model:
         """Gains ``[B, T, bins]`` and the new state for features ``[B, T, bins]``."""
         gain, hn = runtime.run(self.session, {"input": feat, "h0": h0}, ("output", "hn"))
         return gain.astype(np.float32, copy=False), hn.astype(np.float32, copy=False)
+
+    def run_steps(self, feat_t: F32, active: Sequence[int], h: F32) -> tuple[F32, F32]:
+        """Gains ``[T, B, bins]`` of one frame per step, the state carried between steps.
+
+        Step ``s`` runs rows ``:active[s]`` of ``feat_t[s]`` (non-increasing: rows are
+        sorted longest first), so a row that has no more frames keeps its last state;
+        gains of rows not run are undefined. Returns the final state ``[2, B, hidden]``.
+        Call with ``lock`` held.
+        """
+        bins = feat_t.shape[2]
+        gain_t = np.empty_like(feat_t)
+        if self.binding is None:
+            rows = h.shape[1]
+            for s, n in enumerate(active):
+                g, hn = self.run(
+                    feat_t[s, :n].reshape(n, 1, bins),
+                    h if n == rows else np.ascontiguousarray(h[:, :n]),
+                )
+                gain_t[s, :n] = g[:, 0]
+                if n == rows:
+                    h = hn
+                else:
+                    h[:, :n] = hn
+            return gain_t, h
+        # Bound: the state goes to the device once, then only back when rows drop out
+        # (a device tensor cannot be sliced from Python) and at the end.
+        bound = self.binding
+        h = np.array(h, np.float32, copy=True)
+        width = 0
+        try:
+            for s, n in enumerate(active):
+                if n != width:
+                    if width:
+                        h[:, :width] = bound.state()
+                    bound.set_state(h[:, :n])
+                    width = n
+                bound.step(
+                    {"input": feat_t[s, :n].reshape(n, 1, bins)},
+                    {"output": gain_t[s, :n].reshape(n, 1, bins)},
+                )
+            if width:
+                h[:, :width] = bound.state()
+        finally:
+            bound.release()
+        return gain_t, h
 
     def zero_state(self, batch: int) -> F32:
         return np.zeros((2, batch, self.hidden), dtype=np.float32)
@@ -513,19 +563,13 @@ class Denoiser:
                 feat_t[: counts[r], pos] = feat[starts[r] : starts[r] + counts[r]]
         sorted_counts = counts[order]
         h = np.ascontiguousarray(h_rows[order].transpose(1, 0, 2))  # [2, rows, hidden]
-        gain_t = np.empty_like(feat_t)
+        active = (
+            [rows] * longest
+            if uniform
+            else [int(np.count_nonzero(sorted_counts > s)) for s in range(longest)]
+        )
         with self.model.lock:
-            for s in range(longest):
-                active = rows if uniform else int(np.count_nonzero(sorted_counts > s))
-                g, hn = self.model.run(
-                    feat_t[s, :active].reshape(active, 1, bins),
-                    h if active == rows else np.ascontiguousarray(h[:, :active]),
-                )
-                gain_t[s, :active] = g[:, 0]
-                if active == rows:
-                    h = hn
-                else:
-                    h[:, :active] = hn
+            gain_t, h = self.model.run_steps(feat_t, active, h)
         h_out = np.empty_like(h_rows)
         h_out[order] = h.transpose(1, 0, 2)
         if uniform:
@@ -558,11 +602,9 @@ class Denoiser:
             if self.model.frames_per_call is None and count:
                 gain3, _ = self.model.run(feat3, h)
             else:
-                steps = []
-                for s in range(count):
-                    g, h = self.model.run(np.ascontiguousarray(feat3[:, s : s + 1]), h)
-                    steps.append(g)
-                gain3 = np.concatenate(steps, axis=1) if steps else np.zeros_like(feat3)
+                feat_t = np.ascontiguousarray(feat3.transpose(1, 0, 2))
+                gain_t, _ = self.model.run_steps(feat_t, [channels] * count, h)
+                gain3 = gain_t.transpose(1, 0, 2)
         out = np.zeros((channels, n), np.float32)
         if count:
             spec3 = spec.reshape(channels, count, fr.bins)
