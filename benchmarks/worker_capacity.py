@@ -21,6 +21,9 @@ gateway bundle size, gateway linger). Output: JSON lines.
 
     .venv/bin/python benchmarks/worker_capacity.py
     .venv/bin/python benchmarks/worker_capacity.py --variant int8 --modes bundled:64:2:64:0
+    # GPU machine (onnxruntime-gpu installed): the worker's Python side on core 2
+    .venv/bin/python benchmarks/worker_capacity.py --device gpu --worker-cpu 2 \
+        --start 100 --step 100 --max 4000 --modes bundled:256:5:256:0,unbatched:1:0:1:0
 """
 
 from __future__ import annotations
@@ -220,7 +223,8 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
     await declare_topology(args.broker, default_topology(prefix=prefix))
     port = c.free_port()
     metrics = f"http://127.0.0.1:{port}/metrics"
-    wargs = ["--max-batch", str(batch), "--max-wait-ms", str(wait), "--log-level", "warning"]
+    wargs = ["--max-batch", str(batch), "--max-wait-ms", str(wait), "--log-level", "warning",
+             "--device", args.device]
     if args.variant:
         wargs += ["--denoise-variant", args.variant]
     worker = await c.start("worker", c.cli(
@@ -287,7 +291,8 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
     return {
         "bench": "worker_capacity", "summary": True, "mode": name, "max_batch": batch,
         "max_wait_ms": wait, "bundle_max": bundle, "linger_ms": linger,
-        "variant": args.variant or "fp32", "worker_cpu": args.worker_cpu,
+        "variant": args.variant or "default", "device": args.device,
+        "worker_cpu": args.worker_cpu,
         "max_sessions_on_one_worker_core": good, "first_failing": bad,
         "criterion": f"p99 < {P99_LIMIT_MS:g} ms, no drops, best of {args.attempts}",
         "at_max": {k: at.get(k) for k in keys},
@@ -314,8 +319,11 @@ def cli() -> int:
     ap.add_argument("--modes",
                     default="bundled:64:2:64:0,unbatched:1:0:1:0,bundled_linger20:64:2:64:20",
                     help="name:max_batch:max_wait_ms:bundle_max:linger_ms, comma separated")
-    ap.add_argument("--variant", choices=("fp32", "int8"), default=None,
-                    help="NSNet2 variant (default: the worker's, fp32 on CPU)")
+    ap.add_argument("--variant", choices=("fp32", "int8", "fp16"), default=None,
+                    help="NSNet2 variant (default: the worker's: fp32 on cpu, fp16 on gpu)")
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                    help="the worker's --device (check audiostream_worker_provider_info on "
+                    "its /metrics: a GPU worker that fell back to CPU says so there)")
     ap.add_argument("--worker-cpu", type=int, default=1)
     ap.add_argument("--bundle-in-flight", type=int, default=1,
                     help="bundles of one type awaiting their confirm before the next waits")

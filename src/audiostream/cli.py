@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib
 import json
 import logging
@@ -396,6 +397,11 @@ async def _worker(args: argparse.Namespace) -> int:
         await web.TCPSite(runner, args.metrics_host, args.metrics_port).start()
     try:
         await worker.start()
+        # Models, sessions and modules are loaded: keep them out of every later garbage
+        # collection, and collect the young generation less often (per-message objects
+        # die young; py-spy showed 4 % of the event loop in gc at 35 sessions).
+        gc.freeze()
+        gc.set_threshold(10_000, 20, 20)
         print(f"audiostream worker consuming {','.join(processing)}", flush=True)
         sig = await _wait_for_signal()
         log.info("%s received; finishing the current batch", sig)

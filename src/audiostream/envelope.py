@@ -202,7 +202,7 @@ def _work_body(env: WorkEnvelope) -> dict[str, Any]:
         "sid": env.session_id,
         "mid": env.msg_id,
         "seq": env.seq,
-        "cf": list(env.chunk_frames),
+        "cf": env.chunk_frames,
         "rx": env.received_at,
         "dl": env.deadline,
         "fmt": _fmt_wire(env.format),
@@ -211,10 +211,15 @@ def _work_body(env: WorkEnvelope) -> dict[str, Any]:
         "pl": [s.to_wire() for s in env.pipeline],
         "si": env.step_index,
         "rt": env.reply_to,
-        "st": dict(env.state),
-        "ev": [dict(e) for e in env.events],
-        "tm": [list(t) for t in env.timings],
+        "st": _as_dict(env.state),
+        "ev": [_as_dict(e) for e in env.events],
+        "tm": env.timings,  # tuples pack as arrays
     }
+
+
+def _as_dict(m: Mapping[str, Any]) -> dict[str, Any]:
+    """msgpack packs only real dicts; most mappings here already are one (no copy)."""
+    return m if type(m) is dict else dict(m)
 
 
 def encode_reply(reply: Reply, *, also: Sequence[tuple[str, float]] = ()) -> bytes:
@@ -226,12 +231,12 @@ def encode_reply(reply: Reply, *, also: Sequence[tuple[str, float]] = ()) -> byt
         "mid": reply.msg_id,
         "seq": reply.seq,
         "s": str(reply.status),
-        "cf": list(reply.chunk_frames),
+        "cf": reply.chunk_frames,
         "fmt": _fmt_wire(reply.format),
         "pcm": reply.audio,
-        "st": dict(reply.state),
-        "ev": [dict(e) for e in reply.events],
-        "tm": [list(t) for t in (*reply.timings, *also)],
+        "st": _as_dict(reply.state),
+        "ev": [_as_dict(e) for e in reply.events],
+        "tm": (*reply.timings, *also),
         "ec": reply.error_code,
         "em": reply.error_message,
         "es": reply.error_step,
