@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,3 +263,53 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     out = dict(latency_summary(list(values)))
     out["count"] = len(values)
     return out
+
+
+# --- pinning, per-thread CPU, and the session-count search ------------------------------------
+
+
+def pin(pid: int, cpus: set[int]) -> list[int]:
+    """Pin every thread of ``pid`` (threads created later inherit it); returns the CPUs."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task.name), cpus)
+    return sorted(os.sched_getaffinity(pid))
+
+
+def thread_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds used so far by each thread of ``pid``."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            f = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(f[11]) + int(f[12])) / CLK_TCK
+    return out
+
+
+def loop_and_other_cores(pid: int, before: dict[int, float], wall: float) -> dict[str, float]:
+    """Cores used since ``before`` by the main (event-loop) thread and by all the others
+    (the executor running the processing step, ONNX Runtime, aio-pika)."""
+    delta = {t: (v - before.get(t, 0.0)) / wall for t, v in thread_seconds(pid).items()}
+    loop = delta.pop(pid, 0.0)
+    return {"event_loop": round(loop, 3), "executor_and_other": round(sum(delta.values()), 3)}
+
+
+async def find_limit(passes: Callable[[int], Awaitable[bool]], *, start: int, step: int,
+                     maximum: int, resolution: int) -> tuple[int, int | None]:
+    """Largest passing count (0: none) and the first failing one: grow by ``step`` from
+    ``start`` until a count fails, then bisect down to ``resolution``."""
+    good, bad = 0, None
+    n = start
+    while n <= maximum:
+        if not await passes(n):
+            bad = n
+            break
+        good = n
+        n += step
+    while bad is not None and bad - good > resolution:
+        n = (good + bad) // 2
+        if await passes(n):
+            good = n
+        else:
+            bad = n
+    return good, bad

@@ -54,12 +54,7 @@ import _common as c
 P99_LIMIT_MS = 100.0
 
 
-def pin(pid: int, cpus: set[int]) -> list[int]:
-    """Pin every thread of ``pid`` (threads created later inherit it); returns the CPUs."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-            os.sched_setaffinity(int(task.name), cpus)
-    return sorted(os.sched_getaffinity(pid))
+pin = c.pin
 
 
 def pipeline(variant: str | None) -> tuple[Any, ...]:
@@ -245,20 +240,11 @@ async def sweep(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
             trials[n] = best_try
             return best_try
 
-        best, worst = 0, None
-        n = args.start
-        while n <= args.max:
-            if not (await run(n))["pass"]:
-                worst = n
-                break
-            best = n
-            n += args.step
-        while worst is not None and worst - best > args.resolution:
-            n = (best + worst) // 2
-            if (await run(n))["pass"]:
-                best = n
-            else:
-                worst = n
+        async def passes(n: int) -> bool:
+            return bool((await run(n))["pass"])
+
+        best, worst = await c.find_limit(passes, start=args.start, step=args.step,
+                                         maximum=args.max, resolution=args.resolution)
         at = best or args.start
         c.log(f"[denoise_capacity] {name}: passthrough control at {at} sessions")
         ctl = await trial(st, ("passthrough",), at, args.duration, pids, args)

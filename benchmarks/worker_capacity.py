@@ -49,12 +49,6 @@ CHUNK_S = 0.02
 RATE = 16000
 
 
-def pin(pid: int, cpus: set[int]) -> None:
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(task.name), cpus)
-
-
 def affinity(pid: int) -> dict[int, set[int]]:
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -67,26 +61,6 @@ def restore(saved: dict[int, set[int]]) -> None:
     for tid, cpus in saved.items():
         with contextlib.suppress(OSError):
             os.sched_setaffinity(tid, cpus)
-
-
-def thread_cores(pid: int, before: dict[int, float], wall: float) -> dict[str, float]:
-    now = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError, ValueError):
-            f = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            now[int(task.name)] = (int(f[11]) + int(f[12])) / c.CLK_TCK
-    delta = {t: (v - before.get(t, 0.0)) / wall for t, v in now.items()}
-    loop = delta.pop(pid, 0.0)
-    return {"event_loop": round(loop, 3), "executor_and_other": round(sum(delta.values()), 3)}
-
-
-def thread_seconds(pid: int) -> dict[int, float]:
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError, ValueError):
-            f = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            out[int(task.name)] = (int(f[11]) + int(f[12])) / c.CLK_TCK
-    return out
 
 
 async def trial(args: argparse.Namespace, mode: tuple[str, int, float, int, float],
@@ -164,7 +138,7 @@ async def trial(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
     pids = {"load_generator": os.getpid(), "worker": worker.pid,
             **({"rabbitmq": rabbit} if rabbit else {})}
     before = await scrape_all([metrics_url], None)
-    threads0 = thread_seconds(worker.pid)
+    threads0 = c.thread_seconds(worker.pid)
     start = time.monotonic() + 0.2
     with c.CpuMeter(pids) as cpu:
         feeders = [asyncio.ensure_future(feed(i, start + random.random() * CHUNK_S))
@@ -174,7 +148,7 @@ async def trial(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
             await asyncio.wait_for(done.wait(), 5.0)
         wall = time.monotonic() - cpu.t0
         usage = cpu.read()
-        split = thread_cores(worker.pid, threads0, wall)
+        split = c.loop_and_other_cores(worker.pid, threads0, wall)
     after = await scrape_all([metrics_url], None)
     for p in pipes:
         await p.close(finished=True)
@@ -227,6 +201,7 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
              "--device", args.device]
     if args.variant:
         wargs += ["--denoise-variant", args.variant]
+    wargs += args.worker_args.split()
     worker = await c.start("worker", c.cli(
         "worker", "--broker", args.broker, "--prefix", prefix, "--processing", "denoise",
         "--metrics-port", str(port), "--metrics-host", "127.0.0.1", *wargs), "consuming")
@@ -237,15 +212,15 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
     others = (set(range(os.cpu_count() or 1)) - worker_cpu) or worker_cpu
     trials: dict[int, dict[str, Any]] = {}
     try:
-        pin(worker.pid, worker_cpu)
+        c.pin(worker.pid, worker_cpu)
         os.sched_setaffinity(0, others)
         if rabbit:
-            pin(rabbit, others)
+            c.pin(rabbit, others)
         c.log(f"[worker_capacity] {name}: warm-up")
         await trial(args, mode, 4, worker, prefix, metrics)
-        pin(worker.pid, worker_cpu)  # threads started since (ORT, executor)
+        c.pin(worker.pid, worker_cpu)  # threads started since (ORT, executor)
 
-        async def run(n: int) -> dict[str, Any]:
+        async def passes(n: int) -> bool:
             best: dict[str, Any] | None = None
             for attempt in range(1, args.attempts + 1):
                 c.log(f"[worker_capacity] {name}: {n} sessions (attempt {attempt})")
@@ -262,22 +237,10 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
                     break
             assert best is not None
             trials[n] = best
-            return best
+            return bool(best["pass"])
 
-        good, bad = 0, None
-        n = args.start
-        while n <= args.max:
-            if not (await run(n))["pass"]:
-                bad = n
-                break
-            good = n
-            n += args.step
-        while bad is not None and bad - good > args.resolution:
-            n = (good + bad) // 2
-            if (await run(n))["pass"]:
-                good = n
-            else:
-                bad = n
+        good, bad = await c.find_limit(passes, start=args.start, step=args.step,
+                                       maximum=args.max, resolution=args.resolution)
     finally:
         restore(saved)
         os.sched_setaffinity(0, me)
@@ -325,6 +288,8 @@ def cli() -> int:
                     help="the worker's --device (check audiostream_worker_provider_info on "
                     "its /metrics: a GPU worker that fell back to CPU says so there)")
     ap.add_argument("--worker-cpu", type=int, default=1)
+    ap.add_argument("--worker-args", default="",
+                    help="extra worker options, e.g. '--intra-op-threads 2'")
     ap.add_argument("--bundle-in-flight", type=int, default=1,
                     help="bundles of one type awaiting their confirm before the next waits")
     ap.add_argument("--bundle-wait-ms", type=float, default=5.0)

@@ -158,10 +158,6 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
                    "10 ms hops (default: on with --device gpu, off on cpu, where it is not "
                    "faster)")
     p.add_argument("--device-id", type=int, default=0, help="CUDA device (default 0)")
-    p.add_argument("--switch-interval-ms", type=float, default=1.0,
-                   help="Python's GIL switch interval in this process (default 1; Python's "
-                   "own is 5): model code on the executor thread otherwise holds up the "
-                   "event loop's deliveries and replies in 5 ms slices")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import a module that registers more processors (repeatable)")
 
@@ -352,14 +348,6 @@ async def _gateway(args: argparse.Namespace) -> int:
     finally:
         await runner.cleanup()
     return 0
-
-
-def _set_switch_interval(args: argparse.Namespace) -> None:
-    """Measured (benchmarks/worker_capacity.py, 40 sessions on one core): 1 ms instead of
-    5 ms halved the median round trip; the executor's numpy work holds the GIL."""
-    if args.switch_interval_ms <= 0:
-        raise AudioStreamError("--switch-interval-ms must be > 0")
-    sys.setswitchinterval(args.switch_interval_ms / 1000)
 
 
 async def _worker(args: argparse.Namespace) -> int:
@@ -665,12 +653,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             importlib.import_module(module)
         cmd = args.command
         if cmd == "serve":
-            _set_switch_interval(args)
             return _run_async(_serve(args))
         if cmd == "gateway":
             return _run_async(_gateway(args))
         if cmd == "worker":
-            _set_switch_interval(args)
             return _run_async(_worker(args))
         if cmd == "stream":
             return _run_async(_stream(args))
