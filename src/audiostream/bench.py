@@ -458,7 +458,9 @@ def summary_text(r: Mapping[str, Any]) -> str:
             f"server (/metrics deltas): chunks_in {srv['chunks_in']:.0f}, chunks_out "
             f"{srv['chunks_out']:.0f}, dropped {sum(srv['dropped_by_reason'].values()):.0f}, "
             f"messages {srv['messages_published']:.0f} "
-            f"({srv['chunks_per_message'] or 0:.2f} chunks/message); "
+            f"({srv['chunks_per_message'] or 0:.2f} chunks/message) in "
+            f"{srv['bundles_published']:.0f} broker messages "
+            f"({srv['messages_per_bundle'] or 0:.2f} messages/bundle); "
             f"consistent with the client: {'yes' if r.get('consistent') else 'NO'}"
         )
         parts = [f"{name} {v['mean_ms']:.2f}" for name, v in srv["stages"].items()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import msgpack
 import numpy as np
@@ -130,3 +131,29 @@ async def test_results_for_the_next_step_travel_in_bundles_too(
     assert 1 <= deliveries("passthrough") < len(names)  # forwarded as bundles, not one by one
     assert registry.get_sample_value("audiostream_worker_bundle_size_sum",
                                      {"processing": "passthrough"}) == len(names)
+
+
+async def test_an_expired_item_gets_an_expired_reply_and_its_neighbours_their_audio(
+    transport_factory: TransportFactory, dead_letters: DeadLetters,
+) -> None:
+    """The bundle lives as long as its longest-lived item; the worker expires the others
+    one by one, each with an explicit reply, never late audio."""
+    gw = await transport_factory()
+    await gw.declare()
+    inboxes = await replies_for(gw, ["late", "live"])
+    late = replace(envelope(gw, "late", (Step("passthrough"),)), deadline=time.time() - 1.0)
+    live = envelope(gw, "live", (Step("passthrough"),))
+    worker = Worker(await transport_factory(), WorkerSettings(processing=("passthrough",)))
+    await worker.start()
+    try:
+        await gw.publish_work("passthrough", 0, encode_work_bundle([late, live]), ttl=30)
+        (expired,) = await inboxes["late"].wait_for(1)
+        (served,) = await inboxes["live"].wait_for(1)
+    finally:
+        await worker.stop()
+    late_reply, live_reply = decode_reply(expired.body), decode_reply(served.body)
+    assert late_reply.status is ReplyStatus.EXPIRED
+    assert late_reply.audio == b""
+    assert live_reply.status is ReplyStatus.OK
+    assert live_reply.audio == live.audio
+    assert await dead_letters() == []
