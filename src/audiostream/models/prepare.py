@@ -230,6 +230,17 @@ def _gru_cell(gru: Any, inits: dict[str, Any], opset: int) -> tuple[list[Any], l
     return c.nodes, c.initializers
 
 
+def _replace_nodes(graph: Any, nodes: list[Any], initializers: list[Any]) -> None:
+    """Swap in rewritten ``nodes`` plus their new ``initializers``; drop unused tensors."""
+    graph.initializer.extend(initializers)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for nd in graph.node for name in nd.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
 def gru_cells(model: Any) -> Any:
     """Replace each single-direction GRU by one explicit cell step (input ``[batch, 1, F]``).
 
@@ -253,13 +264,7 @@ def gru_cells(model: Any) -> Any:
             extra += tensors
         else:
             out_nodes.append(_copy_node(n))
-    g.initializer.extend(extra)
-    del g.node[:]
-    g.node.extend(out_nodes)
-    used = {name for nd in g.node for name in nd.input}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    _replace_nodes(g, out_nodes, extra)
     bins = g.input[0].type.tensor_type.shape.dim[2].dim_value
     g.input[0].CopyFrom(
         helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, bins])
@@ -364,13 +369,7 @@ def int8_graph(model: Any) -> Any:
         )
         out_nodes += nodes
         extra += tensors
-    g.initializer.extend(extra)
-    del g.node[:]
-    g.node.extend(out_nodes)
-    used = {name for nd in g.node for name in nd.input}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    _replace_nodes(g, out_nodes, extra)
     if not any(o.domain == _MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))
     onnx.checker.check_model(model, full_check=True)
