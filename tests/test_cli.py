@@ -71,6 +71,22 @@ def test_plain_ws_on_a_public_address_is_refused_without_behind_proxy(
     assert code == 2 and "--behind-proxy" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [(["--bundle-max", "0"], "at least 1 item"), (["--bundle-wait-ms", "-1"], "wait >= 0"),
+     (["--linger-ms", "-3"], "linger must be >= 0")],
+)
+def test_bad_bundling_options_are_refused_with_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], says: str
+) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": []}))
+    code = main(["gateway", "--broker", "amqp://127.0.0.1:1/", "--keys-file", str(keys),
+                 *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and "CONFIG_ERROR" in err and says in err, err
+
+
 @pytest.mark.rabbitmq
 def test_topology_declare_is_idempotent(rabbitmq_url: str) -> None:
     prefix = unique_prefix()

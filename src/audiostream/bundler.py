@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from audiostream.envelope import WorkEnvelope, encode_work, encode_work_bundle
-from audiostream.errors import AudioStreamError, TransportError
+from audiostream.errors import AudioStreamError, ConfigError, TransportError
 from audiostream.transport.base import Transport
 
 
@@ -52,7 +52,10 @@ class WorkBundler:
         on_sent: Callable[[int], None] | None = None,
     ) -> None:
         if max_items < 1 or max_in_flight < 1 or max_wait_s < 0:
-            raise ValueError("max_items and max_in_flight must be >= 1, max_wait_s >= 0")
+            raise ConfigError(
+                f"bundles need at least 1 item (got {max_items}), at least 1 in flight "
+                f"(got {max_in_flight}) and a wait >= 0 (got {max_wait_s * 1000:g} ms)"
+            )
         self.transport = transport
         self.max_items = max_items
         self.max_in_flight = max_in_flight

@@ -24,7 +24,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from audiostream.bundler import WorkBundler
 from audiostream.envelope import Step
-from audiostream.errors import AudioStreamError, AuthError, ErrorCode, LimitError
+from audiostream.errors import (
+    AudioStreamError,
+    AuthError,
+    ConfigError,
+    ErrorCode,
+    LimitError,
+)
 from audiostream.gateway.keys import KeyRecord, KeyStore
 from audiostream.gateway.pipeline import Outcome, SessionPipeline, reply_outcomes
 from audiostream.gateway.tokens import SessionGrant, TokenSigner
@@ -80,6 +86,10 @@ class GatewaySettings:
     bundle_wait_ms: float = 5.0
     """Longest an envelope waits for its bundle while an earlier one awaits its confirm
     (with none in flight it goes out at once)."""
+
+    def __post_init__(self) -> None:
+        if self.linger_ms < 0:
+            raise ConfigError(f"linger must be >= 0 ms, not {self.linger_ms:g}")
 
 
 class _Connection:
