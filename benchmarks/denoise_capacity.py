@@ -54,9 +54,6 @@ import _common as c
 P99_LIMIT_MS = 100.0
 
 
-pin = c.pin
-
-
 def pipeline(variant: str | None) -> tuple[Any, ...]:
     if variant is None:
         return ("denoise",)
@@ -208,7 +205,7 @@ async def sweep(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
                                      *args.gateway_args.split()]) as st:
         assert st.worker is not None
         cpus = {int(x) for x in args.worker_cpus.split(",") if x.strip()}
-        pinned = pin(st.worker.pid, cpus) if cpus else sorted(os.sched_getaffinity(st.worker.pid))
+        pinned = c.pin(st.worker.pid, cpus) if cpus else sorted(os.sched_getaffinity(st.worker.pid))
         pids = {"client": os.getpid(), "gateway": st.gateway.pid, "worker": st.worker.pid}
         if rabbit:
             pids["rabbitmq"] = rabbit
@@ -220,7 +217,7 @@ async def sweep(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
                                "(models prepared? `audiostream models prepare`)")
         await trial(st, ("passthrough",), 2, 1.0, pids, args)
         if cpus:
-            pinned = pin(st.worker.pid, cpus)  # threads started since
+            pinned = c.pin(st.worker.pid, cpus)  # threads started since
 
         async def run(n: int) -> dict[str, Any]:
             best_try: dict[str, Any] | None = None
@@ -343,7 +340,7 @@ async def ceiling(args: argparse.Namespace, mode: Mode, processing: str) -> dict
     try:
         cpus = {int(x) for x in args.worker_cpus.split(",") if x.strip()}
         if cpus:
-            pin(worker.pid, cpus)
+            c.pin(worker.pid, cpus)
         await transport.connect()
         await transport.declare()
         await transport.declare_reply_queue(reply_q)
@@ -359,8 +356,8 @@ async def ceiling(args: argparse.Namespace, mode: Mode, processing: str) -> dict
             if bundler is not None:
                 await bundler.publish(envelopes[k])
             else:
-                await transport.publish_work(processing, topo.shard_for(f"ceiling{k}"),
-                                             bodies[k], ttl=60.0)
+                await transport.publish_work(processing, k % topo.shards, bodies[k],
+                                             ttl=60.0)
 
         def send(k: int) -> None:
             # Publishes overlap (confirms are awaited concurrently, never one by one).
@@ -381,7 +378,7 @@ async def ceiling(args: argparse.Namespace, mode: Mode, processing: str) -> dict
             send(k)
         await asyncio.sleep(3.0)  # warm-up: the model loads, the loop reaches steady state
         if cpus:
-            pin(worker.pid, cpus)
+            c.pin(worker.pid, cpus)
         rabbit = c.find_pid("beam.smp")
         pids = {"client": os.getpid(), "worker": worker.pid, **({"rabbitmq": rabbit}
                                                                   if rabbit else {})}

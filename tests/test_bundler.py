@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
 
 import pytest
 
@@ -13,7 +12,7 @@ from audiostream.bundler import WorkBundler
 from audiostream.envelope import Step, WorkEnvelope, decode_work_message
 from audiostream.errors import TransportError
 from audiostream.topology import Topology
-from audiostream.transport import MemoryBroker, MemoryTransport
+from audiostream.transport import MemoryBroker, MemoryTransport, Transport
 from tests.conftest import TransportFactory
 from tests.transport.helpers import Inbox, eventually
 
@@ -39,13 +38,19 @@ def carried(inbox: Inbox) -> list[list[str]]:
     return out
 
 
+async def publisher_and_inbox(make: TransportFactory) -> tuple[Transport, Inbox]:
+    """A declared publishing transport, and an inbox consuming ``passthrough`` on another."""
+    pub = await make()
+    await pub.declare()
+    inbox = Inbox()
+    await (await make()).consume_work("passthrough", inbox, prefetch=50)
+    return pub, inbox
+
+
 async def test_at_low_load_every_envelope_goes_out_alone_at_once(
     transport_factory: TransportFactory,
 ) -> None:
-    pub = await transport_factory()
-    await pub.declare()
-    inbox = Inbox()
-    await (await transport_factory()).consume_work("passthrough", inbox, prefetch=10)
+    pub, inbox = await publisher_and_inbox(transport_factory)
     bundler = WorkBundler(pub)
     for i in range(3):
         await bundler.publish(envelope(i))  # one at a time: nothing to wait for
@@ -58,10 +63,7 @@ async def test_at_low_load_every_envelope_goes_out_alone_at_once(
 async def test_concurrent_envelopes_share_broker_messages_and_each_arrives_once(
     transport_factory: TransportFactory,
 ) -> None:
-    pub = await transport_factory()
-    await pub.declare()
-    inbox = Inbox()
-    await (await transport_factory()).consume_work("passthrough", inbox, prefetch=50)
+    pub, inbox = await publisher_and_inbox(transport_factory)
     sizes: list[int] = []
     bundler = WorkBundler(pub, max_items=16, on_sent=sizes.append)
     await asyncio.gather(*(bundler.publish(envelope(i)) for i in range(50)))
@@ -114,10 +116,12 @@ async def test_a_refused_bundle_raises_in_every_caller_it_carried(
 
 
 class _StalledConfirms(MemoryTransport):
-    """The in-memory broker with the first confirm held back until ``release`` is set."""
+    """The in-memory broker with the first confirm held back until ``release`` is set;
+    ``stalled`` is set once that first publish is being held."""
 
     def __init__(self) -> None:
         super().__init__(MemoryBroker(), Topology(processing_types=("passthrough",)))
+        self.stalled = asyncio.Event()
         self.release = asyncio.Event()
         self.calls = 0
 
@@ -125,6 +129,7 @@ class _StalledConfirms(MemoryTransport):
                            ttl: float) -> None:
         self.calls += 1
         if self.calls == 1:
+            self.stalled.set()
             await self.release.wait()
         await super().publish_work(processing, shard, body, ttl=ttl)
 
@@ -135,7 +140,7 @@ async def test_a_slow_confirm_holds_the_next_bundle_only_until_max_wait() -> Non
     await transport.declare()
     bundler = WorkBundler(transport, max_wait_s=0.01)
     first = asyncio.ensure_future(bundler.publish(envelope(0)))
-    await asyncio.sleep(0)  # the first bundle is now waiting for its confirm
+    await transport.stalled.wait()  # the first bundle now waits for its confirm
     await asyncio.gather(*(bundler.publish(envelope(i)) for i in range(1, 4)))
     assert not first.done()  # the others went out without waiting for it
     assert transport.calls == 2  # all three in one bundle
@@ -152,10 +157,14 @@ async def test_close_fails_what_was_not_sent_and_a_cancelled_publish_is_left_out
     await transport.declare()
     bundler = WorkBundler(transport, max_wait_s=60)
     first = asyncio.ensure_future(bundler.publish(envelope(0)))
-    await asyncio.sleep(0)
+    await transport.stalled.wait()
     waiting = asyncio.ensure_future(bundler.publish(envelope(1)))
     cancelled = asyncio.ensure_future(bundler.publish(envelope(2)))
-    await asyncio.sleep(0)
+
+    async def both_waiting() -> bool:
+        return bundler.waiting == 2
+
+    await eventually(both_waiting)
     cancelled.cancel()
     await bundler.close()
     for fut in (first, waiting):
@@ -163,5 +172,5 @@ async def test_close_fails_what_was_not_sent_and_a_cancelled_publish_is_left_out
             await fut
     assert cancelled.cancelled()
     with pytest.raises(TransportError):
-        await bundler.publish(replace(envelope(3)))
+        await bundler.publish(envelope(3))
     await transport.close()

@@ -71,6 +71,11 @@ class WorkBundler:
         self.envelopes = 0
         """Envelopes carried by them."""
 
+    @property
+    def waiting(self) -> int:
+        """Envelopes not sent yet (all processing types)."""
+        return sum(len(lane.waiting) for lane in self._lanes.values())
+
     async def publish(self, env: WorkEnvelope) -> None:
         """Send ``env`` to its step's exchange in the next bundle; return once confirmed."""
         if self._closed:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -96,9 +96,6 @@ class WorkEnvelope:
     @property
     def chunk_count(self) -> int:
         return len(self.chunk_frames)
-
-    def stamped(self, stage: str, at: float | None = None) -> WorkEnvelope:
-        return replace(self, timings=(*self.timings, (stage, time.time() if at is None else at)))
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.deadline

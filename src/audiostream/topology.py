@@ -6,7 +6,6 @@ The RabbitMQ adapter, ``audiostream topology declare`` and the definitions in
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,10 +52,6 @@ class Topology:
     @staticmethod
     def routing_key(processing: str, shard: int) -> str:
         return f"{processing}.{shard}"
-
-    def shard_for(self, session_id: str) -> int:
-        """Stable shard of a session: the same session always lands on one queue."""
-        return zlib.crc32(session_id.encode()) % self.shards
 
     def reply_queue(self, session_id: str) -> str:
         return f"{self.prefix}.reply.{session_id}"

@@ -136,14 +136,12 @@ class SessionPipeline:
         generation: int = 0,
         state: Mapping[str, bytes] | None = None,
         on_displaced: Callable[[], None] | None = None,
-        bundler: WorkBundler | None = None,
+        bundler: WorkBundler,
         linger_s: float = 0.0,
     ) -> None:
         self.session_id = session_id
         self.transport = transport
-        # A gateway shares one bundler between its sessions; alone, a session owns one.
-        self._own_bundler = bundler is None
-        self.bundler = WorkBundler(transport) if bundler is None else bundler
+        self.bundler = bundler  # the gateway's, shared by all its sessions
         self.pipeline = pipeline
         self.format = fmt
         self.deadline_s = deadline_s
@@ -492,8 +490,6 @@ class SessionPipeline:
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self._own_bundler:
-            await self.bundler.close()
         journal, self._journal = self._journal, []
         for entry in journal:
             if finished:

@@ -143,9 +143,12 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return data
 
 
-def prepared_file(directory: Path, name: str) -> tuple[Path, dict[str, Any]]:
-    """A derived model file, verified against the manifest, and its manifest entry."""
-    entry = read_manifest(directory)["files"].get(name)
+def prepared_file(
+    directory: Path, name: str, manifest: dict[str, Any] | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """A derived model file, verified against the manifest (read here unless given), and
+    its manifest entry."""
+    entry = (read_manifest(directory) if manifest is None else manifest)["files"].get(name)
     if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
         raise ModelError(
             f"{name} is not in the manifest of {directory}: re-run `audiostream models prepare`",

@@ -131,8 +131,9 @@ class Model:
         self.framing = framing(rate)
         self.variant = check_variant(variant)
         directory = files.model_dir(model_dir)
-        path, entry = files.prepared_file(directory, nsnet2_name(rate, variant))
-        recipe = files.read_manifest(directory).get("recipe")
+        manifest = files.read_manifest(directory)
+        path, entry = files.prepared_file(directory, nsnet2_name(rate, variant), manifest)
+        recipe = manifest.get("recipe")
         if recipe != RECIPE_VERSION:
             # Still loadable, but e.g. recipe 1's int8 mixed sessions of one batch.
             log.warning(
@@ -257,6 +258,12 @@ _HEADER_FLOATS = _HEADER.size // 4
 assert _HEADER.size % 4 == 0
 
 
+def _pack_header(channels: int, rate: int, hidden: int, hop: int, n_in: int, n_frames: int,
+                 p_len: int, r_len: int) -> bytes:
+    return _HEADER.pack(_MAGIC, _VERSION, channels, rate, hidden, hop, n_in, n_frames, p_len,
+                        r_len)
+
+
 def _bad_state(why: str) -> ProcessingError:
     return ProcessingError(f"denoise state is unusable: {why}", ErrorCode.PROCESSING_FAILED)
 
@@ -301,31 +308,10 @@ class StreamState:
     ready: F32  # [C, R]: final output not yet emitted
     tail: F32  # [C, hop]: second half of the last frame, awaiting the next one
 
-    @classmethod
-    def new(cls, channels: int, hidden: int, hop: int) -> StreamState:
-        return cls(
-            0,
-            0,
-            np.zeros((channels, 2, hidden), np.float32),
-            np.zeros((channels, 0), np.float32),
-            np.zeros((channels, 0), np.float32),
-            np.zeros((channels, hop), np.float32),
-        )
-
     def to_bytes(self, rate: int) -> bytes:
         channels, _, hidden = self.h.shape
-        header = _HEADER.pack(
-            _MAGIC,
-            _VERSION,
-            channels,
-            rate,
-            hidden,
-            self.tail.shape[1],
-            self.n_in,
-            self.n_frames,
-            self.pending.shape[1],
-            self.ready.shape[1],
-        )
+        header = _pack_header(channels, rate, hidden, self.tail.shape[1], self.n_in,
+                              self.n_frames, self.pending.shape[1], self.ready.shape[1])
         return b"".join(
             [header]
             + [
@@ -466,18 +452,8 @@ class _Group:
         p_len, r_len = self.pending.shape[1], self.ready.shape[1]
         results = []
         for g in range(size):
-            header = _HEADER.pack(
-                _MAGIC,
-                _VERSION,
-                channels,
-                fr.rate,
-                hidden,
-                hop,
-                self.n_in[g] + n,
-                self.n_frames[g] + count,
-                p_len,
-                r_len,
-            )
+            header = _pack_header(channels, fr.rate, hidden, hop, self.n_in[g] + n,
+                                  self.n_frames[g] + count, p_len, r_len)
             results.append((out[g], header + payload[g].tobytes()))
         return results
 

@@ -101,7 +101,7 @@ class Worker:
         self.metrics = metrics
         self._lanes: dict[str, _Lane] = {}
         # Forwards results to their next step, bundling sessions like the gateway does.
-        self.bundler = WorkBundler(transport, max_items=max(settings.max_batch, 1))
+        self.bundler = WorkBundler(transport, max_items=settings.max_batch)
         self._settling: set[asyncio.Task[None]] = set()
         self._depth_task: asyncio.Task[None] | None = None
         self._stopping = False
