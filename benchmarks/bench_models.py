@@ -1,4 +1,5 @@
-"""NSNet2 engine throughput (streams per core) and INT8-vs-FP32 quality, as JSON.
+"""NSNet2 engine throughput (streams per core), I/O binding on the CPU EP, and INT8/FP16
+quality against FP32, as JSON.
 
 Measures the whole engine a worker runs per batch (numpy STFT, one ORT call per
 10 ms hop across the batch, overlap-add, state (de)serialisation) with one
@@ -119,6 +120,17 @@ def batch_dependence(engine: nsnet2.Denoiser, x: np.ndarray, others: int = 6) ->
     return float(np.abs(run(mixed, others // 2) - alone).max())
 
 
+def streamed(engine: nsnet2.Denoiser, x: np.ndarray, chunk: int) -> np.ndarray:
+    """``x`` through ``process`` in ``chunk``-sample messages, the state carried: what a
+    worker computes (fp16 differs more here than offline: state rounding every hop)."""
+    state: bytes | None = None
+    out = []
+    for pos in range(0, len(x), chunk):
+        ((y, state),) = engine.process([(x[pos : pos + chunk, None], state)])
+        out.append(y[:, 0])
+    return np.concatenate(out)
+
+
 def quality(model_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for rate in nsnet2.RATES:
@@ -126,8 +138,12 @@ def quality(model_dir: Path) -> dict[str, Any]:
         fp32 = nsnet2.denoiser(rate, "fp32", model_dir=model_dir).offline(x)
         int8 = nsnet2.denoiser(rate, "int8", model_dir=model_dir).offline(x)
         int8_engine = nsnet2.denoiser(rate, "int8", model_dir=model_dir)
+        chunk = rate // 50  # 20 ms
+        fp32_stream = streamed(nsnet2.denoiser(rate, "fp32", model_dir=model_dir), x, chunk)
+        fp16_stream = streamed(nsnet2.denoiser(rate, "fp16", model_dir=model_dir), x, chunk)
         entry: dict[str, Any] = {
             "int8_vs_fp32_snr_db": round(snr_db(fp32, int8), 1),
+            "fp16_vs_fp32_streamed_snr_db": round(snr_db(fp32_stream, fp16_stream), 1),
             "int8_batch_max_abs_diff": batch_dependence(int8_engine, x[: rate * 2]),
             "snr_vs_clean_db": {
                 "noisy": round(snr_db(clean, x), 2),
@@ -182,6 +198,19 @@ def main() -> int:
                             engine, row["batch"], args.seconds / 2
                         )
                 results["throughput"][key] = rows
+        # I/O binding on the CPU EP (workers bind by default only on GPU): same engine,
+        # bound vs plain, alternating per batch size so load changes hit both alike.
+        bound_opts = runtime.RuntimeOptions(intra_op_threads=1, io_binding=True)
+        plain = nsnet2.denoiser(16000, "fp32", model_dir=directory, options=opts)
+        bound = nsnet2.denoiser(16000, "fp32", model_dir=directory, options=bound_opts)
+        results["io_binding_fp32_16k_20ms"] = [
+            {"batch": b,
+             "plain_streams_per_core": throughput(plain, b, 20, args.seconds)[
+                 "streams_per_core"],
+             "bound_streams_per_core": throughput(bound, b, 20, args.seconds)[
+                 "streams_per_core"]}
+            for b in BATCHES
+        ]
         results["quality"] = quality(directory)
     print(json.dumps(results, indent=2))
     return 0
