@@ -188,6 +188,9 @@ def test_a_reply_is_not_a_work_envelope_and_vice_versa() -> None:
         {"fmt": ["pcm_s16le", 16000]},
         {"fmt": ["pcm_s24le", 16000, 1]},
         {"fmt": ["pcm_s16le", 12345, 1]},
+        # Parsed formats are remembered: a look-alike of a known one must still fail.
+        {"fmt": ["pcm_s16le", 16000, True]},
+        {"fmt": ["pcm_s16le", [16000], 1]},
         {"st": {"0:gain": "text"}},
         {"tm": [["x"]]},
         {"rx": "now"},

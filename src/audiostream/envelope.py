@@ -172,12 +172,26 @@ def _fmt_wire(fmt: AudioFormat) -> list[Any]:
     return [str(fmt.encoding), fmt.sample_rate, fmt.channels]
 
 
+#: Formats already parsed, by wire value and types (``True`` must not pass for ``1``):
+#: every envelope carries two, and a worker sees the same few all day.
+_FORMATS: dict[tuple[Any, ...], AudioFormat] = {}
+
+
 def _fmt_parse(raw: Any) -> AudioFormat:
     if not (isinstance(raw, list) and len(raw) == 3):
         raise ProtocolError(f"bad audio format {raw!r}")
-    return AudioFormat.from_dict(
-        {"encoding": raw[0], "sample_rate": raw[1], "channels": raw[2]}
-    )
+    key = (*raw, *map(type, raw))
+    try:
+        known = _FORMATS.get(key)
+    except TypeError:  # an unhashable field: from_dict says what is wrong
+        known = None
+    if known is not None:
+        return known
+    fmt = AudioFormat.from_dict({"encoding": raw[0], "sample_rate": raw[1], "channels": raw[2]})
+    if len(_FORMATS) >= 256:
+        _FORMATS.clear()
+    _FORMATS[key] = fmt
+    return fmt
 
 
 def encode_work(env: WorkEnvelope) -> bytes:

@@ -406,6 +406,36 @@ async def test_reply_round_trip_keeps_order(
     assert not any(d.redelivered for d in inbox.deliveries)
 
 
+async def test_publish_replies_confirms_each_in_order_and_reports_a_missing_queue(
+    transport_factory: TransportFactory, topology: Topology
+) -> None:
+    gateway = await transport_factory()
+    worker = await transport_factory()
+    first, second = reply_name(topology), reply_name(topology)
+    inboxes = {}
+    for name in (first, second):
+        await gateway.declare_reply_queue(name)
+        inboxes[name] = Inbox()
+        await gateway.consume_replies(name, inboxes[name])
+    gone = reply_name(topology)
+    batch = [(first, b"a0"), (gone, b"lost"), (second, b"b0"), (first, b"a1"), (second, b"")]
+
+    assert await worker.publish_replies(batch) == [True, False, True, True, True]
+    assert await worker.publish_replies([]) == []
+    await inboxes[first].wait_for(2)
+    await inboxes[second].wait_for(2)
+    assert inboxes[first].bodies == [b"a0", b"a1"]
+    assert inboxes[second].bodies == [b"b0", b""]
+    # Single and batched publishes share the channel without confusing confirms.
+    outcomes = await asyncio.gather(
+        worker.publish_reply(first, b"single"),
+        worker.publish_replies([(gone, b"x"), (first, b"batched")]),
+    )
+    assert outcomes == [True, [False, True]]
+    await inboxes[first].wait_for(4)
+    assert sorted(inboxes[first].bodies[2:]) == [b"batched", b"single"]
+
+
 async def test_publish_reply_to_a_missing_queue_returns_false(
     transport_factory: TransportFactory, topology: Topology
 ) -> None:

@@ -132,6 +132,52 @@ async def test_work_messages_are_transient_with_a_per_message_ttl(
         await conn.close()
 
 
+async def test_batched_replies_split_large_bodies_and_leave_no_confirm_bookkeeping(
+    rabbit: RabbitFactory, rabbitmq_url: str, topology: Topology
+) -> None:
+    t = await rabbit()
+    name = topology.reply_queue(uuid.uuid4().hex)
+    await t.declare_reply_queue(name)
+    big = bytes(range(256)) * 1200  # 300 KB: several frames at RabbitMQ's 128 KiB frame_max
+    too_long = "q" * 300  # over AMQP's 255 bytes: refused alone, never put on the wire
+    outcomes = await t.publish_replies(
+        [(name, b"small"), (too_long, b"x"), (name, big), ("gone." + name, b"y")]
+    )
+    assert outcomes[0] is True and outcomes[2] is True and outcomes[3] is False
+    assert isinstance(outcomes[1], TransportError) and "invalid reply queue" in str(outcomes[1])
+    conn = await aio_pika.connect(rabbitmq_url)
+    try:
+        ch = await conn.channel()
+        queue = await ch.get_queue(name, ensure=False)
+        got = [await queue.get(no_ack=True, timeout=5) for _ in range(2)]
+        assert [m.body for m in got if m is not None] == [b"small", big]
+        assert all(m is not None and m.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
+                   for m in got)
+    finally:
+        await conn.close()
+    channel = await (await t._publish_channel()).get_underlay_channel()
+    assert isinstance(channel, aiormq.Channel)
+    assert channel.message_id_delivery_tag == {}
+
+    async def all_settled() -> bool:
+        return not channel.confirmations
+
+    await eventually(all_settled, within=5)
+    assert t.is_connected  # the overlong name did not cost the connection
+
+
+async def test_batched_replies_raise_transport_error_once_the_connection_is_gone(
+    rabbit: RabbitFactory, topology: Topology
+) -> None:
+    t = await rabbit()
+    name = topology.reply_queue(uuid.uuid4().hex)
+    await t.declare_reply_queue(name)
+    assert await t.publish_replies([(name, b"before")]) == [True]
+    await t.close()
+    with pytest.raises(TransportError):
+        await t.publish_replies([(name, b"after")])
+
+
 # -- connecting ------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import msgpack
@@ -18,8 +19,10 @@ from audiostream.envelope import (
     decode_reply,
     encode_work_bundle,
 )
+from audiostream.errors import TransportError
 from audiostream.metrics import WorkerMetrics
-from audiostream.transport import Transport
+from audiostream.topology import Topology
+from audiostream.transport import MemoryBroker, MemoryTransport, Transport
 from audiostream.worker import Worker, WorkerSettings
 from tests.conftest import DeadLetters, TransportFactory
 from tests.transport.helpers import Inbox, eventually
@@ -157,3 +160,85 @@ async def test_an_expired_item_gets_an_expired_reply_and_its_neighbours_their_au
     assert live_reply.status is ReplyStatus.OK
     assert live_reply.audio == live.audio
     assert await dead_letters() == []
+
+
+async def test_a_reply_queue_that_is_gone_costs_nobody_else_and_the_bundle_is_acked(
+    transport_factory: TransportFactory, dead_letters: DeadLetters,
+) -> None:
+    """The batch's replies go out in one publish; one session whose queue expired (its
+    client left) must not hold back the others' replies or the bundle's ack."""
+    gw = await transport_factory()
+    await gw.declare()
+    inboxes = await replies_for(gw, ["first", "third"])
+    envs = [envelope(gw, n, (Step("passthrough"),)) for n in ("first", "left", "third")]
+    worker = Worker(await transport_factory(), WorkerSettings(processing=("passthrough",)))
+    await worker.start()
+    try:
+        await gw.publish_work("passthrough", 0, encode_work_bundle(envs), ttl=30)
+        (first,) = await inboxes["first"].wait_for(1)
+        (third,) = await inboxes["third"].wait_for(1)
+
+        async def all_handled() -> bool:
+            return worker.handled == 3
+
+        await eventually(all_handled)
+    finally:
+        await worker.stop()
+    assert decode_reply(first.body).audio == envs[0].audio
+    assert decode_reply(third.body).audio == envs[2].audio
+    assert await gw.work_queue_depth("passthrough") == 0
+    assert await dead_letters() == []
+
+
+class _RefusesOneReply(MemoryTransport):
+    """The broker refuses the reply to one queue (as a ``basic.nack`` would)."""
+
+    refused = ""
+
+    async def publish_replies(
+        self, replies: Sequence[tuple[str, bytes]]
+    ) -> list[bool | TransportError]:
+        outcomes = await super().publish_replies(
+            [(q, b) for q, b in replies if q != self.refused])
+        sent = iter(outcomes)
+        return [TransportError("refused by the test") if q == self.refused else next(sent)
+                for q, _ in replies]
+
+
+async def test_a_refused_reply_leaves_its_bundle_unacked_for_redelivery() -> None:
+    broker = MemoryBroker()
+    topology = Topology(processing_types=("passthrough",))
+    gw = MemoryTransport(broker, topology)
+    worker_transport = _RefusesOneReply(broker, topology)
+    await gw.connect()
+    await worker_transport.connect()
+    await gw.declare()
+    inboxes = await replies_for(gw, ["kept", "refused"])
+    worker_transport.refused = topology.reply_queue("refused")
+    envs = [envelope(gw, n, (Step("passthrough"),)) for n in ("kept", "refused")]
+    registry = CollectorRegistry()
+    worker = Worker(worker_transport, WorkerSettings(processing=("passthrough",)),
+                    metrics=WorkerMetrics(registry))
+    await worker.start()
+    try:
+        await gw.publish_work("passthrough", 0, encode_work_bundle(envs), ttl=30)
+        await inboxes["kept"].wait_for(1)
+
+        def transport_errors() -> float:
+            return registry.get_sample_value(
+                "audiostream_worker_errors_total",
+                {"processing": "passthrough", "kind": "transport"}) or 0.0
+
+        async def counted() -> bool:
+            return transport_errors() == 1.0
+
+        await eventually(counted)
+    finally:
+        await worker.stop()
+        await worker_transport.close()
+    assert worker.handled == 1
+    assert inboxes["refused"].bodies == []
+    # Unacked, so closing gave it back: another worker will serve both sessions again
+    # (the kept session's gateway discards the duplicate by message id).
+    assert await gw.work_queue_depth("passthrough") == 1
+    await gw.close()

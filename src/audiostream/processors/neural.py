@@ -82,12 +82,20 @@ class _Denoise(_Lane):
     def __init__(self, ctx: ProcessorContext) -> None:
         super().__init__(ctx)
         self.default = _default_variant(ctx)
+        # The shared cache resolves the model dir on every lookup: too slow per batch.
+        self._engines: dict[tuple[int, str], nsnet2.Denoiser] = {}
+
+    def _engine(self, rate: int, variant: str) -> nsnet2.Denoiser:
+        engine = self._engines.get((rate, variant))
+        if engine is None:
+            engine = self._engines[(rate, variant)] = nsnet2.denoiser(
+                rate, variant, model_dir=self.ctx.model_dir, options=self.options)
+            self._note(engine.model.providers)
+        return engine
 
     def warmup(self) -> None:
         """Load the default model now, so start-up logs the providers really in use."""
-        engine = nsnet2.denoiser(16000, self.default, model_dir=self.ctx.model_dir,
-                                 options=self.options)
-        self._note(engine.model.providers)
+        self._engine(16000, self.default)
 
     def __call__(self, batch: Sequence[StepInput]) -> list[StepOutput]:
         groups: dict[tuple[int, str], list[int]] = {}
@@ -98,10 +106,7 @@ class _Denoise(_Lane):
             groups.setdefault((item.sample_rate, variant), []).append(i)
         out: list[StepOutput | None] = [None] * len(batch)
         for (rate, variant), idx in groups.items():
-            engine = nsnet2.denoiser(
-                rate, variant, model_dir=self.ctx.model_dir, options=self.options
-            )
-            self._note(engine.model.providers)
+            engine = self._engine(rate, variant)
             results = engine.process([(batch[i].audio, batch[i].state) for i in idx])
             for i, (audio, state) in zip(idx, results, strict=True):
                 out[i] = StepOutput(audio, state=state)

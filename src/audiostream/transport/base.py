@@ -18,9 +18,10 @@ conformance suite (``tests/transport/test_conformance.py``):
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+from audiostream.errors import TransportError
 from audiostream.topology import Topology
 
 
@@ -94,6 +95,17 @@ class Transport(Protocol):
 
     async def publish_reply(self, queue: str, body: bytes) -> bool:
         """Publish to a reply queue; False when the queue no longer exists."""
+        ...
+
+    async def publish_replies(
+        self, replies: Sequence[tuple[str, bytes]]
+    ) -> list[bool | TransportError]:
+        """Publish many ``(queue, body)`` replies at once, each confirmed, in order.
+
+        Per reply: True when confirmed, False when its queue no longer exists, or the
+        ``TransportError`` that refused it. Raises ``TransportError`` when none could
+        be sent (broker unreachable, no confirms in time).
+        """
         ...
 
     async def delete_reply_queue(self, name: str) -> None: ...

@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from audiostream.errors import TransportError
@@ -332,6 +333,11 @@ class MemoryTransport:
             return False
         self.broker._enqueue(q, _Message(body, None))
         return True
+
+    async def publish_replies(
+        self, replies: Sequence[tuple[str, bytes]]
+    ) -> list[bool | TransportError]:
+        return [await self.publish_reply(queue, body) for queue, body in replies]
 
     async def delete_reply_queue(self, name: str) -> None:
         self._check()

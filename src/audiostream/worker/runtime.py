@@ -226,39 +226,59 @@ class Worker:
             task.add_done_callback(self._settling.discard)
 
     async def _settle(self, lane: _Lane, items: list[_Item], report: BatchReport) -> None:
-        """Publish every result (confirms overlap), then ack each delivery whose
-        envelopes are all confirmed."""
+        """Publish every result (the replies in one write, forwards through the
+        bundler), then ack each delivery whose envelopes are all confirmed."""
 
         settled: dict[str, int] = {}
+        done = [False] * len(items)
+        replies: list[tuple[int, Reply]] = []
+        forwards: list[tuple[int, WorkEnvelope]] = []
+        now = time.time()
+        for i, result in enumerate(report.results):
+            if isinstance(result, WorkEnvelope):
+                if result.deadline > now:
+                    forwards.append((i, result))
+                    continue
+                result = expired_reply(result)
+            replies.append((i, result))
 
-        async def forward(item: _Item, result: WorkEnvelope | Reply) -> bool:
-            env = item.envelope
-            status = "ok"
-            try:
-                if isinstance(result, WorkEnvelope):
-                    if result.deadline > time.time():
-                        await self.bundler.publish(result)
-                    else:
-                        result = expired_reply(result)
-                if isinstance(result, Reply):
-                    body = encode_reply(result, also=((f"{lane.name}:replied", time.time()),))
-                    await self.transport.publish_reply(env.reply_to, body)
-                    status = str(result.status)
-            except TransportError as err:
-                log.error(
-                    "could not forward session=%s seq=%d stage=%s: %s; leaving it unacked",
-                    env.session_id, env.seq, lane.name, err,
-                )
-                if self.metrics is not None:
-                    self.metrics.errors.labels(processing=lane.name, kind="transport").inc()
-                return False
+        def failed(i: int, err: TransportError) -> None:
+            env = items[i].envelope
+            log.error("could not forward session=%s seq=%d stage=%s: %s; leaving it unacked",
+                      env.session_id, env.seq, lane.name, err)
+            if self.metrics is not None:
+                self.metrics.errors.labels(processing=lane.name, kind="transport").inc()
+
+        def succeeded(i: int, status: str) -> None:
+            done[i] = True
             self.handled += 1
             settled[status] = settled.get(status, 0) + 1
-            return True
 
-        done = await asyncio.gather(
-            *(forward(it, res) for it, res in zip(items, report.results, strict=True))
-        )
+        async def forward(i: int, env: WorkEnvelope) -> None:
+            try:
+                await self.bundler.publish(env)
+            except TransportError as err:
+                failed(i, err)
+            else:
+                succeeded(i, "ok")
+
+        async def reply_all() -> None:
+            if not replies:
+                return
+            stamp = ((f"{lane.name}:replied", time.time()),)
+            bodies = [(items[i].envelope.reply_to, encode_reply(r, also=stamp))
+                      for i, r in replies]
+            try:
+                outcomes = await self.transport.publish_replies(bodies)
+            except TransportError as err:
+                outcomes = [err] * len(replies)
+            for (i, reply), outcome in zip(replies, outcomes, strict=True):
+                if isinstance(outcome, TransportError):
+                    failed(i, outcome)
+                else:  # False: the session's queue is gone, nobody is waiting
+                    succeeded(i, str(reply.status))
+
+        await asyncio.gather(reply_all(), *(forward(i, env) for i, env in forwards))
         if self.metrics is not None:  # once per batch, not per message: it adds up
             for status, count in settled.items():
                 self.metrics.messages.labels(processing=lane.name, status=status).inc(count)
