@@ -178,6 +178,75 @@ async def test_batched_replies_raise_transport_error_once_the_connection_is_gone
         await t.publish_replies([(name, b"after")])
 
 
+async def test_acks_asked_for_together_go_out_in_one_write_and_settle_every_delivery(
+    rabbit: RabbitFactory, topology: Topology
+) -> None:
+    t = await rabbit()
+    name = topology.reply_queue(uuid.uuid4().hex)
+    await t.declare_reply_queue(name)
+    held = Inbox(ack=False)
+    await t.consume_replies(name, held)
+    outcomes = await t.publish_replies([(name, f"r{i}".encode()) for i in range(20)])
+    assert outcomes == [True] * 20
+    deliveries = await held.wait_for(20)
+    channel = await (await t._reply_channel()).get_underlay_channel()
+    assert isinstance(channel, aiormq.Channel)
+    writes: list[bytes] = []
+    put = channel.write_queue.put
+
+    async def counting_put(frame: Any) -> None:
+        writes.append(frame.payload)
+        await put(frame)
+
+    channel.write_queue.put = counting_put  # type: ignore[method-assign, assignment]
+    try:
+        await asyncio.gather(*(d.ack() for d in deliveries))
+    finally:
+        channel.write_queue.put = put  # type: ignore[method-assign]
+    assert len(writes) == 1  # twenty Basic.Ack frames, one socket write
+    assert writes[0].count(bytes.fromhex("003c0050")) == 20  # basic.ack = class 60, method 80
+    with pytest.raises(TransportError, match="already settled"):
+        await deliveries[0].ack()
+    # Closing the channel would have returned any unacked delivery to the queue.
+    await t.close()
+    other = await rabbit()
+    assert await other.reply_queue_stats(name) == (0, 0)
+
+
+async def test_a_cancelled_ack_caller_does_not_cancel_the_acks_sent_with_it(
+    rabbit: RabbitFactory, topology: Topology
+) -> None:
+    t = await rabbit()
+    name = topology.reply_queue(uuid.uuid4().hex)
+    await t.declare_reply_queue(name)
+    held = Inbox(ack=False)
+    await t.consume_replies(name, held)
+    await t.publish_replies([(name, b"a"), (name, b"b")])
+    first, second = await held.wait_for(2)
+    channel = await (await t._reply_channel()).get_underlay_channel()
+    assert isinstance(channel, aiormq.Channel)
+    cancelled = asyncio.ensure_future(first.ack())
+    kept = asyncio.ensure_future(second.ack())
+
+    async def both_in_one_batch() -> bool:
+        batch = t._acks.get(channel)
+        return batch is not None and len(batch._tags) == 2
+
+    await eventually(both_in_one_batch, interval=0)
+    cancelled.cancel()
+    await kept
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    # Nothing comes back on another connection: both acks reached the broker.
+    await t.close()
+    other = await rabbit()
+    again = Inbox(ack=False)
+    await other.consume_replies(name, again)
+    await other.publish_replies([(name, b"marker")])
+    (marker,) = await again.wait_for(1)
+    assert marker.body == b"marker"
+
+
 # -- connecting ------------------------------------------------------------------------
 
 

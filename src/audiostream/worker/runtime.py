@@ -282,18 +282,24 @@ class Worker:
         if self.metrics is not None:  # once per batch, not per message: it adds up
             for status, count in settled.items():
                 self.metrics.messages.labels(processing=lane.name, status=status).inc(count)
+        complete: list[_Item] = []
         for item, ok in zip(items, done, strict=True):
             held = item.held
             held.pending -= 1
             held.failed = held.failed or not ok
-            if held.pending or held.failed:
-                continue
+            if not (held.pending or held.failed):
+                complete.append(item)
+
+        async def ack(item: _Item) -> None:
             try:
-                await held.delivery.ack()
+                await item.held.delivery.ack()
             except TransportError as err:
                 env = item.envelope
                 log.warning("session=%s seq=%d stage=%s: ack failed: %s",
                             env.session_id, env.seq, lane.name, err)
+
+        # Together, so the transport can send them in one write.
+        await asyncio.gather(*(ack(item) for item in complete))
 
     async def _poll_depth(self) -> None:
         assert self.metrics is not None
