@@ -7,7 +7,8 @@ in 20 ms chunks streamed in real time (``audiostream.bench``). The worker is pin
 runs with one intra-op thread (the worker default).
 
 For each batching mode (``--modes``; default: the dynamic batcher with ``--max-wait-ms``
-2 (the worker default) and 10, and ``--max-batch 1``) the session count grows by
+10 (the worker's default for denoise) with and without bundles, and ``--max-batch 1``)
+the session count grows by
 ``--step`` until a trial fails (p99 >= 100 ms, a drop, an error; each count gets
 ``--attempts`` tries because the machine may be shared), then is bisected. Then, on the
 same worker, a ``passthrough`` control trial at the largest passing count measures
@@ -542,7 +543,7 @@ async def main(args: argparse.Namespace) -> int:
 def cli() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--broker", default=c.BROKER)
-    ap.add_argument("--modes", default="bundled:64:2:64,unbundled:64:2:1,unbatched:1:0:1",
+    ap.add_argument("--modes", default="bundled:64:10:64,unbundled:64:10:1,unbatched:1:0:1",
                     help="name:max_batch:max_wait_ms[:bundle_max], comma separated: the "
                     "worker's --max-batch/--max-wait-ms and the gateway's --bundle-max "
                     "(default 64)")

@@ -20,7 +20,7 @@ A trial passes with p99 < 100 ms, no drop and no error. Session counts grow by
 gateway bundle size, gateway linger). Output: JSON lines.
 
     .venv/bin/python benchmarks/worker_capacity.py
-    .venv/bin/python benchmarks/worker_capacity.py --variant int8 --modes bundled:64:2:64:0
+    .venv/bin/python benchmarks/worker_capacity.py --variant int8 --modes bundled:64:10:64:0
     # GPU machine (onnxruntime-gpu installed): the worker's Python side on core 2
     .venv/bin/python benchmarks/worker_capacity.py --device gpu --worker-cpu 2 \
         --start 100 --step 100 --max 4000 --modes bundled:256:5:256:0,unbatched:1:0:1:0
@@ -280,7 +280,7 @@ def cli() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--broker", default=c.BROKER)
     ap.add_argument("--modes",
-                    default="bundled:64:2:64:0,unbatched:1:0:1:0,bundled_linger20:64:2:64:20",
+                    default="bundled:64:10:64:0,unbatched:1:0:1:0,bundled_wait2:64:2:64:0",
                     help="name:max_batch:max_wait_ms:bundle_max:linger_ms, comma separated")
     ap.add_argument("--variant", choices=("fp32", "int8", "fp16"), default=None,
                     help="NSNet2 variant (default: the worker's: fp32 on cpu, fp16 on gpu)")

@@ -141,8 +141,9 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
                    help="execution device for model steps (default cpu)")
     p.add_argument("--max-batch", type=int, default=64,
                    help="most messages per processing call (default 64)")
-    p.add_argument("--max-wait-ms", type=float, default=2.0,
-                   help="longest a message waits for its batch to fill (default 2)")
+    p.add_argument("--max-wait-ms", type=float, default=None,
+                   help="longest a message waits for its batch to fill, for every "
+                        "processing type (default: 10 for denoise and vad, 2 for DSP)")
     p.add_argument("--prefetch", type=int, default=None,
                    help="unacked messages per work queue (default max(2*max-batch, 32))")
     p.add_argument("--model-dir", type=Path, default=_env("MODEL_DIR"),

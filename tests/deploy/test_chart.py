@@ -366,6 +366,16 @@ def test_gpu_workers() -> None:
     assert "--device=cpu" in cpu["args"]
 
 
+def test_cpu_workers_leave_the_batch_wait_to_each_processing_type() -> None:
+    cpu = container(rendered("defaults").get("Deployment", f"{FULLNAME}-worker-cpu"))
+    assert not [a for a in cpu["args"] if a.startswith("--max-wait-ms")]
+    gpu = container(rendered("gpu").get("Deployment", f"{FULLNAME}-worker-gpu"))
+    assert "--max-wait-ms=4" in gpu["args"]
+    fixed = container(render({"workers": {"cpu": {"maxWaitMs": 3}}}).get(
+        "Deployment", f"{FULLNAME}-worker-cpu"))
+    assert "--max-wait-ms=3" in fixed["args"]
+
+
 def test_gpu_workers_are_off_by_default() -> None:
     names = [d["metadata"]["name"] for d in rendered("defaults").of_kind("Deployment")]
     assert names == [f"{FULLNAME}-gateway", f"{FULLNAME}-worker-cpu"]

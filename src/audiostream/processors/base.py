@@ -63,6 +63,9 @@ class ProcessorSpec:
     description: str = ""
     internal: bool = False
     """Inserted by the planner (e.g. resample); not listed for clients."""
+    max_wait_ms: float = 2.0
+    """How long a worker's batcher waits for a batch to fill unless ``--max-wait-ms``
+    says otherwise: models pay a large fixed cost per call, DSP does not."""
 
 
 class ProcessorRegistry:
@@ -136,6 +139,7 @@ class ProcessorRegistry:
         stateful: bool = False,
         check_params: ParamCheck | None = None,
         description: str = "",
+        max_wait_ms: float = 2.0,
     ) -> Callable[[Callable[[ProcessorContext], BatchFn]], Callable[[ProcessorContext], BatchFn]]:
         """Register a factory called once per worker (e.g. to load a model)."""
 
@@ -150,6 +154,7 @@ class ProcessorRegistry:
                     stateful=stateful,
                     check_params=check_params,
                     description=description or (fn.__doc__ or "").strip().split("\n")[0],
+                    max_wait_ms=max_wait_ms,
                 )
             )
             return fn

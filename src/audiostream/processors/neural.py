@@ -28,6 +28,12 @@ from audiostream.processors.base import (
 _DENOISE_KEYS = frozenset({"variant"})
 _VAD_KEYS = frozenset({"threshold", "neg_threshold", "min_silence_ms"})
 
+#: Batch wait of the model steps. A model call costs about as much for 2 sessions as
+#: for 8 (weights reloaded into cache, per-call overhead): at 25 real-time int8 denoise
+#: sessions, waiting 10 ms instead of 2 cut worker CPU per session by 30-45 %
+#: (docs/benchmarks.md, "batch wait").
+MODEL_MAX_WAIT_MS = 10.0
+
 
 def _only(params: Mapping[str, Any], allowed: frozenset[str], step: str) -> None:
     unknown = sorted(set(params) - allowed)
@@ -118,6 +124,7 @@ class _Denoise(_Lane):
     sample_rates=nsnet2.RATES,
     stateful=True,
     check_params=_check_denoise,
+    max_wait_ms=MODEL_MAX_WAIT_MS,
 )
 def denoise(ctx: ProcessorContext) -> BatchFn:
     """NSNet2 noise suppression (16 or 48 kHz), streaming with ~20 ms delay."""
@@ -170,6 +177,7 @@ def _vad_events(res: silero.Result) -> tuple[dict[str, Any], ...]:
     sample_rates=silero.RATES,
     stateful=True,
     check_params=_check_vad,
+    max_wait_ms=MODEL_MAX_WAIT_MS,
 )
 def vad(ctx: ProcessorContext) -> BatchFn:
     """Silero voice activity events at 8/16 kHz; the audio passes through unchanged."""

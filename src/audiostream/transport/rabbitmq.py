@@ -8,7 +8,8 @@ Channels, and why there are several kinds:
 
 * **publish**: one channel with publisher confirms and ``on_return_raises``;
   every ``publish_*`` awaits only its own confirm, so concurrent callers
-  overlap on the wire.
+  overlap on the wire. ``publish_replies`` writes a whole batch at once.
+* acks asked for in one event-loop turn on one channel go out in one write.
 * **work consumers**: one channel per ``consume_work`` subscription, with a
   per-consumer QoS (quorum queues refuse global QoS). Cancelling is a
   ``basic.cancel``: deliveries already handed out can still be settled, and the

@@ -44,7 +44,8 @@ class WorkerSettings:
     processing: tuple[str, ...]
     device: str = "cpu"
     max_batch: int = 64
-    max_wait_ms: float = 2.0
+    max_wait_ms: float | None = None
+    """For every lane; None: each processing type's own default (``ProcessorSpec``)."""
     prefetch: int | None = None
     """Unacked messages per work queue; default ``max(2 * max_batch, 32)``."""
     model_dir: Path | None = None
@@ -76,10 +77,12 @@ class _Item:
 class _Lane:
     """One processing type: its batcher, its executor and its flusher task."""
 
-    def __init__(self, name: str, fn: BatchFn, settings: WorkerSettings) -> None:
+    def __init__(self, name: str, fn: BatchFn, settings: WorkerSettings, max_wait_ms: float
+                 ) -> None:
         self.name = name
         self.fn = fn
-        self.batcher: Batcher[_Item] = Batcher(settings.max_batch, settings.max_wait_ms / 1000)
+        self.max_wait_ms = max_wait_ms
+        self.batcher: Batcher[_Item] = Batcher(settings.max_batch, max_wait_ms / 1000)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"as-{name}")
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -129,7 +132,9 @@ class Worker:
                 except AudioStreamError as err:
                     # Keep serving: its messages will get error outcomes naming the cause.
                     log.error("stage=%s: model not available: %s", name, err)
-            lane = _Lane(name, lane_fn, self.settings)
+            wait = spec.max_wait_ms if self.settings.max_wait_ms is None else (
+                self.settings.max_wait_ms)
+            lane = _Lane(name, lane_fn, self.settings, wait)
             self._lanes[name] = lane
             self._export_provider(name, lane_fn)
             lane.task = loop.create_task(self._flusher(lane), name=f"flusher-{name}")
@@ -139,11 +144,11 @@ class Worker:
         if self.metrics is not None:
             self._depth_task = loop.create_task(self._poll_depth(), name="depth-poll")
         log.info(
-            "worker consuming %s (device=%s, max_batch=%d, max_wait_ms=%s)",
+            "worker consuming %s (device=%s, max_batch=%d, max_wait_ms %s)",
             ",".join(self.settings.processing),
             self.settings.device,
             self.settings.max_batch,
-            self.settings.max_wait_ms,
+            ", ".join(f"{n}={lane.max_wait_ms:g}" for n, lane in self._lanes.items()),
         )
 
     def _export_provider(self, name: str, fn: BatchFn) -> None:
