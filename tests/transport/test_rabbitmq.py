@@ -17,6 +17,7 @@ import pytest
 
 from audiostream.errors import ConfigError, ErrorCode, TransportError
 from audiostream.topology import Topology
+from audiostream.transport import Delivery
 from audiostream.transport.rabbitmq import RabbitTransport, declare_topology
 from tests.conftest import delete_prefixed
 from tests.transport.helpers import Inbox, eventually
@@ -178,19 +179,27 @@ async def test_batched_replies_raise_transport_error_once_the_connection_is_gone
         await t.publish_replies([(name, b"after")])
 
 
+async def _held_replies(
+    t: RabbitTransport, name: str, count: int
+) -> tuple[list[Delivery], aiormq.Channel]:
+    """``count`` replies delivered on ``name`` and not settled, and their channel."""
+    await t.declare_reply_queue(name)
+    held = Inbox(ack=False)
+    await t.consume_replies(name, held)
+    outcomes = await t.publish_replies([(name, f"r{i}".encode()) for i in range(count)])
+    assert outcomes == [True] * count
+    deliveries = await held.wait_for(count)
+    channel = await (await t._reply_channel()).get_underlay_channel()
+    assert isinstance(channel, aiormq.Channel)
+    return deliveries, channel
+
+
 async def test_acks_asked_for_together_go_out_in_one_write_and_settle_every_delivery(
     rabbit: RabbitFactory, topology: Topology
 ) -> None:
     t = await rabbit()
     name = topology.reply_queue(uuid.uuid4().hex)
-    await t.declare_reply_queue(name)
-    held = Inbox(ack=False)
-    await t.consume_replies(name, held)
-    outcomes = await t.publish_replies([(name, f"r{i}".encode()) for i in range(20)])
-    assert outcomes == [True] * 20
-    deliveries = await held.wait_for(20)
-    channel = await (await t._reply_channel()).get_underlay_channel()
-    assert isinstance(channel, aiormq.Channel)
+    deliveries, channel = await _held_replies(t, name, 20)
     writes: list[bytes] = []
     put = channel.write_queue.put
 
@@ -218,13 +227,7 @@ async def test_a_cancelled_ack_caller_does_not_cancel_the_acks_sent_with_it(
 ) -> None:
     t = await rabbit()
     name = topology.reply_queue(uuid.uuid4().hex)
-    await t.declare_reply_queue(name)
-    held = Inbox(ack=False)
-    await t.consume_replies(name, held)
-    await t.publish_replies([(name, b"a"), (name, b"b")])
-    first, second = await held.wait_for(2)
-    channel = await (await t._reply_channel()).get_underlay_channel()
-    assert isinstance(channel, aiormq.Channel)
+    (first, second), channel = await _held_replies(t, name, 2)
     cancelled = asyncio.ensure_future(first.ack())
     kept = asyncio.ensure_future(second.ack())
 
