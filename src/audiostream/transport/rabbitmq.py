@@ -10,6 +10,9 @@ Channels, and why there are several kinds:
   every ``publish_*`` awaits only its own confirm, so concurrent callers
   overlap on the wire. ``publish_replies`` writes a whole batch at once.
 * acks asked for in one event-loop turn on one channel go out in one write.
+
+Those two batched writes use aiormq 7's channel internals (its confirm registry, write
+queue and ``ChannelFrame``), hence the ``aiormq>=7.2,<8`` pin; the RabbitMQ tests cover them.
 * **work consumers**: one channel per ``consume_work`` subscription, with a
   per-consumer QoS (quorum queues refuse global QoS). Cancelling is a
   ``basic.cancel``: deliveries already handed out can still be settled, and the
