@@ -143,7 +143,8 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
                    help="most messages per processing call (default 64)")
     p.add_argument("--max-wait-ms", type=float, default=None,
                    help="longest a message waits for its batch to fill, for every "
-                        "processing type (default: 10 for denoise and vad, 2 for DSP)")
+                        "processing type (default: 10 for denoise and vad, 2 for DSP); a "
+                        "lane whose messages arrive further apart than that does not wait")
     p.add_argument("--prefetch", type=int, default=None,
                    help="unacked messages per work queue (default max(2*max-batch, 32))")
     p.add_argument("--model-dir", type=Path, default=_env("MODEL_DIR"),

@@ -31,7 +31,7 @@ _VAD_KEYS = frozenset({"threshold", "neg_threshold", "min_silence_ms"})
 #: Batch wait of the model steps. A model call costs about as much for 2 sessions as
 #: for 8 (weights reloaded into cache, per-call overhead): at 25 real-time int8 denoise
 #: sessions, waiting 10 ms instead of 2 cut worker CPU per session by 30-45 %
-#: (docs/benchmarks.md, "batch wait").
+#: (docs/benchmarks.md). The worker's batcher waits only when more messages are due.
 MODEL_MAX_WAIT_MS = 10.0
 
 

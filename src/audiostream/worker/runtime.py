@@ -82,7 +82,8 @@ class _Lane:
         self.name = name
         self.fn = fn
         self.max_wait_ms = max_wait_ms
-        self.batcher: Batcher[_Item] = Batcher(settings.max_batch, max_wait_ms / 1000)
+        self.batcher: Batcher[_Item] = Batcher(settings.max_batch, max_wait_ms / 1000,
+                                               adaptive=True)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"as-{name}")
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
