@@ -294,6 +294,16 @@ def loop_and_other_cores(pid: int, before: dict[int, float], wall: float) -> dic
     return {"event_loop": round(loop, 3), "executor_and_other": round(sum(delta.values()), 3)}
 
 
+def sweep_options(ap: Any, *, start: int, step: int, maximum: int, resolution: int) -> None:
+    """The options of a session-count sweep (``find_limit``), its trials and its output."""
+    ap.add_argument("--start", type=int, default=start)
+    ap.add_argument("--step", type=int, default=step)
+    ap.add_argument("--max", type=int, default=maximum)
+    ap.add_argument("--resolution", type=int, default=resolution)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per trial")
+    ap.add_argument("--out", type=Path, default=None, help="also append JSON lines here")
+
+
 async def find_limit(passes: Callable[[int], Awaitable[bool]], *, start: int, step: int,
                      maximum: int, resolution: int) -> tuple[int, int | None]:
     """Largest passing count (0: none) and the first failing one: grow by ``step`` from

@@ -555,11 +555,7 @@ def cli() -> int:
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--worker-cpus", default="1",
                     help="CPUs to pin the worker to, e.g. 1 or 2,3 ('' = no pinning)")
-    ap.add_argument("--start", type=int, default=5)
-    ap.add_argument("--step", type=int, default=5)
-    ap.add_argument("--max", type=int, default=400)
-    ap.add_argument("--resolution", type=int, default=2)
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per trial")
+    c.sweep_options(ap, start=5, step=5, maximum=400, resolution=2)
     ap.add_argument("--attempts", type=int, default=2,
                     help="tries per session count; it passes if one does (shared machines)")
     ap.add_argument("--profile", action="store_true",
@@ -570,7 +566,6 @@ def cli() -> int:
                     help="also measure the worker alone, fed straight through RabbitMQ")
     ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                     help="run the pipeline sweeps (--no-sweep: only --ceiling/--engine)")
-    ap.add_argument("--out", type=Path, default=None, help="also append JSON lines here")
     args = ap.parse_args()
     args.py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if args.profile:

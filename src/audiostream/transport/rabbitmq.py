@@ -157,10 +157,10 @@ class _RabbitDelivery:
 class _Acks:
     """The acks asked for on one channel in one event-loop turn, sent in one write.
 
-    aiormq sends every frame with its own ``send()``, and on loopback each costs about
-    100-200 µs of kernel time here (the broker is woken inside the call). A gateway
-    acks every reply it has passed on, many in the same turn (a client's confirm
-    settles a whole journal prefix): one write for all of them (docs/benchmarks.md).
+    aiormq writes every ack as its own ``send()``. A gateway acks every reply it has
+    passed on, many in the same turn (a client's confirm settles a whole journal
+    prefix): one write for all of them. (Its CPU effect was within this machine's
+    noise; the system calls it saves are not.)
     """
 
     __slots__ = ("_channel", "_sent", "_tags", "_tasks")
@@ -198,10 +198,7 @@ class _Acks:
             payload = b"".join(
                 pamqp.frame.marshal(aiormq.spec.Basic.Ack(delivery_tag=tag), number)
                 for tag in tags)
-            drained = channel.create_future()
-            await channel.write_queue.put(
-                ChannelFrame(payload=payload, should_close=False, drain_future=drained))
-            await drained
+            await (await _queue_write(channel, payload))
         except asyncio.CancelledError:
             sent.set_exception(aiormq.exceptions.ChannelInvalidStateError(
                 "the transport closed before the acks were sent"))
@@ -210,6 +207,15 @@ class _Acks:
             sent.set_exception(exc)
         else:
             sent.set_result(None)
+
+
+async def _queue_write(channel: aiormq.Channel, payload: bytes) -> asyncio.Future[Any]:
+    """Hand marshalled frames to aiormq's connection writer as one socket write; the
+    future returned resolves once the socket took them (backpressure)."""
+    drained = channel.create_future()
+    await channel.write_queue.put(
+        ChannelFrame(payload=payload, should_close=False, drain_future=drained))
+    return drained
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -802,10 +808,7 @@ class RabbitTransport:
                     confirms.append(future)
                 if not parts:
                     return ids, confirms
-                drained = underlay.create_future()
-                await underlay.write_queue.put(
-                    ChannelFrame(payload=b"".join(parts), should_close=False,
-                                 drain_future=drained))
+                drained = await _queue_write(underlay, b"".join(parts))
             except BaseException:
                 # Nothing reached the writer: give the sequence numbers back.
                 for tag in range(first_tag, underlay.delivery_tag + 1):

@@ -77,13 +77,11 @@ class _Item:
 class _Lane:
     """One processing type: its batcher, its executor and its flusher task."""
 
-    def __init__(self, name: str, fn: BatchFn, settings: WorkerSettings, max_wait_ms: float
-                 ) -> None:
+    def __init__(self, name: str, fn: BatchFn, max_batch: int, max_wait_ms: float) -> None:
         self.name = name
         self.fn = fn
         self.max_wait_ms = max_wait_ms
-        self.batcher: Batcher[_Item] = Batcher(settings.max_batch, max_wait_ms / 1000,
-                                               adaptive=True)
+        self.batcher: Batcher[_Item] = Batcher(max_batch, max_wait_ms / 1000, adaptive=True)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"as-{name}")
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -133,9 +131,9 @@ class Worker:
                 except AudioStreamError as err:
                     # Keep serving: its messages will get error outcomes naming the cause.
                     log.error("stage=%s: model not available: %s", name, err)
-            wait = spec.max_wait_ms if self.settings.max_wait_ms is None else (
-                self.settings.max_wait_ms)
-            lane = _Lane(name, lane_fn, self.settings, wait)
+            wait = self.settings.max_wait_ms
+            lane = _Lane(name, lane_fn, self.settings.max_batch,
+                         spec.max_wait_ms if wait is None else wait)
             self._lanes[name] = lane
             self._export_provider(name, lane_fn)
             lane.task = loop.create_task(self._flusher(lane), name=f"flusher-{name}")
