@@ -276,6 +276,66 @@ def pin(pid: int, cpus: set[int]) -> list[int]:
     return sorted(os.sched_getaffinity(pid))
 
 
+class CpuQuota:
+    """A CFS bandwidth limit (``cores`` of CPU time per ``period_s``) on one process.
+
+    This is what a Kubernetes CPU limit is, so "a worker with a 0.5-core limit holds N
+    sessions" is both a direct measurement of N / 0.5 sessions per core on a machine too
+    small to load a whole worker core, and the figure an operator sizes pods with. Uses
+    cgroup v2 (``cpu.max``) where the cpu controller is there, else cgroup v1; needs root.
+    Threads the process starts later inherit the group. ``stats()`` tells whether the
+    limit bit (periods throttled, time throttled).
+    """
+
+    ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpu,cpuacct"))
+
+    def __init__(self, pid: int, cores: float, period_s: float = 0.01) -> None:
+        if not 0.01 <= cores <= (os.cpu_count() or 1):
+            raise ValueError(f"quota of {cores} cores is out of range")
+        self.pid, self.cores, self.period_s = pid, cores, period_s
+        self.dir: Path | None = None
+        self.v2 = False
+
+    def __enter__(self) -> CpuQuota:
+        period = int(self.period_s * 1e6)
+        quota = int(self.cores * period)
+        for root in self.ROOTS:
+            v2 = (root / "cgroup.controllers").exists()
+            if v2 and "cpu" not in (root / "cgroup.subtree_control").read_text().split():
+                continue
+            if not v2 and not (root / "cpu.cfs_quota_us").exists():
+                continue
+            d = root / f"audiostream-bench-{os.getpid()}-{self.pid}"
+            d.mkdir(exist_ok=True)
+            self.dir, self.v2 = d, v2
+            if v2:
+                (d / "cpu.max").write_text(f"{quota} {period}")
+            else:
+                (d / "cpu.cfs_period_us").write_text(str(period))
+                (d / "cpu.cfs_quota_us").write_text(str(quota))
+            (d / "cgroup.procs").write_text(str(self.pid))  # every thread of the process
+            return self
+        raise RuntimeError("no writable cgroup cpu controller (needs root and cgroup v1 or v2)")
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative throttling counters of the group (periods, throttled ones, seconds)."""
+        assert self.dir is not None
+        raw = dict(line.split() for line in (self.dir / "cpu.stat").read_text().splitlines())
+        usec = int(raw["throttled_usec"]) if self.v2 else int(raw["throttled_time"]) // 1000
+        return {"periods": int(raw["nr_periods"]), "throttled": int(raw["nr_throttled"]),
+                "throttled_s": usec / 1e6}
+
+    def __exit__(self, *exc: object) -> None:
+        if self.dir is None:
+            return
+        parent = self.dir.parent / "cgroup.procs"
+        with contextlib.suppress(OSError):  # the process may have exited already
+            for pid in (self.dir / "cgroup.procs").read_text().split():
+                parent.write_text(pid)
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
+
+
 def thread_seconds(pid: int) -> dict[int, float]:
     """CPU seconds used so far by each thread of ``pid``."""
     out = {}

@@ -15,12 +15,18 @@ resources at ~20 sessions, so there the worker's capacity is only extrapolated
 * every session sends a 20 ms chunk every 20 ms on its own absolute schedule (random
   phase) for ``--duration`` seconds; the round trip is submit -> outcome per chunk.
 
+``--worker-quota 0.5`` also caps the worker at half of its core with a CFS quota (a
+Kubernetes CPU limit of 500m, with a 10 ms period by default): on a machine where the
+load generator and RabbitMQ cannot drive a whole worker core, the sessions a fraction of
+a core holds, divided by that fraction, measure sessions per core directly.
+
 A trial passes with p99 < 100 ms, no drop and no error. Session counts grow by
 ``--step`` and are bisected, per mode (``--modes``: worker --max-batch / --max-wait-ms,
 gateway bundle size, gateway linger). Output: JSON lines.
 
     .venv/bin/python benchmarks/worker_capacity.py
     .venv/bin/python benchmarks/worker_capacity.py --variant int8 --modes bundled:64:10:64:0
+    .venv/bin/python benchmarks/worker_capacity.py --worker-quota 0.5 --start 20 --step 10
     # GPU machine (onnxruntime-gpu installed): the worker's Python side on core 2
     .venv/bin/python benchmarks/worker_capacity.py --device gpu --worker-cpu 2 \
         --start 100 --step 100 --max 4000 --modes bundled:256:5:256:0,unbatched:1:0:1:0
@@ -64,8 +70,8 @@ def restore(saved: dict[int, set[int]]) -> None:
 
 
 async def trial(args: argparse.Namespace, mode: tuple[str, int, float, int, float],
-                sessions: int, worker: c.Proc, prefix: str, metrics_url: str
-                ) -> dict[str, Any]:
+                sessions: int, worker: c.Proc, prefix: str, metrics_url: str,
+                quota: c.CpuQuota | None = None) -> dict[str, Any]:
     from prometheus_client import CollectorRegistry
 
     from audiostream.audio import AudioFormat, Encoding
@@ -139,6 +145,7 @@ async def trial(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
             **({"rabbitmq": rabbit} if rabbit else {})}
     before = await scrape_all([metrics_url], None)
     threads0 = c.thread_seconds(worker.pid)
+    throttle0 = quota.stats() if quota else None
     start = time.monotonic() + 0.2
     with c.CpuMeter(pids) as cpu:
         feeders = [asyncio.ensure_future(feed(i, start + random.random() * CHUNK_S))
@@ -149,6 +156,8 @@ async def trial(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
         wall = time.monotonic() - cpu.t0
         usage = cpu.read()
         split = c.loop_and_other_cores(worker.pid, threads0, wall)
+        throttle = ({k: round(v - throttle0[k], 3) for k, v in quota.stats().items()}
+                    if quota and throttle0 else None)
     after = await scrape_all([metrics_url], None)
     for p in pipes:
         await p.close(finished=True)
@@ -174,6 +183,8 @@ async def trial(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
         "latency_ms": pct, "chunks": sessions * n_chunks, "dropped": sum(drops.values()),
         "drops_by_reason": drops, "unanswered": missing, "cpu_cores": usage,
         "worker_threads_cores": split,
+        "worker_quota_cores": quota.cores if quota else None,
+        "worker_throttling": throttle,
         "sessions_per_worker_core": round(sessions / wcpu, 1) if wcpu else None,
         "worker_cpu_ms_per_session_second": round(1000 * wcpu / sessions, 2),
         "mean_batch_size": view.get("mean_batch_size"),
@@ -211,20 +222,24 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
     worker_cpu = {args.worker_cpu}
     others = (set(range(os.cpu_count() or 1)) - worker_cpu) or worker_cpu
     trials: dict[int, dict[str, Any]] = {}
+    limits = contextlib.ExitStack()
     try:
+        quota = limits.enter_context(c.CpuQuota(
+            worker.pid, args.worker_quota, args.quota_period_ms / 1000)) \
+            if args.worker_quota else None
         c.pin(worker.pid, worker_cpu)
         os.sched_setaffinity(0, others)
         if rabbit:
             c.pin(rabbit, others)
         c.log(f"[worker_capacity] {name}: warm-up")
-        await trial(args, mode, 4, worker, prefix, metrics)
+        await trial(args, mode, 4, worker, prefix, metrics, quota)
         c.pin(worker.pid, worker_cpu)  # threads started since (ORT, executor)
 
         async def passes(n: int) -> bool:
             best: dict[str, Any] | None = None
             for attempt in range(1, args.attempts + 1):
                 c.log(f"[worker_capacity] {name}: {n} sessions (attempt {attempt})")
-                t = await trial(args, mode, n, worker, prefix, metrics)
+                t = await trial(args, mode, n, worker, prefix, metrics, quota)
                 t.update(max_batch=batch, max_wait_ms=wait, bundle_max=bundle,
                          linger_ms=linger, attempt=attempt,
                          load_average_1m=os.getloadavg()[0])
@@ -242,12 +257,14 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
         good, bad = await c.find_limit(passes, start=args.start, step=args.step,
                                        maximum=args.max, resolution=args.resolution)
     finally:
+        limits.close()
         restore(saved)
         os.sched_setaffinity(0, me)
         await worker.stop()
         await c.delete_prefix(args.broker, prefix)
     at = trials.get(good, {})
-    keys = ("latency_ms", "cpu_cores", "worker_threads_cores", "sessions_per_worker_core",
+    keys = ("latency_ms", "cpu_cores", "worker_threads_cores", "worker_throttling",
+            "sessions_per_worker_core",
             "worker_cpu_ms_per_session_second", "mean_batch_size", "mean_bundle_size",
             "worker_call_mean_ms", "chunks_per_message", "session_messages_per_s",
             "broker_messages_per_s")
@@ -256,7 +273,12 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
         "max_wait_ms": wait, "bundle_max": bundle, "linger_ms": linger,
         "variant": args.variant or "default", "device": args.device,
         "worker_cpu": args.worker_cpu,
-        "max_sessions_on_one_worker_core": good, "first_failing": bad,
+        "worker_quota_cores": args.worker_quota,
+        ("max_sessions_within_quota" if args.worker_quota
+         else "max_sessions_on_one_worker_core"): good,
+        "first_failing": bad,
+        # Held sessions per core of worker CPU allowed: directly measured, not extrapolated.
+        "sessions_per_worker_core_held": round(good / (args.worker_quota or 1.0), 1),
         "criterion": f"p99 < {P99_LIMIT_MS:g} ms, no drops, best of {args.attempts}",
         "at_max": {k: at.get(k) for k in keys},
         "first_failing_trial": {k: trials[bad].get(k) for k in (
@@ -268,7 +290,8 @@ async def sweep(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
 async def main(args: argparse.Namespace) -> int:
     c.emit({"bench": "worker_capacity", "machine": c.machine(), "duration_s": args.duration,
             "chunk_ms": 20, "sample_rate": RATE, "variant": args.variant or "fp32",
-            "load_average": os.getloadavg()}, args.out)
+            "load_average": os.getloadavg(), "worker_quota_cores": args.worker_quota,
+            "quota_period_ms": args.quota_period_ms if args.worker_quota else None}, args.out)
     for spec in args.modes.split(","):
         name, batch, wait, bundle, linger = spec.split(":")
         mode = (name, int(batch), float(wait), int(bundle), float(linger))
@@ -290,6 +313,11 @@ def cli() -> int:
     ap.add_argument("--worker-cpu", type=int, default=1)
     ap.add_argument("--worker-args", default="",
                     help="extra worker options, e.g. '--intra-op-threads 2'")
+    ap.add_argument("--worker-quota", type=float, default=None, metavar="CORES",
+                    help="cap the worker with a CFS quota of this many cores (needs root), "
+                    "e.g. 0.5: held sessions / 0.5 = sessions per core, measured")
+    ap.add_argument("--quota-period-ms", type=float, default=10.0,
+                    help="CFS period of --worker-quota (Kubernetes' default is 100)")
     ap.add_argument("--bundle-in-flight", type=int, default=1,
                     help="bundles of one type awaiting their confirm before the next waits")
     ap.add_argument("--bundle-wait-ms", type=float, default=5.0)

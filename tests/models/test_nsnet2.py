@@ -146,6 +146,39 @@ def test_any_batch_composition_equals_offline(engines: Engines, variant: str) ->
         assert np.array_equal(y[319:], engine.offline(sig)[: len(sig) - 319])
 
 
+@pytest.mark.parametrize(
+    ("active", "limit", "runs"),
+    [
+        ([], None, []),
+        ([3], None, [(0, 1)]),
+        ([4, 4, 4], None, [(0, 3)]),
+        ([4, 4, 4], 1, [(0, 1), (1, 2), (2, 3)]),
+        ([4, 4, 4, 4, 4], 2, [(0, 2), (2, 4), (4, 5)]),
+        ([5, 5, 3, 1, 1], None, [(0, 2), (2, 3), (3, 5)]),
+    ],
+)
+def test_step_runs(active: list[int], limit: int | None, runs: list[tuple[int, int]]) -> None:
+    assert nsnet2.step_runs(active, limit) == runs
+
+
+def test_sequence_calls_equal_one_call_per_step(engines: Engines) -> None:
+    """Rows dropping out at different steps: runs of steps go through ORT as sequences,
+    bit-identical to feeding the graph one frame at a time."""
+    model = engines[16000, "fp32"].model
+    assert model.steps_per_call is None  # fp32: any run of steps in one call
+    rng = np.random.default_rng(3)
+    active = [5, 5, 5, 3, 3, 1]
+    feat_t = rng.normal(-2.0, 1.0, (len(active), 5, 161)).astype(np.float32)
+    h0 = rng.normal(0.0, 0.1, (2, 5, 400)).astype(np.float32)
+    gains, h = model.run_steps(feat_t, active, h0.copy())
+    ref_h = h0.copy()
+    for step, n in enumerate(active):
+        g, hn = model.run(feat_t[step, :n].reshape(n, 1, 161), np.ascontiguousarray(ref_h[:, :n]))
+        assert np.array_equal(gains[step, :n], g[:, 0])
+        ref_h[:, :n] = hn
+    assert np.array_equal(h, ref_h)
+
+
 def test_stereo_is_two_independent_channels(engines: Engines) -> None:
     engine = engines[48000, "fp32"]
     left, right = noisy_speech(48000, seed=1)[:24000], noisy_speech(48000, seed=2)[:24000]
