@@ -202,13 +202,11 @@ class Model:
             rows = h.shape[1]
             # Consecutive steps over the same rows go through ORT as one sequence (the
             # GRU carries the state inside the call): bit-identical to one call per
-            # step, and 10-40 % cheaper per frame (fewer calls; larger matrix products).
+            # step, and 7-44 % cheaper per frame (benchmarks/sequence_calls.py).
             for s, e in step_runs(active, self.steps_per_call):
                 n = active[s]
-                feats = feat_t[s:e, :n]
                 g, hn = self.run(
-                    feats.reshape(n, 1, bins) if e - s == 1
-                    else np.ascontiguousarray(feats.transpose(1, 0, 2)),
+                    np.ascontiguousarray(feat_t[s:e, :n].transpose(1, 0, 2)),
                     h if n == rows else np.ascontiguousarray(h[:, :n]),
                 )
                 gain_t[s:e, :n] = g.transpose(1, 0, 2)
