@@ -6,9 +6,14 @@ Metric names are part of the operations contract: the alert rules in
 
 from __future__ import annotations
 
+import threading
+import time
 import weakref
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -30,6 +35,7 @@ STAGES = (
 )
 
 QUEUE_DEPTH = "audiostream_queue_depth"
+OLDEST_AGE = "audiostream_queue_oldest_age_seconds"
 _queue_depth_gauges: weakref.WeakKeyDictionary[CollectorRegistry, Gauge] = (
     weakref.WeakKeyDictionary()
 )
@@ -104,6 +110,19 @@ class GatewayMetrics:
             "audiostream_gateway_errors_total", "Errors reported to clients, by code",
             ["code"], registry=registry)
         self.queue_depth = queue_depth_gauge(registry)
+        # Sampled by gateway/load.py; what KEDA and the queue-age alerts read.
+        self.oldest_age = Gauge(
+            OLDEST_AGE,
+            "Age of the oldest unanswered chunk of any session, by first processing step",
+            ["processing"], registry=registry)
+        self.dead_letters = Gauge(
+            "audiostream_dead_letter_depth",
+            "Messages in the dead-letter queue (expired or over the delivery limit)",
+            registry=registry)
+        self.session_messages_waiting = Gauge(
+            "audiostream_gateway_session_messages_waiting",
+            "Sessions with a chunk waiting for a worker (not bundles), by first processing step",
+            ["processing"], registry=registry)
 
 
 class WorkerMetrics:
@@ -130,3 +149,40 @@ class WorkerMetrics:
             "audiostream_worker_provider_info",
             "Execution provider actually in use (1) per processing type",
             ["processing", "provider"], registry=registry)
+        self.executor_busy = Counter(
+            "audiostream_worker_executor_busy_seconds",
+            "Wall time the processing executor spent running batches; its rate is the "
+            "lane's utilisation (one thread per processing type)",
+            ["processing"], registry=registry)
+        self._loop_busy = _ThreadCpuCollector(
+            "audiostream_worker_loop_busy_seconds",
+            "CPU time of the event-loop thread (consuming, decoding, publishing, acking); "
+            "its rate is the loop's utilisation")
+        registry.register(self._loop_busy)
+
+    def watch_loop_thread(self) -> None:
+        """Call from the event-loop thread: the loop-busy counter reads its CPU clock."""
+        self._loop_busy.watch(threading.get_ident())
+
+
+class _ThreadCpuCollector(Collector):
+    """A counter read at scrape time from one thread's CPU clock (Linux and macOS):
+    exact, and no sampling task to own."""
+
+    def __init__(self, name: str, doc: str) -> None:
+        self.name = name
+        self.doc = doc
+        self._clock: int | None = None
+
+    def watch(self, thread_id: int) -> None:
+        if self._clock is None:
+            self._clock = time.pthread_getcpuclockid(thread_id)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.doc)
+        if self._clock is not None:
+            try:
+                family.add_metric([], time.clock_gettime(self._clock))
+            except OSError:  # the thread has ended
+                self._clock = None
+        yield family

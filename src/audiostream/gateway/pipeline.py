@@ -505,3 +505,13 @@ class SessionPipeline:
                     encode_control(Control(self.session_id, RELEASED, self.nonce)),
                 )
         self._idle.set()
+
+    # -- load accessor (read by gateway/load.py) ---------------------------------------
+    @property
+    def oldest_pending_at(self) -> float | None:
+        """Wall-clock receipt of the oldest chunk not yet answered (in flight or queued
+        here), or None when idle: its age grows while workers fall behind, even with one
+        message in flight per session."""
+        if self._inflight is not None and self._inflight.chunks:
+            return self._inflight.chunks[0].received_at
+        return self._backlog[0].received_at if self._backlog else None

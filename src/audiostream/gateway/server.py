@@ -32,6 +32,7 @@ from audiostream.errors import (
     LimitError,
 )
 from audiostream.gateway.keys import KeyRecord, KeyStore
+from audiostream.gateway.load import LoadMonitor
 from audiostream.gateway.pipeline import Outcome, SessionPipeline, reply_outcomes
 from audiostream.gateway.tokens import SessionGrant, TokenSigner
 from audiostream.metrics import GatewayMetrics
@@ -48,7 +49,7 @@ from audiostream.protocol import (
     StartRequested,
     State,
 )
-from audiostream.transport.base import Transport
+from audiostream.transport.base import DeadLetterProbe, Transport
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class GatewaySettings:
     resume_window_s: float = 60.0
     depth_poll_s: float = 5.0
     """How often the work-queue depth gauge is refreshed; 0 disables polling."""
+    load_sample_s: float = 1.0
+    """How often the oldest-chunk age gauges are refreshed; 0 disables sampling."""
     bundle_max: int = 64
     """Most sessions' work messages packed into one broker message."""
     linger_ms: float = 0.0
@@ -384,6 +387,9 @@ class Gateway:
         self.sessions_per_key: dict[str, int] = {}
         self.draining = False
         self._changed = asyncio.Event()
+        self.load = LoadMonitor(  # queue-age gauges for KEDA and alerts (gateway/load.py)
+            self.metrics, lambda: [c.pipeline for c in self.connections if c.pipeline is not None],
+            transport.topology.processing_types, interval_s=self.settings.load_sample_s)
 
     # -- aiohttp wiring -------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -403,7 +409,9 @@ class Gateway:
         poller = None
         if self.settings.depth_poll_s > 0:
             poller = asyncio.get_running_loop().create_task(self._poll_depth(), name="depth")
+        self.load.start()
         yield
+        await self.load.close()
         if poller is not None:
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -427,6 +435,10 @@ class Gateway:
                     continue
                 failing.discard(name)
                 self.metrics.queue_depth.labels(processing=name).set(depth)
+            with contextlib.suppress(AudioStreamError):
+                if isinstance(self.transport, DeadLetterProbe) and (
+                        dead := await self.transport.dead_letter_depth()) is not None:
+                    self.metrics.dead_letters.set(dead)
             await asyncio.sleep(self.settings.depth_poll_s)
 
     async def handle_health(self, _request: web.Request) -> web.Response:

@@ -124,3 +124,11 @@ class Transport(Protocol):
     async def work_queue_depth(self, processing: str) -> int:
         """Ready (not unacked) messages over all shards of ``processing``."""
         ...
+
+@runtime_checkable
+class DeadLetterProbe(Protocol):
+    """A transport with a dead-letter queue whose depth can be read (RabbitMQ)."""
+
+    async def dead_letter_depth(self) -> int | None:
+        """Messages in the dead-letter queue, or None when it does not exist."""
+        ...

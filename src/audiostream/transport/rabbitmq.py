@@ -650,6 +650,10 @@ class RabbitTransport:
         )
         return sum(s[0] for s in stats if s is not None)
 
+    async def dead_letter_depth(self) -> int | None:
+        stats = await self._queue_stats(self.topology.dead_letter_queue)
+        return None if stats is None else stats[0]
+
     # -- publishing --------------------------------------------------------------------
     async def _publish_to(
         self, exchange_name: str, routing_key: str, message: aio_pika.Message

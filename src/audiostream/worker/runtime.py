@@ -141,6 +141,7 @@ class Worker:
                 name, self._handler(lane), prefetch=self.settings.effective_prefetch
             )
         if self.metrics is not None:
+            self.metrics.watch_loop_thread()
             self._depth_task = loop.create_task(self._poll_depth(), name="depth-poll")
         log.info(
             "worker consuming %s (device=%s, max_batch=%d, max_wait_ms %s)",
@@ -216,7 +217,7 @@ class Worker:
             received = [it.received for it in items]
             started = time.perf_counter()
             report: BatchReport = await loop.run_in_executor(
-                lane.executor, functools.partial(run_step, lane.fn, envelopes, received=received)
+                lane.executor, functools.partial(self._timed_step, lane, envelopes, received)
             )
             if self.metrics is not None and report.processed_size:
                 self.metrics.inference.labels(processing=lane.name).observe(
@@ -228,6 +229,18 @@ class Worker:
             task = loop.create_task(self._settle(lane, items, report))
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)
+
+    def _timed_step(
+        self, lane: _Lane, envelopes: list[WorkEnvelope], received: list[float]
+    ) -> BatchReport:
+        """Runs in the lane's executor; counts its busy time so utilisation is a ratio."""
+        started = time.perf_counter()
+        try:
+            return run_step(lane.fn, envelopes, received=received)
+        finally:
+            if self.metrics is not None:
+                self.metrics.executor_busy.labels(processing=lane.name).inc(
+                    time.perf_counter() - started)
 
     async def _settle(self, lane: _Lane, items: list[_Item], report: BatchReport) -> None:
         """Publish every result (the replies in one write, forwards through the

@@ -1,0 +1,137 @@
+"""The queue-age gauge sees load that queue depth does not (issue 14, "autoscaling is blind")."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from audiostream.audio import AudioFormat, Encoding
+from audiostream.bench import parse_metrics
+from audiostream.client import AudioStreamClient
+from audiostream.envelope import Step
+from audiostream.gateway.load import LoadMonitor
+from audiostream.metrics import OLDEST_AGE, GatewayMetrics
+from audiostream.testing import eventually
+from audiostream.topology import Topology
+from tests.gateway.conftest import TLS, ServerFactory
+
+VALUES = Path(__file__).resolve().parents[2] / "helm" / "audiostream" / "values.yaml"
+FMT = AudioFormat(Encoding.PCM_S16LE, 16000, 1)
+
+
+def scale_up_threshold() -> float:
+    """The chart's worker scale-up threshold: the test and KEDA use the same number."""
+    values = yaml.safe_load(VALUES.read_text())
+    return float(values["workers"]["autoscaling"]["queueAgeAbove"])
+
+
+@dataclass
+class FakeSession:
+    pipeline: tuple[Step, ...]
+    oldest_pending_at: float | None = None
+
+
+@dataclass
+class Clock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_monitor_reports_the_oldest_age_and_waiting_sessions_per_first_step() -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    clock = Clock()
+    sessions = [
+        FakeSession((Step("denoise"), Step("gain")), 999.2),
+        FakeSession((Step("denoise"),), 999.9),
+        FakeSession((Step("gain"),), None),  # idle
+        FakeSession((Step("gain"),), 999.5),
+    ]
+    mon = LoadMonitor(metrics, lambda: sessions, ("denoise", "gain", "vad"), clock=clock)
+    ages = mon.sample()
+    assert ages == pytest.approx({"denoise": 0.8, "gain": 0.5, "vad": 0.0})
+    reg = metrics.registry
+    assert reg.get_sample_value(OLDEST_AGE, {"processing": "denoise"}) == pytest.approx(0.8)
+    assert reg.get_sample_value(
+        "audiostream_gateway_session_messages_waiting", {"processing": "denoise"}) == 2
+    assert reg.get_sample_value(
+        "audiostream_gateway_session_messages_waiting", {"processing": "gain"}) == 1
+    # Served: the gauge falls back to zero, it is not a high-water mark.
+    for s in sessions:
+        s.oldest_pending_at = None
+    mon.sample()
+    assert reg.get_sample_value(OLDEST_AGE, {"processing": "denoise"}) == 0
+
+
+async def test_monitor_task_is_owned_and_cancelled() -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    sampled = asyncio.Event()
+
+    def sessions() -> list[FakeSession]:
+        sampled.set()
+        return []
+
+    mon = LoadMonitor(metrics, sessions, ("gain",), interval_s=0.01)
+    sampled.clear()
+    mon.start()
+    await asyncio.wait_for(sampled.wait(), 10)
+    task = mon._task
+    await mon.close()
+    assert task is not None and task.cancelled()
+
+
+async def _live(stop: asyncio.Event, seed: int) -> AsyncIterator[bytes]:
+    x = (np.random.default_rng(seed).standard_normal(320) * 3000).astype(np.int16).tobytes()
+    while not stop.is_set():
+        yield x
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("transport_kind", [pytest.param("rabbitmq")])
+async def test_no_worker_crosses_the_scale_up_threshold_within_10s(
+    make_server: ServerFactory, topology: Topology, tls: TLS
+) -> None:
+    """10 real-time sessions on a type no worker serves: one message in flight each, so
+    the work queues hold at most ten ready bundles, yet the age gauge, scraped from the
+    gateway's /metrics, crosses the chart's scale-up threshold within 10 s."""
+    threshold = scale_up_threshold()
+    stop = asyncio.Event()
+    async with make_server(workers=0) as srv, aiohttp.ClientSession() as http:
+
+        async def age() -> float:
+            async with http.get(srv.http_url + "/metrics", ssl=tls.client) as resp:
+                samples = parse_metrics(await resp.text())
+            return float(samples.get((OLDEST_AGE, (("processing", "passthrough"),)), 0.0))
+
+        assert await age() < threshold  # idle: nothing waits
+        clients = [AudioStreamClient(srv.url, api_key=srv.api_key, pipeline=["passthrough"],
+                                     format=FMT, ssl_context=tls.client) for _ in range(10)]
+        streams = [asyncio.create_task(c.stream(_live(stop, i), rate=1.0))
+                   for i, c in enumerate(clients)]
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+
+            async def above() -> bool:
+                return await age() > threshold
+
+            crossed = await eventually(above, within=10.0, interval=0.1)
+            elapsed = loop.time() - started
+            assert crossed, f"queue age stayed under {threshold} s for 10 s"
+            assert elapsed <= 10.0
+        finally:
+            stop.set()
+            results = await asyncio.gather(*streams, return_exceptions=True)
+    for r in results:
+        assert not isinstance(r, BaseException), r
+        assert not r.audio and r.dropped  # no worker: every chunk ended as a notice
+
