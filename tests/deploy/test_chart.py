@@ -11,6 +11,7 @@ from typing import Any
 import helm_python
 import kubernetes_validate
 import pytest
+import yaml
 
 from audiostream.definitions import definitions
 from audiostream.testing import default_topology
@@ -286,17 +287,21 @@ def _hpa_desired(current: int, value: float, target: float, up_tol: float, down_
     return current
 
 
-def test_gateway_hpa_scales_up_above_7000_per_pod() -> None:
+def test_gateway_hpa_scales_on_streaming_sessions_not_connections() -> None:
     hpa = rendered("defaults").get("HorizontalPodAutoscaler", f"{FULLNAME}-gateway")
     spec = hpa["spec"]
     assert spec["minReplicas"] == 2
     metric = spec["metrics"][0]
     assert metric["type"] == "Pods"
-    assert metric["pods"]["metric"]["name"] == "audiostream_gateway_connections_active"
+    # Sessions actually streaming (prometheus-adapter rule in the chart), not connections.
+    assert metric["pods"]["metric"]["name"] == "audiostream_gateway_streaming_sessions"
     target = float(metric["pods"]["target"]["averageValue"])
-    # Default cluster tolerance 10 %: scale-up starts just above 7,000 per pod.
-    assert _hpa_desired(4, 7001, target, 0.1, 0.1) > 4
-    assert _hpa_desired(4, 6990, target, 0.1, 0.1) == 4
+    # Default cluster tolerance 10 %: scale-up starts at 20 streaming sessions per pod
+    # (~85 % of the requested core at the measured ~42 ms CPU per session-second).
+    assert _hpa_desired(4, 20, target, 0.1, 0.1) > 4
+    assert _hpa_desired(4, 19.5, target, 0.1, 0.1) == 4
+    # The old rule (7,000 connections) would have let a pod take 350x its streaming load.
+    assert _hpa_desired(4, 100, target, 0.1, 0.1) > 4
     # Stabilisation against oscillation: slow, long-windowed scale-down.
     assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
     assert spec["behavior"]["scaleUp"]["stabilizationWindowSeconds"] < (
@@ -311,10 +316,10 @@ def test_gateway_hpa_per_direction_tolerance_gives_the_exact_band() -> None:
     target = float(spec["metrics"][0]["pods"]["target"]["averageValue"])
     up = float(spec["behavior"]["scaleUp"]["tolerance"])
     down = float(spec["behavior"]["scaleDown"]["tolerance"])
-    assert _hpa_desired(4, 7001, target, up, down) > 4
-    assert _hpa_desired(4, 6999, target, up, down) == 4
-    assert _hpa_desired(4, 3001, target, up, down) == 4
-    assert _hpa_desired(4, 2999, target, up, down) < 4
+    assert _hpa_desired(4, 20.01, target, up, down) > 4
+    assert _hpa_desired(4, 19.99, target, up, down) == 4
+    assert _hpa_desired(4, 8.01, target, up, down) == 4
+    assert _hpa_desired(4, 7.99, target, up, down) < 4
     # The field exists from Kubernetes 1.33 (alpha gate): 1.29 rejects it, as documented.
     kubernetes_validate.validate(hpa, "1.33", strict=True)
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -401,55 +406,54 @@ def test_workers_probe_healthz_and_pass_the_topology(set_name: str) -> None:
 def _keda_formula(formula: str) -> Any:
     """Translate the one formula shape the chart writes (expr-lang) into a Python function."""
     m = re.fullmatch(
-        r"\((?P<sum>[\w +]+)\) > (?P<up>\d+) \? 150 : \(\((?P=sum)\) < (?P<down>\d+) \? 50 : 100\)",
-        formula,
-    )
+        r"age > (?P<up>[\d.]+) \? 150 : \(util < (?P<down>[\d.]+) \? 50 : 100\)", formula)
     assert m, formula
-    names = [n.strip() for n in m["sum"].split("+")]
-    up, down = int(m["up"]), int(m["down"])
+    up, down = float(m["up"]), float(m["down"])
 
-    def evaluate(depths: dict[str, float]) -> float:
-        total = sum(depths[n] for n in names)
-        return 150.0 if total > up else (50.0 if total < down else 100.0)
+    def evaluate(age: float, util: float) -> float:
+        return 150.0 if age > up else (50.0 if util < down else 100.0)
 
-    return names, evaluate
+    return evaluate
 
 
 @pytest.mark.parametrize("set_name", ["defaults", "gpu", "tls", "existing-broker"])
-def test_keda_scales_workers_on_ready_messages_with_a_dead_band(set_name: str) -> None:
+def test_keda_scales_workers_on_queue_age_and_utilisation_with_a_dead_band(
+    set_name: str,
+) -> None:
     r = rendered(set_name)
-    topo = default_topology()
-    auth = {a["metadata"]["name"] for a in r.of_kind("TriggerAuthentication")}
+    assert not r.of_kind("TriggerAuthentication")  # Prometheus triggers need no broker URL
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["workers"]["autoscaling"]
     for so in r.of_kind("ScaledObject"):
-        dep = r.get("Deployment", so["spec"]["scaleTargetRef"]["name"])
+        name = so["spec"]["scaleTargetRef"]["name"]
+        dep = r.get("Deployment", name)
         processing = next(a for a in container(dep)["args"] if a.startswith("--processing="))
         types = processing.split("=", 1)[1].split(",")
-        triggers = so["spec"]["triggers"]
-        expected = {topo.work_queue(t, s) for t in types for s in range(topo.shards)}
-        assert {t["metadata"]["queueName"] for t in triggers} == expected
-        for t in triggers:
-            assert t["type"] == "rabbitmq"
-            assert t["metadata"]["mode"] == "QueueLength"  # ready messages
-            assert t["metadata"]["protocol"] == "amqp"
-            assert t["authenticationRef"]["name"] in auth
+        triggers = {t["name"]: t for t in so["spec"]["triggers"]}
+        assert set(triggers) == {"age", "util"}
+        for t in triggers.values():
+            assert t["type"] == "prometheus"
+            assert t["metadata"]["serverAddress"] == values["prometheus"]["serverAddress"]
+        age_q = triggers["age"]["metadata"]["query"]
+        assert "audiostream_queue_oldest_age_seconds" in age_q and age_q.startswith("max(")
+        assert f'processing=~"{"|".join(types)}"' in age_q
+        util_q = triggers["util"]["metadata"]["query"]
+        assert "rate(audiostream_worker_executor_busy_seconds_total" in util_q
+        assert f'pod=~"{name}-.*"' in util_q
         mod = so["spec"]["advanced"]["scalingModifiers"]
         assert mod["metricType"] == "Value" and mod["target"] == "100"
-        names, evaluate = _keda_formula(mod["formula"])
-        assert sorted(names) == sorted(t["name"] for t in triggers)
+        evaluate = _keda_formula(mod["formula"])
         target = float(mod["target"])
 
-        def desired(current: int, total: int, names: list[str] = names,
-                    evaluate: Any = evaluate, target: float = target) -> int:
-            depths = dict.fromkeys(names, 0.0)
-            depths[names[-1]] = float(total)
-            return _hpa_desired(current, evaluate(depths), target, 0.1, 0.1)
+        def desired(current: int, age: float, util: float, evaluate: Any = evaluate,
+                    target: float = target) -> int:
+            return _hpa_desired(current, evaluate(age, util), target, 0.1, 0.1)
 
-        assert desired(3, 501) > 3   # up above 500 ready messages
-        assert desired(3, 500) == 3  # hold inside the band
-        assert desired(3, 50) == 3
-        assert desired(3, 49) < 3    # down below 50
-        # Spread over shards and types, the sum is what counts.
-        assert evaluate(dict.fromkeys(names, 501 / len(names) + 1)) == 150.0
+        up, down = values["queueAgeAbove"], values["utilisationBelow"]
+        assert desired(3, up * 1.01, 0.9) > 3   # chunks wait too long: grow
+        assert desired(3, up * 1.01, 0.0) > 3   # even when lanes look idle (no worker)
+        assert desired(3, up, 0.9) == 3         # hold inside the band
+        assert desired(3, 0.0, down) == 3
+        assert desired(3, 0.0, down * 0.99) < 3  # idle lanes and nothing waits: shrink
         behavior = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
         assert behavior["scaleUp"]["policies"] == [
             {"type": "Pods", "value": 2, "periodSeconds": 60}]
@@ -459,14 +463,7 @@ def test_keda_scales_workers_on_ready_messages_with_a_dead_band(set_name: str) -
         assert so["spec"]["minReplicaCount"] >= 1 and so["spec"]["cooldownPeriod"] > 0
 
 
-def test_trigger_authentication_uses_the_broker_url() -> None:
-    r = rendered("existing-broker")
-    ta = r.get("TriggerAuthentication", f"{FULLNAME}-broker")
-    assert ta["spec"]["secretTargetRef"] == [
-        {"parameter": "host", "name": "corp-rabbitmq", "key": "amqp-url"}]
-
-
-def test_keda_off_gives_plain_hpas_on_queue_depth() -> None:
+def test_keda_off_gives_plain_hpas_on_queue_age_and_busy_ratio() -> None:
     r = rendered("keda-off")
     assert not r.of_kind("ScaledObject") and not r.of_kind("TriggerAuthentication")
     for kind in ("cpu", "gpu"):
@@ -474,12 +471,35 @@ def test_keda_off_gives_plain_hpas_on_queue_depth() -> None:
         dep = r.get("Deployment", f"{FULLNAME}-worker-{kind}")
         types = next(a for a in container(dep)["args"] if a.startswith("--processing="))
         metrics = hpa["spec"]["metrics"]
+        external = [m for m in metrics if m["type"] == "External"]
         assert [m["external"]["metric"]["selector"]["matchLabels"]["processing"]
-                for m in metrics] == types.split("=", 1)[1].split(",")
-        for m in metrics:
-            assert m["external"]["metric"]["name"] == "audiostream_queue_depth"
-            assert m["external"]["target"] == {"type": "AverageValue", "averageValue": "500"}
+                for m in external] == types.split("=", 1)[1].split(",")
+        for m in external:
+            assert m["external"]["metric"]["name"] == "audiostream_queue_oldest_age_seconds"
+            assert m["external"]["target"] == {"type": "Value", "value": "100m"}
+        [pods] = [m for m in metrics if m["type"] == "Pods"]
+        assert pods["pods"]["metric"]["name"] == "audiostream_worker_busy_ratio"
+        assert pods["pods"]["target"] == {"type": "AverageValue", "averageValue": "600m"}
         assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 60
+
+
+def test_prometheus_adapter_rules_serve_every_metric_the_hpas_use() -> None:
+    assert not rendered("defaults").of_kind("ConfigMap") or all(
+        not c["metadata"]["name"].endswith("adapter-rules")
+        for c in rendered("defaults").of_kind("ConfigMap"))
+    r = rendered("keda-off")
+    cm = r.get("ConfigMap", f"{FULLNAME}-adapter-rules")
+    config = yaml.safe_load(cm["data"]["config.yaml"])
+    served = {rule["name"]["as"] for rule in config["rules"] + config["externalRules"]}
+    used = set()
+    for hpa in r.of_kind("HorizontalPodAutoscaler"):
+        for m in hpa["spec"]["metrics"]:
+            used.add(m[{"Pods": "pods", "External": "external"}[m["type"]]]["metric"]["name"])
+    assert "audiostream_gateway_streaming_sessions" in used
+    assert used <= served, used - served
+    for rule in config["rules"] + config["externalRules"]:
+        assert "<<.Series>>" in rule["metricsQuery"] and "<<.LabelMatchers>>" in (
+            rule["metricsQuery"])
 
 
 def test_fixed_worker_replicas_without_autoscaling() -> None:
@@ -675,8 +695,6 @@ def test_topology_prefix_reaches_every_name() -> None:
     for dep in r.of_kind("Deployment"):
         env = {e["name"]: e.get("value") for e in container(dep)["env"]}
         assert env["AUDIOSTREAM_PREFIX"] == "voice"
-    for so in r.of_kind("ScaledObject"):
-        assert all(t["metadata"]["queueName"].startswith("voice.") for t in so["spec"]["triggers"])
     perm = _mto(r, "Permission")[0]["permissions"]
     assert perm["configure"] == "^voice\\..*"
 

@@ -136,10 +136,6 @@ topologySpreadConstraints:
 {{- if and $ga.enabled (gt (int $ga.minReplicas) (int $ga.maxReplicas)) -}}
 {{- fail "gateway.autoscaling.minReplicas must not exceed maxReplicas" -}}
 {{- end -}}
-{{- $wa := .Values.workers.autoscaling -}}
-{{- if ge (int $wa.scaleDownBelow) (int $wa.scaleUpAbove) -}}
-{{- fail "workers.autoscaling.scaleDownBelow must be lower than scaleUpAbove" -}}
-{{- end -}}
 {{- range $kind := list "cpu" "gpu" -}}
 {{- $w := index $.Values.workers $kind -}}
 {{- if $w.enabled -}}
