@@ -53,6 +53,9 @@ THRESHOLDS = [
     ("audiostream_worker_messages_total", 0.05, "warning"),
     ("audiostream_round_trip_seconds_count", 0.1, "warning"),
     ("audiostream_chunks_dropped_total", 0.01, "warning"),
+    ("audiostream_queue_oldest_age_seconds", 0.25, "warning"),
+    ("audiostream_queue_oldest_age_seconds", 0.5, "critical"),
+    ("audiostream_dead_letter_depth", 100, "warning"),
 ]
 
 
@@ -78,6 +81,11 @@ def exported() -> dict[str, set[str]]:
             }[family.type]
             for suffix in suffixes:
                 labels[family.name + suffix] = names | ({"le"} if suffix == "_bucket" else set())
+    # Custom collectors (the loop-busy counter reads a thread's CPU clock at scrape time).
+    for family in registry.collect():
+        if family.type == "counter" and family.name + "_total" not in labels:
+            labels[family.name + "_total"] = set()
+    labels["up"] = set()  # written by Prometheus for every target (failed scrapes)
     return labels
 
 
@@ -101,6 +109,9 @@ def test_exported_names_cover_the_issue_list() -> None:
         "audiostream_round_trip_seconds_bucket", "audiostream_worker_batch_size_bucket",
         "audiostream_worker_inference_seconds_bucket", "audiostream_worker_errors_total",
         "audiostream_queue_depth", "audiostream_worker_provider_info",
+        "audiostream_queue_oldest_age_seconds", "audiostream_gateway_session_messages_waiting",
+        "audiostream_worker_executor_busy_seconds_total",
+        "audiostream_worker_loop_busy_seconds_total", "audiostream_dead_letter_depth",
     ]:
         assert name in EXPORTED, name
 
