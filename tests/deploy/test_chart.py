@@ -439,6 +439,7 @@ def test_keda_scales_workers_on_queue_age_and_utilisation_with_a_dead_band(
         util_q = triggers["util"]["metadata"]["query"]
         assert "rate(audiostream_worker_executor_busy_seconds_total" in util_q
         assert f'pod=~"{name}-.*"' in util_q
+        assert util_q.startswith("sum(") and "/ clamp_min(count(" in util_q  # one pod fewer
         mod = so["spec"]["advanced"]["scalingModifiers"]
         assert mod["metricType"] == "Value" and mod["target"] == "100"
         evaluate = _keda_formula(mod["formula"])
@@ -456,7 +457,9 @@ def test_keda_scales_workers_on_queue_age_and_utilisation_with_a_dead_band(
         assert desired(3, 0.0, down * 0.99) < 3  # idle lanes and nothing waits: shrink
         behavior = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
         assert behavior["scaleUp"]["policies"] == [
-            {"type": "Pods", "value": 2, "periodSeconds": 60}]
+            {"type": "Pods", "value": 2, "periodSeconds": 60},
+            {"type": "Percent", "value": 50, "periodSeconds": 60}]
+        assert behavior["scaleUp"]["selectPolicy"] == "Max"
         assert behavior["scaleDown"]["policies"] == [
             {"type": "Pods", "value": 1, "periodSeconds": 120}]
         assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 60
@@ -479,7 +482,7 @@ def test_keda_off_gives_plain_hpas_on_queue_age_and_busy_ratio() -> None:
             assert m["external"]["target"] == {"type": "Value", "value": "100m"}
         [pods] = [m for m in metrics if m["type"] == "Pods"]
         assert pods["pods"]["metric"]["name"] == "audiostream_worker_busy_ratio"
-        assert pods["pods"]["target"] == {"type": "AverageValue", "averageValue": "600m"}
+        assert pods["pods"]["target"] == {"type": "AverageValue", "averageValue": "800m"}
         assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 60
 
 
