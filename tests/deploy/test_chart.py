@@ -461,13 +461,17 @@ def test_keda_scales_workers_on_queue_age_and_utilisation_with_a_dead_band(
             {"type": "Percent", "value": 50, "periodSeconds": 60}]
         assert behavior["scaleUp"]["selectPolicy"] == "Max"
         assert behavior["scaleDown"]["policies"] == [
-            {"type": "Pods", "value": 1, "periodSeconds": 120}]
+            {"type": "Pods", "value": 1, "periodSeconds": 120},
+            {"type": "Percent", "value": 10, "periodSeconds": 120}]
         assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 60
         assert so["spec"]["minReplicaCount"] >= 1 and so["spec"]["cooldownPeriod"] > 0
 
 
 def test_keda_off_gives_plain_hpas_on_queue_age_and_busy_ratio() -> None:
     r = rendered("keda-off")
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["workers"]["autoscaling"]
+    age_target = f"{round(values['queueAgeAbove'] * 1000)}m"
+    busy_target = f"{round((1 + values['utilisationBelow']) * 500)}m"  # halfway to 1
     assert not r.of_kind("ScaledObject") and not r.of_kind("TriggerAuthentication")
     for kind in ("cpu", "gpu"):
         hpa = r.get("HorizontalPodAutoscaler", f"{FULLNAME}-worker-{kind}")
@@ -479,10 +483,10 @@ def test_keda_off_gives_plain_hpas_on_queue_age_and_busy_ratio() -> None:
                 for m in external] == types.split("=", 1)[1].split(",")
         for m in external:
             assert m["external"]["metric"]["name"] == "audiostream_queue_oldest_age_seconds"
-            assert m["external"]["target"] == {"type": "Value", "value": "100m"}
+            assert m["external"]["target"] == {"type": "Value", "value": age_target}
         [pods] = [m for m in metrics if m["type"] == "Pods"]
         assert pods["pods"]["metric"]["name"] == "audiostream_worker_busy_ratio"
-        assert pods["pods"]["target"] == {"type": "AverageValue", "averageValue": "800m"}
+        assert pods["pods"]["target"] == {"type": "AverageValue", "averageValue": busy_target}
         assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 60
 
 
