@@ -123,6 +123,14 @@ async def test_gateway_and_worker_families_move_with_a_stream() -> None:
     assert value(after, "audiostream_worker_provider_info",
                  processing="passthrough", provider="python") == 1
     assert total(after, "audiostream_worker_errors_total") == 0
+    # Busy time: the executor ran every batch, the loop thread used CPU; ratios need both.
+    busy = value(after, "audiostream_worker_executor_busy_seconds_total",
+                 processing="passthrough")
+    assert 0 < busy <= value(after, "audiostream_worker_inference_seconds_sum",
+                             processing="passthrough")
+    assert value(after, "audiostream_worker_executor_busy_seconds_total", processing="gain") == 0
+    loop_busy = value(after, "audiostream_worker_loop_busy_seconds_total")
+    assert loop_busy > value(before, "audiostream_worker_loop_busy_seconds_total") > 0
 
 
 async def test_forced_expiry_counts_a_drop_with_reason_expired(
