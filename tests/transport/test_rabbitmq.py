@@ -451,3 +451,26 @@ async def test_delete_topology_removes_what_declare_made(rabbitmq_url: str) -> N
     await delete_topology(rabbitmq_url, topo)  # twice: missing objects are skipped
     assert not await exists(topo.work_queue("gain", 0))
     assert not await exists(topo.dead_letter_queue)
+
+
+async def test_dead_letter_depth_counts_the_dead_letter_queue(
+    rabbitmq_url: str, topology: Topology
+) -> None:
+    t = RabbitTransport(rabbitmq_url, topology)
+    await t.connect()
+    try:
+        assert await t.dead_letter_depth() is None  # not declared yet
+        await t.declare()
+        assert await t.dead_letter_depth() == 0
+        conn = await aio_pika.connect(rabbitmq_url)
+        try:
+            ch = await conn.channel(publisher_confirms=True)
+            dlx = await ch.get_exchange(topology.dead_letter_exchange, ensure=False)
+            for _ in range(3):
+                await dlx.publish(aio_pika.Message(b"dead"), routing_key="any.key")
+        finally:
+            await conn.close()
+        assert await t.dead_letter_depth() == 3
+    finally:
+        await t.close()
+        await delete_prefixed(rabbitmq_url, topology)
