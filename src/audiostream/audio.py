@@ -64,6 +64,11 @@ class AudioFormat:
                 f"{self.encoding} is only supported at 8000 Hz", ErrorCode.UNSUPPORTED_FORMAT
             )
 
+    @classmethod
+    def pcm16(cls, sample_rate: int, channels: int = 1) -> AudioFormat:
+        """16-bit little-endian PCM, the usual choice: ``AudioFormat.pcm16(16000)``."""
+        return cls(Encoding.PCM_S16LE, sample_rate, channels)
+
     @property
     def sample_bytes(self) -> int:
         return _SAMPLE_BYTES[self.encoding]
