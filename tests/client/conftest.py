@@ -106,3 +106,13 @@ async def scripted() -> AsyncIterator[Scripted]:
         yield state
     finally:
         await runner.cleanup()
+
+
+from tests.gateway.conftest import TLS, tls  # noqa: E402,F401  (the trustme CA fixture)
+
+
+@pytest.fixture
+async def tls_server(tls: TLS) -> AsyncIterator[Embedded]:
+    async with embedded_server(processing=("passthrough",), ssl_context=tls.server,
+                               gateway_settings=GatewaySettings()) as srv:
+        yield srv
