@@ -419,38 +419,48 @@ def _parse_pipeline(text: str) -> list[Any]:
 
 
 async def _stream(args: argparse.Namespace) -> int:
+    """File mode: the output keeps the input's length and timeline; exit 3 if any chunk
+    was answered without audio (its place holds silence, or the input with --fill input)."""
     from tqdm import tqdm
 
-    from audiostream.client import AudioStreamClient, read_wav
+    from audiostream.client import AudioStreamClient
+    from audiostream.filestream import FileStreamOptions, stream_file
 
-    samples, _rate = read_wav(args.input)
-    chunk_bytes_frames = max(1, int(_rate * args.chunk_ms / 1000))
-    total = -(-samples.shape[0] // chunk_bytes_frames)
+    if str(args.input) != "-" and not args.input.is_file():
+        raise AudioStreamError(f"input file {args.input} does not exist")
     rate = None if args.rate == "max" else float(args.rate)
-    client = AudioStreamClient(args.url, api_key=args.api_key,
-                               pipeline=_parse_pipeline(args.pipeline),
-                               ssl_context=_client_ssl(args))
-    with tqdm(total=total, unit="chunk", disable=args.quiet, file=sys.stderr) as bar:
+    options = FileStreamOptions(chunk_ms=args.chunk_ms, rate=rate,
+                                compensate_delay=args.compensate_delay, fill=args.fill)
+    client = AudioStreamClient(args.url, api_key=args.api_key, ssl_context=_client_ssl(args))
+    with tqdm(unit="chunk", disable=args.quiet, file=sys.stderr) as bar:
 
-        def progress(received: int, _total: int) -> None:
-            bar.update(received - bar.n)
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
 
-        result = await client.stream(args.input, chunk_ms=args.chunk_ms, rate=rate,
-                                     progress=progress)
-    _write_result(args.output, result, args.input)
-    lat = result.latency()
-    report = {
-        "session_id": result.session_id,
-        "chunks": len(result.outcomes),
-        "dropped": len(result.dropped),
+        report = await stream_file(client, args.input, args.output,
+                                   _parse_pipeline(args.pipeline), options, progress=progress)
+    lat = report.latency_ms
+    data = {
+        "session_id": report.session_id,
+        "chunks": report.chunks,
+        "dropped": report.dropped,
+        "dropped_by_reason": report.dropped_by_reason,
+        "frames_in": report.frames_in,
+        "frames_out": report.frames_out,
+        "delay_compensated_frames": report.delay_frames,
+        "wall_s": round(report.wall_s, 3),
+        "resumes": report.resumes,
         "latency_ms": lat,
-        "server_summary": result.summary,
+        "server_summary": report.summary,
     }
-    print(json.dumps(report) if args.json else
-          f"{len(result.outcomes)} chunks, {len(result.dropped)} dropped; round trip "
-          f"p50 {lat['p50']:.1f} ms p90 {lat['p90']:.1f} ms p99 {lat['p99']:.1f} ms "
-          f"max {lat['max']:.1f} ms -> {args.output}")
-    return 0
+    print(json.dumps(data) if args.json else
+          f"{report.chunks} chunks, {report.dropped} dropped"
+          + (f" ({', '.join(f'{k}: {v}' for k, v in report.dropped_by_reason.items())})"
+             if report.dropped else "")
+          + f"; {report.frames_out}/{report.frames_in} frames in {report.wall_s:.2f} s; "
+          f"round trip p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms -> {args.output}")
+    return 3 if report.dropped else 0
 
 
 def _offline(args: argparse.Namespace) -> int:
@@ -578,9 +588,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=_env("API_KEY"), required=_env("API_KEY") is None,
                    help="API key (env AUDIOSTREAM_API_KEY)")
     p.add_argument("--pipeline", required=True, help="steps, e.g. highpass,denoise")
-    p.add_argument("--chunk-ms", type=float, default=20.0, help="chunk duration (default 20)")
+    p.add_argument("--chunk-ms", type=float, default=20.0,
+                   help="chunk duration, up to 1000 (default 20; larger chunks mean fewer "
+                   "messages, which is faster at --rate max)")
     p.add_argument("--rate", default="1.0",
-                   help="1.0 = real time, 2.0 = twice as fast, max = as fast as possible")
+                   help="1.0 = real time, 2.0 = twice as fast, max = as fast as the server's "
+                   "credit allows (no drops)")
+    p.add_argument("--compensate-delay", action=argparse.BooleanOptionalAction, default=True,
+                   help="remove the pipeline's fixed delay (e.g. NSNet2's 319 samples) and "
+                   "flush the tail, so the output lines up with the input (default on)")
+    p.add_argument("--fill", choices=("silence", "input"), default="silence",
+                   help="what a chunk answered without audio becomes in the output "
+                   "(default silence); the exit code is 3 whenever that happens")
     p.add_argument("--ca", type=Path, default=None, help="CA bundle to trust for wss://")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -12,6 +12,10 @@ from aiohttp import WSMsgType, web
 
 from audiostream.gateway import GatewaySettings, start_site
 from audiostream.testing import Embedded, embedded_server
+from tests.gateway import conftest as gateway_fixtures
+from tests.gateway.conftest import TLS
+
+tls = gateway_fixtures.tls  # the trustme CA, shared with the gateway tests
 
 
 @pytest.fixture
@@ -107,8 +111,6 @@ async def scripted() -> AsyncIterator[Scripted]:
     finally:
         await runner.cleanup()
 
-
-from tests.gateway.conftest import TLS, tls  # noqa: E402,F401  (the trustme CA fixture)
 
 
 @pytest.fixture

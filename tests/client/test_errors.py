@@ -131,7 +131,7 @@ async def test_refusals_raise_by_code(server: Embedded) -> None:
 
 def test_session_needs_a_format() -> None:
     client = AudioStreamClient("ws://127.0.0.1:1/v1/stream", api_key="k")
-    with pytest.raises(ClientError, match="AudioFormat.pcm16"):
+    with pytest.raises(ClientError, match=r"AudioFormat\.pcm16"):
         client.session(["passthrough"])
     with pytest.raises(ClientError, match="at most 1000 ms"):
         client.session(["passthrough"], format=FMT, chunk_ms=5000)

@@ -5,6 +5,7 @@ gateway's rate limiter (default 120 chunks/s, burst 60) answers with ``rate_limi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -33,8 +34,7 @@ def test_v1_pacer_never_saves_up_a_burst() -> None:
     waits = [pacer.delay() for _ in range(50)]
     # Called back to back, each chunk waits one interval more than the last: evenly spaced.
     assert waits[0] == 0.0
-    assert all(b - a == pytest.approx(0.01, abs=2e-3) for a, b in zip(waits, waits[1:],
-                                                                     strict=False))
+    assert all(b - a == pytest.approx(0.01, abs=2e-3) for a, b in itertools.pairwise(waits))
 
 
 def signal_of(n: int) -> np.ndarray:

@@ -41,6 +41,7 @@ class StepOutput:
 BatchFn = Callable[[Sequence[StepInput]], Sequence[StepOutput]]
 ItemFn = Callable[[StepInput], StepOutput]
 ParamCheck = Callable[[Mapping[str, Any]], None]
+DelayFn = Callable[[int, Mapping[str, Any]], int]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +67,9 @@ class ProcessorSpec:
     max_wait_ms: float = 2.0
     """How long a worker's batcher waits for a batch to fill unless ``--max-wait-ms``
     says otherwise: models pay a large fixed cost per call, DSP does not."""
+    delay_frames: DelayFn | None = None
+    """Fixed output delay, in output frames, for (input rate, params); None means none.
+    Lets a client line streamed output up with the input (``--compensate-delay``)."""
 
 
 class ProcessorRegistry:
@@ -85,6 +89,7 @@ class ProcessorRegistry:
         stateful: bool = False,
         check_params: ParamCheck | None = None,
         internal: bool = False,
+        delay_frames: DelayFn | None = None,
     ) -> Callable[[BatchFn], BatchFn]:
         """Register a function that processes a whole batch in one call."""
 
@@ -98,6 +103,7 @@ class ProcessorRegistry:
                     check_params=check_params,
                     description=(fn.__doc__ or "").strip().split("\n")[0],
                     internal=internal,
+                    delay_frames=delay_frames,
                 )
             )
             return fn
@@ -112,6 +118,7 @@ class ProcessorRegistry:
         stateful: bool = False,
         check_params: ParamCheck | None = None,
         internal: bool = False,
+        delay_frames: DelayFn | None = None,
     ) -> Callable[[ItemFn], ItemFn]:
         """Register a function of one input; the batch is a loop over it."""
 
@@ -126,6 +133,7 @@ class ProcessorRegistry:
                 stateful=stateful,
                 check_params=check_params,
                 internal=internal,
+                delay_frames=delay_frames,
             )(run)
             return fn
 
@@ -140,6 +148,7 @@ class ProcessorRegistry:
         check_params: ParamCheck | None = None,
         description: str = "",
         max_wait_ms: float = 2.0,
+        delay_frames: DelayFn | None = None,
     ) -> Callable[[Callable[[ProcessorContext], BatchFn]], Callable[[ProcessorContext], BatchFn]]:
         """Register a factory called once per worker (e.g. to load a model)."""
 
@@ -155,6 +164,7 @@ class ProcessorRegistry:
                     check_params=check_params,
                     description=description or (fn.__doc__ or "").strip().split("\n")[0],
                     max_wait_ms=max_wait_ms,
+                    delay_frames=delay_frames,
                 )
             )
             return fn

@@ -125,6 +125,7 @@ class _Denoise(_Lane):
     stateful=True,
     check_params=_check_denoise,
     max_wait_ms=MODEL_MAX_WAIT_MS,
+    delay_frames=lambda rate, _params: nsnet2.framing(rate).delay,
 )
 def denoise(ctx: ProcessorContext) -> BatchFn:
     """NSNet2 noise suppression (16 or 48 kHz), streaming with ~20 ms delay."""

@@ -177,7 +177,8 @@ def _check(params: Mapping[str, Any]) -> None:
     _target(params)
 
 
-@registry.per_item("resample", stateful=True, check_params=_check, internal=True)
+@registry.per_item("resample", stateful=True, check_params=_check, internal=True,
+                   delay_frames=lambda rate, params: design(rate, _target(params)).delay_frames)
 def resample(item: StepInput) -> StepOutput:
     """Convert the sample rate (``{"to": 16000}``) with state that travels in the message."""
     to = _target(item.params)
