@@ -16,6 +16,7 @@ What makes a streamed file usable as a file:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -39,6 +40,8 @@ from audiostream.errors import ConfigError, ErrorCode
 from audiostream.processors import ProcessorRegistry, registry
 from audiostream.processors.pipeline import plan_raw
 from audiostream.protocol import MAX_CHUNK_MS, latency_summary
+
+log = logging.getLogger("audiostream.client")
 
 Fill = Literal["silence", "input"]
 
@@ -129,8 +132,17 @@ async def stream_file(
     fmt = AudioFormat.pcm16(int(info.samplerate), int(info.channels))
     per_chunk = chunk_frames(fmt, opts.chunk_ms)
     delay = 0
-    if opts.compensate_delay:
-        delay = delay_frames if delay_frames is not None else pipeline_delay(pipeline, fmt)
+    if opts.compensate_delay and delay_frames is not None:
+        delay = delay_frames
+    elif opts.compensate_delay:
+        try:
+            delay = pipeline_delay(pipeline, fmt)
+        except ConfigError as err:
+            if err.code is not ErrorCode.UNKNOWN_STEP:
+                raise
+            # A step only the server knows: it declares no delay here; the server decides
+            # whether the pipeline is valid.
+            log.warning("no delay compensation: %s", err.message)
     report = FileStreamReport(frames_in=int(info.frames), delay_frames=delay)
     total_chunks = -(-report.frames_in // per_chunk) + (-(-delay // per_chunk) if delay else 0)
     pending: deque[bytes | int] = deque()  # per unanswered chunk: its input, or its frames
