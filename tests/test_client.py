@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 
 from audiostream.audio import AudioFormat, Encoding
-from audiostream.client import AudioStreamClient, ReconnectPolicy, chunk_array
-from audiostream.errors import AudioStreamError, ErrorCode, TransportError
+from audiostream.client import (
+    AudioStreamClient,
+    ErrorReport,
+    Notice,
+    ReconnectPolicy,
+    chunk_array,
+)
+from audiostream.client_errors import ConnectionRefused
+from audiostream.errors import AudioStreamError, ErrorCode
 from audiostream.gateway import GatewaySettings
-from audiostream.protocol import DropNotice, ServerError
 from audiostream.testing import ThreadedServer, sample_wav
 
 FMT = AudioFormat(Encoding.PCM_S16LE, 16000, 1)
@@ -55,7 +61,7 @@ def test_numpy_and_async_iterator_sources_agree(server: ThreadedServer) -> None:
 def test_typed_notices_and_errors_reach_callbacks(server: ThreadedServer) -> None:
     client = AudioStreamClient(server.server.url, api_key=server.server.api_key,
                                pipeline=["passthrough"], format=FMT)
-    notices: list[DropNotice] = []
+    notices: list[Notice] = []
     client.on_notice(notices.append)
     result = client.stream_sync([b"\x00\x00" * 10, b"\x00\x00\x00", b"\x01\x00"], rate=None)
     assert [n.code for n in notices] == [ErrorCode.INVALID_AUDIO]
@@ -65,7 +71,7 @@ def test_typed_notices_and_errors_reach_callbacks(server: ThreadedServer) -> Non
 def test_refusal_raises_with_the_code(server: ThreadedServer) -> None:
     client = AudioStreamClient(server.server.url, api_key=server.server.api_key,
                                pipeline=["teleport"], format=FMT)
-    errors: list[ServerError] = []
+    errors: list[ErrorReport] = []
     client.on_error(errors.append)
     with pytest.raises(AudioStreamError) as info:
         client.stream_sync([b"\x00\x00"])
@@ -75,9 +81,10 @@ def test_refusal_raises_with_the_code(server: ThreadedServer) -> None:
 def test_unreachable_gateway_gives_up_after_the_policy() -> None:
     client = AudioStreamClient("ws://127.0.0.1:1/v1/stream", api_key="as_x_y",
                                pipeline=["passthrough"], format=FMT,
-                               reconnect=ReconnectPolicy(initial_s=0.001, max_attempts=2))
-    with pytest.raises(TransportError, match="gave up after 2"):
+                               reconnect=ReconnectPolicy(initial_s=0.001, connect_attempts=2))
+    with pytest.raises(ConnectionRefused) as info:
         client.stream_sync([b"\x00\x00"])
+    assert info.value.attempts == 2 and info.value.code != ErrorCode.BROKER_UNAVAILABLE
 
 
 def test_backoff_doubles_to_the_cap_with_jitter() -> None:
