@@ -464,6 +464,7 @@ class Session:
     async def open(self) -> None:
         """Connect and wait for ``ready``; raises the connection or refusal error."""
         link = await self.client._establish(self, first=True)
+        self.client._sessions.add(self)
         self._runner = asyncio.get_running_loop().create_task(self._run(link))
 
     def on_item(self, callback: Hook) -> Hook:
@@ -614,6 +615,7 @@ class Session:
         if self._done:
             return
         self._done = True
+        self.client._sessions.discard(self)
         async with self._cv:
             self._cv.notify_all()
         await self.client._hook("close", Closed(self.close_code,
@@ -1186,7 +1188,6 @@ class AudioStreamClient:
         session.on_item(collect_item)
         if progress is not None:
             session.on_item(lambda _item: progress(session.received, total))
-        self._sessions.add(session)
         try:
             async with session:
                 result.session_id = session.session_id or ""
@@ -1202,7 +1203,6 @@ class AudioStreamClient:
                     sent += 1
                 await session.finish()
         finally:
-            self._sessions.discard(session)
             result.close_code = session.close_code
             result.session_id = session.session_id or result.session_id
             result.latencies_ms = list(latencies)

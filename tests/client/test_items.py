@@ -227,3 +227,15 @@ async def test_a_raising_callback_ends_the_session_when_asked(server: Embedded) 
 async def test_logging_is_silent_by_default() -> None:
     lg = logging.getLogger("audiostream.client")
     assert any(isinstance(h, logging.NullHandler) for h in lg.handlers)
+
+
+async def test_leaving_the_client_closes_its_open_sessions(server: Embedded) -> None:
+    closed: list[Any] = []
+    async with AudioStreamClient(server.url, api_key=server.api_key) as client:
+        client.on_close(closed.append)
+        s = client.session(["passthrough"], format=FMT)
+        await s.open()
+        await s.send(tone(320).tobytes())
+    assert len(closed) == 1 and closed[0].reason == "closed"
+    with pytest.raises(SessionClosed):
+        await s.send(tone(320).tobytes())
