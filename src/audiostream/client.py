@@ -448,6 +448,7 @@ class Session:
         self._error: BaseException | None = None
         self._done = False
         self._runner: asyncio.Task[None] | None = None
+        self._link: _Link | None = None
         self._warned_full = False
 
     # -- public API ---------------------------------------------------------------------
@@ -460,6 +461,8 @@ class Session:
         if exc is None and not self._done and self._error is None:
             await self.finish()
         await self.close()
+        if exc is None and self._error is not None:
+            raise self._error  # the session failed after the block's last call
 
     async def open(self) -> None:
         """Connect and wait for ``ready``; raises the connection or refusal error."""
@@ -508,6 +511,8 @@ class Session:
         if runner is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
+        if self._link is not None:  # the runner may have been cancelled before it ran
+            await self._link.aclose()
         if not self._done:
             await self._end(None)
 
@@ -1076,7 +1081,7 @@ class AudioStreamClient:
                 s._credit = None
                 s._window = DEFAULT_V1_WINDOW
             s._cv.notify_all()
-        link = _Link(s, ws, http, url, ready, real_version)
+        link = s._link = _Link(s, ws, http, url, ready, real_version)
         log.info("session %s %s on %s (protocol v%s)", s.session_id,
                  "resumed" if resumed else "started", url, real_version)
         await self._hook("connect", Connected(url, s.session_id, real_version, resumed))

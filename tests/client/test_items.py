@@ -27,7 +27,7 @@ from audiostream.client import (
 )
 from audiostream.client_errors import CallbackError, SessionClosed
 from audiostream.errors import ErrorCode
-from audiostream.testing import Embedded, sample_wav
+from audiostream.testing import Embedded, eventually, sample_wav
 from tests.client.conftest import Scripted
 
 FMT = AudioFormat.pcm16(16000)
@@ -237,5 +237,6 @@ async def test_leaving_the_client_closes_its_open_sessions(server: Embedded) -> 
         await s.open()
         await s.send(tone(320).tobytes())
     assert len(closed) == 1 and closed[0].reason == "closed"
+    assert await eventually(lambda: not server.gateway.connections)  # the socket is closed
     with pytest.raises(SessionClosed):
         await s.send(tone(320).tobytes())
