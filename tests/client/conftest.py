@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -118,3 +119,66 @@ async def tls_server(tls: TLS) -> AsyncIterator[Embedded]:
     async with embedded_server(processing=("passthrough",), ssl_context=tls.server,
                                gateway_settings=GatewaySettings()) as srv:
         yield srv
+
+
+@dataclass
+class ScriptedV1:
+    """A v1-only gateway: refuses ``"version": 1.1`` like today's gateways, advertises a
+    token bucket in ``ready`` and counts the chunks that bucket would have refused."""
+
+    url: str = ""
+    rate: float = 50.0
+    burst: float = 10.0
+    starts: list[dict[str, Any]] = field(default_factory=list)
+    chunks: int = 0
+    over_rate: int = 0
+
+
+async def _scripted_v1(state: ScriptedV1, request: web.Request) -> web.WebSocketResponse:
+    from audiostream.protocol import TokenBucket
+
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    start = json.loads((await ws.receive()).data)
+    state.starts.append(start)
+    if start.get("version", 1) != 1:
+        await ws.send_str(json.dumps({"type": "error", "code": 4007,
+                                      "name": "unsupported_version", "retryable": False,
+                                      "message": "protocol version 1.1 is not supported"}))
+        await ws.close(code=4007)
+        return ws
+    await ws.send_str(json.dumps({"type": "ready", "version": 1, "session_id": "v1",
+                                  "max_frame_bytes": 32000, "token": "t",
+                                  "rate": {"chunks_per_s": state.rate, "burst": state.burst}}))
+    loop = asyncio.get_running_loop()
+    bucket = TokenBucket(state.rate, state.burst, loop.time())
+    async for msg in ws:
+        if msg.type is WSMsgType.BINARY:
+            state.chunks += 1
+            if not bucket.take(loop.time()):
+                state.over_rate += 1
+            await ws.send_bytes(msg.data)
+        elif msg.type is WSMsgType.TEXT and json.loads(msg.data)["type"] == "stop":
+            await ws.send_str(json.dumps({
+                "type": "summary", "session_id": "v1", "chunks_in": state.chunks,
+                "chunks_out": state.chunks, "dropped": 0, "dropped_by_reason": {},
+                "latency_ms": {}}))
+            await ws.close(code=1000)
+    return ws
+
+
+@pytest.fixture
+async def scripted_v1() -> AsyncIterator[ScriptedV1]:
+    state = ScriptedV1()
+    app = web.Application()
+
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        return await _scripted_v1(state, request)
+
+    app.router.add_get("/v1/stream", handle)
+    runner, port = await start_site(app, "127.0.0.1", 0, None)
+    state.url = f"ws://127.0.0.1:{port}/v1/stream"
+    try:
+        yield state
+    finally:
+        await runner.cleanup()

@@ -21,6 +21,7 @@ from audiostream.gateway import GatewaySettings, create_key
 from audiostream.processors import registry
 from audiostream.testing import embedded_server, eventually
 from audiostream.topology import Topology
+from tests.client.conftest import ScriptedV1
 from tests.conftest import delete_prefixed, unique_prefix
 from tests.gateway.conftest import TcpProxy
 from tests.integration.test_gateway_crash import gateway, spawn
@@ -152,3 +153,15 @@ async def test_sdk_whose_gateway_is_killed_gets_no_rate_limited(
     assert result.resumes >= 1
     assert not [n for n in notices if n.code == ErrorCode.RATE_LIMITED]
     assert not result.dropped and result.audio == x.tobytes()
+
+
+async def test_v1_gateway_gets_the_sdk_at_its_advertised_rate(scripted_v1: ScriptedV1) -> None:
+    client = AudioStreamClient(scripted_v1.url, api_key="as_x_y")
+    async with client.session(["passthrough"], format=FMT) as s:
+        for i in range(60):                 # all at once: 1.2 s of audio, a backlog
+            await s.send(signal_of(1)[:320].tobytes() if i else bytes(CHUNK))
+        summary = await s.finish()
+    # It asked for v1.1, fell back once, and never went over 50 chunks/s (burst 10).
+    assert [st.get("version") for st in scripted_v1.starts] == [1.1, 1]
+    assert s.version == 1.0 and summary.chunks_in == 60 == scripted_v1.chunks
+    assert scripted_v1.over_rate == 0
