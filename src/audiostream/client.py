@@ -998,7 +998,8 @@ class AudioStreamClient:
                 failures += 1
                 self._url_index += 1
                 err.attempts = failures
-                if failures >= policy.connect_attempts or not first:
+                refused = isinstance(err, HandshakeError) and err.status in (400, 401, 403)
+                if refused or failures >= policy.connect_attempts or not first:
                     raise  # a reconnecting session counts its own attempts
                 delay = policy.delay(failures - 1)
                 if failures == 1:
@@ -1031,10 +1032,6 @@ class AudioStreamClient:
                         heartbeat=self.heartbeat_s, max_msg_size=16 * 1024 * 1024,
                         compress=0)
             except aiohttp.WSServerHandshakeError as exc:
-                if exc.status in (400, 401, 403):
-                    raise HandshakeError(
-                        f"WebSocket upgrade refused by {url}: {exc.status} {exc.message}",
-                        url=url, status=exc.status) from exc
                 raise HandshakeError(f"WebSocket upgrade refused by {url}: {exc.status} "
                                      f"{exc.message}", url=url, status=exc.status) from exc
             except TimeoutError as exc:

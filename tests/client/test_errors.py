@@ -19,6 +19,7 @@ from audiostream.client_errors import (
     ConnectError,
     ConnectionRefused,
     DnsError,
+    HandshakeError,
     LimitExceeded,
     ReadyTimeout,
     RequestError,
@@ -155,3 +156,11 @@ def test_every_error_code_has_a_class() -> None:
     for code in ErrorCode:
         err = error_for(int(code), "m")
         assert err.code == code and err.retryable == (code in RETRYABLE_CODES)
+
+
+async def test_credentials_in_the_url_are_refused_at_once(server: Embedded) -> None:
+    client = AudioStreamClient(server.url + "?api_key=leaked", api_key=server.api_key,
+                               reconnect=FAST)
+    with pytest.raises(HandshakeError) as info:
+        await open_session(client)
+    assert info.value.status == 400 and info.value.attempts == 1
