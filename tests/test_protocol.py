@@ -48,7 +48,7 @@ def started(clock: Clock | None = None) -> ServerProtocol:
     p = ServerProtocol(clock=clock or Clock())
     events = p.receive_text(start_json("as_x_y", FMT, ["passthrough"]))
     assert isinstance(events[0], StartRequested)
-    p.accept("s1", FMT, {})
+    p.accept("s1", FMT)
     p.data_to_send()
     return p
 
@@ -59,7 +59,7 @@ def test_start_then_ready() -> None:
     assert isinstance(ev, StartRequested)
     assert ev.start.deadline_ms == 300 and ev.start.format == FMT
     assert p.state is State.STARTING
-    p.accept("sid", FMT, {"pipeline": ["gain"]})
+    p.accept("sid", FMT, pipeline=["gain"])
     [ready] = texts(p.data_to_send())
     assert ready["type"] == "ready" and ready["session_id"] == "sid"
     assert ready["max_frame_bytes"] == 32000
@@ -114,7 +114,7 @@ def test_duplicate_outcomes_are_ignored() -> None:
     p.deliver_audio(0, b"y")
     p.deliver_notice(0, ErrorCode.EXPIRED, "dup")
     out = p.data_to_send()
-    assert out == [SendBytes(b"x")]
+    assert out == [SendBytes(b"x", 0, 100.0)]
 
 
 def test_odd_byte_count_gets_a_notice_and_session_continues() -> None:

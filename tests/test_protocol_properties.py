@@ -18,6 +18,7 @@ from audiostream.protocol import (
     AckReceived,
     ChunkReceived,
     Close,
+    Limits,
     SendBytes,
     SendText,
     ServerProtocol,
@@ -61,7 +62,7 @@ decisions = st.lists(st.tuples(st.integers(0, 5), st.booleans()), max_size=25)
 
 def drive(seq: list[tuple[str, Any]], choices: list[tuple[int, bool]], accept: bool
           ) -> tuple[ServerProtocol, list[Any]]:
-    p = ServerProtocol(chunk_rate=100, chunk_burst=5)
+    p = ServerProtocol(limits=Limits(chunk_rate=100, chunk_burst=5))
     outstanding: list[int] = []
     out: list[Any] = []
     for i, (kind, data) in enumerate(seq):
@@ -69,7 +70,7 @@ def drive(seq: list[tuple[str, Any]], choices: list[tuple[int, bool]], accept: b
         for ev in events:
             if isinstance(ev, StartRequested):
                 if accept:
-                    p.accept("sid", FMT, {})
+                    p.accept("sid", FMT)
                 else:
                     p.reject(AuthError("no"))
             elif isinstance(ev, ChunkReceived):

@@ -43,6 +43,9 @@ class ErrorCode(IntEnum):
     RATE_LIMITED = 4020
     TOO_MANY_SESSIONS = 4021
     IDLE_TIMEOUT = 4022
+    SLOW_CONSUMER = 4023
+    CREDIT_EXCEEDED = 4024
+    FLOODING = 4025
     # Per-chunk outcomes without audio.
     EXPIRED = 4030
     OVERLOADED = 4031
@@ -64,6 +67,8 @@ RETRYABLE_CODES = frozenset(
         ErrorCode.EXPIRED,
         ErrorCode.OVERLOADED,
         ErrorCode.RATE_LIMITED,
+        ErrorCode.SLOW_CONSUMER,
+        ErrorCode.CREDIT_EXCEEDED,
         ErrorCode.TOO_MANY_SESSIONS,
         ErrorCode.SERVER_DRAINING,
         ErrorCode.BROKER_UNAVAILABLE,
