@@ -1183,25 +1183,33 @@ class ResumePlan:
     expired: tuple[int, ...]
 
 
-def plan_resume(covered: Iterable[range], received: int) -> ResumePlan:
-    """Plan a resume from the seqs the journal's replies cover and the client's
-    ``received``. The client cannot hold more than was ever answered: a ``received``
-    beyond what the journal covers is refused (``resume_failed``), never trusted.
+#: When the previous connection's count of answered chunks is unknown (it was on another
+#: gateway), a client may claim at most this many outcomes beyond the journal's newest
+#: reply: outcomes the gateway answered itself (rate_limited, expired at the gateway)
+#: leave no reply in the journal.
+RESUME_SLACK = 4096
 
-    Limitation: outcomes the gateway answered itself (rate_limited, invalid_audio)
-    after the journal's newest reply are not covered, so such a client must resume
-    with a lower ``received`` (the SDK sends what it holds, which is always covered
-    unless the session ended in local notices)."""
+
+def plan_resume(covered: Iterable[range], received: int, *,
+                answered: int | None = None) -> ResumePlan:
+    """Plan a resume from the seqs the journal's replies cover, the client's ``received``
+    and, when known, how many outcomes the previous connection ``answered``. The client
+    cannot hold more than was answered: a larger ``received`` is refused
+    (``resume_failed``), never trusted."""
     ranges = [r for r in covered if len(r)]
     end = max((r.stop for r in ranges), default=0)
-    if received > end:
+    # ``answered`` is exact unless the session moved on elsewhere since (then the
+    # journal covers more than it).
+    bound = answered if answered is not None and end <= answered else end + RESUME_SLACK
+    if received > bound:
         raise ProtocolError(
-            f"resume claims {received} outcomes but only {end} were ever answered",
+            f"resume claims {received} outcomes but at most {bound} were answered",
             ErrorCode.RESUME_FAILED)
+    resume_from = max(end, received)
     have = sorted({s for r in ranges for s in r if s >= received})
     have_set = set(have)
-    expired = tuple(s for s in range(received, end) if s not in have_set)
-    return ResumePlan(received, end, tuple(have), expired)
+    expired = tuple(s for s in range(received, resume_from) if s not in have_set)
+    return ResumePlan(received, resume_from, tuple(have), expired)
 
 
 # --- client core ------------------------------------------------------------------------

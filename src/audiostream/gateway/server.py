@@ -365,6 +365,7 @@ class _Connection:
             raise AuthError("a newer resume token holds this session",
                             ErrorCode.RESUME_FAILED)
         self._check_steps(old.pipeline)
+        answered = gw.answered_by(old.session_id)
         gw.forget_detached(old.session_id)
         self._reserve(new=False)
         self.grant = replace(old, generation=old.generation + 1)
@@ -372,7 +373,7 @@ class _Connection:
         try:
             history = await pl.take_over()
             plan = plan_resume((range(r.seq, r.seq + r.chunk_count) for r in history),
-                               start.resume.received)
+                               start.resume.received, answered=answered)
         except AudioStreamError:
             await pl.close(finished=False)
             raise
@@ -450,7 +451,7 @@ class _Connection:
             if gw.holders.get(self.grant.session_id) is self:
                 del gw.holders[self.grant.session_id]
             if not finished and self.slot is SlotPhase.LIVE:
-                gw.detach(self.grant.session_id, self.key.id)
+                gw.detach(self.grant.session_id, self.key.id, self.proto.next_out)
                 self.slot = SlotPhase.RELEASED
         self._release()
         gw.metrics.session_duration.observe(time.monotonic() - self.started_at)
@@ -487,7 +488,8 @@ class Gateway:
         """Live, starting and detached (resumable) sessions per key."""
         self.holders: dict[str, _Connection] = {}
         """Session id -> the connection holding it here."""
-        self._detached: dict[str, tuple[str, asyncio.TimerHandle]] = {}
+        self._detached: dict[str, tuple[str, asyncio.TimerHandle, int]] = {}
+        """Session id -> (key id, expiry timer, outcomes its last connection answered)."""
         self._starts: dict[str, deque[float]] = {}
         self.draining = False
         self._changed = asyncio.Event()
@@ -522,12 +524,20 @@ class Gateway:
         else:
             self.sessions_per_key.pop(key_id, None)
 
-    def detach(self, session_id: str, key_id: str) -> None:
+    def detach(self, session_id: str, key_id: str, answered: int) -> None:
         """A resumable session lost its connection: it keeps counting against its key
         until its resume window ends (or it is resumed here)."""
         timer = asyncio.get_running_loop().call_later(
             self.settings.resume_window_s, self.forget_detached, session_id)
-        self._detached[session_id] = (key_id, timer)
+        self._detached[session_id] = (key_id, timer, answered)
+
+    def answered_by(self, session_id: str) -> int | None:
+        """How many outcomes the session's connection here answered, if it was here."""
+        holder = self.holders.get(session_id)
+        if holder is not None:
+            return holder.proto.next_out
+        entry = self._detached.get(session_id)
+        return entry[2] if entry is not None else None
 
     def forget_detached(self, session_id: str) -> None:
         entry = self._detached.pop(session_id, None)
