@@ -187,15 +187,23 @@ class _Connection:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.writer), 1.0)
             return
+        # The writer is stuck on a client that does not read. Its queued outcomes cannot
+        # reach it; the error and the close frame go into the transport's buffer (no
+        # drain), and the close handshake keeps reading what the client sends until its
+        # close frame or the close timeout, so the socket never closes with unread input
+        # (which would reset it and lose the close code).
         self.writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
             await self.writer
         code = self.proto.close_code or 1011
-        # The close frame lands in the transport's buffer ahead of a graceful transport
-        # close, so a client that reads again later still learns the code.
-        with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError,
-                                 asyncio.CancelledError):
-            await asyncio.wait_for(self.ws.close(code=code), 1.0)
+        for out in self.proto.data_to_send():
+            if isinstance(out, SendText) and out.kind == "error":
+                with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+                    await asyncio.wait_for(self.ws.send_str(out.text), 0.5)
+                self.gateway.metrics.errors.labels(code=out.label).inc()
+        with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+            await asyncio.wait_for(self.ws.close(code=code, drain=False),
+                                   self.gateway.settings.close_timeout_s + 1)
         if self.reader is not None:
             self.reader.cancel()
 
