@@ -33,9 +33,9 @@ async def read_json(ws: aiohttp.ClientWebSocketResponse) -> dict[str, object]:
     return data
 
 
-async def closed_with(ws: aiohttp.ClientWebSocketResponse, timeout: float) -> int | None:
+async def closed_with(ws: aiohttp.ClientWebSocketResponse, within: float) -> int | None:
     """Read (and discard) until the server closes; its close code."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         while True:
             msg = await ws.receive()
             if msg.type is aiohttp.WSMsgType.CLOSE:
