@@ -160,7 +160,7 @@ INTERNAL: dict[tuple[State, str], State] = {
     (_S.STARTING, "accept"): _S.STREAMING,
     (_S.STARTING, "reject"): _S.CLOSED,
     (_S.STREAMING, "drain"): _S.DRAINING,
-    (_S.STOPPING, "last outcome written"): _S.CLOSED,
+    (_S.STOPPING, "last outcome queued → `summary` + close 1000"): _S.CLOSED,
     (_S.DRAINING, "drained"): _S.CLOSED,
     **{(s, "fail"): _S.CLOSED for s in State if s is not _S.CLOSED},
 }
@@ -1142,7 +1142,7 @@ class ServerProtocol:
     def _maybe_finish(self) -> None:
         if self.state is State.STOPPING and self.outstanding == 0:
             self._send(self.summary_message())
-            self._internal("last outcome written")
+            self._internal("last outcome queued → `summary` + close 1000")
             self._close(NORMAL_CLOSURE, "done")
 
     def summary_message(self) -> Summary:

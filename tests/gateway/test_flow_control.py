@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 
 import aiohttp
 import numpy as np
@@ -27,6 +28,7 @@ from audiostream.protocol import (
     start_json,
 )
 from audiostream.testing import Embedded, eventually
+from audiostream.topology import Topology
 from tests.gateway.conftest import TLS, ServerFactory
 
 pytestmark = pytest.mark.integration
@@ -160,13 +162,16 @@ async def test_chunks_beyond_credit_get_4024_and_a_persistent_flooder_4025(
 
 
 async def test_a_client_that_stops_reading_is_closed_4023_and_can_resume(
-    make_server: ServerFactory, tls: TLS
+    make_server: ServerFactory, tls: TLS, topology: Topology
 ) -> None:
     fmt = AudioFormat(Encoding.PCM_F32LE, 48000, 2)
     big = np.zeros(fmt.bytes_for_ms(100) // 4, dtype=np.float32).tobytes()  # 38,400 B
     settings = GatewaySettings(chunk_rate=None, max_outbound_bytes=256 * 1024,
                                slow_consumer_grace_s=1.0)
-    async with make_server(gateway_settings=settings) as srv, aiohttp.ClientSession() as http:
+    # The reply queue must outlive the time the test takes to read the backlog.
+    kept = replace(topology, reply_expires_ms=60_000)
+    async with make_server(gateway_settings=settings, topology=kept) as srv, \
+            aiohttp.ClientSession() as http:
         ws = await http.ws_connect(srv.url, ssl=tls.client)
         await ws.send_str(start_json(srv.api_key, fmt, ["passthrough"]))
         ready = await read_json(ws)
@@ -204,7 +209,7 @@ async def test_a_client_that_stops_reading_is_closed_4023_and_can_resume(
             await again.send_str(start_json(srv.api_key, fmt, ["passthrough"],
                                             resume=ResumeRequest(token, received)))
             resumed = await read_json(again)
-            assert resumed["type"] == "ready" and resumed["resumed"] is True
+            assert resumed["type"] == "ready" and resumed["resumed"] is True, resumed
 
 
 async def stop_race(srv: Embedded, tls: TLS, http: aiohttp.ClientSession, n: int) -> Run:

@@ -166,13 +166,17 @@ class _Connection:
 
     # -- the one timer ------------------------------------------------------------
     def _rearm(self) -> None:
+        """Keep the one timer at or before the core's next deadline. A deadline that
+        moved later (the idle deadline does on every frame) is left alone: the timer
+        fires early, ``poll`` finds nothing due, and it is re-armed then, so frames
+        cost no timer churn."""
         due = self.proto.next_deadline()
-        if due == self._timer_at:
+        if due is None or (self._timer_at is not None and self._timer_at <= due):
             return
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = due
-        self._timer = None if due is None else self.loop.call_at(due, self._on_timer)
+        self._timer = self.loop.call_at(due, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
@@ -441,6 +445,12 @@ class _Connection:
             self._refresh.cancel()
         if self._timer is not None:
             self._timer.cancel()
+        stopping = self.proto.close_code == 1000
+        if not stopping:
+            # No summary will be written: release the session at once, so whoever
+            # resumes it (going_away, a dropped link) can take it over without waiting
+            # for this connection's close handshake.
+            await self._end_session()
         if self.proto.state is State.CLOSED and not self.writer.done():
             await self.finish_writing()
         if self._forcing is not None:
@@ -450,19 +460,27 @@ class _Connection:
             self.writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
             await self.writer
-        if self.pipeline is not None:
-            # Finished only if the summary reached the socket; otherwise the reply queue
-            # (the journal) stays for the resume window.
-            finished = self.proto.finished
-            await self.pipeline.close(finished=finished)
-            assert self.grant is not None and self.key is not None
-            if gw.holders.get(self.grant.session_id) is self:
-                del gw.holders[self.grant.session_id]
-            if not finished and self.slot is SlotPhase.LIVE:
-                gw.detach(self.grant.session_id, self.key.id, self.proto.next_out)
-                self.slot = SlotPhase.RELEASED
+        if stopping:
+            await self._end_session()
         self._release()
         gw.metrics.session_duration.observe(time.monotonic() - self.started_at)
+
+    async def _end_session(self) -> None:
+        """Close the pipeline: finished only if the summary reached the socket; otherwise
+        the reply queue (the journal) stays for the resume window and the session keeps
+        counting against its key until then."""
+        gw = self.gateway
+        pl, self.pipeline = self.pipeline, None
+        if pl is None:
+            return
+        finished = self.proto.finished
+        await pl.close(finished=finished)
+        assert self.grant is not None and self.key is not None
+        if gw.holders.get(self.grant.session_id) is self:
+            del gw.holders[self.grant.session_id]
+        if not finished and self.slot is SlotPhase.LIVE:
+            gw.detach(self.grant.session_id, self.key.id, self.proto.next_out)
+            self.slot = SlotPhase.RELEASED
 
 
 class Gateway:
