@@ -103,9 +103,9 @@ class GatewaySettings:
     """v1.1: most chunks a client may have outstanding ..."""
     credit_bytes: int = 4 * 1024 * 1024
     """... and most bytes of them (the window is the smaller, at least 2 chunks)."""
-    flood_burst: float = 200.0
+    flood_burst: float = 1000.0
     """Chunks over credit or rate tolerated at once before closing 4025 ..."""
-    flood_rate: float = 20.0
+    flood_rate: float = 60.0
     """... refilled per second."""
     session_starts_per_minute: int | None = 600
     """New sessions one key may start per minute on this gateway (None: no cap)."""
