@@ -535,3 +535,17 @@ def test_plan_resume_refuses_more_than_was_answered() -> None:
         plan_resume([range(0, 5)], received=8, answered=5)
     # Outcomes the gateway answered itself (no reply in the journal) are allowed.
     assert plan_resume([range(0, 5)], received=8, answered=9).resume_from == 8
+
+
+def test_unwritten_bytes_far_over_the_cap_close_without_waiting_for_the_grace() -> None:
+    clock = Clock()
+    p = ServerProtocol(clock=clock, limits=Limits(max_outbound_bytes=1000,
+                                                  slow_consumer_grace_s=60.0))
+    p.receive_text(start_json("as_x_y", FMT, ["passthrough"]))
+    p.accept("s", FMT)
+    for seq in range(12):
+        p.receive_bytes(b"\x00\x00" * 200)
+        p.deliver_audio(seq, b"\x00" * 400)
+    out = p.data_to_send()
+    assert closes(out) == [Close(4023, "slow_consumer")]
+    assert sum(o.nbytes for o in out if isinstance(o, SendBytes)) <= 4000

@@ -47,6 +47,10 @@ MAX_TEXT = 64 * 1024
 MIN_DEADLINE_MS = 20
 MAX_DEADLINE_MS = 30_000
 MAX_PIPELINE_STEPS = 8
+#: Unwritten bytes beyond this multiple of ``max_outbound_bytes`` close a slow consumer
+#: at once, without waiting for the grace (fast producers would otherwise queue
+#: grace x rate bytes).
+HARD_OUTBOUND_FACTOR = 4
 #: The summary's latency percentiles cover at least this many of the most recent chunks
 #: (bounded memory for sessions that last hours).
 LATENCY_WINDOW = 10_000
@@ -865,11 +869,22 @@ class ServerProtocol:
             self._send(Credit(bound))
 
     def _check_outbound(self) -> None:
-        if self.unwritten_bytes > self.limits.max_outbound_bytes:
+        unwritten = self.unwritten_bytes
+        if unwritten > self.limits.max_outbound_bytes:
             if self._over_since is None:
                 self._over_since = self._clock()
+            if unwritten > HARD_OUTBOUND_FACTOR * self.limits.max_outbound_bytes:
+                # The grace bounds time, this bounds memory: due now.
+                self._over_since = min(self._over_since,
+                                       self._clock() - self.limits.slow_consumer_grace_s)
         else:
             self._over_since = None
+
+    def _slow_consumer(self) -> AudioStreamError:
+        return AudioStreamError(
+            f"the client read too slowly: over {self.limits.max_outbound_bytes} bytes "
+            f"unread for {self.limits.slow_consumer_grace_s:g} s; resume the session",
+            ErrorCode.SLOW_CONSUMER)
 
     # -- time ---------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -891,10 +906,7 @@ class ServerProtocol:
             self.fail(AudioStreamError("no start message in time", ErrorCode.AUTH_TIMEOUT))
         elif (self._over_since is not None
               and now >= self._over_since + self.limits.slow_consumer_grace_s):
-            self.fail(AudioStreamError(
-                f"the client read too slowly: over {self.limits.max_outbound_bytes} bytes "
-                f"unread for {self.limits.slow_consumer_grace_s:g} s; resume the session",
-                ErrorCode.SLOW_CONSUMER))
+            self.fail(self._slow_consumer())
         elif self.state in (State.STREAMING, State.STOPPING, State.DRAINING) and (
                 now >= self._last_activity + self.limits.idle_timeout_s):
             self.fail(AudioStreamError(
@@ -1110,6 +1122,11 @@ class ServerProtocol:
             del self._pending[seq]
             for ev in slot.events:
                 self._send(Event(seq, ev))
+            if slot.audio is not None and (
+                    self.unwritten_bytes + len(slot.audio)
+                    > HARD_OUTBOUND_FACTOR * self.limits.max_outbound_bytes):
+                self.fail(self._slow_consumer())  # memory bound: no grace
+                return
             received = self._received_at.pop(seq, None)
             if slot.audio is not None:
                 self._push(SendBytes(slot.audio, seq, received), len(slot.audio))

@@ -263,3 +263,43 @@ async def test_stop_delivers_every_outcome_and_the_summary_then_1000(
                 assert r.close_code == 1000
         assert await eventually(lambda: not srv.gateway.connections)
         assert not srv.gateway.sessions_per_key  # every session finished, none detached
+
+
+async def test_a_non_reader_at_the_largest_chunk_size_is_bounded_and_others_go_on(
+    make_server: ServerFactory, tls: TLS
+) -> None:
+    """1 s chunks of 48 kHz stereo float32 (384,000 bytes, the largest legal chunk) from a
+    client that never reads: the gateway's unwritten bytes for it never exceed the hard
+    cap plus one chunk, it is closed 4023, and a concurrent session keeps its audio."""
+    fmt = AudioFormat(Encoding.PCM_F32LE, 48000, 2)
+    big = np.zeros(fmt.bytes_for_ms(1000) // 4, dtype=np.float32).tobytes()
+    cap = 2 * 1024 * 1024
+    settings = GatewaySettings(chunk_rate=None, max_outbound_bytes=cap,
+                               slow_consumer_grace_s=2.0)
+    async with make_server(gateway_settings=settings) as srv, aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(srv.url, ssl=tls.client, max_msg_size=1 << 20)
+        await ws.send_str(start_json(srv.api_key, fmt, ["passthrough"]))
+        await read_json(ws)
+        [conn] = list(srv.gateway.connections)
+        peak = 0
+
+        def closed() -> bool:
+            nonlocal peak
+            peak = max(peak, conn.proto.unwritten_bytes)
+            return conn.proto.close_code is not None
+
+        async def push() -> None:
+            while conn.proto.close_code is None and not ws.closed:
+                await ws.send_bytes(big)
+
+        sender = asyncio.create_task(push())
+        victim = asyncio.create_task(stop_race(srv, tls, http, 200))
+        assert await eventually(closed, within=60, interval=0.005)
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        assert conn.proto.close_code == ErrorCode.SLOW_CONSUMER
+        assert peak <= 4 * cap + len(big) + 4096, peak
+        print(f"peak unwritten bytes {peak} (cap {cap}, hard cap {4 * cap})")
+        run = await asyncio.wait_for(victim, 60)
+        assert run.close_code == 1000 and run.summary is not None
+        await ws.close()

@@ -163,6 +163,8 @@ class _Connection:
         """Something may be in the outbox, or the next deadline moved."""
         self._wake.set()
         self._rearm()
+        if self.proto.close_code == ErrorCode.SLOW_CONSUMER and self._forcing is None:
+            self._forcing = self.loop.create_task(self._force_close())
 
     # -- the one timer ------------------------------------------------------------
     def _rearm(self) -> None:
