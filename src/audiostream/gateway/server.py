@@ -124,6 +124,7 @@ class _Connection:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            written = self.proto.next_out  # every outcome below is in this batch or sent
             for out in self.proto.data_to_send():
                 if isinstance(out, SendBytes):
                     await self.ws.send_bytes(out.data)
@@ -136,6 +137,8 @@ class _Connection:
                 elif isinstance(out, Close):
                     await self.ws.close(code=out.code, message=out.reason.encode())
                     return
+            if self.pipeline is not None:
+                self.pipeline.delivered(written)  # lets the journal trim a non-acking client
 
     def _observe_written(self) -> None:
         if not self._audio_marks:
