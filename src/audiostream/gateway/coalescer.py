@@ -19,7 +19,9 @@ changed (a chunk, a reply, its one timer at ``due_at()``), and ``answered`` /
   workers are loaded), the next message waits until it holds ``target`` chunks, or
   its oldest chunk has waited about ``max_hold_s``. An idle system (fast replies)
   sends every chunk at once: no added latency. The target follows a moving average
-  of reply times with hysteresis, so it does not flap between two sizes.
+  of reply times with hysteresis, so it does not flap between two sizes. A hold in
+  which no second chunk arrived did not pay (the client waits for our answer before
+  it sends more): holds pause for ``MISS_BACKOFF_S``.
 * ``linger_s`` is the older, opt-in fixed hold: every message waits until its oldest
   chunk is that old (or ``max_chunks`` are waiting).
 """
@@ -39,6 +41,9 @@ from audiostream.errors import ErrorCode
 EWMA_WEIGHT = 0.2
 #: The target shrinks only once reply times fell below this share of what raised it.
 HYSTERESIS = 0.7
+#: After a hold in which no second chunk arrived (a client that waits for each outcome
+#: before it sends the next), no proactive hold for this long.
+MISS_BACKOFF_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +133,9 @@ class Coalescer:
         """Moving average of reply times (sent -> answered or expired)."""
         self.target = 1
         """Chunks the next message waits for (1: send at once)."""
+        self._quiet_until = -math.inf
+        self.misses = 0
+        """Holds that ended with a single chunk (see ``MISS_BACKOFF_S``)."""
 
     # -- state ----------------------------------------------------------------------
     @property
@@ -177,7 +185,7 @@ class Coalescer:
         flight = self._inflight
         if flight is not None and flight.deadline <= now:
             self._inflight = None
-            self._observe(now - flight.sent_at)
+            self.observe(now - flight.sent_at, now)
             out += [Outcome(c.seq, code=ErrorCode.EXPIRED, message=FLIGHT_EXPIRED)
                     for c in flight.chunks]
         backlog = self._backlog
@@ -194,6 +202,10 @@ class Coalescer:
         if release is not None and now < release:
             return None
         backlog = self._backlog
+        if release is not None and len(backlog) == 1 and self.target > 1:
+            self.misses += 1
+            self.target = 1
+            self._quiet_until = now + MISS_BACKOFF_S
         n = min(self.policy.max_chunks, len(backlog))
         chunks = tuple(backlog.popleft() for _ in range(n))
         msg = Message(self._next_id, chunks, now, min(c.deadline for c in chunks))
@@ -208,7 +220,7 @@ class Coalescer:
         if flight is None or flight.msg_id != msg_id:
             return None
         self._inflight = None
-        self._observe(now - flight.sent_at)
+        self.observe(now - flight.sent_at, now)
         return flight
 
     def failed(self, msg_id: int, code: ErrorCode, message: str) -> list[Outcome]:
@@ -253,10 +265,14 @@ class Coalescer:
         hold = self._hold()
         return self._backlog[0].received_at + hold if hold > 0 else None
 
-    def _observe(self, rtt: float) -> None:
-        """A reply time: update the moving average and the target size."""
+    def observe(self, rtt: float, now: float) -> None:
+        """A reply time (``answered`` and expiries report theirs): update the moving
+        average and the target size."""
         rtt = max(0.0, rtt)
         self.rtt = rtt if self.rtt is None else self.rtt + EWMA_WEIGHT * (rtt - self.rtt)
+        if now < self._quiet_until:
+            self.target = 1
+            return
         want = self._want(self.rtt)
         if want < self.target:
             want = min(self.target, self._want(self.rtt / HYSTERESIS))

@@ -136,6 +136,16 @@ class MemoryBroker:
             cls._default = cls()
         return cls._default
 
+    @property
+    def queue_count(self) -> int:
+        return len(self._queues)
+
+    def unacked(self, name: str) -> int:
+        """Messages of queue ``name`` delivered and not yet settled (``rabbitmqctl
+        list_queues messages_unacknowledged``)."""
+        q = self._queues.get(name)
+        return 0 if q is None else sum(len(c.unacked) for c in q.consumers)
+
     # -- topology ----------------------------------------------------------------
     def _declare_queue(
         self, name: str, *, delivery_limit: int | None = None, expires_ms: int | None = None
