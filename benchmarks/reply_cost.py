@@ -108,6 +108,8 @@ async def main(args: argparse.Namespace) -> None:
         for label, start in (("start", t0 + 2.0), ("end", end - args.window - 1.0)):
             await asyncio.sleep(max(0.0, start - time.monotonic()))
             cpu0, n0, w0 = c.cpu_seconds(st.gateway.pid), tot.audio, time.monotonic()
+            notices0 = sum(tot.notices.values())
+            probe = asyncio.ensure_future(asyncio.to_thread(unacked, list(tot.queues)))
             await asyncio.sleep(args.window)
             cpu1, n1, w1 = c.cpu_seconds(st.gateway.pid), tot.audio, time.monotonic()
             chunks = n1 - n0
@@ -119,7 +121,8 @@ async def main(args: argparse.Namespace) -> None:
                 if chunks else None,
                 "gateway_cores": round((cpu1 - cpu0) / (w1 - w0), 3),
                 "gateway_rss_mb": round(c.rss_bytes(st.gateway.pid) / 2**20, 1),
-                "reply_unacked": await asyncio.to_thread(unacked, list(tot.queues)),
+                "notices": sum(tot.notices.values()) - notices0,
+                "reply_unacked": await probe,
             })
         await asyncio.gather(*tasks)
         first, last = windows
