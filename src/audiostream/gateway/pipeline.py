@@ -36,7 +36,7 @@ from audiostream.envelope import (
     decode_reply_queue_message,
     encode_control,
 )
-from audiostream.errors import AudioStreamError, AuthError, ErrorCode
+from audiostream.errors import AudioStreamError, AuthError, ErrorCode, TransportError
 from audiostream.gateway.coalescer import (
     FLIGHT_EXPIRED,
     CoalescePolicy,
@@ -511,21 +511,39 @@ class SessionPipeline:
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        journal = self.journal.drain()
+        journal = [e.delivery for e in self.journal.drain()]
         if finished:
-            await self._ack(e.delivery for e in journal)
-        else:
-            for entry in journal:
-                await self._hand_back(entry.delivery)
-        with contextlib.suppress(AudioStreamError):
-            if finished:
+            await self._ack(journal)
+            with contextlib.suppress(AudioStreamError):
                 await self.transport.delete_reply_queue(self.reply_queue)
-            else:
-                await self.transport.publish_reply(
-                    self.reply_queue,
-                    encode_control(Control(self.session_id, RELEASED, self.nonce)),
-                )
+        else:
+            await self._release_journal(journal)
         self._idle.set()
+
+    async def _release_journal(self, journal: list[Delivery]) -> None:
+        """Hand the journal to whoever resumes the session: a copy of every reply, then
+        "released", as one ordered batch (one write, one wait for the confirms), then
+        ack the originals.
+
+        A taker stops reading the journal at "released", or shortly after its own
+        "displace" came back; copies published one confirm at a time could still be on
+        their way then (under load, for a long journal), and a reply the client already
+        holds would be missing from the resumed session's journal.
+        """
+        marker = encode_control(Control(self.session_id, RELEASED, self.nonce))
+        batch = [(self.reply_queue, d.body) for d in journal] + [(self.reply_queue, marker)]
+        try:
+            results: list[bool | TransportError] = await self.transport.publish_replies(batch)
+        except AudioStreamError as err:
+            log.warning("session=%s stage=release: could not hand the journal back (%s); "
+                        "returning %d replies to the queue", self.session_id, err, len(journal))
+            results = [False] * len(batch)
+        copied = [d for d, r in zip(journal, results, strict=False) if r is True]
+        await self._ack(copied)
+        for d, r in zip(journal, results, strict=False):
+            if r is not True:
+                with contextlib.suppress(AudioStreamError):
+                    await d.release()
 
     # -- load accessor (read by gateway/load.py) ---------------------------------------
     @property
