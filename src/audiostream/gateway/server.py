@@ -220,6 +220,7 @@ class _Connection:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            written = proto.next_out  # every outcome below is in this batch or sent
             for out in proto.data_to_send():
                 if isinstance(out, SendBytes):
                     await self.ws.send_bytes(out.data)
@@ -242,6 +243,8 @@ class _Connection:
                 else:
                     await self.ws.close(code=out.code, message=out.reason.encode())
                     return
+            if self.pipeline is not None:
+                self.pipeline.delivered(written)  # lets the journal trim a non-acking client
             self._rearm()
 
     # -- outcomes from the pipeline ---------------------------------------------------
