@@ -39,6 +39,7 @@ class ErrorCode(IntEnum):
     AUTH_TIMEOUT = 4011
     CREDENTIALS_IN_URL = 4012
     FORBIDDEN = 4013
+    KEY_REVOKED = 4014
     # Limits.
     RATE_LIMITED = 4020
     TOO_MANY_SESSIONS = 4021

@@ -34,7 +34,9 @@ from audiostream.errors import (
 from audiostream.gateway.keys import KeyRecord, KeyStore
 from audiostream.gateway.load import LoadMonitor
 from audiostream.gateway.pipeline import Outcome, SessionPipeline, reply_outcomes
+from audiostream.gateway.revocation import KeyRevocation
 from audiostream.gateway.tokens import SessionGrant, TokenSigner
+from audiostream.gateway.watchdog import BrokerWatchdog
 from audiostream.metrics import GatewayMetrics
 from audiostream.processors import ProcessorRegistry, registry
 from audiostream.processors.pipeline import plan_raw
@@ -92,6 +94,10 @@ class GatewaySettings:
     bundle_wait_ms: float = 5.0
     """Longest an envelope waits for its bundle while an earlier one awaits its confirm
     (with none in flight it goes out at once)."""
+    key_recheck_s: float = 1.0  # live sessions of a revoked key end (gateway/revocation.py)
+    broker_probe_s: float = 1.0  # stall watchdog period, 0 disables (gateway/watchdog.py)
+    broker_stall_s: float = 2.0  # a probe unanswered this long: /readyz 503, starts get 4091
+    start_timeout_s: float = 5.0  # longest a start waits on the broker before 4091
 
     close_timeout_s: float = 5.0
     """After our close frame, how long to wait for the client's."""
@@ -289,15 +295,13 @@ class _Connection:
                 expires_at=0.0,
             )
             pl = self._make_pipeline(self.grant)
-            await pl.open()
+            await gw.watchdog.bounded(pl.open(), cleanup=lambda: pl.close(finished=True))
         except AudioStreamError as err:
             gw.metrics.sessions_total.labels(result=err.code.name.lower()).inc()
             self._release()
             if self.proto.state is State.STARTING:
                 self.proto.reject(err)
-            self.kick()
-            if pl is not None:
-                await pl.close(finished=True)
+            self.kick()  # a pipeline that failed to open is closed by the watchdog's cleanup
             return
         if await self._closed_meanwhile(pl):
             return
@@ -387,8 +391,9 @@ class _Connection:
         self._reserve(new=False)
         self.grant = replace(old, generation=old.generation + 1)
         pl = self._make_pipeline(self.grant)
+        history = await gw.watchdog.bounded(pl.take_over(), timed=False,
+                                            cleanup=lambda: pl.close(finished=False))
         try:
-            history = await pl.take_over()
             plan = plan_resume((range(r.seq, r.seq + r.chunk_count) for r in history),
                                start.resume.received, answered=answered)
         except AudioStreamError:
@@ -422,6 +427,8 @@ class _Connection:
 
     def _refresh_token(self) -> None:
         if self.grant is None or self.proto.state is State.CLOSED:
+            return
+        if not self.gateway.revocation.allows(self):  # ends the session if the key is revoked
             return
         self.proto.send_token(self.gateway.signer.issue(self.grant))
         self.kick()
@@ -524,6 +531,13 @@ class Gateway:
         self._starts: dict[str, deque[float]] = {}
         self.draining = False
         self._changed = asyncio.Event()
+        st = self.settings
+        self.revocation = KeyRevocation(keys, lambda: self.connections,
+                                        interval_s=st.key_recheck_s)
+        self.watchdog = BrokerWatchdog(
+            lambda: transport.work_queue_depth(transport.topology.processing_types[0]),
+            interval_s=st.broker_probe_s, stall_after_s=st.broker_stall_s,
+            start_timeout_s=st.start_timeout_s)
         self.load = LoadMonitor(  # queue-age gauges for KEDA and alerts (gateway/load.py)
             self.metrics, lambda: [c.pipeline for c in self.connections if c.pipeline is not None],
             transport.topology.processing_types, interval_s=self.settings.load_sample_s)
@@ -595,7 +609,11 @@ class Gateway:
         if self.settings.depth_poll_s > 0:
             poller = asyncio.get_running_loop().create_task(self._poll_depth(), name="depth")
         self.load.start()
+        self.watchdog.start()
+        self.revocation.start()
         yield
+        await self.revocation.close()
+        await self.watchdog.close()
         await self.load.close()
         if poller is not None:
             poller.cancel()
@@ -630,10 +648,11 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def handle_ready(self, _request: web.Request) -> web.Response:
-        ready = self.transport.is_connected and not self.draining
+        ready = self.transport.is_connected and self.watchdog.healthy and not self.draining
         body = {
             "ready": ready,
             "broker_connected": self.transport.is_connected,
+            "broker_responsive": self.watchdog.healthy,
             "draining": self.draining,
             "connections": len(self.connections),
         }
