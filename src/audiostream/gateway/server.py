@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from audiostream.errors import (
     ErrorCode,
     LimitError,
 )
+from audiostream.gateway import edge as _edge
 from audiostream.gateway.keys import KeyRecord, KeyStore
 from audiostream.gateway.load import LoadMonitor
 from audiostream.gateway.pipeline import Outcome, SessionPipeline, reply_outcomes
@@ -89,6 +90,9 @@ class GatewaySettings:
     bundle_wait_ms: float = 5.0
     """Longest an envelope waits for its bundle while an earlier one awaits its confirm
     (with none in flight it goes out at once)."""
+
+    edge: _edge.EdgeSettings = field(default_factory=_edge.EdgeSettings)
+    """Handshake timeout, pending-socket cap, ping limit, operations site (edge.py)."""
 
     def __post_init__(self) -> None:
         if self.linger_ms < 0:
@@ -396,9 +400,9 @@ class Gateway:
         app = web.Application()
         app[GATEWAY_KEY] = self
         app.router.add_get("/v1/stream", self.handle_stream)
-        app.router.add_get("/healthz", self.handle_health)
-        app.router.add_get("/readyz", self.handle_ready)
-        app.router.add_get("/metrics", self.handle_metrics)
+        _edge.install(app, self.settings.edge, self.metrics_registry, [
+            ("/healthz", self.handle_health), ("/readyz", self.handle_ready),
+            ("/metrics", self.handle_metrics)])  # on the operations site, not this one
         app.cleanup_ctx.append(self._lifecycle)
         return app
 
@@ -612,7 +616,7 @@ async def start_site(
     """Start serving; returns the runner and the bound port (useful with port 0)."""
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    site = _edge.EdgeSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     bound = port
     for address in runner.addresses:
