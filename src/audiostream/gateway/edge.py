@@ -187,6 +187,20 @@ class SafeAccessLogger(AbstractAccessLogger):
         )
 
 
+class _RedactSubprotocols(logging.Filter):
+    """aiohttp logs the client's subprotocol list in full when none matches (web_ws.py),
+    and clients put keys there: keep the line, drop the values."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "protocols" in str(record.msg) and isinstance(record.args, tuple) and record.args:
+            record.msg = "%s: client subprotocols match none of the server's (not logged)"
+            record.args = (escape(record.args[0], 64),)
+        return True
+
+
+_REDACT = _RedactSubprotocols()
+
+
 # --- the socket before its request ------------------------------------------------------------
 
 
@@ -470,6 +484,9 @@ def install(
         return resp
 
     app.middlewares.append(edge)
+    ws_log = logging.getLogger("aiohttp.websocket")
+    if _REDACT not in ws_log.filters:
+        ws_log.addFilter(_REDACT)
     app.on_response_prepare.append(_server_header)
     if ops_routes and settings.ops_port is not None:
         app.cleanup_ctx.append(lambda _app: _ops_site(guard, ops_routes))
