@@ -39,7 +39,9 @@ from urllib.parse import unquote_plus
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
+from yarl import URL
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from audiostream.errors import ConfigError, ErrorCode
@@ -251,6 +253,19 @@ class _EdgeHandler(RequestHandler):
         self.guard = guard
         self.peer = "-"
         self._deadline: asyncio.TimerHandle | None = None
+        # aiohttp 3.14's parser turns "CONNECT \r\n\r\n" into a request whose url is
+        # None, and building the request then raises inside the connection task, which
+        # dies with the socket left open (found by tests/security/test_fuzz_edge.py).
+        make = self._request_factory
+        if make is not None:
+            def request_factory(message: RawRequestMessage, *args: Any) -> web.BaseRequest:
+                if message.url is None:
+                    self.guard.refused("malformed_http", "edge: malformed HTTP from %s: "
+                                       "no request target", escape(self.peer, 64))
+                    message = message._replace(method="UNKNOWN", path="/", url=URL("/"))
+                return make(message, *args)
+
+            self._request_factory = request_factory
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -283,14 +298,20 @@ class _EdgeHandler(RequestHandler):
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, ConnectionError):
+            # The client left while its request was handled (e.g. before the upgrade
+            # could be written): nothing to answer, nothing to log at ERROR. aiohttp's
+            # connection loop treats this exception as a premature disconnection.
+            raise ConnectionError("client disconnected") from exc
         if status >= 500:  # our own failure: keep aiohttp's traceback
             resp = super().handle_error(request, status, exc, message)
             resp.headers[hdrs.SERVER] = SERVER_NAME
             return resp
         self.request_arrived()
-        self.guard.refused("malformed_http", "edge: malformed HTTP from %s: %s %s",
-                           escape(self.peer, 64), type(exc).__name__,
-                           escape(getattr(exc, "message", "") or "", 120))
+        # The exception's text quotes the request line (query string included): only
+        # its class is logged.
+        self.guard.refused("malformed_http", "edge: malformed HTTP from %s: %s",
+                           escape(self.peer, 64), type(exc).__name__)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
         try:
