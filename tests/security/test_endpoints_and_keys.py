@@ -14,7 +14,6 @@ import aiohttp
 import pytest
 
 import audiostream
-
 from audiostream.cli import build_parser
 from audiostream.gateway import GatewaySettings, create_key
 from audiostream.protocol import start_json
@@ -77,7 +76,8 @@ async def test_serve_with_a_keys_file_prints_no_key(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "audiostream", "serve", "--port", "0", "--ops-port", "0",
         "--keys-file", str(keys), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(Path(audiostream.__file__).parents[1])})
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(Path(audiostream.__file__).parents[1])})
     assert proc.stdout is not None
     out = []
     try:

@@ -51,7 +51,7 @@ async def upgraded(srv, tls):  # type: ignore[no-untyped-def]
 
 async def test_upgrade_names_no_server_software(edge_server: EdgeServer, tls: TLS) -> None:
     async with edge_server(GatewaySettings(chunk_rate=None)) as srv:
-        reader, writer, headers = await upgraded(srv, tls)
+        _reader, writer, headers = await upgraded(srv, tls)
         assert headers["server"] == "audiostream"
         writer.close()
 

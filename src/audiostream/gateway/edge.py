@@ -41,8 +41,8 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
-from yarl import URL
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from yarl import URL
 
 from audiostream.errors import ConfigError, ErrorCode
 
