@@ -376,8 +376,8 @@ async def _gateway(args: argparse.Namespace) -> int:
                       token_secret=_secret(args))
     runner, port = await start_site(gateway.app(), args.host, args.port, _ssl_from(args))
     scheme = "wss" if args.tls_cert else "ws"
-    print(f"audiostream gateway on {scheme}://{args.host}:{port}/v1/stream; metrics and "
-          f"probes on {runner.app[EDGE_KEY].ops_url}", flush=True)
+    print(f"audiostream gateway on {scheme}://{args.host}:{port}/v1/stream", flush=True)
+    print(f"metrics and probes on {runner.app[EDGE_KEY].ops_url}", flush=True)
     try:
         sig = await _wait_for_signal()
         log.info("%s received; draining for up to %.0f s", sig, args.drain_grace_s)

@@ -44,7 +44,7 @@ async def spawn(*args: str, ready: bytes) -> tuple[asyncio.subprocess.Process, b
 async def gateway(url: str, prefix: str, keys: Path) -> tuple[asyncio.subprocess.Process, str]:
     proc, line = await spawn(
         "gateway", "--broker", url, "--prefix", prefix, "--keys-file", str(keys),
-        "--host", "127.0.0.1", "--port", "0", "--token-secret", SECRET,
+        "--host", "127.0.0.1", "--port", "0", "--ops-port", "0", "--token-secret", SECRET,
         ready=b"audiostream gateway on",
     )
     match = re.search(rb"(ws://\S+)", line)
