@@ -114,7 +114,8 @@ async def test_cli_bench_writes_json_and_png(tmp_path: Path) -> None:
             "--api-key", srv.api_key, "--sessions", "2", "--duration", "1",
             "--pipeline", "passthrough", "--ramp", "0.2", "--chunk-ms", "20",
             "--json", str(out_json), "--plot", str(out_png),
-            "--metrics-url", f"{srv.ops_url}/metrics", cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            "--metrics-url", f"{srv.ops_url}/metrics",
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
         )
         stdout, stderr = await asyncio.wait_for(proc.communicate(), 90)
