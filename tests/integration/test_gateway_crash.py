@@ -31,7 +31,7 @@ async def spawn(*args: str, ready: bytes) -> tuple[asyncio.subprocess.Process, b
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "audiostream", *args, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},  # this checkout, not the venv's
     )
     assert proc.stdout is not None
     while True:
