@@ -90,7 +90,8 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
                    help=f"listen port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--keys-file", type=Path, default=_env("KEYS_FILE"),
                    help="API keys file from 'audiostream keys create' "
-                   "(env AUDIOSTREAM_KEYS_FILE)")
+                   "(env AUDIOSTREAM_KEYS_FILE); serve without one creates and prints an "
+                   "in-memory development key")
     p.add_argument("--tls-cert", type=Path, default=_env("TLS_CERT"),
                    help="PEM certificate chain: serve wss:// (TLS 1.3 only)")
     p.add_argument("--tls-key", type=Path, default=_env("TLS_KEY"), help="PEM private key")
