@@ -74,11 +74,12 @@ class BenchConfig:
         return self.metrics_urls or (metrics_url_for(self.url),)
 
 
-def metrics_url_for(ws_url: str) -> str:
-    """``ws://host:port/v1/stream`` -> ``http://host:port/metrics`` (wss -> https)."""
-    parts = urlsplit(ws_url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    return urlunsplit((scheme, parts.netloc, "/metrics", "", ""))
+def metrics_url_for(ws_url: str, ops_port: int = 9090) -> str:
+    """``ws[s]://host:port/v1/stream`` -> ``http://host:9090/metrics``: the gateway's
+    operations site (plain HTTP, the default --ops-port) on the same host."""
+    host = urlsplit(ws_url).hostname or "127.0.0.1"
+    netloc = f"[{host}]:{ops_port}" if ":" in host else f"{host}:{ops_port}"
+    return urlunsplit(("http", netloc, "/metrics", "", ""))
 
 
 def synthetic_audio(session: int, seconds: float, rate: int, seed: int = 0) -> npt.NDArray[

@@ -90,7 +90,8 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
                    help=f"listen port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--keys-file", type=Path, default=_env("KEYS_FILE"),
                    help="API keys file from 'audiostream keys create' "
-                   "(env AUDIOSTREAM_KEYS_FILE)")
+                   "(env AUDIOSTREAM_KEYS_FILE); serve without one creates and prints an "
+                   "in-memory development key")
     p.add_argument("--tls-cert", type=Path, default=_env("TLS_CERT"),
                    help="PEM certificate chain: serve wss:// (TLS 1.3 only)")
     p.add_argument("--tls-key", type=Path, default=_env("TLS_KEY"), help="PEM private key")
@@ -101,9 +102,22 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-grace-s", type=float, default=20.0,
                    help="on SIGTERM, wait this long for in-flight outcomes (default 20)")
     p.add_argument("--token-secret", default=_env("TOKEN_SECRET"),
-                   help="HMAC secret for resume tokens, shared by all gateways "
-                   "(env AUDIOSTREAM_TOKEN_SECRET; default: random, so sessions resume "
-                   "only on this process)")
+                   help="HMAC secret for resume tokens, shared by all gateways; visible in "
+                   "ps, so prefer env AUDIOSTREAM_TOKEN_SECRET or --token-secret-file "
+                   "(default: random, so sessions resume only on this process)")
+    p.add_argument("--token-secret-file", type=Path, default=_env("TOKEN_SECRET_FILE"),
+                   help="file holding the token secret (env AUDIOSTREAM_TOKEN_SECRET_FILE)")
+    p.add_argument("--ops-host", default=_env("OPS_HOST", "127.0.0.1"),
+                   help="address of /metrics, /healthz, /readyz (default 127.0.0.1; never "
+                   "expose it publicly)")
+    p.add_argument("--ops-port", type=int, default=int(_env("OPS_PORT", "9090") or 0),
+                   help="port of /metrics, /healthz, /readyz (default 9090)")
+    p.add_argument("--handshake-timeout-s", type=float, default=10.0,
+                   help="close sockets that have not sent a whole request (TLS handshake "
+                   "plus headers) within this time (default 10)")
+    p.add_argument("--max-pending-sockets", type=int, default=512,
+                   help="sockets without a whole request yet; above it the oldest is "
+                   "closed (default 512)")
     p.add_argument("--resume-window-s", type=float, default=60.0,
                    help="how long a dropped session can be resumed (default 60)")
     p.add_argument("--allowed-origin", dest="allowed_origins", action="append", default=[],
@@ -202,6 +216,7 @@ def _worker_settings(args: argparse.Namespace, processing: Sequence[str]) -> Any
 
 def _gateway_settings(args: argparse.Namespace) -> Any:
     from audiostream.gateway import GatewaySettings
+    from audiostream.gateway.edge import EdgeSettings
 
     return GatewaySettings(
         default_deadline_ms=args.deadline_ms,
@@ -217,6 +232,9 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         linger_ms=args.linger_ms,
         bundle_max=args.bundle_max,
         bundle_wait_ms=args.bundle_wait_ms,
+        edge=EdgeSettings(handshake_timeout_s=args.handshake_timeout_s,
+                          max_pending=args.max_pending_sockets,
+                          ops_host=args.ops_host, ops_port=args.ops_port),
     )
 
 
@@ -236,7 +254,16 @@ def _check_exposure(args: argparse.Namespace) -> None:
 
 
 def _secret(args: argparse.Namespace) -> bytes | None:
+    if args.token_secret_file is not None:
+        try:
+            return Path(args.token_secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise AudioStreamError(f"cannot read --token-secret-file: {exc}") from exc
     if args.token_secret:
+        if "--token-secret" in sys.argv or any(a.startswith("--token-secret=")
+                                               for a in sys.argv):
+            log.warning("--token-secret is visible to every local user (ps); use "
+                        "AUDIOSTREAM_TOKEN_SECRET or --token-secret-file")
         return str(args.token_secret).encode()
     log.warning("no --token-secret: resume tokens are valid on this process only")
     return None
@@ -263,7 +290,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     _check_exposure(args)
     async with embedded_server(
-        token_secret=args.token_secret.encode() if args.token_secret else None,
+        token_secret=_secret(args),
         broker_url=args.broker,
         topology=_topology(args),
         host=args.host,
@@ -276,9 +303,16 @@ async def _serve(args: argparse.Namespace) -> int:
     ) as server:
         where = "in-process broker" if args.broker is None else "RabbitMQ"
         print(f"audiostream serving {server.url} ({where}, {args.workers} worker(s))")
-        print(f"development API key (valid while this process runs):\n{server.api_key}",
-              flush=True)
+        if server.api_key is not None:
+            print("no --keys-file: a development API key, valid while this process runs:\n"
+                  f"{server.api_key}", flush=True)
+        else:
+            print(f"API keys from {args.keys_file}; no development key", flush=True)
+        if server.ops_url:
+            print(f"metrics and probes on {server.ops_url}", flush=True)
         if args.demo is not None:
+            if server.api_key is None:
+                raise AudioStreamError("--demo needs the development key: omit --keys-file")
             await _demo(server.url, server.api_key, sample_wav(), args.demo, _ssl_from(args))
             print(f"still serving {server.url}; Ctrl-C to stop", flush=True)
         sig = await _wait_for_signal()
@@ -332,6 +366,7 @@ def _write_result(out: Path, result: Any, like: Path) -> None:
 
 async def _gateway(args: argparse.Namespace) -> int:
     from audiostream.gateway import Gateway, KeyStore, start_site
+    from audiostream.gateway.edge import EDGE_KEY
     from audiostream.transport import open_transport
 
     if args.keys_file is None:
@@ -343,6 +378,7 @@ async def _gateway(args: argparse.Namespace) -> int:
     runner, port = await start_site(gateway.app(), args.host, args.port, _ssl_from(args))
     scheme = "wss" if args.tls_cert else "ws"
     print(f"audiostream gateway on {scheme}://{args.host}:{port}/v1/stream", flush=True)
+    print(f"metrics and probes on {runner.app[EDGE_KEY].ops_url}", flush=True)
     try:
         sig = await _wait_for_signal()
         log.info("%s received; draining for up to %.0f s", sig, args.drain_grace_s)
@@ -568,7 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processing", required=True, help="processing types, e.g. denoise,vad")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve /metrics and /healthz on this port")
-    p.add_argument("--metrics-host", default="0.0.0.0", help="address for --metrics-port")
+    p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"),
+                   help="address for --metrics-port (default 127.0.0.1; the chart uses the "
+                   "pod IP behind a NetworkPolicy)")
 
     p = sub.add_parser("stream", help="stream a WAV file through a gateway")
     _add_common(p)

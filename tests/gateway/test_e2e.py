@@ -305,10 +305,10 @@ async def test_reply_queue_is_deleted_when_the_session_ends_cleanly(
 
 async def test_health_and_readiness(server: Embedded, tls: TLS) -> None:
     async with aiohttp.ClientSession() as http:
-        async with http.get(server.http_url + "/healthz", ssl=tls.client) as r:
+        async with http.get(server.ops_url + "/healthz") as r:
             assert r.status == 200
-        async with http.get(server.http_url + "/readyz", ssl=tls.client) as r:
+        async with http.get(server.ops_url + "/readyz") as r:
             assert r.status == 200 and (await r.json())["ready"] is True
         server.gateway.draining = True
-        async with http.get(server.http_url + "/readyz", ssl=tls.client) as r:
+        async with http.get(server.ops_url + "/readyz") as r:
             assert r.status == 503

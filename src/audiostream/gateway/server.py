@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from audiostream.errors import (
     ErrorCode,
     LimitError,
 )
+from audiostream.gateway import edge as _edge
 from audiostream.gateway.keys import KeyRecord, KeyStore
 from audiostream.gateway.load import LoadMonitor
 from audiostream.gateway.pipeline import Outcome, SessionPipeline, reply_outcomes
@@ -125,6 +126,9 @@ class GatewaySettings:
             max_outbound_bytes=self.max_outbound_bytes,
             slow_consumer_grace_s=self.slow_consumer_grace_s,
             flood_burst=self.flood_burst, flood_rate=self.flood_rate)
+
+    edge: _edge.EdgeSettings = field(default_factory=_edge.EdgeSettings)
+    """Handshake timeout, pending-socket cap, ping limit, operations site (edge.py)."""
 
     def __post_init__(self) -> None:
         if self.linger_ms < 0:
@@ -595,9 +599,9 @@ class Gateway:
         app = web.Application()
         app[GATEWAY_KEY] = self
         app.router.add_get("/v1/stream", self.handle_stream)
-        app.router.add_get("/healthz", self.handle_health)
-        app.router.add_get("/readyz", self.handle_ready)
-        app.router.add_get("/metrics", self.handle_metrics)
+        _edge.install(app, self.settings.edge, self.metrics_registry, [
+            ("/healthz", self.handle_health), ("/readyz", self.handle_ready),
+            ("/metrics", self.handle_metrics)])  # on the operations site, not this one
         app.cleanup_ctx.append(self._lifecycle)
         return app
 
@@ -812,7 +816,7 @@ async def start_site(
     """Start serving; returns the runner and the bound port (useful with port 0)."""
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    site = _edge.EdgeSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     bound = port
     for address in runner.addresses:
