@@ -455,10 +455,11 @@ async def _gateway(args: argparse.Namespace) -> int:
     if args.keys_file is None:
         raise UsageError("--keys-file (or AUDIOSTREAM_KEYS_FILE) is required")
     _check_exposure(args)
+    ssl_context = _ssl_from(args)  # option errors before any warning or connection
     transport = open_transport(args.broker, _topology(args))
     gateway = Gateway(transport, KeyStore(args.keys_file), settings=_gateway_settings(args),
                       token_secret=_secret(args))
-    runner, port = await start_site(gateway.app(), args.host, args.port, _ssl_from(args))
+    runner, port = await start_site(gateway.app(), args.host, args.port, ssl_context)
     scheme = "wss" if args.tls_cert else "ws"
     print(f"audiostream gateway on {scheme}://{args.host}:{port}/v1/stream", flush=True)
     try:
