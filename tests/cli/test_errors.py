@@ -118,8 +118,8 @@ CASES = [
                                  "--timeout", "2"], EXIT_FAILURE, "connection refused"),
     Case("healthcheck-not-ws", ["healthcheck", "--url", f"http://u:{SECRET}@h/"], EXIT_USAGE,
          "ws:// or wss://"),
-    Case("bench-no-key", BENCH + ["--sessions", "1"], EXIT_USAGE, "AUDIOSTREAM_API_KEY"),
-    Case("bench-no-sessions", BENCH + ["--sessions", "0", "--api-key", "k"], EXIT_USAGE,
+    Case("bench-no-key", [*BENCH, "--sessions", "1"], EXIT_USAGE, "AUDIOSTREAM_API_KEY"),
+    Case("bench-no-sessions", [*BENCH, "--sessions", "0", "--api-key", "k"], EXIT_USAGE,
          "sessions must be >= 1"),
     # a bug: exit 70 and the hint
     Case("bug-in-plugin", ["keys", "create", "p", "--keys-file", "{keys}", "--import",
