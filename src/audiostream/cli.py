@@ -159,6 +159,21 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (use 1/0, true/false)")
 
 
+def _broker_url(text: str) -> str:
+    """An AMQP URL with a host: aio-pika retries a malformed one forever instead of failing."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{redact_url(text)!r} is not a URL") from None
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{redact_url(text)!r} is not an AMQP URL (amqp://user:pass@host:5672/)")
+    return text
+
+
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -166,27 +181,34 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the message and where to find the usage."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {redact_text(message)} "
+                  f"(see '{self.prog} --help')\n")
 
 
 # --- shared options -----------------------------------------------------------------------
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    """Logging and --debug options; ``nested`` (an action under a command, e.g. ``keys list``)
+    leaves defaults to the command, since argparse lets a subparser's defaults overwrite
+    what was given before it (``keys --log-level debug list``)."""
     p.add_argument("--log-level", type=_choice(*_LOG_LEVELS),
-                   default=_env_default("LOG_LEVEL", _choice(*_LOG_LEVELS), "info"),
+                   default=argparse.SUPPRESS if nested else
+                   _env_default("LOG_LEVEL", _choice(*_LOG_LEVELS), "info"),
                    help="debug, info, warning or error (env AUDIOSTREAM_LOG_LEVEL)")
     p.add_argument("--json-logs", action="store_true",
-                   default=_env_default("JSON_LOGS", _flag, False),
+                   default=argparse.SUPPRESS if nested else
+                   _env_default("JSON_LOGS", _flag, False),
                    help="log JSON lines (env AUDIOSTREAM_JSON_LOGS=1)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="on an error, print the traceback (env AUDIOSTREAM_DEBUG=1)")
 
 
 def _add_broker(p: argparse.ArgumentParser, *, required: bool) -> None:
-    default = _env("BROKER")
+    default = _env_default("BROKER", _broker_url, None)
     p.add_argument(
         "--broker",
+        type=_broker_url,
         default=default,
         required=required and default is None,
         help="AMQP URL, e.g. amqp://user:pass@host:5672/ (env AUDIOSTREAM_BROKER)"
@@ -905,7 +927,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per check (default 5)")
     p.add_argument("--insecure", action="store_true", help="skip certificate checks (local)")
     p.add_argument("--ca", type=Path, default=None, help="CA bundle to trust for wss://")
-    p.add_argument("--broker", default=None,
+    p.add_argument("--broker", type=_broker_url, default=None,
                    help="AMQP URL: also check the broker, its topology and its consumers")
     p.add_argument("--shards", type=_int_at_least(1),
                    default=_env_default("SHARDS", _int_at_least(1), 2),
@@ -931,7 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ks.add_parser("revoke", help="revoke one key by id or unique name")
     kr.add_argument("key", help="key id, or name if exactly one key has it")
     for k in (kc, kl, kr):
-        _add_common(k)
+        _add_common(k, nested=True)
         k.add_argument("--keys-file", type=Path, default=_env("KEYS_FILE"),
                        required=_env("KEYS_FILE") is None,
                        help="the keys file (env AUDIOSTREAM_KEYS_FILE)")
@@ -940,10 +962,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     ts = p.add_subparsers(dest="topology_cmd", required=True, metavar="ACTION")
     td = ts.add_parser("declare", help="declare exchanges and queues on RabbitMQ (idempotent)")
-    _add_common(td)
+    _add_common(td, nested=True)
     _add_broker(td, required=True)
     tdef = ts.add_parser("definitions", help="write RabbitMQ definitions JSON")
-    _add_common(tdef)
+    _add_common(tdef, nested=True)
     _add_broker(tdef, required=False)
     tdef.add_argument("--out", type=Path, required=True)
 
@@ -951,7 +973,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     ms = p.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
     mp = ms.add_parser("prepare", help="derive streaming/INT8/FP16 models and verify hashes")
-    _add_common(mp)
+    _add_common(mp, nested=True)
     with contextlib.suppress(ImportError):
         from audiostream.models import prepare as _prepare
 

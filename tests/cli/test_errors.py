@@ -79,6 +79,10 @@ CASES = [
          "AUDIOSTREAM_JSON_LOGS='maybe'", env={"AUDIOSTREAM_JSON_LOGS": "maybe"}),
     Case("env-device", ["worker", "--broker", "amqp://127.0.0.1:1/", "--processing", "gain"],
          EXIT_USAGE, "AUDIOSTREAM_DEVICE='tpu'", env={"AUDIOSTREAM_DEVICE": "tpu"}),
+    Case("env-broker-malformed", ["topology", "declare"], EXIT_USAGE,
+         "AUDIOSTREAM_BROKER=", env={"AUDIOSTREAM_BROKER": f"rabbit://u:{SECRET}@h/"}),
+    Case("broker-not-amqp", ["topology", "declare", "--broker", "localhost"], EXIT_USAGE,
+         "not an AMQP URL"),
     # input files and pipes
     Case("offline-missing-input", [*OFFLINE, "{missing}", "{tmp}/o.wav"], EXIT_USAGE,
          "does not exist"),
