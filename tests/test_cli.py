@@ -96,6 +96,7 @@ def test_topology_declare_is_idempotent(rabbitmq_url: str) -> None:
              "--prefix", prefix], capture_output=True, text=True, timeout=60, check=False)
         assert run.returncode == 0, run.stderr
         assert "declared" in run.stdout
+        assert "guest:guest" not in run.stdout and "guest:***@" in run.stdout
     import asyncio
 
     from audiostream.processors import registry

@@ -173,3 +173,27 @@ def test_a_bad_env_value_only_fails_the_commands_that_use_it(tmp_path: Path) -> 
     assert created.returncode == 0, created.stderr
     listed = run_cli(["keys", "list", "--keys-file", str(keys)], env=env)
     assert listed.returncode == 0 and "acme" in listed.stdout.decode()
+
+
+#: Variables every command reads (logging and --debug): a bad one is a bad one everywhere.
+COMMON_VARS = {"AUDIOSTREAM_LOG_LEVEL", "AUDIOSTREAM_JSON_LOGS", "AUDIOSTREAM_DEBUG"}
+
+
+def test_no_command_parses_another_commands_env_while_building_the_parser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every AUDIOSTREAM_* name the CLI sources mention, set to nonsense: `keys list` works.
+
+    Guards the pattern ``type=int, default=int(_env(...))``, which crashed every command."""
+    import re
+
+    src = ROOT / "src" / "audiostream"
+    text = "".join(p.read_text() for p in (src / "cli.py", src / "bench.py"))
+    names = {f"AUDIOSTREAM_{n}" for n in re.findall(r'_env(?:_default)?\("([A-Z_]+)"', text)}
+    names |= set(re.findall(r'"(AUDIOSTREAM_[A-Z_]+)"', text))
+    assert {"AUDIOSTREAM_SHARDS", "AUDIOSTREAM_PORT", "AUDIOSTREAM_BROKER"} <= names
+    for name in names - COMMON_VARS:
+        monkeypatch.setenv(name, "garbage")
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": []}))
+    assert main(["keys", "list", "--keys-file", str(keys)]) == 0, capsys.readouterr().err
