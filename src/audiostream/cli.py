@@ -1084,5 +1084,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, message = classify(exc)
         if debug:
             print(redact_text("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
-        print(f"audiostream {args.command}: error: {message}", file=sys.stderr)
+        one_line = " ".join(message.split())  # an exception text may span lines
+        print(f"audiostream {args.command}: error: {one_line}", file=sys.stderr)
         return code
