@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import ssl
 import sys
 import time
@@ -531,7 +532,8 @@ def without_timeline(r: Mapping[str, Any]) -> dict[str, Any]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", required=True, help="ws:// or wss:// URL of /v1/stream")
-    p.add_argument("--api-key", required=True, help="API key")
+    p.add_argument("--api-key", default=os.environ.get("AUDIOSTREAM_API_KEY"),
+                   help="API key (env AUDIOSTREAM_API_KEY)")
     p.add_argument("--sessions", type=int, required=True, help="concurrent sessions")
     p.add_argument("--duration", type=float, required=True,
                    help="seconds of audio each session streams in real time")
@@ -549,7 +551,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, metavar="OUT",
                    help="write the report as JSON ('-' for stdout)")
     p.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
-                   help="write a latency plot (PNG)")
+                   help="write a latency plot (PNG; needs the [plot] extra: matplotlib)")
     p.add_argument("--ca", type=Path, default=None, help="CA bundle to trust for wss://")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
