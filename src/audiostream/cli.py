@@ -455,20 +455,20 @@ async def _stream(args: argparse.Namespace) -> int:
 
 def _offline(args: argparse.Namespace) -> int:
     import numpy as np
-    import soundfile
 
     from audiostream.audio import AudioFormat, Encoding
+    from audiostream.audiofile import read_audio, write_audio
     from audiostream.processors import ProcessorContext
     from audiostream.worker.offline import run_offline
 
-    data, rate = soundfile.read(str(args.input), dtype="int16", always_2d=True)
+    data, rate = read_audio(args.input)  # any container/codec/rate (audiofile.py)
     fmt = AudioFormat(Encoding.PCM_S16LE, int(rate), data.shape[1])
     started = time.perf_counter()
     out = run_offline(data.tobytes(), fmt, _parse_pipeline(args.pipeline),
                       context=ProcessorContext(device=args.device, model_dir=args.model_dir))
     took = time.perf_counter() - started
     result = np.frombuffer(out, dtype="<i2").reshape(-1, fmt.channels)
-    soundfile.write(str(args.output), result, rate, subtype="PCM_16")
+    write_audio(args.output, result, rate)  # .wav, .flac or .opus
     print(f"processed {data.shape[0] / rate:.2f} s in {took:.2f} s -> {args.output}")
     return 0
 
@@ -591,10 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _bench.add_arguments(p)
 
-    p = sub.add_parser("offline", help="run a pipeline on a WAV file in-process (reference)")
+    p = sub.add_parser("offline", help="run a pipeline on an audio file in-process (reference)")
     _add_common(p)
-    p.add_argument("input", type=Path)
-    p.add_argument("output", type=Path)
+    p.add_argument("input", type=Path, help="WAV, FLAC, Opus/Ogg or MP3, any sample rate")
+    p.add_argument("output", type=Path, help="written as .wav, .flac or .opus")
     p.add_argument("--pipeline", required=True)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--model-dir", type=Path, default=_env("MODEL_DIR"))
