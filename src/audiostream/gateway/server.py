@@ -31,6 +31,7 @@ from audiostream.errors import (
     ErrorCode,
     LimitError,
 )
+from audiostream.gateway import browser
 from audiostream.gateway.keys import KeyRecord, KeyStore
 from audiostream.gateway.load import LoadMonitor
 from audiostream.gateway.pipeline import Outcome, SessionPipeline, reply_outcomes
@@ -399,6 +400,7 @@ class Gateway:
         app.router.add_get("/healthz", self.handle_health)
         app.router.add_get("/readyz", self.handle_ready)
         app.router.add_get("/metrics", self.handle_metrics)
+        browser.install(app, self)  # /sdk/audiostream.js, /demo, POST /v1/tokens
         app.cleanup_ctx.append(self._lifecycle)
         return app
 
