@@ -101,7 +101,7 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-grace-s", type=float, default=20.0,
                    help="on SIGTERM, wait this long for in-flight outcomes (default 20)")
     p.add_argument("--token-secret", default=_env("TOKEN_SECRET"),
-                   help="HMAC secret for resume tokens, shared by all gateways "
+                   help="HMAC secret for resume and browser tokens, shared by all gateways "
                    "(env AUDIOSTREAM_TOKEN_SECRET; default: random, so sessions resume "
                    "only on this process)")
     p.add_argument("--resume-window-s", type=float, default=60.0,
@@ -515,9 +515,31 @@ def _keys(args: argparse.Namespace) -> int:
             state = "revoked" if rec.revoked else "active"
             print(f"{rec.id}\t{rec.name}\t{state}\tmax_sessions={rec.max_sessions}\t"
                   f"pipelines={','.join(rec.pipelines) if rec.pipelines else '*'}")
+    elif args.keys_cmd == "token":
+        return _keys_token(args)
     else:
         rec = revoke_key(args.keys_file, args.key)
         print(f"revoked {rec.id} ({rec.name})")
+    return 0
+
+
+def _keys_token(args: argparse.Namespace) -> int:
+    """Mint a browser token offline: same secret as the gateways, no gateway needed."""
+    from audiostream.gateway.browser import BrowserTokens
+    from audiostream.gateway.keys import KeyStore, load_records
+
+    if not args.token_secret:
+        raise AudioStreamError("--token-secret (or AUDIOSTREAM_TOKEN_SECRET) is required: "
+                               "the gateways' secret, which they check tokens with")
+    rec = next((r for r in load_records(args.keys_file).values()
+                if args.key in (r.id, r.name)), None)
+    if rec is None:
+        raise AudioStreamError(f"no key with id or name {args.key!r} in {args.keys_file}")
+    tokens = BrowserTokens(str(args.token_secret).encode(), KeyStore(args.keys_file))
+    token, grant = tokens.mint(rec, _parse_pipeline(args.pipelines), args.ttl)
+    print(f"browser token for key {rec.id} ({rec.name}), pipelines "
+          f"{','.join(grant.pipelines)}, one session, expires in {args.ttl:g} s:")
+    print(token)
     return 0
 
 
@@ -615,7 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
     kl = ks.add_parser("list", help="list keys (never the secrets)")
     kr = ks.add_parser("revoke", help="revoke a key by id or name")
     kr.add_argument("key")
-    for k in (kc, kl, kr):
+    kt = ks.add_parser("token", help="mint a short-lived browser token (bt1.) for one "
+                       "session; prints it as the last line")
+    kt.add_argument("key", help="id or name of the API key it acts for")
+    kt.add_argument("--pipelines", required=True, help="allowed steps, comma separated")
+    kt.add_argument("--ttl", type=float, default=300.0, help="seconds, at most 600")
+    kt.add_argument("--token-secret", default=_env("TOKEN_SECRET"),
+                    help="the gateways' --token-secret (env AUDIOSTREAM_TOKEN_SECRET)")
+    for k in (kc, kl, kr, kt):
         k.add_argument("--keys-file", type=Path, default=_env("KEYS_FILE"),
                        required=_env("KEYS_FILE") is None)
 

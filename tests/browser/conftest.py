@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,7 @@ async def server() -> AsyncIterator[Embedded]:
     async with embedded_server(gateway_settings=settings,
                                processing=("passthrough", "gain", "highpass")) as s:
         # The demo page is served by the gateway itself: its origin must be allowed.
-        s.gateway.settings = GatewaySettings(
-            chunk_rate=None, allowed_origins=(ALLOWED_ORIGIN, s.http_url),
-            depth_poll_s=0, load_sample_s=0)
+        s.gateway.settings = replace(settings, allowed_origins=(ALLOWED_ORIGIN, s.http_url))
         yield s
 
 
