@@ -214,11 +214,17 @@ async def ws_echo() -> None:
     await asyncio.Event().wait()
 
 
-async def measure_ws(sessions: int, duration: float, pids: dict[str, int]) -> dict[str, Any]:
+async def measure_ws(sessions: int, duration: float, pids: dict[str, int],
+                     quota_cores: float | None = None) -> dict[str, Any]:
+    """The echo floor; ``quota_cores`` puts the echo process under the same CFS limit
+    as a gateway measured in the same run (``gateway_capacity.py``)."""
     import aiohttp
 
     echo = await c.start("ws-echo", [sys.executable, SELF, "--role", "ws-echo"], "ws echo on")
     port = int(echo.info["line"].rsplit(" ", 1)[1])
+    limits = contextlib.ExitStack()
+    if quota_cores:
+        limits.enter_context(c.CpuQuota(echo.pid, quota_cores))
     latencies: list[float] = []
     lost = 0
     chunk = bytes(640)
@@ -250,7 +256,7 @@ async def measure_ws(sessions: int, duration: float, pids: dict[str, int]) -> di
         return len(sent)
 
     try:
-        with c.CpuMeter({**pids, "echo": echo.pid}) as cpu:
+        with limits, c.CpuMeter({**pids, "echo": echo.pid}) as cpu:
             async with aiohttp.ClientSession() as http:
                 lost = sum(await asyncio.gather(*(session(http, i) for i in range(sessions))))
             usage = cpu.read()
