@@ -131,3 +131,32 @@ def test_offline_cli_takes_mp3_and_writes_flac(speech: Path, tmp_path: Path,
     ref = soundfile.info(str(speech))
     assert abs(info.frames / 24000 - ref.frames / ref.samplerate) < 2 / 24000
     assert "processed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("suffix", "codec", "fmt"), [
+    (".opus", "libopus", "ogg"), (".flac", "flac", None), (".mp3", "libmp3lame", None)])
+async def test_compressed_speech_streams_through_a_gateway_at_full_length(
+        speech: Path, tmp_path: Path, suffix: str, codec: str, fmt: str | None) -> None:
+    """What ``audiostream stream`` does with a file: read_audio, then the SDK streams
+    the samples; the processed audio has exactly the decoded input's length."""
+    from audiostream.audio import AudioFormat, Encoding
+    from audiostream.client import AudioStreamClient
+    from audiostream.gateway import GatewaySettings
+    from audiostream.testing import embedded_server
+
+    path = tmp_path / f"speech{suffix}"
+    encode(speech, path, codec, fmt)
+    samples, rate = read_audio(path)
+    async with embedded_server(gateway_settings=GatewaySettings(chunk_rate=None),
+                               processing=("highpass",)) as server:
+        client = AudioStreamClient(server.url, api_key=server.api_key, pipeline=["highpass"],
+                                   format=AudioFormat(Encoding.PCM_S16LE, rate, 1))
+        result = await client.stream(samples, chunk_ms=20, rate=None)
+    assert not result.dropped
+    out = np.concatenate([np.frombuffer(o, "<i2") for o in result.outcomes
+                          if isinstance(o, bytes)])
+    assert out.shape[0] == samples.shape[0]
+    written = tmp_path / f"out{suffix if suffix != '.mp3' else '.wav'}"
+    write_audio(written, out, rate)
+    back, back_rate = decode(written)
+    assert abs(back.shape[0] / back_rate - samples.shape[0] / rate) < 2 / back_rate

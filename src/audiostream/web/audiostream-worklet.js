@@ -65,7 +65,13 @@ class CaptureProcessor extends AudioWorkletProcessor {
     this.frame = new Int16Array(this.frameLen);
     this.fill = 0;
     this.running = true;
-    this.port.onmessage = (e) => { if (e.data === "stop") this.running = false; };
+    // "stopped" comes after every frame posted before it: the main thread knows it
+    // has them all.
+    this.port.onmessage = (e) => {
+      if (e.data !== "stop") return;
+      this.running = false;
+      this.port.postMessage("stopped");
+    };
   }
 
   process(inputs, outputs) {

@@ -29,7 +29,6 @@ export class AudioStreamClient extends EventTarget {
     this.cushionMs = cushionMs;
     this.maxQueuedFrames = maxQueuedFrames;
     const names = pipeline.map((s) => (typeof s === "string" ? s : s.name));
-    // Our denoiser replaces the browser's: two suppressors in a row only add artefacts.
     this.denoise = denoise ?? names.includes("denoise");
     this.ctx = audioContext ?? null;
     this.queue = [];
@@ -42,14 +41,7 @@ export class AudioStreamClient extends EventTarget {
   async start() {
     const ctx = (this.ctx ??= new AudioContext({ latencyHint: "interactive" }));
     await ctx.audioWorklet.addModule(WORKLET_URL);
-    this.media = await navigator.mediaDevices.getUserMedia({
-      audio: {
-        channelCount: 1,
-        noiseSuppression: !this.denoise,
-        echoCancellation: !this.denoise,
-        autoGainControl: !this.denoise,
-      },
-    });
+    this.media = await navigator.mediaDevices.getUserMedia({ audio: this.audioConstraints() });
     this.source = ctx.createMediaStreamSource(this.media);
     this.capture = new AudioWorkletNode(ctx, "audiostream-capture", {
       numberOfInputs: 1, numberOfOutputs: 1, outputChannelCount: [1],
@@ -75,7 +67,9 @@ export class AudioStreamClient extends EventTarget {
     this.playback.connect(this.processedGain).connect(this.tap);
     this.tap.connect(this.outputAnalyser);
     this.tap.connect(ctx.destination);
-    this.capture.port.onmessage = (e) => this._frame(e.data);
+    this.capture.port.onmessage = (e) => {
+      if (e.data instanceof ArrayBuffer) this._frame(e.data);
+    };
     this.playback.port.onmessage = (e) => {
       this.stats.playback = e.data;
       this.dispatchEvent(new CustomEvent("playback", { detail: e.data }));
@@ -85,6 +79,16 @@ export class AudioStreamClient extends EventTarget {
     };
     if (ctx.state === "suspended") await ctx.resume();
     await this._connect(1.1);
+  }
+
+  // Our denoiser replaces the browser's own processing: two in a row only add artefacts.
+  audioConstraints() {
+    return {
+      channelCount: 1,
+      noiseSuppression: !this.denoise,
+      echoCancellation: !this.denoise,
+      autoGainControl: !this.denoise,
+    };
   }
 
   // Which stream reaches the speakers: "processed" (default) or "raw".
