@@ -29,8 +29,8 @@ async def server() -> AsyncIterator[Embedded]:
     """In-memory broker, one worker; the test origin and the page's own are allowed."""
     settings = GatewaySettings(chunk_rate=None, allowed_origins=(ALLOWED_ORIGIN,),
                                depth_poll_s=0, load_sample_s=0)
-    async with embedded_server(gateway_settings=settings,
-                               processing=("passthrough", "gain", "highpass")) as s:
+    steps = ("passthrough", "gain", "highpass", "denoise", "resample")
+    async with embedded_server(gateway_settings=settings, processing=steps) as s:
         # The demo page is served by the gateway itself: its origin must be allowed.
         s.gateway.settings = replace(settings, allowed_origins=(ALLOWED_ORIGIN, s.http_url))
         yield s

@@ -17,7 +17,7 @@ const UNSUPPORTED_VERSION = 4007;
 export class AudioStreamClient extends EventTarget {
   constructor({
     url, token, pipeline, sampleRate = 16000, frameMs = 20, cushionMs = 60,
-    maxQueuedFrames = 50, denoise, audioContext,
+    maxQueuedFrames = 50, denoise, browserProcessing, audioContext,
   }) {
     super();
     if (!url || !token || !pipeline) throw new Error("url, token and pipeline are required");
@@ -30,6 +30,7 @@ export class AudioStreamClient extends EventTarget {
     this.maxQueuedFrames = maxQueuedFrames;
     const names = pipeline.map((s) => (typeof s === "string" ? s : s.name));
     this.denoise = denoise ?? names.includes("denoise");
+    this.browserProcessing = browserProcessing ?? !this.denoise;
     this.ctx = audioContext ?? null;
     this.queue = [];
     this.seq = 0;
@@ -83,12 +84,8 @@ export class AudioStreamClient extends EventTarget {
 
   // Our denoiser replaces the browser's own processing: two in a row only add artefacts.
   audioConstraints() {
-    return {
-      channelCount: 1,
-      noiseSuppression: !this.denoise,
-      echoCancellation: !this.denoise,
-      autoGainControl: !this.denoise,
-    };
+    const on = this.browserProcessing;
+    return { channelCount: 1, noiseSuppression: on, echoCancellation: on, autoGainControl: on };
   }
 
   // Which stream reaches the speakers: "processed" (default) or "raw".
@@ -170,7 +167,9 @@ export class AudioStreamClient extends EventTarget {
   _pump() {
     while (this.queue.length && this.ws.readyState === WebSocket.OPEN &&
            (this.credit === null || this.seq < this.credit)) {
-      this.ws.send(this.queue.shift());
+      const frame = this.queue.shift();
+      this.ws.send(frame);
+      this.dispatchEvent(new CustomEvent("sent", { detail: { seq: this.seq, pcm: new Int16Array(frame) } }));
       this.seq++;
       this.stats.sent++;
     }
@@ -179,6 +178,7 @@ export class AudioStreamClient extends EventTarget {
   _audio(buffer, silence = false) {
     if (!silence) this.stats.received++;
     const pcm = new Int16Array(buffer);
+    // In seq order: the n-th "processed" answers the n-th "sent" (silence for a notice).
     this.dispatchEvent(new CustomEvent("processed", { detail: pcm }));
     this.playback.port.postMessage({ pcm, rate: this.sampleRate });
   }
