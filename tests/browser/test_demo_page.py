@@ -118,6 +118,9 @@ async def test_demo_streams_mic_and_plays_processed_audio(
         _, marks = await levels(page, marks, 0.5)  # let the switch settle
         raw, _ = await levels(page, marks, 3.0)
         stats = await page.evaluate("window.audiostreamDemo.client.stats")
+        # Acks (every 25 outcomes) and everything else were taken without complaint.
+        assert await page.evaluate("window.audiostreamDemo.errors") == []
+        assert await page.evaluate("window.audiostreamDemo.client.acked") >= 25
         await page.click("#stop")
         await page.wait_for_function("window.audiostreamDemo.state === 'stopped'",
                                      timeout=60_000)

@@ -13,6 +13,8 @@
 
 const WORKLET_URL = new URL("./audiostream-worklet.js", import.meta.url);
 const UNSUPPORTED_VERSION = 4007;
+// Acknowledge outcomes this often, so the gateway can drop them from its resume journal.
+const ACK_EVERY = 25;
 
 export class AudioStreamClient extends EventTarget {
   constructor({
@@ -34,6 +36,8 @@ export class AudioStreamClient extends EventTarget {
     this.ctx = audioContext ?? null;
     this.queue = [];
     this.seq = 0;
+    this.outcomes = 0;
+    this.acked = 0;
     this.credit = null; // null: v1 (real-time capture is the pacing)
     this.version = null;
     this.stats = { sent: 0, received: 0, notices: 0, droppedBeforeSend: 0, playback: null };
@@ -177,6 +181,11 @@ export class AudioStreamClient extends EventTarget {
 
   _audio(buffer, silence = false) {
     if (!silence) this.stats.received++;
+    this.outcomes++;
+    if (this.outcomes - this.acked >= ACK_EVERY && this.ws.readyState === WebSocket.OPEN) {
+      this.acked = this.outcomes;
+      this.ws.send(JSON.stringify({ type: "ack", received: this.outcomes }));
+    }
     const pcm = new Int16Array(buffer);
     // In seq order: the n-th "processed" answers the n-th "sent" (silence for a notice).
     this.dispatchEvent(new CustomEvent("processed", { detail: pcm }));
