@@ -241,9 +241,9 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-grace-s", type=float, default=20.0,
                    help="on SIGTERM, wait this long for in-flight outcomes (default 20)")
     p.add_argument("--token-secret", default=_env("TOKEN_SECRET"),
-                   help="HMAC secret for resume tokens, shared by all gateways; visible in "
-                   "ps, so prefer env AUDIOSTREAM_TOKEN_SECRET or --token-secret-file "
-                   "(default: random, so sessions resume only on this process)")
+                   help="HMAC secret for resume and browser tokens, shared by all "
+                   "gateways; visible in ps, so prefer env AUDIOSTREAM_TOKEN_SECRET or "
+                   "--token-secret-file (default: random, so sessions resume only on this process)")
     p.add_argument("--token-secret-file", type=Path, default=_env("TOKEN_SECRET_FILE"),
                    help="file holding the token secret (env AUDIOSTREAM_TOKEN_SECRET_FILE)")
     p.add_argument("--ops-host", default=_env("OPS_HOST", "127.0.0.1"),
@@ -631,6 +631,12 @@ async def _stream(args: argparse.Namespace) -> int:
 
 
 def _offline(args: argparse.Namespace) -> int:
+    """Files go through audiofile (any codec, container and rate); ``-`` and raw PCM
+    through pcmio."""
+    import numpy as np
+
+    from audiostream.audio import AudioFormat, Encoding
+    from audiostream.audiofile import read_audio, write_audio
     from audiostream.pcmio import is_stdio, open_input, open_output
     from audiostream.processors import ProcessorContext
     from audiostream.worker.offline import run_offline
@@ -638,19 +644,32 @@ def _offline(args: argparse.Namespace) -> int:
     pipeline = _parse_pipeline(args.pipeline)
     if not pipeline:
         raise UsageError("--pipeline needs at least one step, e.g. --pipeline highpass")
-    source = open_input(args.input, args.raw_format)
-    audio = source.read_all()
+    if is_stdio(args.input) or args.raw_format is not None:
+        source = open_input(args.input, args.raw_format)
+        fmt = source.format
+        audio = source.read_all()
+    else:
+        data, rate = read_audio(Path(args.input))  # any container/codec/rate
+        fmt = AudioFormat(Encoding.PCM_S16LE, int(rate), data.shape[1])
+        audio = data.astype("<i2").tobytes()
     started = time.perf_counter()
-    out = run_offline(audio, source.format, pipeline,
+    out = run_offline(audio, fmt, pipeline,
                       context=ProcessorContext(device=args.device, model_dir=args.model_dir))
     took = time.perf_counter() - started
-    raw_out = args.raw_format is not None
-    with open_output(args.output, source.format, raw=raw_out) as sink:
-        sink.write(out)
+    if is_stdio(args.output) or args.raw_format is not None:
+        with open_output(args.output, fmt, raw=args.raw_format is not None) as sink:
+            sink.write(out)
+        name = sink.name
+    else:
+        if fmt.encoding is not Encoding.PCM_S16LE:
+            raise UsageError("writing a file needs 16-bit PCM; use '-' with --format instead")
+        write_audio(Path(args.output), np.frombuffer(out, dtype="<i2").reshape(
+            -1, fmt.channels), fmt.sample_rate)  # .wav, .flac or .opus
+        name = str(args.output)
     # With audio on stdout, the report goes to stderr.
     report = sys.stderr if is_stdio(args.output) else sys.stdout
-    print(f"processed {source.format.duration_s(len(audio)):.2f} s in {took:.2f} s "
-          f"-> {sink.name}", file=report)
+    print(f"processed {fmt.duration_s(len(audio)):.2f} s in {took:.2f} s -> {name}",
+          file=report)
     return EXIT_OK
 
 
@@ -829,10 +848,32 @@ def _keys(args: argparse.Namespace) -> int:
             state = "revoked" if rec.revoked else "active"
             print(f"{rec.id}\t{rec.name}\t{state}\tmax_sessions={rec.max_sessions}\t"
                   f"pipelines={','.join(rec.pipelines) if rec.pipelines else '*'}")
+    elif args.keys_cmd == "token":
+        return _keys_token(args)
     else:
         rec = revoke_key(args.keys_file, args.key)
         print(f"revoked {rec.id} ({rec.name})")
     return EXIT_OK
+
+
+def _keys_token(args: argparse.Namespace) -> int:
+    """Mint a browser token offline: same secret as the gateways, no gateway needed."""
+    from audiostream.gateway.browser import BrowserTokens
+    from audiostream.gateway.keys import KeyStore, load_records
+
+    if not args.token_secret:
+        raise AudioStreamError("--token-secret (or AUDIOSTREAM_TOKEN_SECRET) is required: "
+                               "the gateways' secret, which they check tokens with")
+    rec = next((r for r in load_records(args.keys_file).values()
+                if args.key in (r.id, r.name)), None)
+    if rec is None:
+        raise AudioStreamError(f"no key with id or name {args.key!r} in {args.keys_file}")
+    tokens = BrowserTokens(str(args.token_secret).encode(), KeyStore(args.keys_file))
+    token, grant = tokens.mint(rec, _parse_pipeline(args.pipelines), args.ttl)
+    print(f"browser token for key {rec.id} ({rec.name}), pipelines "
+          f"{','.join(grant.pipelines)}, one session, expires in {args.ttl:g} s:")
+    print(token)
+    return 0
 
 
 async def _topology_cmd(args: argparse.Namespace) -> int:
@@ -941,9 +982,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("offline", help="run a pipeline on an audio file in-process (reference)",
                        description="Run a pipeline on a file or on stdin/stdout ('-'): "
-                       "IN may be any file libsndfile reads or a WAV stream on stdin; raw "
-                       "PCM needs --format. OUT is a WAV file, or '-' for stdout (raw PCM "
-                       "with --format, else WAV).")
+                       "IN may be WAV, FLAC, Opus/Ogg or MP3 at any rate, or a WAV "
+                       "stream on stdin; raw PCM needs --format. OUT is a .wav, .flac or "
+                       ".opus file, or '-' for stdout (raw PCM with --format, else WAV).")
     _add_common(p)
     p.add_argument("input", help="audio file, or '-' for stdin")
     p.add_argument("output", help="WAV file, or '-' for stdout")
@@ -990,7 +1031,14 @@ def build_parser() -> argparse.ArgumentParser:
     kl = ks.add_parser("list", help="list keys (never the secrets)")
     kr = ks.add_parser("revoke", help="revoke one key by id or unique name")
     kr.add_argument("key", help="key id, or name if exactly one key has it")
-    for k in (kc, kl, kr):
+    kt = ks.add_parser("token", help="mint a short-lived browser token (bt1.) for one "
+                       "session; prints it as the last line")
+    kt.add_argument("key", help="id or name of the API key it acts for")
+    kt.add_argument("--pipelines", required=True, help="allowed steps, comma separated")
+    kt.add_argument("--ttl", type=float, default=300.0, help="seconds, at most 600")
+    kt.add_argument("--token-secret", default=_env("TOKEN_SECRET"),
+                    help="the gateways' --token-secret (env AUDIOSTREAM_TOKEN_SECRET)")
+    for k in (kc, kl, kr, kt):
         _add_common(k, nested=True)
         k.add_argument("--keys-file", type=Path, default=_env("KEYS_FILE"),
                        required=_env("KEYS_FILE") is None,

@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,8 @@ class KeyStore:
     _mtime: float | None = None
     extra: dict[str, KeyRecord] = field(default_factory=dict)
     """Keys added in memory (the embedded server's development key)."""
+    token_verifiers: dict[str, Callable[[str], KeyRecord]] = field(default_factory=dict)
+    """Other credentials by prefix (``bt1.``: browser tokens, gateway/browser.py)."""
 
     def reload_if_changed(self) -> None:
         if self.path is None:
@@ -195,6 +197,9 @@ class KeyStore:
         return f"{KEY_PREFIX}_{key_id}_{secret}"
 
     def verify(self, key: str) -> KeyRecord:
+        for prefix, verifier in self.token_verifiers.items():
+            if key.startswith(prefix):
+                return verifier(key)
         self.reload_if_changed()
         key_id, secret = _split(key)
         record = self._records.get(key_id) or self.extra.get(key_id)

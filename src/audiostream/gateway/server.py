@@ -31,6 +31,7 @@ from audiostream.errors import (
     ErrorCode,
     LimitError,
 )
+from audiostream.gateway import browser
 from audiostream.gateway import edge as _edge
 from audiostream.gateway.keys import KeyRecord, KeyStore
 from audiostream.gateway.load import LoadMonitor
@@ -602,6 +603,7 @@ class Gateway:
         _edge.install(app, self.settings.edge, self.metrics_registry, [
             ("/healthz", self.handle_health), ("/readyz", self.handle_ready),
             ("/metrics", self.handle_metrics)])  # on the operations site, not this one
+        browser.install(app, self)  # /sdk/audiostream.js, /demo, POST /v1/tokens
         app.cleanup_ctx.append(self._lifecycle)
         return app
 
