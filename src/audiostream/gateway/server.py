@@ -34,6 +34,7 @@ from audiostream.errors import (
 from audiostream.gateway.keys import KeyRecord, KeyStore
 from audiostream.gateway.load import LoadMonitor
 from audiostream.gateway.pipeline import Outcome, SessionPipeline, reply_outcomes
+from audiostream.gateway.telephony import add_telephony_routes
 from audiostream.gateway.tokens import SessionGrant, TokenSigner
 from audiostream.metrics import GatewayMetrics
 from audiostream.processors import ProcessorRegistry, registry
@@ -399,6 +400,7 @@ class Gateway:
         app.router.add_get("/healthz", self.handle_health)
         app.router.add_get("/readyz", self.handle_ready)
         app.router.add_get("/metrics", self.handle_metrics)
+        add_telephony_routes(app, self)  # /v1/telephony/*: Twilio, Telnyx, Exotel, Asterisk
         app.cleanup_ctx.append(self._lifecycle)
         return app
 
