@@ -353,8 +353,8 @@ class Reorder:
     late: int = 0
 
     def push(self, media: MediaIn) -> list[MediaIn]:
-        if self.next is None:
-            self.next = media.chunk
+        if self.next is None:  # counters start at 1; the first may not arrive first
+            self.next = min(media.chunk, 1)
         if media.chunk < self.next or media.chunk in self.held:
             self.late += 1
             return []
@@ -460,6 +460,7 @@ class CallStats:
     bytes_out: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     marks_echoed: int = 0
+    marks_played: int = 0
     largest_message: int = 0
 
 
@@ -500,6 +501,7 @@ class CallSession:
         self._discard_below = 0
         self.flow_on = True
         self._frame_bytes = 0
+        self._unechoed: dict[str, int] = {}
 
     # -- inbound --------------------------------------------------------------------
     def started(self, ev: CallStarted) -> None:
@@ -544,8 +546,14 @@ class CallSession:
 
     def mark(self, ev: MarkIn) -> None:
         """A peer mark: echo it after the audio of every frame submitted before it.
-        (Echoes of our own marks - drop notices - need nothing.)"""
+
+        Twilio echoes every mark we send once the audio before it has played: such an
+        echo (a name we sent and have not heard back) only counts as played."""
         self._live("mark")
+        if self._unechoed.get(ev.name, 0) > 0:
+            self._unechoed[ev.name] -= 1
+            self.stats.marks_played += 1
+            return
         if ev.name.startswith(MARK_PREFIX):
             return
         after = self.next_seq - 1
@@ -584,10 +592,8 @@ class CallSession:
         out: list[Outbound] = [encode_clear(self.spec, self.stream_id)]
         if self.spec.has_marks:
             if first >= 0:
-                out.append(encode_mark(self.spec, self.stream_id,
-                                       f"{MARK_PREFIX}cleared:{first}-{last}"))
-            out += [encode_mark(self.spec, self.stream_id, m) for m in marks]
-        self.stats.marks_echoed += len(marks)
+                out.append(self._mark_out(f"{MARK_PREFIX}cleared:{first}-{last}"))
+            out += [self._mark_out(m) for m in marks]
         self._count(out)
         return out
 
@@ -666,7 +672,7 @@ class CallSession:
                 item = self._queue[0]
                 if isinstance(item, _Mark):
                     self._queue.popleft()
-                    out.append(encode_mark(self.spec, self.stream_id, item.name))
+                    out.append(self._mark_out(item.name))
                     continue
                 payload = self._take_audio()
                 if payload is None:
@@ -717,6 +723,11 @@ class CallSession:
             if audio < self.spec.out_min_bytes and not marks and self.phase is Phase.LIVE:
                 return None
         return max(now, self.pacer.due_at())
+
+    def _mark_out(self, name: str) -> str:
+        self._unechoed[name] = self._unechoed.get(name, 0) + 1
+        self.stats.marks_echoed += 1
+        return encode_mark(self.spec, self.stream_id, name)
 
     def _count(self, out: Iterable[Outbound]) -> None:
         for o in out:
