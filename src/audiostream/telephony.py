@@ -94,7 +94,7 @@ DIALECTS: dict[Dialect, DialectSpec] = {
     Dialect.ASTERISK: DialectSpec(
         dialect=Dialect.ASTERISK, stream_key="connection_id", seq_key="",
         params_key="", format_key="format", call_keys=("channel",), wire_format=MULAW_8K,
-        out_max_bytes=ASTERISK_MAX_MESSAGE, has_marks=False),
+        out_max_bytes=ASTERISK_MAX_MESSAGE, has_marks=False, lead_s=0.2),
 }
 
 
@@ -659,26 +659,25 @@ class CallSession:
     def take(self, now: float) -> list[Outbound]:
         """What may be written now without outrunning the peer's playout."""
         out: list[Outbound] = []
-        if self.spec.dialect is Dialect.ASTERISK:
-            while self._queue and self.flow_on:
-                item = self._queue.popleft()
-                if isinstance(item, _Audio):
-                    out += split_message(item.data, ASTERISK_MAX_MESSAGE,
-                                         self.format.frame_bytes)
-                    self.stats.frames_out += 1
-                    self.on_sent(item.seq)
-        else:
-            while self._queue and self.pacer.may_send(now):
-                item = self._queue[0]
-                if isinstance(item, _Mark):
-                    self._queue.popleft()
-                    out.append(self._mark_out(item.name))
-                    continue
-                payload = self._take_audio()
-                if payload is None:
-                    break
-                self.pacer.sent(self.format.duration_s(len(payload)), now)
-                out.append(encode_media(self.spec, self.stream_id, payload))
+        asterisk = self.spec.dialect is Dialect.ASTERISK
+        while self._queue and self.flow_on and self.pacer.may_send(now):
+            item = self._queue[0]
+            if isinstance(item, _Mark):
+                self._queue.popleft()
+                out.append(self._mark_out(item.name))
+                continue
+            if asterisk:
+                self._queue.popleft()
+                self.stats.frames_out += 1
+                self.on_sent(item.seq)
+                self.pacer.sent(self.format.duration_s(len(item.data)), now)
+                out += split_message(item.data, ASTERISK_MAX_MESSAGE, self.format.frame_bytes)
+                continue
+            payload = self._take_audio()
+            if payload is None:
+                break
+            self.pacer.sent(self.format.duration_s(len(payload)), now)
+            out.append(encode_media(self.spec, self.stream_id, payload))
         self._count(out)
         return out
 
@@ -713,10 +712,8 @@ class CallSession:
 
     def due_at(self, now: float) -> float | None:
         """When ``take`` may next return something (None: only after new input)."""
-        if not self._queue or (self.spec.dialect is Dialect.ASTERISK and not self.flow_on):
+        if not self._queue or not self.flow_on:
             return None
-        if self.spec.dialect is Dialect.ASTERISK:
-            return now
         if self.spec.out_min_bytes:
             audio = sum(len(q.data) for q in self._queue if isinstance(q, _Audio))
             marks = any(isinstance(q, _Mark) for q in self._queue)

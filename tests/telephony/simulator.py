@@ -224,8 +224,8 @@ class AsteriskSim:
 
     async def __aenter__(self) -> AsteriskSim:
         self._http = aiohttp.ClientSession()
-        self.ws = await self._http.ws_connect(
-            self.url, auth=aiohttp.BasicAuth("asterisk", self.api_key))
+        self.ws = await self._http.ws_connect(self.url, headers={
+            "Authorization": aiohttp.encode_basic_auth("asterisk", self.api_key)})
         self._reader = asyncio.create_task(self._read())
         self._player = asyncio.create_task(self._play())
         return self
