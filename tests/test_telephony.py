@@ -194,3 +194,17 @@ def test_media_before_start_is_refused() -> None:
     with pytest.raises(ProtocolError) as exc:
         s.media(media(1, b""))
     assert exc.value.code is ErrorCode.INVALID_AUDIO
+
+
+def test_backlog_over_max_behind_drops_oldest_with_one_mark() -> None:
+    drops = []
+    s = CallSession(TW, on_drop=drops.append)
+    s.started(CallStarted("MZ1", "", {}, TW.wire_format))
+    for i in range(30):  # 600 ms of processed audio at once
+        s.media(media(i + 1))
+        s.outcome(i, bytes([i]) * 160)
+    out = [json.loads(o) for o in s.take(0.0)]
+    # At most 300 ms may wait here (15 frames): the 15 oldest go; then 100 ms goes out.
+    assert out[0]["mark"]["name"] == "audiostream:drop:0-14:behind"
+    assert [d.seq for d in drops] == list(range(15))
+    assert [base64.b64decode(o["media"]["payload"])[0] for o in out[1:]] == [15, 16, 17, 18, 19]

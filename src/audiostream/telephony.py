@@ -69,6 +69,11 @@ class DialectSpec:
     lead_s: float = 0.1
     """Most audio the peer may hold unplayed: the pacing budget."""
     has_marks: bool = True
+    max_behind_s: float = 0.3
+    """Most processed audio queued here beyond the lead. Audio cannot be played faster
+    than real time, so a backlog (after a worker stall) would otherwise add its length
+    to every later frame's latency for the rest of the call; the oldest frames over
+    this are dropped as ``behind`` instead."""
 
 
 MULAW_8K = AudioFormat(Encoding.MULAW, 8000, 1)
@@ -94,7 +99,7 @@ DIALECTS: dict[Dialect, DialectSpec] = {
     Dialect.ASTERISK: DialectSpec(
         dialect=Dialect.ASTERISK, stream_key="connection_id", seq_key="",
         params_key="", format_key="format", call_keys=("channel",), wire_format=MULAW_8K,
-        out_max_bytes=ASTERISK_MAX_MESSAGE, has_marks=False, lead_s=0.2),
+        out_max_bytes=ASTERISK_MAX_MESSAGE, has_marks=False, lead_s=0.2, max_behind_s=2.0),
 }
 
 
@@ -660,6 +665,7 @@ class CallSession:
         """What may be written now without outrunning the peer's playout."""
         out: list[Outbound] = []
         asterisk = self.spec.dialect is Dialect.ASTERISK
+        self._trim_behind(out)
         while self._queue and self.flow_on and self.pacer.may_send(now):
             item = self._queue[0]
             if isinstance(item, _Mark):
@@ -680,6 +686,27 @@ class CallSession:
             out.append(encode_media(self.spec, self.stream_id, payload))
         self._count(out)
         return out
+
+    def _trim_behind(self, out: list[Outbound]) -> None:
+        """Drop the oldest queued audio while more than ``max_behind_s`` is queued (the
+        newest frame always stays, however long it is)."""
+        audio = [len(q.data) for q in self._queue if isinstance(q, _Audio)]
+        queued, count = sum(audio), len(audio)
+        limit = self.format.bytes_for_ms(self.spec.max_behind_s * 1000)
+        first = last = -1
+        while queued > limit and count > 1:
+            item = self._queue.popleft()
+            if isinstance(item, _Mark):
+                out.append(self._mark_out(item.name))
+                continue
+            queued -= len(item.data)
+            count -= 1
+            self._drop(Drop(item.seq, "behind", "more processed audio queued than can be "
+                            "played in time; dropped the oldest"))
+            first = item.seq if first < 0 else first
+            last = item.seq
+        if first >= 0 and self.spec.has_marks:
+            out.append(self._mark_out(f"{MARK_PREFIX}drop:{first}-{last}:behind"))
 
     def _take_audio(self) -> bytes | None:
         """The next outbound payload: one frame, or for Exotel a run of frames between

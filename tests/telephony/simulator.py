@@ -135,15 +135,22 @@ class MediaStreamSim:
                           self.f["stream"]: self.stream_sid,
                           "stop": {"accountSid": "AC1", "callSid": "CA42"}})
 
-    async def play_call(self, frames: list[bytes], *, pace_s: float = 0.02) -> None:
-        """Send frames on a 20 ms clock (absolute, so scheduling jitter does not add up)."""
+    async def play_call(self, frames: list[Any], *, pace_s: float = 0.02,
+                        marks_after: Mapping[int, str] | None = None) -> None:
+        """Send frames on a 20 ms clock (absolute, so scheduling jitter does not add up);
+        a frame may be a prepared media message (to send frames out of order)."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         for i, frame in enumerate(frames):
             delay = t0 + i * pace_s - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)  # the call's clock, not synchronisation
-            await self.send_media(frame)
+            if isinstance(frame, dict):
+                await self._send(frame)
+            else:
+                await self.send_media(frame)
+            if marks_after and i in marks_after:
+                await self.send_mark(marks_after[i])
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()

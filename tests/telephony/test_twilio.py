@@ -51,10 +51,7 @@ async def test_marks_echo_after_the_audio_they_follow(srv: Embedded) -> None:
     frames = distinct_frames(30, seed=2)
     async with MediaStreamSim(url(srv, "twilio"), params=params(srv)) as sim:
         await sim.start()
-        for i, frame in enumerate(frames):
-            await sim.send_media(frame)
-            if i in (4, 17, 29):
-                await sim.send_mark(f"after-{i}")
+        await sim.play_call(frames, marks_after={i: f"after-{i}" for i in (4, 17, 29)})
         assert await sim.wait_until(lambda: len(sim.played_marks) == 3)
         await sim.stop()
     order = [h.name if h.kind == "mark" else "m" for h in sim.heard]
@@ -66,32 +63,31 @@ async def test_marks_echo_after_the_audio_they_follow(srv: Embedded) -> None:
 
 
 async def test_clear_empties_what_is_queued(srv: Embedded) -> None:
-    frames = distinct_frames(60, seed=4)
+    frames = distinct_frames(40, seed=4)
     async with MediaStreamSim(url(srv, "twilio"), params=params(srv)) as sim:
         await sim.start()
-        for frame in frames[:50]:  # a burst: 1 s of audio at once, paced out at 20 ms
+        for frame in frames[:15]:  # a burst: 300 ms at once, paced out at 20 ms
             await sim.send_media(frame)
         await sim.send_mark("before-clear")
         assert await sim.wait_until(lambda: sim.media_messages >= 3)
         await sim.send_clear()
         assert await sim.wait_until(lambda: any(h.kind == "clear" for h in sim.heard))
-        for frame in frames[50:]:
-            await sim.send_media(frame)
+        await sim.play_call(frames[15:])
         assert await sim.wait_until(lambda: sim.media() and sim.media()[-1] == frames[-1])
         await sim.stop()
     kinds = [h.kind for h in sim.heard]
     at_clear = kinds.index("clear")
     before = [h.payload for h in sim.heard[:at_clear] if h.kind == "media"]
     after = [h.payload for h in sim.heard[at_clear:] if h.kind == "media"]
-    assert before == frames[: len(before)] and len(before) < 50
-    assert after == frames[50:]  # nothing queued before the clear came out after it
+    assert before == frames[: len(before)] and len(before) < 15
+    assert after == frames[15:]  # nothing queued before the clear came out after it
     marks = [h.name for h in sim.heard[at_clear:] if h.kind == "mark"]
     # The cleared frames are accounted for by one drop mark, and the pending mark is echoed.
-    assert marks[0] == f"audiostream:cleared:{len(before)}-49"
+    assert marks[0] == f"audiostream:cleared:{len(before)}-14"
     assert "before-clear" in marks
     dropped = srv.gateway.metrics_registry.get_sample_value(
         "audiostream_chunks_dropped_total", {"reason": "cleared"})
-    assert dropped == 50 - len(before)
+    assert dropped == 15 - len(before)
 
 
 async def test_telnyx_frames_out_of_order_are_put_back(srv: Embedded) -> None:
@@ -104,8 +100,7 @@ async def test_telnyx_frames_out_of_order_are_put_back(srv: Embedded) -> None:
             window = msgs[i : i + 4]
             rng.shuffle(window)
             msgs[i : i + 4] = window
-        for m in msgs:
-            await sim.send_raw(m)
+        await sim.play_call(msgs)
         assert await sim.wait_until(lambda: sim.media_messages >= len(frames))
         await sim.stop()
     assert sim.media() == frames
@@ -126,6 +121,26 @@ async def test_exotel_pcm_messages_are_100ms_multiples_of_320(srv: Embedded) -> 
     assert all(3200 <= s <= 100_000 and s % 320 == 0 for s in sizes), sizes
     assert b"".join(sim.media()) == data
     assert sim.max_buffered_s <= 0.25 + 0.1 + 1e-6
+
+
+async def test_backlog_beyond_real_time_is_dropped_oldest_first(srv: Embedded) -> None:
+    frames = distinct_frames(60, seed=6)
+    async with MediaStreamSim(url(srv, "twilio"), params=params(srv)) as sim:
+        await sim.start()
+        for frame in frames:  # 1.2 s at once: more than can be played in time
+            await sim.send_media(frame)
+        await sim.send_mark("end")
+        assert await sim.wait_until(lambda: "end" in sim.played_marks)
+        await sim.stop()
+    got = sim.media()
+    drops = [h.name for h in sim.heard if h.kind == "mark" and ":behind" in h.name]
+    assert drops and got[-1] == frames[-1]
+    dropped = 0
+    for name in drops:  # audiostream:drop:A-B:behind
+        a, b = name.split(":")[2].split("-")
+        dropped += int(b) - int(a) + 1
+    assert len(got) + dropped == len(frames)
+    assert sim.max_buffered_s <= 0.1 + 0.02 + 1e-6
 
 
 async def test_denoise_improves_pesq(srv: Embedded, speech_8k: np.ndarray) -> None:
