@@ -46,6 +46,7 @@ class Dialect(StrEnum):
     TELNYX = "telnyx"
     EXOTEL = "exotel"
     ASTERISK = "asterisk"
+    AUDIOSOCKET = "audiosocket"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +70,8 @@ class DialectSpec:
     lead_s: float = 0.1
     """Most audio the peer may hold unplayed: the pacing budget."""
     has_marks: bool = True
+    binary: bool = False
+    """Audio goes out as raw binary pieces (at most ``out_max_bytes``), not JSON media."""
     max_behind_s: float = 0.3
     """Most processed audio queued here beyond the lead. Audio cannot be played faster
     than real time, so a backlog (after a worker stall) would otherwise add its length
@@ -99,7 +102,13 @@ DIALECTS: dict[Dialect, DialectSpec] = {
     Dialect.ASTERISK: DialectSpec(
         dialect=Dialect.ASTERISK, stream_key="connection_id", seq_key="",
         params_key="", format_key="format", call_keys=("channel",), wire_format=MULAW_8K,
-        out_max_bytes=ASTERISK_MAX_MESSAGE, has_marks=False, lead_s=0.2, max_behind_s=2.0),
+        out_max_bytes=ASTERISK_MAX_MESSAGE, has_marks=False, lead_s=0.2, max_behind_s=2.0,
+        binary=True),
+    Dialect.AUDIOSOCKET: DialectSpec(
+        # Plain TCP; Asterisk plays what arrives, so we own the clock: a short lead.
+        dialect=Dialect.AUDIOSOCKET, stream_key="uuid", seq_key="", params_key="",
+        format_key="", call_keys=(), wire_format=PCM_8K, out_max_bytes=0xFFFF - 1,
+        has_marks=False, lead_s=0.06, binary=True),
 }
 
 
@@ -313,6 +322,50 @@ def parse_asterisk_text(text: str) -> PeerEvent:
     if name == "HANGUP":
         return CallStopped("hangup")
     return Ignored(name)
+
+
+# -- AudioSocket (TCP): type byte, uint16 big-endian length, payload ----------------
+AS_HANGUP, AS_UUID, AS_DTMF, AS_AUDIO, AS_ERROR = 0x00, 0x01, 0x03, 0x10, 0xFF
+
+
+@dataclass(slots=True)
+class AudioSocketReader:
+    """Bytes from the TCP stream in, events out (frames may arrive split or merged)."""
+
+    buffer: bytearray = field(default_factory=bytearray)
+
+    def feed(self, data: bytes) -> list[PeerEvent | bytes]:
+        self.buffer += data
+        out: list[PeerEvent | bytes] = []
+        while len(self.buffer) >= 3:
+            kind = self.buffer[0]
+            length = int.from_bytes(self.buffer[1:3], "big")
+            if len(self.buffer) < 3 + length:
+                break
+            payload = bytes(self.buffer[3 : 3 + length])
+            del self.buffer[: 3 + length]
+            if kind == AS_UUID:
+                if length != 16:
+                    raise ProtocolError("AudioSocket UUID must be 16 bytes",
+                                        ErrorCode.PROTOCOL_ERROR)
+                out.append(CallStarted(payload.hex(), payload.hex(), {}, PCM_8K))
+            elif kind == AS_AUDIO:
+                out.append(payload)
+            elif kind == AS_DTMF:
+                out.append(DtmfIn(payload.decode("ascii", "replace")))
+            elif kind == AS_HANGUP:
+                out.append(CallStopped("hangup"))
+            elif kind == AS_ERROR:
+                out.append(CallStopped(f"error {payload.hex()}"))
+            else:
+                out.append(Ignored(f"audiosocket:{kind:#x}"))
+        return out
+
+
+def audiosocket_frame(kind: int, payload: bytes = b"") -> bytes:
+    if len(payload) > 0xFFFF:
+        raise ValueError("an AudioSocket payload is at most 65535 bytes")
+    return bytes([kind]) + len(payload).to_bytes(2, "big") + payload
 
 
 # -- encoding (gateway -> peer) -------------------------------------------------------
@@ -664,26 +717,28 @@ class CallSession:
     def take(self, now: float) -> list[Outbound]:
         """What may be written now without outrunning the peer's playout."""
         out: list[Outbound] = []
-        asterisk = self.spec.dialect is Dialect.ASTERISK
-        self._trim_behind(out)
+        binary = self.spec.binary
         while self._queue and self.flow_on and self.pacer.may_send(now):
             item = self._queue[0]
             if isinstance(item, _Mark):
                 self._queue.popleft()
                 out.append(self._mark_out(item.name))
                 continue
-            if asterisk:
+            if binary:
                 self._queue.popleft()
                 self.stats.frames_out += 1
                 self.on_sent(item.seq)
                 self.pacer.sent(self.format.duration_s(len(item.data)), now)
-                out += split_message(item.data, ASTERISK_MAX_MESSAGE, self.format.frame_bytes)
+                out += split_message(item.data, self.spec.out_max_bytes,
+                                     self.format.frame_bytes)
                 continue
             payload = self._take_audio()
             if payload is None:
                 break
             self.pacer.sent(self.format.duration_s(len(payload)), now)
             out.append(encode_media(self.spec, self.stream_id, payload))
+        # What could not go out now waits; beyond max_behind_s it never catches up.
+        self._trim_behind(out)
         self._count(out)
         return out
 

@@ -67,7 +67,7 @@ class MediaStreamSim:
         self._chunk = 0
         self._ts = 0
         self._play_end = 0.0
-        self._pending_marks: list[tuple[float, str]] = []
+        self._echoes: set[asyncio.Future[None]] = set()
         self._changed = asyncio.Event()
         self.closed: asyncio.Future[int | None] | None = None
 
@@ -186,15 +186,17 @@ class MediaStreamSim:
         self.played_marks.append(name)
         self._changed.set()
         if not self.ws.closed:
-            asyncio.ensure_future(self._send({"event": "mark", self.f["stream"]: self.stream_sid,
-                                              self.f["seq"]: self._next_seq(),
-                                              "mark": {"name": name}}))
+            task = asyncio.ensure_future(self._send({
+                "event": "mark", self.f["stream"]: self.stream_sid,
+                self.f["seq"]: self._next_seq(), "mark": {"name": name}}))
+            self._echoes.add(task)
+            task.add_done_callback(self._echoes.discard)
 
     def media(self) -> list[bytes]:
         return [h.payload for h in self.heard if h.kind == "media"]
 
-    async def wait_until(self, predicate: Any, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
+    async def wait_until(self, predicate: Any, within: float = 30.0) -> bool:
+        deadline = time.monotonic() + within
         while not predicate():
             if self.ws.closed or time.monotonic() > deadline:
                 return bool(predicate())
@@ -295,8 +297,8 @@ class AsteriskSim:
     def audio(self) -> bytes:
         return b"".join(self.received)
 
-    async def wait_until(self, predicate: Any, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
+    async def wait_until(self, predicate: Any, within: float = 30.0) -> bool:
+        deadline = time.monotonic() + within
         while not predicate():
             if self.ws.closed or time.monotonic() > deadline:
                 return bool(predicate())

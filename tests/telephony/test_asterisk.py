@@ -51,7 +51,8 @@ async def test_xoff_holds_output_until_xon(srv: Embedded) -> None:
         held_at = len(sim.received)
         # Nothing more comes while XOFF is in force, however long we wait for the rest
         # of the call to be processed (the gateway holds it).
-        assert not await sim.wait_until(lambda: len(sim.received) >= len(frames), timeout=1.5)
+        assert not await sim.wait_until(lambda: len(sim.received) >= len(frames),
+                                    within=1.5)
         assert sim.after_xoff <= 2, sim.after_xoff  # at most what was already in flight
         sim.playing = True
         assert await sim.wait_until(lambda: len(sim.received) >= len(frames))

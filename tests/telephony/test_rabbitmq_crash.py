@@ -25,7 +25,7 @@ async def test_worker_sigkill_mid_call(rabbitmq_url: str) -> None:
             call = asyncio.create_task(sim.play_call(frames))
             await signal_mid_batch(victim, signal.SIGKILL)
             await call
-            assert await sim.wait_until(lambda: sim.media_messages >= len(frames), timeout=60)
+            assert await sim.wait_until(lambda: sim.media_messages >= len(frames), within=60)
             await sim.stop()
         assert await victim.wait() == -signal.SIGKILL
     assert sim.media() == frames

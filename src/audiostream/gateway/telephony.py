@@ -27,7 +27,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import WSMsgType, web
 
@@ -163,12 +163,36 @@ def _header_key(request: web.Request) -> str | None:
 
 
 # -- one call -------------------------------------------------------------------------
+class Peer(Protocol):
+    """Where a call's output goes: a WebSocket, or an AudioSocket TCP stream."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def send(self, item: Outbound) -> None: ...
+
+
+class _WsPeer:
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.closed
+
+    async def send(self, item: Outbound) -> None:
+        if isinstance(item, bytes):
+            await self.ws.send_bytes(item)
+        else:
+            await self.ws.send_str(item)
+
+
 class _Call:
-    def __init__(self, tel: Telephony, ws: web.WebSocketResponse, spec: DialectSpec,
+    def __init__(self, tel: Telephony, peer: Peer, spec: DialectSpec,
                  header_key: str | None) -> None:
         self.tel = tel
         self.gw = tel.gateway
-        self.ws = ws
+        self.peer = peer
         self.spec = spec
         self.header_key = header_key
         self.id = uuid.uuid4().hex
@@ -203,11 +227,9 @@ class _Call:
                     await asyncio.wait_for(self._wake.wait(), max(0.0, due - self._loop.time()))
 
     async def _send(self, item: Outbound) -> None:
+        await self.peer.send(item)
         if isinstance(item, bytes):
-            await self.ws.send_bytes(item)
             self.gw.metrics.bytes_out.inc(len(item))
-        else:
-            await self.ws.send_str(item)
 
     def _on_sent(self, seq: int) -> None:
         self.gw.metrics.chunks_out.inc()
@@ -326,7 +348,7 @@ class _Call:
         s = self.session
         if not hung_up and self.pipeline is not None:
             deadline = self._loop.time() + self.tel.settings.stop_grace_s
-            while not s.finished and self._loop.time() < deadline and not self.ws.closed:
+            while not s.finished and self._loop.time() < deadline and not self.peer.closed:
                 self._written.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._written.wait(),
@@ -350,6 +372,7 @@ class Telephony:
     gateway: Gateway
     settings: TelephonySettings = field(default_factory=TelephonySettings.from_env)
     calls: set[_Call] = field(default_factory=set)
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)
     used_tokens: dict[str, float] = field(default_factory=dict)
 
     def authenticate(self, credential: str) -> tuple[KeyRecord, tuple[str, ...] | None]:
@@ -435,27 +458,29 @@ class Telephony:
                           else ErrorCode.TOO_MANY_SESSIONS,
                           "gateway is not accepting calls", 503)
         ws = web.WebSocketResponse(heartbeat=gw.settings.heartbeat_s,
-                                   max_msg_size=MAX_INBOUND, compress=False)
+                                   max_msg_size=MAX_INBOUND, compress=False,
+                                   protocols=("media",))  # what websocket_client.conf asks
         await ws.prepare(request)
-        call = _Call(self, ws, spec, header_key)
+        call = _Call(self, _WsPeer(ws), spec, header_key)
         self.calls.add(call)
+        self.sockets.add(ws)
         gw.metrics.connections_total.inc()
         gw.metrics.connections_active.inc()
         try:
-            await self._serve(call)
+            await self._serve(call, ws)
         finally:
             try:
                 await call.close()
             finally:
                 self.calls.discard(call)
+                self.sockets.discard(ws)
                 gw.metrics.connections_active.dec()
                 if not ws.closed:
                     with contextlib.suppress(ConnectionError, RuntimeError):
                         await ws.close()
         return ws
 
-    async def _serve(self, call: _Call) -> None:
-        ws = call.ws
+    async def _serve(self, call: _Call, ws: web.WebSocketResponse) -> None:
         settings = self.gateway.settings
         auth_deadline = time.monotonic() + settings.auth_timeout_s
         hung_up = True
@@ -491,9 +516,9 @@ class Telephony:
         await call.finish(hung_up=hung_up)
 
     async def close_calls(self, _app: web.Application) -> None:
-        for call in list(self.calls):
+        for ws in list(self.sockets):
             with contextlib.suppress(Exception):
-                await call.ws.close(code=1001, message=b"server shutting down")
+                await ws.close(code=1001, message=b"server shutting down")
 
 
 TELEPHONY_KEY = web.AppKey("telephony", Telephony)
@@ -504,7 +529,7 @@ def add_telephony_routes(app: web.Application, gateway: Gateway,
     """Mount the telephony endpoints on the gateway's app (one call from server.py)."""
     tel = Telephony(gateway, settings or TelephonySettings.from_env())
     app[TELEPHONY_KEY] = tel
-    for dialect in Dialect:
+    for dialect in (Dialect.TWILIO, Dialect.TELNYX, Dialect.EXOTEL, Dialect.ASTERISK):
         app.router.add_get(f"/v1/telephony/{dialect.value}", tel.handler(dialect))
     app.router.add_post("/v1/telephony/tokens", tel.handle_token)
     app.on_shutdown.append(tel.close_calls)
