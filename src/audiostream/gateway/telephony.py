@@ -26,6 +26,7 @@ import os
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,7 +37,10 @@ from audiostream.gateway.keys import KeyRecord
 from audiostream.gateway.pipeline import Outcome, SessionPipeline
 from audiostream.processors.pipeline import plan_raw
 from audiostream.telephony import (
+    AS_AUDIO,
+    AS_HANGUP,
     DIALECTS,
+    AudioSocketReader,
     CallSession,
     CallStarted,
     CallStopped,
@@ -53,6 +57,7 @@ from audiostream.telephony import (
     MediaIn,
     Outbound,
     PeerEvent,
+    audiosocket_frame,
     parse_asterisk_text,
     parse_json_message,
 )
@@ -79,6 +84,11 @@ class TelephonySettings:
     deadline_ms: int = 1000
     stop_grace_s: float = 2.0
     """After ``stop``, how long queued audio may still go out before it is dropped."""
+    audiosocket: tuple[str, int] | None = None
+    """Also accept Asterisk AudioSocket calls on this TCP address. The protocol has no
+    TLS and no authentication: bind it to a private network only."""
+    audiosocket_key: str | None = None
+    """The API key (or call token) every AudioSocket call runs under."""
 
     @classmethod
     def from_env(cls) -> TelephonySettings:
@@ -87,7 +97,19 @@ class TelephonySettings:
             default_pipeline=tuple(s for s in (steps or "denoise").split(",") if s),
             twilio_auth_token=os.environ.get("AUDIOSTREAM_TWILIO_AUTH_TOKEN") or None,
             public_url=os.environ.get("AUDIOSTREAM_PUBLIC_URL") or None,
+            audiosocket=_host_port(os.environ.get("AUDIOSTREAM_AUDIOSOCKET") or None),
+            audiosocket_key=os.environ.get("AUDIOSTREAM_AUDIOSOCKET_KEY") or None,
         )
+
+
+def _host_port(text: str | None) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``AUDIOSTREAM_AUDIOSOCKET``) -> a bind address."""
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"AUDIOSTREAM_AUDIOSOCKET must be HOST:PORT, not {text!r}")
+    return host or "127.0.0.1", int(port)
 
 
 # -- call tokens ----------------------------------------------------------------------
@@ -185,6 +207,26 @@ class _WsPeer:
             await self.ws.send_bytes(item)
         else:
             await self.ws.send_str(item)
+
+
+class _TcpPeer:
+    """AudioSocket: each audio piece goes out as a type-0x10 frame."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+
+    @property
+    def closed(self) -> bool:
+        return self.writer.is_closing()
+
+    async def send(self, item: Outbound) -> None:
+        if isinstance(item, bytes):
+            self.writer.write(audiosocket_frame(AS_AUDIO, item))
+            await self.writer.drain()
+
+
+class _Hangup(Exception):
+    """The AudioSocket peer hung up (internal control flow)."""
 
 
 class _Call:
@@ -373,10 +415,14 @@ class Telephony:
     settings: TelephonySettings = field(default_factory=TelephonySettings.from_env)
     calls: set[_Call] = field(default_factory=set)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    streams: set[asyncio.StreamWriter] = field(default_factory=set)
+    audiosocket_port: int | None = None
     used_tokens: dict[str, float] = field(default_factory=dict)
 
-    def authenticate(self, credential: str) -> tuple[KeyRecord, tuple[str, ...] | None]:
-        """An API key, or a call token (single use on this gateway)."""
+    def authenticate(self, credential: str, *, consume: bool = True
+                     ) -> tuple[KeyRecord, tuple[str, ...] | None]:
+        """An API key, or a call token (single use on this gateway: ``consume`` marks it
+        used; the pre-upgrade check of a header does not)."""
         keys = self.gateway.keys
         if not credential.startswith(CALL_TOKEN_PREFIX):
             return keys.verify(credential), None
@@ -390,7 +436,8 @@ class Telephony:
         record = next((r for r in keys.records() if r.id == grant.key_id), None)
         if record is None or record.revoked:
             raise AuthError("the call token's key is revoked or gone", ErrorCode.FORBIDDEN)
-        self.used_tokens[grant.nonce] = grant.expires_at
+        if consume:
+            self.used_tokens[grant.nonce] = grant.expires_at
         return record, grant.pipelines
 
     def _signature_ok(self, request: web.Request) -> bool:
@@ -450,7 +497,7 @@ class Telephony:
         if spec.dialect is Dialect.ASTERISK:
             # Asterisk's websocket_client.conf sends Basic auth; there is no start payload.
             try:
-                self.authenticate(header_key or "")
+                self.authenticate(header_key or "", consume=False)
             except AudioStreamError as err:
                 return refuse(err.code, str(err), 401)
         if gw.draining or len(self.calls) + len(gw.connections) >= gw.settings.max_connections:
@@ -515,6 +562,70 @@ class Telephony:
                 return
         await call.finish(hung_up=hung_up)
 
+    # -- AudioSocket ----------------------------------------------------------------------
+    async def audiosocket_ctx(self, _app: web.Application) -> AsyncIterator[None]:
+        """Serve AudioSocket for the app's lifetime when it is configured (off by default)."""
+        addr = self.settings.audiosocket
+        if addr is None:
+            yield
+            return
+        if not self.settings.audiosocket_key:
+            raise ConfigError("AudioSocket needs AUDIOSTREAM_AUDIOSOCKET_KEY: the protocol "
+                              "carries no credentials")
+        server = await asyncio.start_server(self._audiosocket_conn, addr[0], addr[1])
+        self.audiosocket_port = int(server.sockets[0].getsockname()[1])
+        log.info("audiosocket on %s:%d", addr[0], self.audiosocket_port)
+        try:
+            yield
+        finally:
+            server.close()
+            for w in list(self.streams):
+                w.close()
+            await server.wait_closed()
+
+    async def _audiosocket_conn(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        gw = self.gateway
+        spec = DIALECTS[Dialect.AUDIOSOCKET]
+        call = _Call(self, _TcpPeer(writer), spec, self.settings.audiosocket_key)
+        self.calls.add(call)
+        self.streams.add(writer)
+        gw.metrics.connections_total.inc()
+        gw.metrics.connections_active.inc()
+        parser = AudioSocketReader()
+        hung_up = True
+        try:
+            while True:
+                timeout = (gw.settings.auth_timeout_s if call.pipeline is None
+                           else gw.settings.idle_timeout_s)
+                data = await asyncio.wait_for(reader.read(65_536), timeout)
+                if not data:
+                    break
+                for ev in parser.feed(data):
+                    if call.pipeline is None and not isinstance(ev, CallStarted | Ignored):
+                        raise AudioStreamError("an AudioSocket call starts with its UUID",
+                                               ErrorCode.UNEXPECTED_MESSAGE)
+                    if not await call.handle(ev):
+                        hung_up = False
+                        raise _Hangup
+        except _Hangup:
+            pass
+        except (AudioStreamError, TimeoutError, ConnectionError) as err:
+            log.warning("call=%s dialect=audiosocket stage=telephony: %s", call.id, err)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                writer.write(audiosocket_frame(AS_HANGUP))
+        finally:
+            try:
+                await call.finish(hung_up=hung_up)
+                await call.close()
+            finally:
+                self.calls.discard(call)
+                self.streams.discard(writer)
+                gw.metrics.connections_active.dec()
+                writer.close()
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await writer.wait_closed()
+
     async def close_calls(self, _app: web.Application) -> None:
         for ws in list(self.sockets):
             with contextlib.suppress(Exception):
@@ -533,4 +644,5 @@ def add_telephony_routes(app: web.Application, gateway: Gateway,
         app.router.add_get(f"/v1/telephony/{dialect.value}", tel.handler(dialect))
     app.router.add_post("/v1/telephony/tokens", tel.handle_token)
     app.on_shutdown.append(tel.close_calls)
+    app.cleanup_ctx.append(tel.audiosocket_ctx)
     return tel
