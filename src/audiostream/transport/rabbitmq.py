@@ -47,11 +47,10 @@ import pamqp.frame
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
-    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aiormq.abc import ChannelFrame
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from yarl import URL
@@ -97,11 +96,16 @@ def _reason(exc: BaseException) -> str:
 
 
 class _RabbitDelivery:
-    """One delivery from RabbitMQ; settled exactly once."""
+    """One delivery from RabbitMQ; settled exactly once.
+
+    Built from aiormq's ``DeliveredMessage`` directly: aio-pika's ``IncomingMessage``
+    (property objects, header decoding, a channel wrapper) cost a tenth of a gateway's
+    CPU at 25 sessions, for fields this transport never reads.
+    """
 
     __slots__ = ("_message", "_settled", "_subscription")
 
-    def __init__(self, message: AbstractIncomingMessage, subscription: _Subscription) -> None:
+    def __init__(self, message: DeliveredMessage, subscription: _Subscription) -> None:
         self._message = message
         self._subscription = subscription
         self._settled = False
@@ -113,12 +117,14 @@ class _RabbitDelivery:
     @property
     def delivery_count(self) -> int:
         """Earlier deliveries of this message (quorum queues count them; 0 otherwise)."""
-        count = (self._message.headers or {}).get("x-delivery-count", 0)
+        count = (self._message.header.properties.headers or {}).get("x-delivery-count", 0)
         return count if isinstance(count, int) else 0
 
     @property
     def redelivered(self) -> bool:
-        return bool(self._message.redelivered) or self.delivery_count > 0
+        delivery = self._message.delivery
+        again = isinstance(delivery, aiormq.spec.Basic.Deliver) and bool(delivery.redelivered)
+        return again or self.delivery_count > 0
 
     async def ack(self) -> None:
         await self._settle("ack")
@@ -139,19 +145,23 @@ class _RabbitDelivery:
         if self._settled:
             raise TransportError("delivery already settled")
         self._settled = True
+        message = self._message
         try:
+            tag = message.delivery_tag
+            if tag is None:
+                raise TransportError("the delivery has no delivery tag")
             if how == "ack":
-                await self._subscription.acks_for(self._message).ack(self._message.delivery_tag)
+                await self._subscription.acks_for(message).ack(tag)
             elif how == "reject":
-                await self._message.reject(requeue=False)
+                await message.channel.basic_reject(tag, requeue=False)
             else:
-                await self._message.nack(requeue=True)
+                await message.channel.basic_nack(tag, requeue=True)
         except _BROKER_ERRORS as exc:
             raise TransportError(
                 f"could not {how} a delivery ({_reason(exc)}); the broker will redeliver it"
             ) from exc
         finally:
-            await self._subscription.settled(self._message)
+            await self._subscription.settled(self)
 
 
 class _Acks:
@@ -244,8 +254,8 @@ class _Subscription:
         self._handler = handler
         self._prefetch = prefetch  # None: consume on the shared reply channel
         self.channel: AbstractChannel | None = None
-        self._consumers: list[tuple[AbstractQueue, str]] = []
-        self._unsettled: set[AbstractIncomingMessage] = set()
+        self._consumers: list[tuple[aiormq.abc.AbstractChannel, str]] = []
+        self._unsettled: set[_RabbitDelivery] = set()
         self.cancelled = False
         self._cancelled_by_broker = False
 
@@ -280,10 +290,13 @@ class _Subscription:
                 raise
         self.channel = channel
         try:
+            underlay = await channel.get_underlay_channel()
             for name in self.queues:
-                queue = await channel.get_queue(name, ensure=False)
-                tag = await queue.consume(self._on_message, no_ack=False, timeout=t.op_timeout)
-                self._consumers.append((queue, tag))
+                ok = await underlay.basic_consume(
+                    name, self._on_message, no_ack=False, timeout=t.op_timeout)
+                if ok.consumer_tag is None:
+                    raise TransportError(f"the broker gave no consumer tag for {name!r}")
+                self._consumers.append((underlay, ok.consumer_tag))
         except BaseException:
             if self._prefetch is not None:
                 await _close_quietly(channel)
@@ -310,31 +323,33 @@ class _Subscription:
             self._cancelled_by_broker = True
             self._transport._schedule_restore()
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        """Runs as its own task (aio-pika makes one per delivery); the transport owns it."""
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        """Runs as its own task (aiormq makes one per delivery); the transport owns it."""
         if self.cancelled or self._transport._closing:
             # Sent by the broker before it processed our cancel: give it back untouched.
-            with contextlib.suppress(*_BROKER_ERRORS):
-                await message.nack(requeue=True)
+            if message.delivery_tag is not None:
+                with contextlib.suppress(*_BROKER_ERRORS):
+                    await message.channel.basic_nack(message.delivery_tag, requeue=True)
             return
         tasks = self._transport._handler_tasks
         task = asyncio.current_task()
         if task is not None:
             tasks.add(task)
-        self._unsettled.add(message)
+        delivery = _RabbitDelivery(message, self)
+        self._unsettled.add(delivery)
         try:
-            await self._handler(_RabbitDelivery(message, self))
+            await self._handler(delivery)
         except Exception:
             log.exception("handler for %s failed; its delivery stays unsettled", self.queues)
         finally:
             if task is not None:
                 tasks.discard(task)
 
-    def acks_for(self, message: AbstractIncomingMessage) -> _Acks:
+    def acks_for(self, message: DeliveredMessage) -> _Acks:
         """The ack batch of the channel ``message`` came on (acks are per channel; the
         reply channel is shared by every session's subscription)."""
         channel = message.channel
-        if not isinstance(channel, aiormq.Channel):  # what aio-pika 10 hands out
+        if not isinstance(channel, aiormq.Channel):
             raise TransportError(f"unexpected AMQP channel type {type(channel)!r}")
         known = self._transport._acks
         acks = known.get(channel)
@@ -342,16 +357,16 @@ class _Subscription:
             acks = known[channel] = _Acks(channel, self._transport._handler_tasks)
         return acks
 
-    async def settled(self, message: AbstractIncomingMessage) -> None:
-        self._unsettled.discard(message)
+    async def settled(self, delivery: _RabbitDelivery) -> None:
+        self._unsettled.discard(delivery)
         if self.cancelled and not self._unsettled and not self.is_reply:
             await self._close_channel()
 
     async def _cancel_consumers(self) -> None:
         consumers, self._consumers = self._consumers, []
-        for queue, tag in consumers:
+        for underlay, tag in consumers:
             with contextlib.suppress(*_BROKER_ERRORS):
-                await queue.cancel(tag, timeout=self._transport.op_timeout)
+                await underlay.basic_cancel(tag, timeout=self._transport.op_timeout)
 
     async def _close_channel(self) -> None:
         channel, self.channel = self.channel, None
