@@ -105,6 +105,9 @@ async def main() -> None:
         assert st.worker is not None
         meter = c.CpuMeter({"gateway": st.gateway.pid, "worker": st.worker.pid,
                             "simulator": os.getpid()})
+        from audiostream.bench import scrape_all, server_view
+
+        before = await scrape_all([st.gateway_metrics], None)
         started = time.monotonic()
         with meter:
             results = await asyncio.gather(*(
@@ -112,6 +115,7 @@ async def main() -> None:
                 for i in range(args.calls)))
             cpu = meter.read()
         wall = time.monotonic() - started
+        server = server_view(before, await scrape_all([st.gateway_metrics], None))
     lat = [v for r in results for v in r["lat_ms"]]
     sent = sum(r["sent"] for r in results)
     received = sum(r["received"] for r in results)
@@ -124,7 +128,7 @@ async def main() -> None:
         "drop_rate": round((sent - received) / sent, 5) if sent else 0.0,
         "latency_ms": c.percentiles(lat),
         "max_peer_buffer_s": round(max(r["max_buffered_s"] for r in results), 3),
-        "cpu_cores": cpu, "wall_s": round(wall, 1), "machine": c.machine(),
+        "cpu_cores": cpu, "server": server, "wall_s": round(wall, 1), "machine": c.machine(),
         "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()],
     })
 

@@ -550,6 +550,7 @@ class CallSession:
         self.pacer = Pacer(spec.lead_s)
         self.stats = CallStats()
         self.on_drop = on_drop
+        self.max_behind_s = spec.max_behind_s
         self.on_sent = on_sent
         self.next_seq = 0
         self._next_out = 0
@@ -747,7 +748,7 @@ class CallSession:
         newest frame always stays, however long it is)."""
         audio = [len(q.data) for q in self._queue if isinstance(q, _Audio)]
         queued, count = sum(audio), len(audio)
-        limit = self.format.bytes_for_ms(self.spec.max_behind_s * 1000)
+        limit = self.format.bytes_for_ms(self.max_behind_s * 1000)
         first = last = -1
         while queued > limit and count > 1:
             item = self._queue.popleft()

@@ -366,6 +366,11 @@ class _Call:
                 raise LimitError(f"key {key.id} already has {key.max_sessions} sessions",
                                  ErrorCode.TOO_MANY_SESSIONS)
             deadline_ms = int(params.get("deadline_ms") or self.tel.settings.deadline_ms)
+            if "max_queue_ms" in params:
+                queue_ms = int(params["max_queue_ms"])
+                if not 0 <= queue_ms <= 5000:
+                    raise ConfigError("max_queue_ms must be 0..5000", ErrorCode.INVALID_OPTION)
+                self.session.max_behind_s = queue_ms / 1000
             pl = SessionPipeline(
                 session_id=f"call-{self.id}", transport=gw.transport, pipeline=steps,
                 fmt=self.session.format, deadline_s=deadline_ms / 1000, sink=self.on_outcomes,
