@@ -244,6 +244,7 @@ class _Call:
         self._received: dict[int, float] = {}
         self._wake = asyncio.Event()
         self._written = asyncio.Event()
+        self._urgent: list[Outbound] = []
         self._loop = asyncio.get_running_loop()
         self.writer = self._loop.create_task(self._write_loop(), name=f"call-{self.id}")
         self.started_at = time.monotonic()
@@ -254,14 +255,15 @@ class _Call:
     # -- output ---------------------------------------------------------------------
     async def _write_loop(self) -> None:
         while True:
+            self._wake.clear()  # before taking: a kick while we send is not lost
             now = self._loop.time()
-            out = self.session.take(now)
+            out, self._urgent = self._urgent, []
+            out += self.session.take(now)
             for item in out:
                 await self._send(item)
             if out:
                 self._written.set()
             due = self.session.due_at(self._loop.time())
-            self._wake.clear()
             if due is None:
                 await self._wake.wait()
             else:
@@ -312,8 +314,8 @@ class _Call:
         elif isinstance(ev, MarkIn):
             s.mark(ev)
         elif isinstance(ev, ClearIn):
-            for item in s.clear(self._loop.time()):
-                await self._send(item)
+            # The writer sends these before anything else: one task writes to the peer.
+            self._urgent += s.clear(self._loop.time())
         elif isinstance(ev, FlowOff | FlowOn):
             s.flow(isinstance(ev, FlowOn))
             log.info("call=%s stage=telephony: peer flow %s", self.id,
