@@ -261,6 +261,16 @@ class AsteriskSim:
     async def send_audio(self, data: bytes) -> None:
         await self.ws.send_bytes(data)
 
+    async def play_call(self, frames: list[bytes], *, pace_s: float = 0.02) -> None:
+        """The caller's audio on a 20 ms clock (absolute, so jitter does not add up)."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i, frame in enumerate(frames):
+            delay = t0 + i * pace_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the channel's clock, not synchronisation
+            await self.ws.send_bytes(frame)
+
     async def _read(self) -> None:
         async for msg in self.ws:
             if msg.type is aiohttp.WSMsgType.BINARY:

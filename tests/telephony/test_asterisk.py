@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 import aiohttp
 import numpy as np
 import pytest
+from pesq import pesq
 
 from audiostream.gateway.telephony import TELEPHONY_KEY, TelephonySettings
 from audiostream.testing import Embedded, embedded_server
-from tests.telephony.conftest import distinct_frames
+from tests.telephony.conftest import distinct_frames, from_mulaw, mulaw_frames, noisy
 from tests.telephony.simulator import ASTERISK_LIMIT, AsteriskSim
 
 pytestmark = pytest.mark.integration
@@ -85,3 +86,17 @@ async def test_refused_without_credentials(srv: Embedded) -> None:
             await http.ws_connect(url(srv), headers={
                 "Authorization": aiohttp.encode_basic_auth("asterisk", "as_x_y")})
         assert exc.value.status == 401
+
+
+async def test_denoise_improves_pesq(srv: Embedded, speech_8k: np.ndarray) -> None:
+    srv.runner.app[TELEPHONY_KEY].settings = TelephonySettings(default_pipeline=("denoise",))
+    frames = mulaw_frames(noisy(speech_8k, 5.0))
+    async with AsteriskSim(url(srv), srv.api_key) as sim:
+        await sim.start()
+        await sim.play_call(frames)
+        assert await sim.wait_until(lambda: len(sim.received) >= len(frames), within=60)
+    assert len(sim.received) == len(frames)
+    before = pesq(8000, speech_8k, from_mulaw(b"".join(frames)), "nb")
+    after = pesq(8000, speech_8k, from_mulaw(sim.audio()), "nb")
+    print(f"PESQ-NB noisy {before:.2f} -> denoised {after:.2f}")
+    assert after > before + 0.2, (before, after)
