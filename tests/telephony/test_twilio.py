@@ -216,3 +216,31 @@ async def test_twilio_signature_checked_when_configured(srv: Embedded) -> None:
         assert await sim.wait_until(lambda: sim.media_messages >= 3)
         await sim.stop()
     assert sim.media() == frames
+
+
+@pytest.mark.parametrize("first, code", [
+    ({"event": "media", "media": {"payload": "AAAA"}}, 4002),  # media before start
+    ("not json", 4001),
+])
+async def test_protocol_errors_close_with_a_code(srv: Embedded, first: object, code: int) -> None:
+    async with MediaStreamSim(url(srv, "twilio"), params=params(srv)) as sim:
+        if isinstance(first, dict):
+            await sim.send_raw(first)
+        else:
+            await sim.ws.send_str(str(first))
+        assert sim.closed is not None
+        assert await asyncio.wait_for(sim.closed, 10) == code
+
+
+async def test_dtmf_and_unknown_events_do_not_disturb_the_call(srv: Embedded) -> None:
+    frames = distinct_frames(10, seed=11)
+    async with MediaStreamSim(url(srv, "twilio"), params=params(srv)) as sim:
+        await sim.start()
+        for i, f in enumerate(frames):
+            await sim.send_media(f)
+            if i == 3:
+                await sim.send_dtmf("7")
+                await sim.send_raw({"event": "something-new", "x": 1})
+        assert await sim.wait_until(lambda: sim.media_messages >= len(frames))
+        await sim.stop()
+    assert sim.media() == frames
