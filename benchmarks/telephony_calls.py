@@ -33,6 +33,12 @@ import numpy as np
 from tests.telephony.simulator import MediaStreamSim
 
 
+def _cpu_idle() -> tuple[int, int]:
+    """(idle, total) jiffies of the whole machine: how busy it was besides us."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)
+
+
 def call_frames(seconds: float, seed: int) -> list[bytes]:
     rng = np.random.default_rng(seed)
     n = int(seconds * 50)
@@ -103,11 +109,15 @@ async def main() -> None:
         warm = await one_call(url, st.key, args.pipeline, call_frames(2.0, 999), 0.0)
         c.log(f"warm-up call: {warm['received']}/{warm['sent']} frames back")
         assert st.worker is not None
-        meter = c.CpuMeter({"gateway": st.gateway.pid, "worker": st.worker.pid,
-                            "simulator": os.getpid()})
+        pids = {"gateway": st.gateway.pid, "worker": st.worker.pid, "simulator": os.getpid()}
+        broker = c.find_pid("beam.smp")
+        if broker is not None:
+            pids["rabbitmq"] = broker
+        meter = c.CpuMeter(pids)
         from audiostream.bench import scrape_all, server_view
 
         before = await scrape_all([st.gateway_metrics], None)
+        idle0 = _cpu_idle()
         started = time.monotonic()
         with meter:
             results = await asyncio.gather(*(
@@ -115,6 +125,8 @@ async def main() -> None:
                 for i in range(args.calls)))
             cpu = meter.read()
         wall = time.monotonic() - started
+        idle1 = _cpu_idle()
+        idle = round(100 * (idle1[0] - idle0[0]) / max(1, idle1[1] - idle0[1]), 1)
         server = server_view(before, await scrape_all([st.gateway_metrics], None))
     lat = [v for r in results for v in r["lat_ms"]]
     sent = sum(r["sent"] for r in results)
@@ -130,6 +142,7 @@ async def main() -> None:
         "max_peer_buffer_s": round(max(r["max_buffered_s"] for r in results), 3),
         "cpu_cores": cpu, "server": server, "wall_s": round(wall, 1), "machine": c.machine(),
         "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()],
+        "machine_idle_pct": idle,
     })
 
 
