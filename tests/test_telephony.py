@@ -161,13 +161,13 @@ def test_clear_drops_queued_and_in_flight_frames() -> None:
     assert s.take(5.0) == [] and s.pending == 0
 
 
-def test_exotel_batches_100ms_in_320_byte_multiples() -> None:
+def test_exotel_batches_3200_bytes_in_320_byte_multiples() -> None:
     s = live(Dialect.EXOTEL)
     for i in range(12):
         s.media(media(i + 1, b"\x00\x01" * 160))
         s.outcome(i, b"\x00\x01" * 160)
     sizes = [len(base64.b64decode(json.loads(o)["media"]["payload"])) for o in s.take(0.0)]
-    assert sizes == [3200]  # the rest waits for 100 ms or the end of the call
+    assert sizes == [3200]  # the rest waits for 3.2 KB or the end of the call
     s.stop()
     sizes = [len(base64.b64decode(json.loads(o)["media"]["payload"])) for o in s.take(1.0)]
     assert sizes == [640]

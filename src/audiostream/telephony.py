@@ -94,7 +94,7 @@ DIALECTS: dict[Dialect, DialectSpec] = {
         call_keys=("call_control_id", "call_session_id"), wire_format=MULAW_8K,
         reorder_window=8),
     Dialect.EXOTEL: DialectSpec(
-        # 16-bit PCM; outbound messages of 100 ms .. 100 KB in multiples of 320 B.
+        # 16-bit PCM; outbound messages of 3.2 KB .. 100 KB in multiples of 320 B.
         dialect=Dialect.EXOTEL, stream_key="stream_sid", seq_key="sequence_number",
         params_key="custom_parameters", format_key="media_format",
         call_keys=("call_sid",), wire_format=PCM_8K,

@@ -244,3 +244,17 @@ async def test_dtmf_and_unknown_events_do_not_disturb_the_call(srv: Embedded) ->
         assert await sim.wait_until(lambda: sim.media_messages >= len(frames))
         await sim.stop()
     assert sim.media() == frames
+
+
+async def test_exotel_short_tail_goes_out_after_stop(srv: Embedded) -> None:
+    data = (np.random.default_rng(12).standard_normal(8000) * 3000).astype("<i2").tobytes()
+    frames = [data[i : i + 320] for i in range(0, 320 * 23, 320)]  # 460 ms: 2 x 200 ms + 60 ms
+    async with MediaStreamSim(url(srv, "exotel"), platform="exotel", params=params(srv),
+                              bytes_per_second=16000) as sim:
+        await sim.start()
+        await sim.play_call(frames)
+        assert await sim.wait_until(lambda: sum(map(len, sim.media())) >= 2 * 3200)
+        await sim.stop()  # the last 60 ms (960 B) are under the 3.2 KB minimum: sent at the end
+        assert await sim.wait_until(lambda: sum(map(len, sim.media())) >= 23 * 320)
+    assert [len(p) for p in sim.media()] == [3200] * 2 + [960]
+    assert b"".join(sim.media()) == b"".join(frames)

@@ -324,6 +324,7 @@ class _Call:
             log.info("call=%s stage=telephony: dtmf %r", self.id, ev.digit)
         elif isinstance(ev, CallStopped):
             self._submit(s.stop())
+            self.kick()  # a short last message (Exotel) may go out now
             return False
         elif isinstance(ev, Connected | Ignored):
             log.debug("call=%s stage=telephony: %s", self.id, ev)
