@@ -34,7 +34,6 @@ from typing import Any
 from audiostream.audio import AudioFormat, Encoding
 from audiostream.errors import ErrorCode, ProtocolError
 
-FRAME_MS = 20
 #: Asterisk hangs up on a WebSocket message longer than this.
 ASTERISK_MAX_MESSAGE = 65_500
 #: Prefix of the marks this gateway invents (drops, clears); the peer's own pass through.
@@ -201,9 +200,10 @@ def _media_format(spec: DialectSpec, raw: Any) -> AudioFormat:
         encoding = Encoding.MULAW
     elif enc in ("audio/x-alaw", "pcma", "alaw"):
         encoding = Encoding.ALAW
-    elif enc in ("audio/l16", "l16", "slin", "raw/slin", "pcm_s16le", "base64", ""):
-        encoding = Encoding.PCM_S16LE if spec.wire_format.encoding is Encoding.PCM_S16LE \
-            or enc not in ("", "base64") else spec.wire_format.encoding
+    elif enc in ("audio/l16", "l16", "slin", "raw/slin", "pcm_s16le"):
+        encoding = Encoding.PCM_S16LE
+    elif enc in ("", "base64"):  # unnamed (Exotel says only "base64"): the platform's own
+        encoding = spec.wire_format.encoding
     else:
         raise ProtocolError(f"unsupported media encoding {enc!r}", ErrorCode.UNSUPPORTED_FORMAT)
     return AudioFormat(encoding, rate, channels)
@@ -517,7 +517,7 @@ class CallStats:
     messages_out: int = 0
     bytes_out: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
-    marks_echoed: int = 0
+    marks_sent: int = 0
     marks_played: int = 0
     largest_message: int = 0
 
@@ -559,7 +559,6 @@ class CallSession:
         self._queue: deque[_Queued] = deque()
         self._discard_below = 0
         self.flow_on = True
-        self._frame_bytes = 0
         self._unechoed: dict[str, int] = {}
 
     # -- inbound --------------------------------------------------------------------
@@ -569,7 +568,6 @@ class CallSession:
         self.phase = Phase.LIVE
         self.stream_id, self.call_id, self.params = ev.stream_id, ev.call_id, ev.params
         self.format = ev.format
-        self._frame_bytes = self.format.bytes_for_ms(FRAME_MS)
 
     def _live(self, what: str) -> None:
         if self.phase is Phase.AWAITING_START:
@@ -586,8 +584,8 @@ class CallSession:
         return out
 
     def audio(self, data: bytes) -> list[Submit]:
-        """Asterisk binary audio: any length; cut into 20 ms frames is not needed here,
-        a frame is whatever the platform sent (whole sample frames)."""
+        """Binary audio (Asterisk, AudioSocket): one frame is whatever the platform sent,
+        in whole samples; it comes back as one frame of the same length."""
         self._live("audio")
         if self.phase is not Phase.LIVE:
             return []
@@ -806,7 +804,7 @@ class CallSession:
 
     def _mark_out(self, name: str) -> str:
         self._unechoed[name] = self._unechoed.get(name, 0) + 1
-        self.stats.marks_echoed += 1
+        self.stats.marks_sent += 1
         return encode_mark(self.spec, self.stream_id, name)
 
     def _count(self, out: Iterable[Outbound]) -> None:
