@@ -258,3 +258,15 @@ async def test_exotel_short_tail_goes_out_after_stop(srv: Embedded) -> None:
         assert await sim.wait_until(lambda: sum(map(len, sim.media())) >= 23 * 320)
     assert [len(p) for p in sim.media()] == [3200] * 2 + [960]
     assert b"".join(sim.media()) == b"".join(frames)
+
+
+async def test_calls_count_in_the_queue_age_gauges(srv: Embedded) -> None:
+    frames = distinct_frames(5, seed=13)
+    async with MediaStreamSim(url(srv, "twilio"), params=params(srv)) as sim:
+        await sim.start()
+        await sim.send_media(frames[0])
+        tel = srv.runner.app[TELEPHONY_KEY]
+        assert await sim.wait_until(lambda: any(c.pipeline for c in tel.calls))
+        call = next(iter(tel.calls))
+        assert call.pipeline in list(srv.gateway.load.sessions())
+        await sim.stop()

@@ -653,4 +653,9 @@ def add_telephony_routes(app: web.Application, gateway: Gateway,
     app.router.add_post("/v1/telephony/tokens", tel.handle_token)
     app.on_shutdown.append(tel.close_calls)
     app.cleanup_ctx.append(tel.audiosocket_ctx)
+    # Calls load the workers like /v1/stream sessions do: the queue-age gauges (what
+    # KEDA scales workers on) must see them too.
+    streams = gateway.load.sessions
+    gateway.load.sessions = lambda: [
+        *streams(), *(c.pipeline for c in tel.calls if c.pipeline is not None)]
     return tel
