@@ -211,3 +211,16 @@ def test_backlog_over_max_behind_drops_oldest_with_one_mark() -> None:
     assert [d.seq for d in drops] == list(range(5, 15))
     nxt = [json.loads(o) for o in s.take(0.02)]
     assert [base64.b64decode(o["media"]["payload"])[0] for o in nxt] == [15]
+
+
+def test_exotel_tail_waits_for_every_outcome_after_stop() -> None:
+    s = live(Dialect.EXOTEL)
+    for i in range(3):
+        s.media(media(i + 1, b"\x00\x01" * 160))
+    s.outcome(0, b"\x00\x01" * 160)
+    s.outcome(1, b"\x00\x01" * 160)
+    s.stop()
+    assert s.take(0.0) == [] and s.due_at(0.0) is None  # frame 2 is still coming
+    s.outcome(2, b"\x00\x01" * 160)
+    sizes = [len(base64.b64decode(json.loads(o)["media"]["payload"])) for o in s.take(0.0)]
+    assert sizes == [960] and s.finished

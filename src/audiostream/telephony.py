@@ -709,6 +709,11 @@ class CallSession:
         return self.next_seq - self._next_out + queued
 
     @property
+    def _ended(self) -> bool:
+        """No more audio will join the queue: the call stopped and every frame is back."""
+        return self.phase is not Phase.LIVE and self._next_out == self.next_seq
+
+    @property
     def finished(self) -> bool:
         return self.phase is not Phase.LIVE and self.pending == 0 and not self._queue
 
@@ -782,7 +787,7 @@ class CallSession:
             if size >= spec.out_min_bytes and size % spec.out_multiple == 0:
                 break
         whole = size % spec.out_multiple == 0
-        boundary = n < len(self._queue) or self.phase is not Phase.LIVE
+        boundary = n < len(self._queue) or self._ended
         if n == 0 or not whole or (size < spec.out_min_bytes and not boundary):
             return None
         parts = [p for p in (self._queue.popleft() for _ in range(n)) if isinstance(p, _Audio)]
@@ -798,7 +803,7 @@ class CallSession:
         if self.spec.out_min_bytes:
             audio = sum(len(q.data) for q in self._queue if isinstance(q, _Audio))
             marks = any(isinstance(q, _Mark) for q in self._queue)
-            if audio < self.spec.out_min_bytes and not marks and self.phase is Phase.LIVE:
+            if audio < self.spec.out_min_bytes and not marks and not self._ended:
                 return None
         return max(now, self.pacer.due_at())
 

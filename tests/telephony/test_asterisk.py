@@ -54,13 +54,15 @@ async def test_xoff_holds_output_until_xon(srv: Embedded) -> None:
         # of the call to be processed (the gateway holds it).
         assert not await sim.wait_until(lambda: len(sim.received) >= len(frames),
                                     within=1.5)
-        assert sim.after_xoff <= 2, sim.after_xoff  # at most what was already in flight
+        # At most what was in flight: the 200 ms lead (10 frames) after a stall, on a busy
+        # machine; without XOFF handling the other ~60 would follow.
+        assert sim.after_xoff <= 10, sim.after_xoff
         sim.playing = True
         assert await sim.wait_until(lambda: len(sim.received) >= len(frames))
     assert held_at < len(frames)
     assert sim.xon_sent >= 1
     assert sim.received == frames
-    assert sim.max_queue_frames <= 20 + 2
+    assert sim.max_queue_frames <= 20 + 10
 
 
 async def test_no_message_over_65500_bytes(srv: Embedded) -> None:
