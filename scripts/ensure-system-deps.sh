@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the tests and tools need; installed when missing (make install).
-# espeak-ng: the speech the telephony simulator plays; sox: audio conversions in docs/tools.
+# espeak-ng: the speech the telephony tests play (resampling and noise are numpy/soxr).
 set -euo pipefail
-PACKAGES=(espeak-ng sox)
+PACKAGES=(espeak-ng)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
