@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite needs, installed from Debian's own archive (never a
 # browser build downloaded by a tool): chromium for the Playwright browser test,
-# espeak-ng to synthesise speech for the audio-file tests. Idempotent; `make install`
+# espeak-ng to synthesise speech for the audio-file and telephony tests. Idempotent; `make install`
 # runs it. Exits non-zero when they cannot be had: the tests fail, never skip.
 set -euo pipefail
 PACKAGES=(chromium espeak-ng)

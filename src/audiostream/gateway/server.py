@@ -37,6 +37,7 @@ from audiostream.gateway.keys import KeyRecord, KeyStore
 from audiostream.gateway.load import LoadMonitor
 from audiostream.gateway.pipeline import Outcome, SessionPipeline, reply_outcomes
 from audiostream.gateway.revocation import KeyRevocation
+from audiostream.gateway.telephony import add_telephony_routes
 from audiostream.gateway.tokens import SessionGrant, TokenSigner
 from audiostream.gateway.watchdog import BrokerWatchdog
 from audiostream.metrics import GatewayMetrics
@@ -604,6 +605,7 @@ class Gateway:
             ("/healthz", self.handle_health), ("/readyz", self.handle_ready),
             ("/metrics", self.handle_metrics)])  # on the operations site, not this one
         browser.install(app, self)  # /sdk/audiostream.js, /demo, POST /v1/tokens
+        add_telephony_routes(app, self)  # /v1/telephony/*: Twilio, Telnyx, Exotel, Asterisk
         app.cleanup_ctx.append(self._lifecycle)
         return app
 
