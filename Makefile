@@ -15,6 +15,7 @@ $(STAMP): setup.cfg pyproject.toml requirements-models.txt
 
 ## models: derive the serving models (idempotent: rebuilds only when the recipe changed)
 install: $(STAMP)
+	bash scripts/ensure-system-deps.sh
 	$(BIN)/audiostream models prepare
 
 ## make run: embedded server; streams the bundled sample, then serves until Ctrl-C

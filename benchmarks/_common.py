@@ -232,16 +232,18 @@ async def stack(processing: Sequence[str], *, broker: str = BROKER, workers: boo
                     "--processing", ",".join(processing), "--metrics-port", str(wport),
                     "--metrics-host", "127.0.0.1", *worker_args), "consuming")
                 procs.append(worker)
+            oport = free_port()
             gateway = await start("gateway", cli(
                 "gateway", "--broker", broker, "--prefix", prefix, "--keys-file", str(keys),
                 "--host", "127.0.0.1", "--port", "0", "--drain-grace-s", "1",
+                "--ops-port", str(oport),
                 *gateway_args), "audiostream gateway on")
             procs.append(gateway)
             m = re.search(r"(ws://\S+)", gateway.info["line"])
             assert m, gateway.info
             url = m.group(1)
             yield Stack(prefix, key, gateway, worker, url,
-                        url.replace("ws://", "http://").replace("/v1/stream", "/metrics"),
+                        f"http://127.0.0.1:{oport}/metrics",
                         f"http://127.0.0.1:{wport}/metrics" if worker else None)
         finally:
             for p in reversed(procs):

@@ -128,16 +128,17 @@ async def memory_gateway(max_connections: int) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         keys = Path(tmp) / "keys.json"
         key = c.create_key(keys)
+        oport = c.free_port()
         proc = await c.start("serve", c.cli(
             "serve", "--keys-file", str(keys), "--host", "127.0.0.1", "--port", "0",
+            "--ops-port", str(oport),
             "--max-connections", str(max_connections), "--drain-grace-s", "1"),
             "audiostream serving")
         try:
             m = re.search(r"(ws://\S+)", proc.info["line"])
             assert m
             url = m.group(1)
-            yield proc, url, key, url.replace("ws://", "http://").replace("/v1/stream",
-                                                                          "/metrics")
+            yield proc, url, key, f"http://127.0.0.1:{oport}/metrics"
         finally:
             await proc.stop()
 

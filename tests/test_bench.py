@@ -48,7 +48,8 @@ def sum_over(registry: CollectorRegistry, name: str) -> float:
 async def test_bench_agrees_with_the_servers_own_counters(tmp_path: Path) -> None:
     async with embedded_server() as srv:
         cfg = BenchConfig(url=srv.url, api_key=srv.api_key, sessions=4, duration_s=2.0,
-                          pipeline=("passthrough",), ramp_s=0.5)
+                          pipeline=("passthrough",), ramp_s=0.5,
+                          metrics_urls=(f"{srv.ops_url}/metrics",))
         lines: list[str] = []
         r = await run_bench(cfg, report=lines.append, progress_every_s=0.5)
         reg = srv.gateway.metrics_registry
@@ -95,7 +96,8 @@ async def test_bench_agrees_with_the_servers_own_counters(tmp_path: Path) -> Non
 async def test_refused_sessions_are_errors_by_code() -> None:
     async with embedded_server() as srv:
         cfg = BenchConfig(url=srv.url, api_key="as_000000000000_wrong", sessions=2,
-                          duration_s=0.1, pipeline=("passthrough",))
+                          duration_s=0.1, pipeline=("passthrough",),
+                          metrics_urls=(f"{srv.ops_url}/metrics",))
         r = await run_bench(cfg)
     assert r["errors_by_code"] == {"auth_failed": 2}
     assert r["sessions"]["failed"] == 2
@@ -112,6 +114,7 @@ async def test_cli_bench_writes_json_and_png(tmp_path: Path) -> None:
             "--api-key", srv.api_key, "--sessions", "2", "--duration", "1",
             "--pipeline", "passthrough", "--ramp", "0.2", "--chunk-ms", "20",
             "--json", str(out_json), "--plot", str(out_png),
+            "--metrics-url", f"{srv.ops_url}/metrics",
             cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
         )
@@ -166,8 +169,8 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
 
 
 def test_metrics_url_follows_the_stream_url() -> None:
-    assert metrics_url_for("ws://127.0.0.1:8080/v1/stream") == "http://127.0.0.1:8080/metrics"
-    assert metrics_url_for("wss://gw.example:443/v1/stream") == "https://gw.example:443/metrics"
+    assert metrics_url_for("ws://127.0.0.1:8080/v1/stream") == "http://127.0.0.1:9090/metrics"
+    assert metrics_url_for("wss://gw.example:443/v1/stream") == "http://gw.example:9090/metrics"
 
 
 def test_synthetic_audio_is_deterministic_and_differs_per_session() -> None:

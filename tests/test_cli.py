@@ -15,6 +15,7 @@ from audiostream.cli import build_parser, main
 from audiostream.gateway import KeyStore
 from audiostream.testing import sample_wav
 from audiostream.topology import Topology
+from tests.cli.conftest import restore_logging  # noqa: F401 - autouse fixture
 from tests.conftest import delete_prefixed, unique_prefix
 
 COMMANDS = ["serve", "gateway", "worker", "stream", "offline", "healthcheck", "keys",
@@ -96,6 +97,7 @@ def test_topology_declare_is_idempotent(rabbitmq_url: str) -> None:
              "--prefix", prefix], capture_output=True, text=True, timeout=60, check=False)
         assert run.returncode == 0, run.stderr
         assert "declared" in run.stdout
+        assert "guest:guest" not in run.stdout and "guest:***@" in run.stdout
     import asyncio
 
     from audiostream.processors import registry

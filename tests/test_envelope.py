@@ -100,6 +100,8 @@ def test_reply_round_trip() -> None:
 def test_control_travels_on_the_reply_queue() -> None:
     ctl = Control("s-1", "displace", "n0nce")
     assert decode_reply_queue_message(encode_control(ctl)) == ctl
+    newer = Control("s-1", "displace", "n0nce", generation=3)
+    assert decode_reply_queue_message(encode_control(newer)) == newer
     assert decode_reply_queue_message(encode_reply(reply())) == reply()
 
 

@@ -58,7 +58,7 @@ def total(samples: Samples, name: str) -> float:
 async def test_gateway_and_worker_families_move_with_a_stream() -> None:
     settings = GatewaySettings(max_connections=50)
     async with embedded_server(gateway_settings=settings) as srv:
-        url = srv.http_url + "/metrics"
+        url = srv.ops_url + "/metrics"
         before = await scrape(url)
         assert value(before, "audiostream_gateway_connections_capacity") == 50
         assert value(before, "audiostream_gateway_connections_active") == 0
@@ -147,7 +147,7 @@ async def test_forced_expiry_counts_a_drop_with_reason_expired(
             await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
             result = await task  # the gateway's deadline answers while the worker is stuck
             release.set()
-            s = await scrape(srv.http_url + "/metrics")
+            s = await scrape(srv.ops_url + "/metrics")
     finally:
         release.set()
     [notice] = result.dropped
@@ -173,7 +173,7 @@ async def test_protocol_level_notices_and_errors_are_counted() -> None:
             assert (await ws.receive(timeout=10)).type is aiohttp.WSMsgType.BINARY
             await ws.send_str('{"type":"stop"}')
             assert (await ws.receive_json(timeout=10))["type"] == "summary"
-        s = await scrape(srv.http_url + "/metrics")
+        s = await scrape(srv.ops_url + "/metrics")
     # Every numbered frame counts in, and ends as audio or a counted notice.
     assert value(s, "audiostream_chunks_in_total") == 2
     assert value(s, "audiostream_chunks_out_total") == 1
@@ -208,7 +208,7 @@ async def hold_sessions(srv: Embedded, n: int) -> AsyncIterator[None]:
 
 
 async def depth_is(srv: Embedded, processing: str, expected: float) -> bool:
-    s = await scrape(srv.http_url + "/metrics")
+    s = await scrape(srv.ops_url + "/metrics")
     return value(s, "audiostream_queue_depth", processing=processing) == expected
 
 
@@ -257,7 +257,7 @@ async def test_worker_process_metrics_and_queue_depth_on_rabbitmq(rabbitmq_url: 
                                   format=FMT, deadline_ms=10_000)
             result = await c.stream(chunks(20), rate=None)
             assert len(result.outcomes) == 20 and not result.dropped
-            gw = await scrape(srv.http_url + "/metrics")
+            gw = await scrape(srv.ops_url + "/metrics")
             messages = value(gw, "audiostream_gateway_messages_published_total")
             assert messages >= 1
             assert value(gw, "audiostream_chunks_in_total") == 20

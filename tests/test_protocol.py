@@ -2,27 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from audiostream.audio import AudioFormat, Encoding
-from audiostream.errors import AuthError, ErrorCode
+from audiostream.errors import AuthError, ErrorCode, ProtocolError
 from audiostream.protocol import (
+    INTERNAL,
+    TABLE,
     TRANSITIONS,
+    V1_1,
+    AckMessage,
+    AudioFrame,
     AudioOutcome,
     ChunkReceived,
     ClientProtocol,
     Close,
+    Credit,
     DropNotice,
+    ErrorMsg,
+    Event,
+    GoingAway,
+    Keepalive,
+    KeepaliveMessage,
+    Limits,
+    Notice,
+    Rate,
+    Ready,
     SendBytes,
     SendText,
     ServerProtocol,
+    StartMessage,
     StartRequested,
     State,
+    StopMessage,
     StopRequested,
+    Summary,
+    TokenRefresh,
+    decode_server,
+    encode_server,
     parse_client_message,
+    plan_resume,
     start_json,
+    state_table_markdown,
 )
 
 FMT = AudioFormat(Encoding.PCM_S16LE, 16000, 1)
@@ -48,7 +75,7 @@ def started(clock: Clock | None = None) -> ServerProtocol:
     p = ServerProtocol(clock=clock or Clock())
     events = p.receive_text(start_json("as_x_y", FMT, ["passthrough"]))
     assert isinstance(events[0], StartRequested)
-    p.accept("s1", FMT, {})
+    p.accept("s1", FMT)
     p.data_to_send()
     return p
 
@@ -59,7 +86,7 @@ def test_start_then_ready() -> None:
     assert isinstance(ev, StartRequested)
     assert ev.start.deadline_ms == 300 and ev.start.format == FMT
     assert p.state is State.STARTING
-    p.accept("sid", FMT, {"pipeline": ["gain"]})
+    p.accept("sid", FMT, pipeline=["gain"])
     [ready] = texts(p.data_to_send())
     assert ready["type"] == "ready" and ready["session_id"] == "sid"
     assert ready["max_frame_bytes"] == 32000
@@ -114,7 +141,7 @@ def test_duplicate_outcomes_are_ignored() -> None:
     p.deliver_audio(0, b"y")
     p.deliver_notice(0, ErrorCode.EXPIRED, "dup")
     out = p.data_to_send()
-    assert out == [SendBytes(b"x")]
+    assert out == [SendBytes(b"x", 0, 100.0)]
 
 
 def test_odd_byte_count_gets_a_notice_and_session_continues() -> None:
@@ -235,3 +262,290 @@ def test_latency_memory_is_bounded_for_long_sessions() -> None:
     assert LATENCY_WINDOW <= len(p.latencies_ms) <= 2 * LATENCY_WINDOW
     # The summary reflects the recent chunks (2 ms), not the early ones (1 ms).
     assert p.summary()["latency_ms"]["p99"] == pytest.approx(2.0)
+
+
+# --- typed server messages ------------------------------------------------------------
+
+ALL_MESSAGES = [
+    Ready("s", 640, pipeline=("gain",), deadline_ms=500, token="t", resume_window_s=60.0),
+    Ready("s", 640, version=V1_1, resume_from=7, credit=71, rate=None),
+    Ready("s", 640, rate=Rate(120.0, 60.0)),
+    Notice(3, 1, ErrorCode.EXPIRED, "late"),
+    Notice(3, 9, ErrorCode.CREDIT_EXCEEDED, "beyond"),
+    Event(4, {"step": "vad", "name": "speech_start", "offset": 12}),
+    ErrorMsg(ErrorCode.AUTH_FAILED, "no", False),
+    ErrorMsg(ErrorCode.OVERLOADED, "busy", True, seq=5),
+    Summary("s", 3, 2, 1, {"expired": 1}, {"p50": 1.0, "p90": 1.0, "p99": 1.0, "max": 1.0}),
+    GoingAway("draining", "tok"),
+    Credit(128),
+    TokenRefresh("tok2"),
+    Keepalive(),
+]
+
+
+@pytest.mark.parametrize("msg", ALL_MESSAGES, ids=lambda m: type(m).__name__)
+def test_every_server_message_survives_encode_decode(msg: object) -> None:
+    assert decode_server(encode_server(msg)) == msg  # type: ignore[arg-type]
+
+
+def test_v1_wire_json_is_unchanged() -> None:
+    """What v1 clients parse stays byte-for-byte what the v1 gateway sent."""
+    assert encode_server(Notice(17, 1, ErrorCode.EXPIRED, "m")) == (
+        '{"type":"notice","seq":17,"code":4030,"reason":"expired","message":"m"}')
+    assert encode_server(Ready("9a", 32000, pipeline=("highpass",), deadline_ms=500)) == (
+        '{"type":"ready","version":1,"session_id":"9a","max_frame_bytes":32000,'
+        '"pipeline":["highpass"],"deadline_ms":500}')
+    assert encode_server(ErrorMsg(ErrorCode.AUTH_FAILED, "invalid API key", False)) == (
+        '{"type":"error","code":4010,"name":"auth_failed","message":"invalid API key",'
+        '"retryable":false}')
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(max_size=80) | st.builds(
+    lambda t, d: json.dumps({"type": t, **d}),
+    st.sampled_from(["ready", "notice", "event", "error", "summary", "credit", "token",
+                     "going_away", "keepalive", "x"]),
+    st.dictionaries(st.sampled_from(["seq", "count", "code", "session_id", "credit",
+                                     "token", "chunks_in", "rate", "resumed"]),
+                    st.none() | st.integers() | st.text(max_size=3) | st.booleans(),
+                    max_size=4)))
+def test_decode_server_raises_protocol_error_only(text: str) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_server(text)
+
+
+# --- the table ----------------------------------------------------------------------
+
+
+def test_table_covers_every_state_and_message() -> None:
+    kinds = {StartMessage, AudioFrame, StopMessage, AckMessage, KeepaliveMessage}
+    assert set(TABLE) == {(s, k) for s in State for k in kinds}
+    assert not [k for k in INTERNAL if k[0] is State.CLOSED]
+
+
+def test_docs_state_table_is_the_generated_one() -> None:
+    doc = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    assert state_table_markdown() in doc
+
+
+# --- v1.1 credit, aggregation, flooding ------------------------------------------------
+
+
+def started11(clock: Clock, **limits: object) -> ServerProtocol:
+    p = ServerProtocol(clock=clock, limits=Limits(**limits))  # type: ignore[arg-type]
+    p.receive_text(start_json("as_x_y", FMT, ["passthrough"], version=V1_1))
+    p.accept("s1", FMT)
+    return p
+
+
+def write_all(p: ServerProtocol) -> list[object]:
+    out = p.data_to_send()
+    for o in out:
+        p.written(o.nbytes)
+    return out
+
+
+def test_v11_ready_grants_credit_and_v1_ready_advertises_the_rate() -> None:
+    p = started11(Clock(), chunk_rate=120.0)
+    [ready] = texts(write_all(p))
+    assert ready["version"] == 1.1 and ready["credit"] == 64 and "rate" not in ready
+    q = ServerProtocol(clock=Clock(), limits=Limits(chunk_rate=120.0, chunk_burst=60))
+    q.receive_text(start_json("as_x_y", FMT, ["passthrough"]))
+    q.accept("s2", FMT)
+    [ready] = texts(q.data_to_send())
+    assert ready["version"] == 1 and ready["rate"] == {"chunks_per_s": 120.0, "burst": 60.0}
+    assert "credit" not in ready
+
+
+def test_credit_rises_as_outcomes_are_written_not_when_queued() -> None:
+    p = started11(Clock(), credit_window=8)
+    write_all(p)
+    for seq in range(8):
+        [ev] = p.receive_bytes(b"\x00\x00")
+        p.deliver_audio(ev.seq, b"a")  # type: ignore[union-attr]
+        assert seq == ev.seq  # type: ignore[union-attr]
+    out = p.data_to_send()
+    assert not [t for t in texts(out) if t["type"] == "credit"]  # queued, not written
+    for o in out:
+        p.written(o.nbytes)
+    credit = [t for t in texts(p.data_to_send()) if t["type"] == "credit"]
+    assert credit[-1]["credit"] == 16 and p.credit == 16
+
+
+def test_chunks_beyond_credit_get_one_aggregated_notice() -> None:
+    p = started11(Clock(), credit_window=4)
+    write_all(p)
+    events = [ev for _ in range(10) for ev in p.receive_bytes(b"\x00\x00")]
+    assert [e.seq for e in events] == [0, 1, 2, 3]  # type: ignore[union-attr]
+    for e in events:
+        p.deliver_audio(e.seq, b"a")  # type: ignore[union-attr]
+    notices = [t for t in texts(p.data_to_send()) if t["type"] == "notice"]
+    assert notices == [{"type": "notice", "seq": 4, "count": 6, "code": 4024,
+                        "reason": "credit_exceeded",
+                        "message": "sent beyond the granted credit (4)"}]
+
+
+def test_a_v11_client_is_not_rate_limited_but_a_flooder_is_closed_4025() -> None:
+    clock = Clock()
+    p = started11(clock, chunk_rate=10.0, chunk_burst=2, credit_window=1000,
+                  credit_bytes=1 << 40, flood_burst=5, flood_rate=1)
+    for _ in range(100):  # within credit: no bucket for v1.1
+        assert p.receive_bytes(b"\x00\x00")
+    q = started11(clock, credit_window=2, flood_burst=5, flood_rate=1)
+    for _ in range(2 + 6):
+        q.receive_bytes(b"\x00\x00")
+    assert closes(q.data_to_send()) == [Close(4025, "flooding")]
+
+
+def test_v1_over_the_rate_limit_gets_one_notice_per_chunk() -> None:
+    clock = Clock()
+    p = ServerProtocol(clock=clock, limits=Limits(chunk_rate=10.0, chunk_burst=1))
+    p.receive_text(start_json("as_x_y", FMT, ["passthrough"]))
+    p.accept("s", FMT)
+    p.data_to_send()
+    p.receive_bytes(b"\x00\x00")
+    p.deliver_audio(0, b"a")
+    p.receive_bytes(b"\x00\x00")
+    p.receive_bytes(b"\x00\x00")
+    notices = [t for t in texts(p.data_to_send()) if t["type"] == "notice"]
+    assert [(n["seq"], n["code"], "count" in n) for n in notices] == [
+        (1, 4020, False), (2, 4020, False)]
+
+
+# --- outbound accounting and deadlines --------------------------------------------------
+
+
+def test_unwritten_bytes_over_the_cap_for_the_grace_close_4023() -> None:
+    clock = Clock()
+    p = ServerProtocol(clock=clock, limits=Limits(max_outbound_bytes=1000,
+                                                  slow_consumer_grace_s=2.0))
+    p.receive_text(start_json("as_x_y", FMT, ["passthrough"]))
+    p.accept("s", FMT)
+    for seq in range(4):
+        p.receive_bytes(b"\x00\x00" * 200)
+        p.deliver_audio(seq, b"\x00" * 400)
+    out = p.data_to_send()  # handed to the adapter, never written
+    assert p.unwritten_bytes > 1000
+    due = p.next_deadline()
+    assert due == pytest.approx(clock.now + 2.0)
+    p.poll(clock.now + 1.9)
+    assert p.state is State.STREAMING
+    p.poll(clock.now + 2.0)
+    assert closes(p.data_to_send()) == [Close(4023, "slow_consumer")]
+    # Writing in time stops the clock.
+    q = ServerProtocol(clock=clock, limits=Limits(max_outbound_bytes=1000,
+                                                  slow_consumer_grace_s=2.0))
+    q.receive_text(start_json("as_x_y", FMT, ["passthrough"]))
+    q.accept("s", FMT)
+    for seq in range(4):
+        q.receive_bytes(b"\x00\x00" * 200)
+        q.deliver_audio(seq, b"\x00" * 400)
+    write_all(q)
+    assert q.unwritten_bytes == 0 and q.delivered == 4
+    q.poll(clock.now + 5)
+    assert q.state is State.STREAMING
+    assert len(out) == 5
+
+
+def test_keepalives_do_not_extend_the_auth_deadline() -> None:
+    clock = Clock()
+    p = ServerProtocol(clock=clock, limits=Limits(auth_timeout_s=10))
+    assert p.next_deadline() == 110.0
+    for _ in range(50):
+        clock.now += 0.19
+        p.receive_text('{"type":"keepalive"}')
+    assert p.next_deadline() == 110.0
+    p.poll(110.0)
+    assert closes(p.data_to_send()) == [Close(4011, "auth_timeout")]
+
+
+def test_idle_timeout_counts_frames_only() -> None:
+    clock = Clock()
+    p = ServerProtocol(clock=clock, limits=Limits(idle_timeout_s=5))
+    p.receive_text(start_json("as_x_y", FMT, ["passthrough"]))
+    p.accept("s", FMT)
+    clock.now += 3
+    p.receive_text('{"type":"keepalive"}')
+    assert p.next_deadline() == clock.now + 5
+    p.poll(clock.now + 5)
+    assert closes(p.data_to_send())[-1].code == ErrorCode.IDLE_TIMEOUT
+
+
+def test_text_frames_are_capped_before_and_after_start() -> None:
+    p = ServerProtocol()
+    p.receive_text('{"type":"keepalive","x":"' + "a" * 9000 + '"}')
+    out = p.data_to_send()
+    assert closes(out)[0].code == ErrorCode.FRAME_TOO_LARGE
+    q = started()
+    q.receive_text('{"type":"keepalive","x":"' + "a" * 9000 + '"}')  # fine after start
+    assert not closes(q.data_to_send())
+    q.receive_text('{"type":"ack","x":"' + "a" * 70_000 + '"}')
+    assert closes(q.data_to_send())[0].code == ErrorCode.FRAME_TOO_LARGE
+
+
+def test_parse_errors_do_not_leak_python_internals() -> None:
+    p = ServerProtocol()
+    p.receive_text("{nope")
+    [err] = texts(p.data_to_send())
+    assert err["message"] == "a text frame is not valid JSON"
+
+
+def test_every_audio_outcome_carries_its_seq_and_receive_time() -> None:
+    clock = Clock()
+    p = started(clock)
+    p.receive_bytes(b"\x00\x00")
+    clock.now += 1
+    p.receive_bytes(b"\x00\x00")
+    p.deliver_audio(1, b"b")
+    p.deliver_audio(0, b"a")
+    assert p.data_to_send() == [SendBytes(b"a", 0, 100.0), SendBytes(b"b", 1, 101.0)]
+
+
+def test_finished_only_once_the_summary_is_written() -> None:
+    p = ServerProtocol(clock=Clock())
+    p.receive_text(start_json("as_x_y", FMT, ["passthrough"]))
+    p.accept("s1", FMT)
+    write_all(p)
+    p.receive_bytes(b"\x00\x00")
+    p.receive_text('{"type":"stop"}')
+    p.deliver_audio(0, b"a")
+    out = p.data_to_send()
+    assert p.state is State.CLOSED and not p.finished
+    p.written(out[0].nbytes)
+    assert not p.finished
+    for o in out[1:]:
+        p.written(o.nbytes)
+    assert p.finished
+
+
+# --- resume ----------------------------------------------------------------------------
+
+
+def test_plan_resume_replays_the_journal_and_expires_the_gaps() -> None:
+    plan = plan_resume([range(0, 4), range(6, 10)], received=2)
+    assert plan.resume_from == 10 and plan.delivered == 2
+    assert plan.replay == (2, 3, 6, 7, 8, 9) and plan.expired == (4, 5)
+
+
+def test_plan_resume_refuses_more_than_was_answered() -> None:
+    with pytest.raises(ProtocolError) as info:
+        plan_resume([range(0, 5)], received=10**9)
+    assert info.value.code is ErrorCode.RESUME_FAILED
+    with pytest.raises(ProtocolError):
+        plan_resume([range(0, 5)], received=8, answered=5)
+    # Outcomes the gateway answered itself (no reply in the journal) are allowed.
+    assert plan_resume([range(0, 5)], received=8, answered=9).resume_from == 8
+
+
+def test_unwritten_bytes_far_over_the_cap_close_without_waiting_for_the_grace() -> None:
+    clock = Clock()
+    p = ServerProtocol(clock=clock, limits=Limits(max_outbound_bytes=1000,
+                                                  slow_consumer_grace_s=60.0))
+    p.receive_text(start_json("as_x_y", FMT, ["passthrough"]))
+    p.accept("s", FMT)
+    for seq in range(12):
+        p.receive_bytes(b"\x00\x00" * 200)
+        p.deliver_audio(seq, b"\x00" * 400)
+    out = p.data_to_send()
+    assert closes(out) == [Close(4023, "slow_consumer")]
+    assert sum(o.nbytes for o in out if isinstance(o, SendBytes)) <= 4000

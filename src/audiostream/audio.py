@@ -124,6 +124,12 @@ def check_chunk(fmt: AudioFormat, data: bytes) -> None:
             f"({fmt.encoding}, {fmt.channels} channel(s))",
             ErrorCode.INVALID_AUDIO,
         )
+    if fmt.encoding is Encoding.PCM_F32LE and not np.isfinite(
+            np.frombuffer(data, dtype="<f4")).all():
+        # Rejected, not sanitised: NaN poisons recurrent model state (one NaN in the GRU
+        # state of a batch lane stays there), and silently zeroing hides a client bug.
+        raise ProtocolError("float audio must be finite (NaN or Inf sample)",
+                            ErrorCode.INVALID_AUDIO)
 
 
 # --- G.711 (mu-law / A-law), vectorised ---------------------------------------------

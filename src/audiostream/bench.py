@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import ssl
 import sys
 import time
@@ -74,11 +75,12 @@ class BenchConfig:
         return self.metrics_urls or (metrics_url_for(self.url),)
 
 
-def metrics_url_for(ws_url: str) -> str:
-    """``ws://host:port/v1/stream`` -> ``http://host:port/metrics`` (wss -> https)."""
-    parts = urlsplit(ws_url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    return urlunsplit((scheme, parts.netloc, "/metrics", "", ""))
+def metrics_url_for(ws_url: str, ops_port: int = 9090) -> str:
+    """``ws[s]://host:port/v1/stream`` -> ``http://host:9090/metrics``: the gateway's
+    operations site (plain HTTP, the default --ops-port) on the same host."""
+    host = urlsplit(ws_url).hostname or "127.0.0.1"
+    netloc = f"[{host}]:{ops_port}" if ":" in host else f"{host}:{ops_port}"
+    return urlunsplit(("http", netloc, "/metrics", "", ""))
 
 
 def synthetic_audio(session: int, seconds: float, rate: int, seed: int = 0) -> npt.NDArray[
@@ -530,7 +532,8 @@ def without_timeline(r: Mapping[str, Any]) -> dict[str, Any]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", required=True, help="ws:// or wss:// URL of /v1/stream")
-    p.add_argument("--api-key", required=True, help="API key")
+    p.add_argument("--api-key", default=os.environ.get("AUDIOSTREAM_API_KEY"),
+                   help="API key (env AUDIOSTREAM_API_KEY)")
     p.add_argument("--sessions", type=int, required=True, help="concurrent sessions")
     p.add_argument("--duration", type=float, required=True,
                    help="seconds of audio each session streams in real time")
@@ -548,7 +551,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, metavar="OUT",
                    help="write the report as JSON ('-' for stdout)")
     p.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
-                   help="write a latency plot (PNG)")
+                   help="write a latency plot (PNG; needs the [plot] extra: matplotlib)")
     p.add_argument("--ca", type=Path, default=None, help="CA bundle to trust for wss://")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 

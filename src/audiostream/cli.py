@@ -1,4 +1,11 @@
-"""Command line: ``audiostream serve|gateway|worker|stream|offline|keys|topology|models``."""
+"""Command line: ``audiostream serve|gateway|worker|stream|bench|offline|healthcheck|keys|...``.
+
+Exit codes, the same for every command: 0 success; 2 a usage or user error (bad option,
+bad environment value, missing file, unknown step); 1 a runtime failure (broker or
+gateway unreachable, unhealthy); 70 a bug (``EX_SOFTWARE``), with a hint to run again
+with ``--debug``, which prints the traceback. Errors are one line on stderr, with
+secrets (URL passwords, API keys) redacted.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +21,32 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from audiostream.errors import AudioStreamError
+from audiostream import __version__
+from audiostream.errors import (
+    AudioStreamError,
+    AuthError,
+    ConfigError,
+    ProtocolError,
+    TransportError,
+)
+from audiostream.redact import redact_text, redact_url
 
 log = logging.getLogger("audiostream")
 
 DEFAULT_PORT = 8080
+
+#: Exit codes (see the module docstring); 70 is ``EX_SOFTWARE`` from BSD's sysexits.h.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
+
+
+class UsageError(ConfigError):
+    """A user error found by the command line itself (exit code 2)."""
 
 
 # --- logging ------------------------------------------------------------------------------
@@ -41,6 +65,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+#: One-shot commands report broker trouble themselves, in one line; aiormq's own
+#: "error when creating transport" log would repeat it.
+_ONE_SHOT = frozenset({"keys", "topology", "healthcheck", "offline", "models"})
+
+
 def setup_logging(level: str, json_lines: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if json_lines:
@@ -54,43 +83,154 @@ def setup_logging(level: str, json_lines: bool) -> None:
     logging.getLogger("aiormq").setLevel(logging.WARNING)
 
 
-# --- shared options -----------------------------------------------------------------------
+# --- environment defaults -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FromEnv:
+    """A default read from ``AUDIOSTREAM_*``, converted only once its command is chosen.
+
+    Converting while the parser is built made one bad variable (``AUDIOSTREAM_SHARDS=two``)
+    crash every command, even ``keys list``; converted after parsing, it fails only the
+    commands that use it, with a message naming the variable.
+    """
+
+    var: str
+    raw: str
+    convert: Callable[[str], Any]
 
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"AUDIOSTREAM_{name}", default)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+def _env_default(name: str, convert: Callable[[str], Any], default: Any) -> Any:
+    raw = os.environ.get(f"AUDIOSTREAM_{name}")
+    return default if raw is None else FromEnv(f"AUDIOSTREAM_{name}", raw, convert)
+
+
+def _resolve_env(args: argparse.Namespace) -> None:
+    for dest, value in vars(args).items():
+        if isinstance(value, FromEnv):
+            try:
+                setattr(args, dest, value.convert(value.raw))
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise UsageError(f"environment variable {value.var}={value.raw!r}: {exc}"
+                                 ) from None
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    convert.__name__ = "integer"
+    return convert
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535, got {value}")
+    return value
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        if text.lower() not in options:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(options)}")
+        return text.lower()
+
+    convert.__name__ = "choice"
+    return convert
+
+
+def _flag(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (use 1/0, true/false)")
+
+
+def _broker_url(text: str) -> str:
+    """An AMQP URL with a host: aio-pika retries a malformed one forever instead of failing."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{redact_url(text)!r} is not a URL") from None
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{redact_url(text)!r} is not an AMQP URL (amqp://user:pass@host:5672/)")
+    return text
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message and where to find the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {redact_text(message)} "
+                  f"(see '{self.prog} --help')\n")
+
+
+# --- shared options -----------------------------------------------------------------------
+
+
+def _add_common(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    """Logging and --debug options; ``nested`` (an action under a command, e.g. ``keys list``)
+    leaves defaults to the command, since argparse lets a subparser's defaults overwrite
+    what was given before it (``keys --log-level debug list``)."""
+    p.add_argument("--log-level", type=_choice(*_LOG_LEVELS),
+                   default=argparse.SUPPRESS if nested else
+                   _env_default("LOG_LEVEL", _choice(*_LOG_LEVELS), "info"),
                    help="debug, info, warning or error (env AUDIOSTREAM_LOG_LEVEL)")
     p.add_argument("--json-logs", action="store_true",
-                   default=_env("JSON_LOGS", "") in ("1", "true"),
+                   default=argparse.SUPPRESS if nested else
+                   _env_default("JSON_LOGS", _flag, False),
                    help="log JSON lines (env AUDIOSTREAM_JSON_LOGS=1)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="on an error, print the traceback (env AUDIOSTREAM_DEBUG=1)")
 
 
 def _add_broker(p: argparse.ArgumentParser, *, required: bool) -> None:
-    default = _env("BROKER")
+    default = _env_default("BROKER", _broker_url, None)
     p.add_argument(
         "--broker",
+        type=_broker_url,
         default=default,
         required=required and default is None,
         help="AMQP URL, e.g. amqp://user:pass@host:5672/ (env AUDIOSTREAM_BROKER)"
         + ("" if required else "; omit for the in-process broker"),
     )
-    p.add_argument("--shards", type=int, default=int(_env("SHARDS", "2") or 2),
-                   help="work queues per processing type (default 2)")
+    p.add_argument("--shards", type=_int_at_least(1),
+                   default=_env_default("SHARDS", _int_at_least(1), 2),
+                   help="work queues per processing type (default 2; env AUDIOSTREAM_SHARDS)")
     p.add_argument("--prefix", default=_env("PREFIX", "audiostream"),
-                   help="name prefix of exchanges and queues (default audiostream)")
+                   help="name prefix of exchanges and queues (default audiostream; "
+                   "env AUDIOSTREAM_PREFIX)")
 
 
 def _add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="listen address")
-    p.add_argument("--port", type=int, default=int(_env("PORT", str(DEFAULT_PORT)) or 0),
-                   help=f"listen port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--port", type=_port, default=_env_default("PORT", _port, DEFAULT_PORT),
+                   help=f"listen port (default {DEFAULT_PORT}; 0 picks a free one; "
+                   "env AUDIOSTREAM_PORT)")
     p.add_argument("--keys-file", type=Path, default=_env("KEYS_FILE"),
                    help="API keys file from 'audiostream keys create' "
-                   "(env AUDIOSTREAM_KEYS_FILE)")
+                   "(env AUDIOSTREAM_KEYS_FILE); serve without one creates and prints an "
+                   "in-memory development key")
     p.add_argument("--tls-cert", type=Path, default=_env("TLS_CERT"),
                    help="PEM certificate chain: serve wss:// (TLS 1.3 only)")
     p.add_argument("--tls-key", type=Path, default=_env("TLS_KEY"), help="PEM private key")
@@ -101,9 +241,22 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-grace-s", type=float, default=20.0,
                    help="on SIGTERM, wait this long for in-flight outcomes (default 20)")
     p.add_argument("--token-secret", default=_env("TOKEN_SECRET"),
-                   help="HMAC secret for resume tokens, shared by all gateways "
-                   "(env AUDIOSTREAM_TOKEN_SECRET; default: random, so sessions resume "
-                   "only on this process)")
+                   help="HMAC secret for resume and browser tokens, shared by all "
+                   "gateways; visible in ps, so prefer env AUDIOSTREAM_TOKEN_SECRET or "
+                   "--token-secret-file (default: random, so sessions resume only on this process)")
+    p.add_argument("--token-secret-file", type=Path, default=_env("TOKEN_SECRET_FILE"),
+                   help="file holding the token secret (env AUDIOSTREAM_TOKEN_SECRET_FILE)")
+    p.add_argument("--ops-host", default=_env("OPS_HOST", "127.0.0.1"),
+                   help="address of /metrics, /healthz, /readyz (default 127.0.0.1; never "
+                   "expose it publicly)")
+    p.add_argument("--ops-port", type=int, default=_env_default("OPS_PORT", int, 9090),
+                   help="port of /metrics, /healthz, /readyz (default 9090)")
+    p.add_argument("--handshake-timeout-s", type=float, default=10.0,
+                   help="close sockets that have not sent a whole request (TLS handshake "
+                   "plus headers) within this time (default 10)")
+    p.add_argument("--max-pending-sockets", type=int, default=512,
+                   help="sockets without a whole request yet; above it the oldest is "
+                   "closed (default 512)")
     p.add_argument("--resume-window-s", type=float, default=60.0,
                    help="how long a dropped session can be resumed (default 60)")
     p.add_argument("--allowed-origin", dest="allowed_origins", action="append", default=[],
@@ -137,8 +290,9 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
 
 
 def _add_worker(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("cpu", "gpu"), default=_env("DEVICE", "cpu"),
-                   help="execution device for model steps (default cpu)")
+    p.add_argument("--device", choices=("cpu", "gpu"),
+                   default=_env_default("DEVICE", _choice("cpu", "gpu"), "cpu"),
+                   help="execution device for model steps (default cpu; env AUDIOSTREAM_DEVICE)")
     p.add_argument("--max-batch", type=int, default=64,
                    help="most messages per processing call (default 64)")
     p.add_argument("--max-wait-ms", type=float, default=None,
@@ -168,7 +322,7 @@ def _ssl_from(args: argparse.Namespace) -> ssl.SSLContext | None:
     if args.tls_cert is None and args.tls_key is None:
         return None
     if args.tls_cert is None or args.tls_key is None:
-        raise AudioStreamError("--tls-cert and --tls-key go together")
+        raise UsageError("--tls-cert and --tls-key go together")
     from audiostream.gateway import server_ssl_context
 
     return server_ssl_context(args.tls_cert, args.tls_key)
@@ -202,6 +356,7 @@ def _worker_settings(args: argparse.Namespace, processing: Sequence[str]) -> Any
 
 def _gateway_settings(args: argparse.Namespace) -> Any:
     from audiostream.gateway import GatewaySettings
+    from audiostream.gateway.edge import EdgeSettings
 
     return GatewaySettings(
         default_deadline_ms=args.deadline_ms,
@@ -217,6 +372,9 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         linger_ms=args.linger_ms,
         bundle_max=args.bundle_max,
         bundle_wait_ms=args.bundle_wait_ms,
+        edge=EdgeSettings(handshake_timeout_s=args.handshake_timeout_s,
+                          max_pending=args.max_pending_sockets,
+                          ops_host=args.ops_host, ops_port=args.ops_port),
     )
 
 
@@ -226,7 +384,7 @@ def _check_exposure(args: argparse.Namespace) -> None:
         return
     loopback = args.host in ("127.0.0.1", "::1", "localhost")
     if not loopback and not args.behind_proxy:
-        raise AudioStreamError(
+        raise UsageError(
             f"refusing to serve plain ws:// on {args.host}: give --tls-cert/--tls-key, or "
             "--behind-proxy if a TLS-terminating proxy is in front"
         )
@@ -236,7 +394,16 @@ def _check_exposure(args: argparse.Namespace) -> None:
 
 
 def _secret(args: argparse.Namespace) -> bytes | None:
+    if args.token_secret_file is not None:
+        try:
+            return Path(args.token_secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --token-secret-file: {exc}") from exc
     if args.token_secret:
+        if "--token-secret" in sys.argv or any(a.startswith("--token-secret=")
+                                               for a in sys.argv):
+            log.warning("--token-secret is visible to every local user (ps); use "
+                        "AUDIOSTREAM_TOKEN_SECRET or --token-secret-file")
         return str(args.token_secret).encode()
     log.warning("no --token-secret: resume tokens are valid on this process only")
     return None
@@ -263,7 +430,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     _check_exposure(args)
     async with embedded_server(
-        token_secret=args.token_secret.encode() if args.token_secret else None,
+        token_secret=_secret(args),
         broker_url=args.broker,
         topology=_topology(args),
         host=args.host,
@@ -275,12 +442,19 @@ async def _serve(args: argparse.Namespace) -> int:
         worker_settings=_worker_settings(args, _topology(args).processing_types),
     ) as server:
         where = "in-process broker" if args.broker is None else "RabbitMQ"
-        print(f"audiostream serving {server.url} ({where}, {args.workers} worker(s))")
-        print(f"development API key (valid while this process runs):\n{server.api_key}",
-              flush=True)
+        print(f"audiostream serving {redact_url(server.url)} ({where}, {args.workers} worker(s))")
+        if server.api_key is not None:
+            print("no --keys-file: a development API key, valid while this process runs:\n"
+                  f"{server.api_key}", flush=True)
+        else:
+            print(f"API keys from {args.keys_file}; no development key", flush=True)
+        if server.ops_url:
+            print(f"metrics and probes on {server.ops_url}", flush=True)
         if args.demo is not None:
+            if server.api_key is None:
+                raise UsageError("--demo needs the development key: omit --keys-file")
             await _demo(server.url, server.api_key, sample_wav(), args.demo, _ssl_from(args))
-            print(f"still serving {server.url}; Ctrl-C to stop", flush=True)
+            print(f"still serving {redact_url(server.url)}; Ctrl-C to stop", flush=True)
         sig = await _wait_for_signal()
         log.info("%s received; shutting down", sig)
         await server.gateway.drain(args.drain_grace_s)
@@ -332,17 +506,20 @@ def _write_result(out: Path, result: Any, like: Path) -> None:
 
 async def _gateway(args: argparse.Namespace) -> int:
     from audiostream.gateway import Gateway, KeyStore, start_site
+    from audiostream.gateway.edge import EDGE_KEY
     from audiostream.transport import open_transport
 
     if args.keys_file is None:
-        raise AudioStreamError("--keys-file (or AUDIOSTREAM_KEYS_FILE) is required")
+        raise UsageError("--keys-file (or AUDIOSTREAM_KEYS_FILE) is required")
     _check_exposure(args)
+    ssl_context = _ssl_from(args)  # option errors before any warning or connection
     transport = open_transport(args.broker, _topology(args))
     gateway = Gateway(transport, KeyStore(args.keys_file), settings=_gateway_settings(args),
                       token_secret=_secret(args))
-    runner, port = await start_site(gateway.app(), args.host, args.port, _ssl_from(args))
+    runner, port = await start_site(gateway.app(), args.host, args.port, ssl_context)
     scheme = "wss" if args.tls_cert else "ws"
     print(f"audiostream gateway on {scheme}://{args.host}:{port}/v1/stream", flush=True)
+    print(f"metrics and probes on {runner.app[EDGE_KEY].ops_url}", flush=True)
     try:
         sig = await _wait_for_signal()
         log.info("%s received; draining for up to %.0f s", sig, args.drain_grace_s)
@@ -464,45 +641,191 @@ async def _stream(args: argparse.Namespace) -> int:
 
 
 def _offline(args: argparse.Namespace) -> int:
+    """Files go through audiofile (any codec, container and rate); ``-`` and raw PCM
+    through pcmio."""
     import numpy as np
-    import soundfile
 
     from audiostream.audio import AudioFormat, Encoding
+    from audiostream.audiofile import read_audio, write_audio
+    from audiostream.pcmio import is_stdio, open_input, open_output
     from audiostream.processors import ProcessorContext
     from audiostream.worker.offline import run_offline
 
-    data, rate = soundfile.read(str(args.input), dtype="int16", always_2d=True)
-    fmt = AudioFormat(Encoding.PCM_S16LE, int(rate), data.shape[1])
+    pipeline = _parse_pipeline(args.pipeline)
+    if not pipeline:
+        raise UsageError("--pipeline needs at least one step, e.g. --pipeline highpass")
+    if is_stdio(args.input) or args.raw_format is not None:
+        source = open_input(args.input, args.raw_format)
+        fmt = source.format
+        audio = source.read_all()
+    else:
+        data, rate = read_audio(Path(args.input))  # any container/codec/rate
+        fmt = AudioFormat(Encoding.PCM_S16LE, int(rate), data.shape[1])
+        audio = data.astype("<i2").tobytes()
     started = time.perf_counter()
-    out = run_offline(data.tobytes(), fmt, _parse_pipeline(args.pipeline),
+    out = run_offline(audio, fmt, pipeline,
                       context=ProcessorContext(device=args.device, model_dir=args.model_dir))
     took = time.perf_counter() - started
-    result = np.frombuffer(out, dtype="<i2").reshape(-1, fmt.channels)
-    soundfile.write(str(args.output), result, rate, subtype="PCM_16")
-    print(f"processed {data.shape[0] / rate:.2f} s in {took:.2f} s -> {args.output}")
-    return 0
+    if is_stdio(args.output) or args.raw_format is not None:
+        with open_output(args.output, fmt, raw=args.raw_format is not None) as sink:
+            sink.write(out)
+        name = sink.name
+    else:
+        if fmt.encoding is not Encoding.PCM_S16LE:
+            raise UsageError("writing a file needs 16-bit PCM; use '-' with --format instead")
+        write_audio(Path(args.output), np.frombuffer(out, dtype="<i2").reshape(
+            -1, fmt.channels), fmt.sample_rate)  # .wav, .flac or .opus
+        name = str(args.output)
+    # With audio on stdout, the report goes to stderr.
+    report = sys.stderr if is_stdio(args.output) else sys.stdout
+    print(f"processed {fmt.duration_s(len(audio)):.2f} s in {took:.2f} s -> {name}",
+          file=report)
+    return EXIT_OK
+
+
+# --- healthcheck ------------------------------------------------------------------------------
+
+
+def _transport_message(err: AudioStreamError) -> str:
+    """A broker error's message, with a bare errno (aiormq's ``111``) spelt out."""
+    message = redact_text(err.message)
+    cause = err.__cause__
+    if cause is not None and len(cause.args) == 2 and isinstance(cause.args[0], int):
+        head, _, tail = message.rpartition(": ")
+        if tail == str(cause.args[0]):
+            message = f"{head}: {str(cause.args[1]).lower()}"
+    return message
+
+
+def _gateway_problem(exc: BaseException, url: str, timeout: float) -> str:
+    """What went wrong talking to a gateway, said for an operator (no exception reprs)."""
+    import aiohttp
+
+    where = redact_url(url)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return (f"TLS certificate of {where} not trusted ({exc.certificate_error}); "
+                "--ca FILE trusts a private CA, --insecure skips the check")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve the host of {where} (DNS)"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return f"TLS handshake with {where} failed (is it serving wss://?)"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return f"connection refused at {exc.host}:{exc.port} (is the gateway running?)"
+        reason = exc.os_error.strerror or "network error"
+        return f"cannot connect to {exc.host}:{exc.port} ({reason})"
+    if isinstance(exc, aiohttp.WSServerHandshakeError):
+        if exc.status == 503:
+            return f"{where} refused the upgrade with HTTP 503 (draining or not ready)"
+        return (f"{where} answered HTTP {exc.status}, not a WebSocket upgrade "
+                "(is the path /v1/stream?)")
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {where} within {timeout:g} s"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return f"{where} closed the connection without answering"
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return f"cannot talk to {where} ({type(exc).__name__})"
+    raise exc
+
+
+async def _check_gateway(url: str, *, limit_s: float, ctx: ssl.SSLContext | bool) -> str | None:
+    """A WebSocket upgrade and a keepalive round trip; None when healthy, else the problem."""
+    import aiohttp
+
+    from audiostream.errors import ErrorCode
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=limit_s)) as s:
+            async with s.ws_connect(url, ssl=ctx) as ws:
+                started = time.perf_counter()
+                await ws.send_str('{"type":"keepalive"}')
+                msg = await ws.receive()
+                took = (time.perf_counter() - started) * 1000
+                if msg.type is aiohttp.WSMsgType.TEXT and '"keepalive"' in msg.data:
+                    print(f"gateway {redact_url(url)}: ok (keepalive answered in {took:.1f} ms)")
+                    return None
+                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                    code = ws.close_code
+                    known = code is not None and code in ErrorCode._value2member_map_
+                    name = ErrorCode(code).name if known and code is not None else ""
+                    return (f"{redact_url(url)} closed the connection instead of answering "
+                            f"(close code {code}{' ' + name if name else ''})")
+                return (f"{redact_url(url)} gave an unexpected answer to a keepalive "
+                        f"({msg.type.name})")
+    except Exception as exc:  # every failure becomes one line
+        return _gateway_problem(exc, url, limit_s)
+
+
+async def _check_broker(args: argparse.Namespace) -> list[str]:
+    """Connect, find every exchange and queue of the topology, and see workers consuming."""
+    from audiostream.transport.rabbitmq import probe_topology
+
+    topo = _topology(args)
+    wanted = _parse_pipeline(args.processing) if args.processing else []
+    unknown = [p for p in wanted if p not in topo.processing_types]
+    if unknown:
+        raise UsageError(f"--processing: unknown processing type(s) {', '.join(unknown)}; "
+                         f"available: {', '.join(topo.processing_types)}")
+    where = redact_url(args.broker)
+    try:
+        async with asyncio.timeout(args.timeout):
+            probe = await probe_topology(args.broker, topo)
+    except TimeoutError:
+        return [f"no answer from {where} within {args.timeout:g} s"]
+    except AudioStreamError as err:
+        return [_transport_message(err)]
+    missing = [f"exchange {name}" for name, present in probe.exchanges.items() if not present]
+    missing += [f"queue {q.name}" for q in probe.queues if q.messages is None]
+    if len(missing) == len(probe.exchanges) + len(probe.queues):
+        return [f"no topology with prefix {topo.prefix!r} on {where} "
+                "(run 'audiostream topology declare', with the same --prefix/--shards)"]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing)} (run 'audiostream topology declare')")
+    consumers: dict[str, int] = {}
+    for ptype in topo.processing_types:
+        counts = [q.consumers for q in probe.queues
+                  if q.name in topo.work_queues(ptype) and q.messages is not None]
+        consumers[ptype] = min(counts) if counts else 0
+        if ptype in wanted and consumers[ptype] == 0:
+            problems.append(f"no worker consumes {ptype} "
+                            f"(every one of its {topo.shards} queues needs a consumer)")
+    if not wanted and not any(consumers.values()):
+        problems.append("no worker consumes any work queue")
+    ready = sum(q.messages or 0 for q in probe.queues if q.name != topo.dead_letter_queue)
+    serving = ", ".join(f"{p}={n}" for p, n in consumers.items() if n) or "none"
+    print(f"broker {where}: connected; {len(probe.exchanges)} exchanges, "
+          f"{len(probe.queues)} queues checked; {ready} messages waiting; "
+          f"consumers per queue: {serving}")
+    return problems
 
 
 async def _healthcheck(args: argparse.Namespace) -> int:
-    """WebSocket-level readiness: an upgrade and a keepalive round trip must work."""
-    import aiohttp
-
-    ctx: ssl.SSLContext | bool = True
-    if args.url.startswith("wss://") and args.insecure:
-        ctx = False
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout)) as s:
-            async with s.ws_connect(args.url, ssl=ctx) as ws:
-                await ws.send_str('{"type":"keepalive"}')
-                msg = await ws.receive()
-                if msg.type is aiohttp.WSMsgType.TEXT and '"keepalive"' in msg.data:
-                    print("ok")
-                    return 0
-                print(f"unexpected answer: {msg.type} {str(msg.data)[:200]}")
-                return 1
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        print(f"unhealthy: {exc!r}")
-        return 1
+    """Gateway readiness (WebSocket upgrade + keepalive) and, with --broker, the broker's."""
+    url = args.url
+    if url is None and args.broker is None:
+        url = f"ws://127.0.0.1:{DEFAULT_PORT}/v1/stream"
+    problems: list[str] = []
+    if url is not None:
+        if not url.startswith(("ws://", "wss://")):
+            raise UsageError(f"--url must be a ws:// or wss:// URL, got {redact_url(url)!r}")
+        ctx: ssl.SSLContext | bool = True
+        if url.startswith("wss://"):
+            if args.insecure:
+                ctx = False
+            elif args.ca is not None:
+                ctx = ssl.create_default_context(cafile=str(args.ca))
+        problem = await _check_gateway(url, limit_s=args.timeout, ctx=ctx)
+        if problem is not None:
+            problems.append(f"gateway: {problem}")
+    if args.broker is not None:
+        problems.extend(f"broker: {p}" for p in await _check_broker(args))
+    if problems:
+        for p in problems:
+            print(f"unhealthy: {p}", file=sys.stderr)
+        return EXIT_FAILURE
+    print("healthy")
+    return EXIT_OK
 
 
 # --- keys / topology / models -----------------------------------------------------------------
@@ -510,24 +833,56 @@ async def _healthcheck(args: argparse.Namespace) -> int:
 
 def _keys(args: argparse.Namespace) -> int:
     from audiostream.gateway.keys import create_key, load_records, revoke_key
+    from audiostream.processors import registry
 
     if args.keys_cmd == "create":
+        pipelines = None
+        if args.pipelines is not None:
+            pipelines = _parse_pipeline(args.pipelines)
+            if not pipelines:
+                raise UsageError("--pipelines needs at least one step (omit it to allow all)")
         key, rec = create_key(
             args.keys_file,
             args.name,
             max_sessions=args.max_sessions,
-            pipelines=_parse_pipeline(args.pipelines) if args.pipelines else None,
+            pipelines=pipelines,
+            known_steps=registry.names(),
         )
         print(f"created key {rec.id} ({rec.name}) in {args.keys_file}; it is shown only once:")
         print(key)
     elif args.keys_cmd == "list":
-        for rec in load_records(args.keys_file).values():
+        records = load_records(args.keys_file, must_exist=True)
+        if not records:
+            print(f"no keys in {args.keys_file}", file=sys.stderr)
+        for rec in records.values():
             state = "revoked" if rec.revoked else "active"
             print(f"{rec.id}\t{rec.name}\t{state}\tmax_sessions={rec.max_sessions}\t"
                   f"pipelines={','.join(rec.pipelines) if rec.pipelines else '*'}")
+    elif args.keys_cmd == "token":
+        return _keys_token(args)
     else:
         rec = revoke_key(args.keys_file, args.key)
         print(f"revoked {rec.id} ({rec.name})")
+    return EXIT_OK
+
+
+def _keys_token(args: argparse.Namespace) -> int:
+    """Mint a browser token offline: same secret as the gateways, no gateway needed."""
+    from audiostream.gateway.browser import BrowserTokens
+    from audiostream.gateway.keys import KeyStore, load_records
+
+    if not args.token_secret:
+        raise AudioStreamError("--token-secret (or AUDIOSTREAM_TOKEN_SECRET) is required: "
+                               "the gateways' secret, which they check tokens with")
+    rec = next((r for r in load_records(args.keys_file).values()
+                if args.key in (r.id, r.name)), None)
+    if rec is None:
+        raise AudioStreamError(f"no key with id or name {args.key!r} in {args.keys_file}")
+    tokens = BrowserTokens(str(args.token_secret).encode(), KeyStore(args.keys_file))
+    token, grant = tokens.mint(rec, _parse_pipeline(args.pipelines), args.ttl)
+    print(f"browser token for key {rec.id} ({rec.name}), pipelines "
+          f"{','.join(grant.pipelines)}, one session, expires in {args.ttl:g} s:")
+    print(token)
     return 0
 
 
@@ -538,23 +893,54 @@ async def _topology_cmd(args: argparse.Namespace) -> int:
 
         await declare_topology(args.broker, topo)
         print(f"declared {len(topo.processing_types)} exchanges and "
-              f"{len(topo.processing_types) * topo.shards} work queues on {args.broker}")
-        return 0
+              f"{len(topo.processing_types) * topo.shards} work queues on "
+              f"{redact_url(args.broker)}")
+        return EXIT_OK
     from audiostream.definitions import write_definitions
 
     write_definitions(args.out, topo)
     print(f"wrote {args.out}")
-    return 0
+    return EXIT_OK
+
+
+def _require_plot_extra() -> None:
+    """Fail before a long benchmark, not after it, when the plot cannot be drawn."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'audiostream[plot]'") from None
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    from audiostream.bench import config_from_args, run_cli
+
+    if args.api_key is None:
+        raise UsageError("--api-key (or AUDIOSTREAM_API_KEY) is required")
+    if args.plot is not None:
+        _require_plot_extra()
+    try:
+        config_from_args(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return await run_cli(args)
 
 
 # --- parser --------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from audiostream.pcmio import add_format_argument
+
+    parser = Parser(
         prog="audiostream",
         description="Real-time audio processing over WebSockets, RabbitMQ and ONNX Runtime.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 usage or user error, 70 internal "
+        "error (run again with --debug for the traceback).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        default=_env_default("DEBUG", _flag, False),
+                        help="on an error, print the traceback (env AUDIOSTREAM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="gateway and workers in one process (embedded default)")
@@ -562,7 +948,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker(p, required=False)
     _add_gateway(p)
     _add_worker(p)
-    p.add_argument("--workers", type=int, default=1, help="in-process workers (default 1)")
+    p.add_argument("--workers", type=_int_at_least(1), default=1,
+                   help="in-process workers (default 1)")
     p.add_argument("--demo", type=Path, default=None, metavar="OUT_DIR",
                    help="after start, stream the bundled sample and write the result here")
 
@@ -576,9 +963,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker(p, required=True)
     _add_worker(p)
     p.add_argument("--processing", required=True, help="processing types, e.g. denoise,vad")
-    p.add_argument("--metrics-port", type=int, default=None,
+    p.add_argument("--metrics-port", type=_port, default=None,
                    help="serve /metrics and /healthz on this port")
-    p.add_argument("--metrics-host", default="0.0.0.0", help="address for --metrics-port")
+    p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"),
+                   help="address for --metrics-port (default 127.0.0.1; the chart uses the "
+                   "pod IP behind a NetworkPolicy)")
 
     p = sub.add_parser("stream", help="stream a WAV file through a gateway")
     _add_common(p)
@@ -606,51 +995,90 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="N concurrent real-time sessions against a gateway")
     _add_common(p)
-    from audiostream import bench as _bench
+    from audiostream import bench as _bench_module
 
-    _bench.add_arguments(p)
+    _bench_module.add_arguments(p)
 
-    p = sub.add_parser("offline", help="run a pipeline on a WAV file in-process (reference)")
+    p = sub.add_parser("offline", help="run a pipeline on an audio file in-process (reference)",
+                       description="Run a pipeline on a file or on stdin/stdout ('-'): "
+                       "IN may be WAV, FLAC, Opus/Ogg or MP3 at any rate, or a WAV "
+                       "stream on stdin; raw PCM needs --format. OUT is a .wav, .flac or "
+                       ".opus file, or '-' for stdout (raw PCM with --format, else WAV).")
     _add_common(p)
-    p.add_argument("input", type=Path)
-    p.add_argument("output", type=Path)
-    p.add_argument("--pipeline", required=True)
+    p.add_argument("input", help="audio file, or '-' for stdin")
+    p.add_argument("output", help="WAV file, or '-' for stdout")
+    p.add_argument("--pipeline", required=True, help="steps, e.g. highpass,denoise")
+    add_format_argument(p)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--model-dir", type=Path, default=_env("MODEL_DIR"))
 
-    p = sub.add_parser("healthcheck", help="exit 0 if a WebSocket upgrade + keepalive works")
+    p = sub.add_parser(
+        "healthcheck", help="exit 0 if the gateway (and, with --broker, the broker) is healthy",
+        description="Gateway: a WebSocket upgrade and a keepalive round trip at --url. "
+        "Broker (--broker): connect, find every exchange and queue of the topology, and "
+        "see workers consuming (every listed --processing type on each of its queues; "
+        "without --processing, at least one). Checks the gateway unless only --broker is "
+        "given. Exit 0 healthy, 1 unhealthy (one line per problem on stderr).")
     _add_common(p)
-    p.add_argument("--url", default=f"ws://127.0.0.1:{DEFAULT_PORT}/v1/stream")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--url", default=None,
+                   help=f"gateway URL (default ws://127.0.0.1:{DEFAULT_PORT}/v1/stream)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per check (default 5)")
     p.add_argument("--insecure", action="store_true", help="skip certificate checks (local)")
+    p.add_argument("--ca", type=Path, default=None, help="CA bundle to trust for wss://")
+    p.add_argument("--broker", type=_broker_url, default=None,
+                   help="AMQP URL: also check the broker, its topology and its consumers")
+    p.add_argument("--shards", type=_int_at_least(1),
+                   default=_env_default("SHARDS", _int_at_least(1), 2),
+                   help="work queues per processing type (default 2; env AUDIOSTREAM_SHARDS)")
+    p.add_argument("--prefix", default=_env("PREFIX", "audiostream"),
+                   help="name prefix of exchanges and queues (env AUDIOSTREAM_PREFIX)")
+    p.add_argument("--processing", default=None,
+                   help="processing types that must have a consumer, e.g. denoise,vad")
 
     p = sub.add_parser("keys", help="manage API keys (stored as hashes)")
     _add_common(p)
-    ks = p.add_subparsers(dest="keys_cmd", required=True)
+    ks = p.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
     kc = ks.add_parser("create", help="create a key; prints it as the last line")
-    kc.add_argument("name")
-    kc.add_argument("--max-sessions", type=int, default=None)
-    kc.add_argument("--pipelines", default=None, help="allowed steps, comma separated")
+    kc.add_argument("name", help="a unique name (revoke NAME refers to it)")
+    kc.add_argument("--max-sessions", type=_int_at_least(1), default=None,
+                    help="concurrent sessions this key may hold (default: no cap)")
+    kc.add_argument("--pipelines", default=None,
+                    help="allowed steps, comma separated (default: all); names are checked "
+                    "against the processors, including those from --import")
+    kc.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                    help="import a module that registers more processors (repeatable)")
     kl = ks.add_parser("list", help="list keys (never the secrets)")
-    kr = ks.add_parser("revoke", help="revoke a key by id or name")
-    kr.add_argument("key")
-    for k in (kc, kl, kr):
+    kr = ks.add_parser("revoke", help="revoke one key by id or unique name")
+    kr.add_argument("key", help="key id, or name if exactly one key has it")
+    kt = ks.add_parser("token", help="mint a short-lived browser token (bt1.) for one "
+                       "session; prints it as the last line")
+    kt.add_argument("key", help="id or name of the API key it acts for")
+    kt.add_argument("--pipelines", required=True, help="allowed steps, comma separated")
+    kt.add_argument("--ttl", type=float, default=300.0, help="seconds, at most 600")
+    kt.add_argument("--token-secret", default=_env("TOKEN_SECRET"),
+                    help="the gateways' --token-secret (env AUDIOSTREAM_TOKEN_SECRET)")
+    for k in (kc, kl, kr, kt):
+        _add_common(k, nested=True)
         k.add_argument("--keys-file", type=Path, default=_env("KEYS_FILE"),
-                       required=_env("KEYS_FILE") is None)
+                       required=_env("KEYS_FILE") is None,
+                       help="the keys file (env AUDIOSTREAM_KEYS_FILE)")
 
     p = sub.add_parser("topology", help="broker topology")
     _add_common(p)
-    ts = p.add_subparsers(dest="topology_cmd", required=True)
+    ts = p.add_subparsers(dest="topology_cmd", required=True, metavar="ACTION")
     td = ts.add_parser("declare", help="declare exchanges and queues on RabbitMQ (idempotent)")
+    _add_common(td, nested=True)
     _add_broker(td, required=True)
     tdef = ts.add_parser("definitions", help="write RabbitMQ definitions JSON")
+    _add_common(tdef, nested=True)
     _add_broker(tdef, required=False)
     tdef.add_argument("--out", type=Path, required=True)
 
     p = sub.add_parser("models", help="model files")
     _add_common(p)
-    ms = p.add_subparsers(dest="models_cmd", required=True)
+    ms = p.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
     mp = ms.add_parser("prepare", help="derive streaming/INT8/FP16 models and verify hashes")
+    _add_common(mp, nested=True)
     with contextlib.suppress(ImportError):
         from audiostream.models import prepare as _prepare
 
@@ -666,40 +1094,101 @@ def _run_async(coro: Any) -> int:
     return int(asyncio.run(coro))
 
 
+def _dispatch(args: argparse.Namespace) -> int:
+    for module in getattr(args, "imports", []):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise UsageError(f"--import {module}: {exc}") from None
+    # A mistyped input path is a user error, whatever the command does with it.
+    source = getattr(args, "input", None)
+    if source is not None and str(source) != "-" and not Path(source).exists():
+        raise UsageError(f"input file {str(source)!r} does not exist")
+    cmd = args.command
+    if cmd == "serve":
+        return _run_async(_serve(args))
+    if cmd == "gateway":
+        return _run_async(_gateway(args))
+    if cmd == "worker":
+        return _run_async(_worker(args))
+    if cmd == "stream":
+        return _run_async(_stream(args))
+    if cmd == "bench":
+        return _run_async(_bench(args))
+    if cmd == "healthcheck":
+        return _run_async(_healthcheck(args))
+    if cmd == "offline":
+        return _offline(args)
+    if cmd == "keys":
+        return _keys(args)
+    if cmd == "topology":
+        return _run_async(_topology_cmd(args))
+    if cmd == "models":
+        from audiostream.models import prepare
+
+        return int(prepare.run(args))
+    raise AssertionError(f"unhandled command {cmd!r}")
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups, e.g. from a TaskGroup."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def classify(exc: BaseException) -> tuple[int, str]:
+    """Exit code and one-line message (secrets redacted) for an error that ended a command."""
+    import aiohttp
+    import soundfile
+
+    exc = _leaf(exc)
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE, redact_text(exc.message)
+    if isinstance(exc, TransportError):
+        return EXIT_FAILURE, f"{exc.code.name} ({int(exc.code)}): {_transport_message(exc)}"
+    if isinstance(exc, AudioStreamError):
+        user = isinstance(exc, ConfigError | ProtocolError | AuthError)
+        return (EXIT_USAGE if user else EXIT_FAILURE), redact_text(str(exc))
+    if isinstance(exc, BrokenPipeError):
+        return EXIT_FAILURE, "output closed early (broken pipe)"
+    if isinstance(exc, OSError):
+        reason = exc.strerror or type(exc).__name__
+        if exc.filename is not None:
+            return EXIT_USAGE, f"{exc.filename}: {reason}"
+        return EXIT_FAILURE, redact_text(reason if exc.strerror else str(exc) or reason)
+    if isinstance(exc, soundfile.LibsndfileError):
+        return EXIT_USAGE, f"cannot read the audio: {exc.error_string}"
+    if isinstance(exc, aiohttp.ClientError):
+        return EXIT_FAILURE, redact_text(f"{type(exc).__name__}: {exc}")
+    text = redact_text(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    return EXIT_BUG, (f"internal error ({text}); this is a bug: run again with --debug for "
+                      "the traceback and report it")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(getattr(args, "log_level", "info"), getattr(args, "json_logs", False))
+    debug = getattr(args, "debug", False)
+    if isinstance(debug, FromEnv):
+        try:
+            debug = _flag(debug.raw)
+        except argparse.ArgumentTypeError:
+            debug = False  # reported by _resolve_env below
     try:
-        for module in getattr(args, "imports", []):
-            importlib.import_module(module)
-        cmd = args.command
-        if cmd == "serve":
-            return _run_async(_serve(args))
-        if cmd == "gateway":
-            return _run_async(_gateway(args))
-        if cmd == "worker":
-            return _run_async(_worker(args))
-        if cmd == "stream":
-            return _run_async(_stream(args))
-        if cmd == "bench":
-            from audiostream.bench import run_cli
-
-            return _run_async(run_cli(args))
-        if cmd == "healthcheck":
-            return _run_async(_healthcheck(args))
-        if cmd == "offline":
-            return _offline(args)
-        if cmd == "keys":
-            return _keys(args)
-        if cmd == "topology":
-            return _run_async(_topology_cmd(args))
-        if cmd == "models":
-            from audiostream.models import prepare
-
-            return prepare.run(args)
-    except AudioStreamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        _resolve_env(args)
+        setup_logging(args.log_level, args.json_logs)
+        if args.command in _ONE_SHOT and args.log_level != "debug":
+            logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+        return _dispatch(args)
     except KeyboardInterrupt:
-        return 130
-    return 2
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except BaseException as exc:  # the one place every error becomes a line
+        code, message = classify(exc)
+        if debug:
+            print(redact_text("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
+        one_line = " ".join(message.split())  # an exception text may span lines
+        print(f"audiostream {args.command}: error: {one_line}", file=sys.stderr)
+        return code

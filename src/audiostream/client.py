@@ -25,7 +25,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import inspect
-import json
 import logging
 import random
 import socket
@@ -54,6 +53,7 @@ import numpy as np
 import numpy.typing as npt
 
 from audiostream import audio
+from audiostream import protocol as wire
 from audiostream.audio import AudioFormat, Encoding
 from audiostream.client_errors import (
     RESUMABLE_CLOSES,
@@ -68,7 +68,6 @@ from audiostream.client_errors import (
     ServerRefused,
     SessionClosed,
     TlsError,
-    code_of,
     error_for,
 )
 from audiostream.errors import AudioStreamError, ErrorCode, ProtocolError
@@ -204,15 +203,15 @@ class Summary:
     data: Mapping[str, Any]
 
     @classmethod
-    def from_wire(cls, msg: Mapping[str, Any]) -> Summary:
+    def from_wire(cls, msg: wire.Summary) -> Summary:
         return cls(
-            session_id=str(msg.get("session_id", "")),
-            chunks_in=int(msg.get("chunks_in", 0)),
-            chunks_out=int(msg.get("chunks_out", 0)),
-            dropped=int(msg.get("dropped", 0)),
-            dropped_by_reason=dict(msg.get("dropped_by_reason", {})),
-            latency_ms=dict(msg.get("latency_ms", {})),
-            data=dict(msg),
+            session_id=msg.session_id or "",
+            chunks_in=msg.chunks_in,
+            chunks_out=msg.chunks_out,
+            dropped=msg.dropped,
+            dropped_by_reason=dict(msg.dropped_by_reason),
+            latency_ms=dict(msg.latency_ms),
+            data=msg.data,
         )
 
 
@@ -220,11 +219,12 @@ Item = (Audio | Notice | Event | ErrorReport | Reconnected | CallbackFailed | Su
 Hook = Callable[[Any], Any]
 
 
-def event_from_wire(msg: Mapping[str, Any]) -> Event:
+def event_from_wire(ev: wire.Event) -> Event:
     """A typed event: VAD's probabilities and speech marks get their own classes."""
-    seq = int(msg["seq"])
+    seq = ev.seq
+    msg = ev.fields
     name = str(msg.get("name", ""))
-    data = dict(msg)
+    data = {"type": "event", "seq": seq, **msg}
     if name == "speech_start":
         return SpeechStart(seq, name, data, int(msg.get("offset", 0)))
     if name == "speech_end":
@@ -350,17 +350,6 @@ def _classify(url: str, exc: BaseException, attempts: int) -> ConnectError:
         if isinstance(e, ConnectionRefusedError):
             return ConnectionRefused(text, url=url, attempts=attempts)
     return ConnectError(text, url=url, attempts=attempts)
-
-
-def _decode(text: str) -> dict[str, Any]:
-    """One server JSON message as a dict with a string ``type``."""
-    try:
-        msg = json.loads(text)
-    except ValueError:
-        raise ProtocolError("server sent invalid JSON", ErrorCode.INVALID_JSON) from None
-    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-        raise ProtocolError(f"server sent a message without a type: {text[:200]!r}")
-    return msg
 
 
 @dataclass(slots=True)
@@ -658,7 +647,7 @@ class _Link:
     and a reader that turns frames into items."""
 
     def __init__(self, session: Session, ws: aiohttp.ClientWebSocketResponse,
-                 http: aiohttp.ClientSession, url: str, ready: Mapping[str, Any],
+                 http: aiohttp.ClientSession, url: str, ready: wire.Ready,
                  version: float) -> None:
         self.s = session
         self.ws = ws
@@ -668,10 +657,9 @@ class _Link:
         self.going_away = False
         self._lock = asyncio.Lock()
         self._acked = session.received
-        rate = ready.get("rate")
         chunks_per_s = DEFAULT_V1_RATE
-        if isinstance(rate, Mapping) and isinstance(rate.get("chunks_per_s"), int | float):
-            chunks_per_s = max(1.0, float(rate["chunks_per_s"]))
+        if ready.rate is not None:
+            chunks_per_s = max(1.0, ready.rate.chunks_per_s)
         self.pacer = _Pacer(chunks_per_s) if version < 1.1 else None
         self.stop_sent = False
 
@@ -775,38 +763,32 @@ class _Link:
     async def _text(self, text: str) -> bool:
         """Handle one control message; True once the summary is in."""
         s = self.s
-        msg = _decode(text)
-        kind = msg["type"]
-        if kind == "notice":
-            seq, count = int(msg["seq"]), int(msg.get("count", 1))
-            if seq != s.received:
-                raise ProtocolError(f"notice for seq {seq}, expected {s.received}")
-            await self._answered(count)
-            code = int(msg.get("code", 0))
-            await s._emit(Notice(seq, code_of(code) or code, str(msg.get("reason", "")),
-                                 str(msg.get("message", "")), count))
-        elif kind == "event":
+        msg = wire.decode_server(text)
+        if isinstance(msg, wire.Notice):
+            if msg.seq != s.received:
+                raise ProtocolError(f"notice for seq {msg.seq}, expected {s.received}")
+            await self._answered(msg.count)
+            await s._emit(Notice(msg.seq, msg.code, msg.reason, msg.message, msg.count))
+        elif isinstance(msg, wire.Event):
             await s._emit(event_from_wire(msg))
-        elif kind == "credit":
+        elif isinstance(msg, wire.Credit):
             async with s._cv:
-                s._credit = max(s._credit or 0, int(msg["credit"]))
+                s._credit = max(s._credit or 0, msg.credit)
                 s._cv.notify_all()
-        elif kind == "error":
-            code = int(msg.get("code", 0))
-            await s._emit(ErrorReport(code_of(code) or code, str(msg.get("message", "")),
-                                      bool(msg.get("retryable")), msg.get("seq")))
-        elif kind == "summary":
+        elif isinstance(msg, wire.ErrorMsg):
+            await s._emit(ErrorReport(msg.code, msg.message, msg.retryable, msg.seq))
+        elif isinstance(msg, wire.Summary):
             s.summary = Summary.from_wire(msg)
             s.close_code = 1000
             await s._emit(s.summary)
             return True
-        elif kind == "going_away":
-            s._token = msg.get("token", s._token)
+        elif isinstance(msg, wire.GoingAway):
+            s._token = msg.token or s._token
             async with s._cv:
                 self.going_away = True  # the gateway accepts no more audio here
                 s._cv.notify_all()
-        elif kind == "token":
-            s._token = str(msg["token"])
+        elif isinstance(msg, wire.TokenRefresh):
+            s._token = msg.token
         return False
 
 
@@ -975,14 +957,11 @@ class AudioStreamClient:
                        chunk_ms=chunk_ms, iterate=iterate, max_items=max_items)
 
     def _start_json(self, s: Session, version: float) -> str:
-        msg: dict[str, Any] = {"type": "start", "version": version if version != 1.0 else 1,
-                               "api_key": self.api_key, "format": s.format.to_dict(),
-                               "pipeline": s.pipeline}
-        if s.deadline_ms is not None:
-            msg["options"] = {"deadline_ms": s.deadline_ms}
+        resume = None
         if s.session_id is not None and s._token is not None:
-            msg["resume"] = {"token": s._token, "received": s.received}
-        return json.dumps(msg)
+            resume = wire.ResumeRequest(s._token, s.received)
+        return wire.start_json(self.api_key, s.format, s.pipeline, deadline_ms=s.deadline_ms,
+                               resume=resume, version=version)
 
     async def _establish(self, s: Session, *, first: bool, attempt: int = 0) -> _Link:
         """Open a connection and get ``ready`` for ``s``: a fresh session when ``first``,
@@ -1055,24 +1034,25 @@ class AudioStreamClient:
         except BaseException:
             await http.close()
             raise
-        resumed = bool(ready.get("resumed"))
-        s.session_id = str(ready["session_id"])
-        s._token = ready.get("token", s._token)
-        if isinstance(ready.get("max_frame_bytes"), int):
-            s.max_frame_bytes = int(ready["max_frame_bytes"])
-        real_version = 1.1 if ready.get("version") in (1.1, "1.1") else 1.0
+        resumed = ready.resumed
+        s.session_id = ready.session_id
+        s._token = ready.token or s._token
+        if ready.max_frame_bytes:
+            s.max_frame_bytes = ready.max_frame_bytes
+        real_version = 1.1 if ready.version == wire.V1_1 else 1.0
         s.version = real_version
         async with s._cv:
             if resumed:
-                resume_from = int(ready["resume_from"])
+                assert ready.resume_from is not None
+                resume_from = ready.resume_from
                 if resume_from < s.received or resume_from > s.next_seq:
                     raise ProtocolError(f"server resumed from {resume_from}, outside "
                                         f"{s.received}..{s.next_seq}")
                 s._transmitted = resume_from
             else:
                 s._transmitted = s.received
-            if real_version >= 1.1 and isinstance(ready.get("credit"), int):
-                s._credit = int(ready["credit"])
+            if real_version >= 1.1 and ready.credit is not None:
+                s._credit = ready.credit
                 s._window = max(2, s._credit - s.received)
             else:
                 s._credit = None
@@ -1090,17 +1070,16 @@ class AudioStreamClient:
         return link
 
     async def _handshake(self, s: Session, ws: aiohttp.ClientWebSocketResponse, url: str,
-                         version: float) -> dict[str, Any]:
+                         version: float) -> wire.Ready:
         await ws.send_str(self._start_json(s, version))
         try:
             async with asyncio.timeout(self.ready_timeout_s):
                 first = await ws.receive()
                 if first.type is aiohttp.WSMsgType.TEXT:
-                    msg = _decode(first.data)
-                    if msg["type"] == "error":
-                        err_code = int(msg.get("code", 0))
-                        raise error_for(err_code, str(msg.get("message", "")))
-                    if msg["type"] == "ready":
+                    msg = wire.decode_server(first.data)
+                    if isinstance(msg, wire.ErrorMsg):
+                        raise error_for(int(msg.code), msg.message)
+                    if isinstance(msg, wire.Ready):
                         return msg
                     raise ProtocolError(f"expected ready, got {first.data[:200]!r}")
         except TimeoutError as exc:

@@ -133,6 +133,9 @@ class Control:
     command: str
     nonce: str
     version: int = ENVELOPE_VERSION
+    generation: int = 0
+    """The sender's resume-token generation: a holder yields only to a newer one
+    (optional on the wire, 0 when absent)."""
 
 
 def redistribute(lengths: Sequence[int], new_total: int) -> tuple[int, ...]:
@@ -258,6 +261,8 @@ def encode_reply(reply: Reply, *, also: Sequence[tuple[str, float]] = ()) -> byt
 def encode_control(ctl: Control) -> bytes:
     body = {"k": _KIND_CONTROL, "v": ctl.version, "sid": ctl.session_id,
             "cmd": ctl.command, "n": ctl.nonce}
+    if ctl.generation:
+        body["g"] = ctl.generation
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -265,7 +270,9 @@ def decode_reply_queue_message(data: bytes) -> Reply | Control:
     """What a reply queue carries: replies, and now and then a control message."""
     body = _unpack(data, (_KIND_REPLY, _KIND_CONTROL))
     if body["k"] == _KIND_CONTROL:
-        return Control(_typed(body, "sid", str), _typed(body, "cmd", str), _typed(body, "n", str))
+        generation = body.get("g", 0)
+        return Control(_typed(body, "sid", str), _typed(body, "cmd", str), _typed(body, "n", str),
+                       generation=generation if isinstance(generation, int) else 0)
     return _reply_from(body)
 
 

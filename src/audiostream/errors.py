@@ -39,10 +39,14 @@ class ErrorCode(IntEnum):
     AUTH_TIMEOUT = 4011
     CREDENTIALS_IN_URL = 4012
     FORBIDDEN = 4013
+    KEY_REVOKED = 4014
     # Limits.
     RATE_LIMITED = 4020
     TOO_MANY_SESSIONS = 4021
     IDLE_TIMEOUT = 4022
+    SLOW_CONSUMER = 4023
+    CREDIT_EXCEEDED = 4024
+    FLOODING = 4025
     # Per-chunk outcomes without audio.
     EXPIRED = 4030
     OVERLOADED = 4031
@@ -64,6 +68,8 @@ RETRYABLE_CODES = frozenset(
         ErrorCode.EXPIRED,
         ErrorCode.OVERLOADED,
         ErrorCode.RATE_LIMITED,
+        ErrorCode.SLOW_CONSUMER,
+        ErrorCode.CREDIT_EXCEEDED,
         ErrorCode.TOO_MANY_SESSIONS,
         ErrorCode.SERVER_DRAINING,
         ErrorCode.BROKER_UNAVAILABLE,

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from audiostream.gateway import Gateway, GatewaySettings, KeyStore, start_site
+from audiostream.gateway.edge import EDGE_KEY
 from audiostream.metrics import WorkerMetrics
 from audiostream.processors import ProcessorRegistry, registry
 from audiostream.topology import Topology
@@ -45,10 +46,13 @@ class Embedded:
     url: str
     """WebSocket URL of ``/v1/stream``."""
     http_url: str
-    api_key: str
+    api_key: str | None
+    """The in-memory development key; None when a keys file was given."""
     gateway: Gateway
     workers: list[Worker]
     runner: web.AppRunner
+    ops_url: str | None = None
+    """``http://host:port`` of ``/metrics``, ``/healthz`` and ``/readyz`` (edge.py)."""
 
 
 @contextlib.asynccontextmanager
@@ -72,7 +76,8 @@ async def embedded_server(
     topo = topology or default_topology()
     broker = memory_broker or (MemoryBroker() if broker_url is None else None)
     keys = KeyStore(keys_file)
-    dev_key = keys.add_in_memory("development")
+    # A development key only when no keys file is given: it cannot be revoked.
+    dev_key = keys.add_in_memory("development") if keys_file is None else None
     gw_transport = open_transport(broker_url, topo, broker)
     gateway = Gateway(gw_transport, keys, settings=gateway_settings, processors=processors,
                       token_secret=token_secret)
@@ -99,6 +104,7 @@ async def embedded_server(
             gateway=gateway,
             workers=started,
             runner=runner,
+            ops_url=runner.app[EDGE_KEY].ops_url,
         )
     finally:
         for w in started:

@@ -28,6 +28,7 @@ import aio_pika
 import aiohttp
 import aiormq
 import pytest
+import trustme
 
 from audiostream.errors import AudioStreamError
 from audiostream.testing import default_topology
@@ -274,10 +275,20 @@ async def test_end_to_end_through_the_imported_topology(imported: Imported,
     env["AUDIOSTREAM_TOKEN_SECRET"] = auth["token-secret"]
     assert env["AUDIOSTREAM_PREFIX"] == imported.topology.prefix
 
-    # As rendered (0.0.0.0, --behind-proxy ...) except for the port and file paths.
+    # As rendered (0.0.0.0, wss:// ...) except for ports and file paths; the certificate
+    # cert-manager would mount is a trustme one here.
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_file.write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ops_port = free_port()
     gw_args = replace_arg(gw_c["args"], "--port", "0")
     gw_args = replace_arg(gw_args, "--keys-file", str(keys_file))
     gw_args = replace_arg(gw_args, "--drain-grace-s", "2")
+    gw_args = replace_arg(gw_args, "--ops-port", str(ops_port))
+    gw_args = replace_arg(gw_args, "--tls-cert", str(cert_file))
+    gw_args = replace_arg(gw_args, "--tls-key", str(key_file))
     metrics_port = free_port()
     wk_args = replace_arg(wk_c["args"], "--processing", "passthrough")
     wk_args = replace_arg(wk_args, "--metrics-port", str(metrics_port))
@@ -285,7 +296,7 @@ async def test_end_to_end_through_the_imported_topology(imported: Imported,
     async with spawn(wk_args, env, tmp_path / "worker.log") as worker, \
             spawn(gw_args, env, tmp_path / "gateway.log") as gateway:
         await worker.wait_for_line(r"audiostream worker consuming passthrough")
-        m = await gateway.wait_for_line(r"gateway on ws://[^:/]+:(\d+)/v1/stream")
+        m = await gateway.wait_for_line(r"gateway on wss://[^:/]+:(\d+)/v1/stream")
         port = int(m.group(1))
 
         # The worker's probe endpoint (the chart probes /healthz on the metrics port).
@@ -294,19 +305,20 @@ async def test_end_to_end_through_the_imported_topology(imported: Imported,
                 assert resp.status == 200, await resp.text()
 
         # The chart's gateway readiness probe, run as the kubelet would (port substituted).
-        probe = [part.replace(":8080/", f":{port}/")
+        probe = [part.replace(":8080/", f":{port}/").replace(":9090/", f":{ops_port}/")
                  for part in gw_c["readinessProbe"]["exec"]["command"]]
         code, out = await run_probe(probe, env)
         assert code == 0, out
 
         # The `helm test` hook's script, with the chart-generated test key.
         smoke = load_smoke_test()
-        result = await smoke.run(f"ws://127.0.0.1:{port}/v1/stream",
+        result = await smoke.run(f"wss://127.0.0.1:{port}/v1/stream",
                                  auth["helm-test-api-key"], 1000, 30.0)
         assert result.startswith("ok: 50 chunks round-tripped bit-identical"), result
         # ... and it can fail: a key the chart did not generate is refused.
         with pytest.raises(AssertionError, match="session refused"):
-            await smoke.run(f"ws://127.0.0.1:{port}/v1/stream", "as_nosuchkey_wrong", 200, 30.0)
+            await smoke.run(f"wss://127.0.0.1:{port}/v1/stream", "as_nosuchkey_wrong", 200,
+                            30.0)
 
         # Nothing was declared beyond the imported topology (plus expiring reply queues).
         topo = imported.topology

@@ -30,10 +30,12 @@ from tests.deploy.chart import (
 #: Kinds kubernetes-validate has schemas for (checked strictly) ...
 BUILTIN_KINDS = {
     "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Pod", "PodDisruptionBudget",
-    "Secret", "Service",
+    "Secret", "Service", "ServiceAccount", "NetworkPolicy",
 }
 #: ... and custom resources, whose structure is checked by the tests below instead.
 CRD_API = {
+    "Certificate": "cert-manager.io/v1",
+    "Issuer": "cert-manager.io/v1",
     "ScaledObject": "keda.sh/v1alpha1",
     "TriggerAuthentication": "keda.sh/v1alpha1",
     "ServiceMonitor": "monitoring.coreos.com/v1",
@@ -206,26 +208,28 @@ def test_drain_values_change_the_grace_period() -> None:
     assert "--drain-grace-s=120" in container(gateway(r))["args"]
 
 
+PLAIN = {"gateway": {"tls": {"enabled": False, "insecure": True}}}
+
+
 @pytest.mark.parametrize("set_name", SETS)
 def test_gateway_probes(set_name: str) -> None:
+    """Every value set serves wss:// (TLS is the default); probes use the ops port."""
     c = container(gateway(rendered(set_name)))
-    tls = set_name == "tls"
     for probe in ("livenessProbe", "startupProbe"):
-        assert c[probe]["httpGet"]["path"] == "/healthz"
-        assert c[probe]["httpGet"]["scheme"] == ("HTTPS" if tls else "HTTP")
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "ops"}
     command = " ".join(c["readinessProbe"]["exec"]["command"])
-    scheme = "wss" if tls else "ws"
     # A WebSocket upgrade + keepalive round trip, and /readyz (broker up, not draining).
-    url = f"{scheme}://127.0.0.1:8080/v1/stream"
-    assert f"audiostream healthcheck --timeout 3 --url {url}" in command
-    assert ("--insecure" in command) == tls
-    assert f"{'https' if tls else 'http'}://127.0.0.1:8080/readyz" in command
+    url = "wss://127.0.0.1:8080/v1/stream"
+    assert f"audiostream healthcheck --timeout 3 --url {url} --insecure" in command
+    assert "http://127.0.0.1:9090/readyz" in command
     assert c["readinessProbe"]["timeoutSeconds"] < c["readinessProbe"]["periodSeconds"]
+    assert "--ops-port=9090" in c["args"] and "--ops-host=0.0.0.0" in c["args"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"ws": 8080, "ops": 9090}
 
 
 def test_gateway_readiness_can_be_plain_http() -> None:
     c = container(gateway(render({"gateway": {"probes": {"websocket": False}}})))
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
 
 
 def test_gateway_service_is_l4_sticky_with_long_timeouts() -> None:
@@ -243,7 +247,8 @@ def test_gateway_service_is_l4_sticky_with_long_timeouts() -> None:
 
 
 def test_plain_gateway_declares_the_tls_terminating_proxy() -> None:
-    c = container(gateway(render({"gateway": {"allowedOrigins": ["https://app.example"]}})))
+    values = {"gateway": {**PLAIN["gateway"], "allowedOrigins": ["https://app.example"]}}
+    c = container(gateway(render(values)))
     assert "--behind-proxy" in c["args"] and "--host=0.0.0.0" in c["args"]
     assert "--allowed-origin=https://app.example" in c["args"]
     assert not [a for a in c["args"] if a.startswith("--tls-")]
@@ -263,15 +268,15 @@ def test_tls_mounts_the_certificate_and_serves_on_443() -> None:
     assert svc["spec"]["ports"][0]["port"] == 443
     assert "externalTrafficPolicy" not in svc["spec"]  # ClusterIP in this value set
     sm = r.get("ServiceMonitor", FULLNAME)
-    gw_endpoint = next(e for e in sm["spec"]["endpoints"] if e["port"] == "ws")
-    assert gw_endpoint["scheme"] == "https"
+    assert not [e for e in sm["spec"]["endpoints"] if e["port"] == "ws"]
+    assert not r.of_kind("Certificate")  # the given Secret is used as is
     test_pod = r.get("Pod", f"{FULLNAME}-smoke-test")
     env = {e["name"]: e.get("value") for e in test_pod["spec"]["containers"][0]["env"]}
     assert env["SMOKE_URL"] == f"wss://{FULLNAME}-gateway.{NAMESPACE}.svc:443/v1/stream"
 
 
 def test_plain_service_url_in_the_test_pod() -> None:
-    test_pod = rendered("defaults").get("Pod", f"{FULLNAME}-smoke-test")
+    test_pod = render(PLAIN).get("Pod", f"{FULLNAME}-smoke-test")
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     env = {e["name"]: e.get("value") for e in test_pod["spec"]["containers"][0]["env"]}
     assert env["SMOKE_URL"] == f"ws://{FULLNAME}-gateway.{NAMESPACE}.svc:80/v1/stream"
@@ -532,7 +537,7 @@ def test_service_monitor_scrapes_gateways_and_workers(set_name: str) -> None:
         and s["metadata"]["labels"]["app.kubernetes.io/component"] in allowed
     ]
     assert {s["metadata"]["name"] for s in selected} == {
-        f"{FULLNAME}-gateway", f"{FULLNAME}-worker-metrics"}
+        f"{FULLNAME}-gateway-ops", f"{FULLNAME}-worker-metrics"}
     ports = {p["name"] for s in selected for p in s["spec"]["ports"]}
     for ep in sm["spec"]["endpoints"]:
         assert ep["port"] in ports and ep["path"] == "/metrics"

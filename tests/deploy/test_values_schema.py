@@ -44,7 +44,10 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("not an AMQP URL", {"rabbitmq": {"mode": "external", "external": {"url": "http://x"}}},
      "/rabbitmq/external/url"),
     ("unknown broker mode", {"rabbitmq": {"mode": "embedded"}}, "/rabbitmq/mode"),
-    ("TLS without a secret", {"gateway": {"tls": {"enabled": True}}}, "/gateway/tls"),
+    ("plain ws:// without saying so", {"gateway": {"tls": {"enabled": False}}},
+     "/gateway/tls"),
+    ("unknown issuer kind", {"gateway": {"tls": {"certManager": {"issuerRef": {
+        "name": "x", "kind": "Vault"}}}}}, "/gateway/tls/certManager/issuerRef/kind"),
     ("unknown autoscaling engine", {"workers": {"autoscaling": {"engine": "vpa"}}},
      "/workers/autoscaling/engine"),
     ("negative drain", {"gateway": {"drain": {"graceSeconds": -1}}},

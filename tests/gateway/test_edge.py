@@ -125,8 +125,11 @@ async def test_the_n_plus_first_session_of_a_key_capped_at_n_is_refused(
             err = await read_json(ws)
             assert err["code"] == ErrorCode.TOO_MANY_SESSIONS and err["retryable"] is True
             await expect_close(ws, ErrorCode.TOO_MANY_SESSIONS)
-        await held[0].close()
-        # Once one ends, a new one is admitted again.
+        # A session that ends cleanly frees its slot (one that only disconnects stays
+        # resumable and keeps counting: see test_session_limits.py).
+        await held[0].send_str('{"type":"stop"}')
+        assert (await read_json(held[0]))["type"] == "summary"
+        await expect_close(held[0], 1000)
         async with asyncio.timeout(10):
             while True:
                 ws = await http.ws_connect(srv.url, ssl=tls.client)

@@ -108,7 +108,7 @@ async def test_no_worker_crosses_the_scale_up_threshold_within_10s(
     async with make_server(workers=0) as srv, aiohttp.ClientSession() as http:
 
         async def age() -> float:
-            async with http.get(srv.http_url + "/metrics", ssl=tls.client) as resp:
+            async with http.get(srv.ops_url + "/metrics") as resp:
                 samples = parse_metrics(await resp.text())
             return float(samples.get((OLDEST_AGE, (("processing", "passthrough"),)), 0.0))
 

@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 
 from audiostream.gateway import Gateway, KeyStore, start_site
+from audiostream.gateway.edge import EDGE_KEY
 from audiostream.testing import eventually
 from audiostream.topology import Topology
 from audiostream.transport.rabbitmq import RabbitTransport
@@ -25,8 +26,8 @@ async def test_readyz_is_false_while_the_broker_is_unreachable(rabbitmq_url: str
     topology = Topology(processing_types=("passthrough",), prefix=unique_prefix())
     transport = RabbitTransport(url, topology)
     gateway = Gateway(transport, KeyStore(None))
-    runner, port = await start_site(gateway.app(), "127.0.0.1", 0)
-    ready_url = f"http://127.0.0.1:{port}/readyz"
+    runner, _port = await start_site(gateway.app(), "127.0.0.1", 0)
+    ready_url = f"{runner.app[EDGE_KEY].ops_url}/readyz"  # the operations site
 
     async def ready() -> bool:
         async with aiohttp.ClientSession() as http, http.get(ready_url) as r:

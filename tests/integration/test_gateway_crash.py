@@ -31,7 +31,7 @@ async def spawn(*args: str, ready: bytes) -> tuple[asyncio.subprocess.Process, b
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "audiostream", *args, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},  # this checkout, not the venv's
     )
     assert proc.stdout is not None
     while True:
@@ -44,7 +44,7 @@ async def spawn(*args: str, ready: bytes) -> tuple[asyncio.subprocess.Process, b
 async def gateway(url: str, prefix: str, keys: Path) -> tuple[asyncio.subprocess.Process, str]:
     proc, line = await spawn(
         "gateway", "--broker", url, "--prefix", prefix, "--keys-file", str(keys),
-        "--host", "127.0.0.1", "--port", "0", "--token-secret", SECRET,
+        "--host", "127.0.0.1", "--port", "0", "--ops-port", "0", "--token-secret", SECRET,
         ready=b"audiostream gateway on",
     )
     match = re.search(rb"(ws://\S+)", line)

@@ -638,3 +638,35 @@ async def test_close_cancels_everything_the_transport_owns(
     await eventually(quiet, within=2)
     with pytest.raises(TransportError):
         await t.publish_work(A, 0, b"after close", ttl=LONG_TTL)
+
+
+async def test_cancelled_reply_consumers_are_forgotten(
+    transport_factory: TransportFactory, topology: Topology
+) -> None:
+    """A gateway consumes and cancels a reply queue per session for as long as it runs:
+    once cancelled and settled, nothing of a subscription (its handler and all the
+    session state the handler reaches) may stay referenced by the transport."""
+    import gc
+    import weakref
+
+    from audiostream.transport import MemoryTransport
+
+    gateway = await transport_factory()
+    handlers: list[weakref.ref[Inbox]] = []
+    for i in range(50):
+        name = reply_name(topology)
+        await gateway.declare_reply_queue(name)
+        inbox = Inbox(ack=i % 2 == 0)  # half settle after the cancel
+        sub = await gateway.consume_replies(name, inbox)
+        assert await gateway.publish_reply(name, b"r")
+        await inbox.wait_for(1)
+        await sub.cancel()
+        if i % 2:
+            await inbox.deliveries[0].ack()
+        await gateway.delete_reply_queue(name)
+        handlers.append(weakref.ref(inbox))
+        del inbox, sub
+    gc.collect()
+    assert [h for h in handlers if h() is not None] == []
+    if isinstance(gateway, MemoryTransport):
+        assert gateway.consumer_count == 0

@@ -155,7 +155,36 @@ topologySpreadConstraints:
 {{- if and (eq .Values.rabbitmq.mode "external") (not (or .Values.rabbitmq.external.url .Values.rabbitmq.external.existingSecret)) -}}
 {{- fail "rabbitmq.mode=external needs rabbitmq.external.url or rabbitmq.external.existingSecret" -}}
 {{- end -}}
-{{- if and .Values.gateway.tls.enabled (not .Values.gateway.tls.secretName) -}}
-{{- fail "gateway.tls.enabled needs gateway.tls.secretName (a kubernetes.io/tls Secret)" -}}
+{{- if and (not .Values.gateway.tls.enabled) (not .Values.gateway.tls.insecure) -}}
+{{- fail "gateway.tls.enabled=false serves plain ws://: say so with gateway.tls.insecure=true (and terminate TLS in front of the gateways)" -}}
 {{- end -}}
+{{- end -}}
+
+{{/* --- security ------------------------------------------------------------------------ */}}
+
+{{- define "audiostream.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "audiostream.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name | default "default" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The gateway's kubernetes.io/tls Secret: given, or made by cert-manager. */}}
+{{- define "audiostream.gatewayTlsSecret" -}}
+{{- .Values.gateway.tls.secretName | default (printf "%s-gateway-tls" (include "audiostream.fullname" .)) -}}
+{{- end -}}
+
+{{/* Egress rules shared by gateway and worker pods: DNS, the broker's ports, extras. */}}
+{{- define "audiostream.egress" -}}
+- ports:
+    - {port: 53, protocol: UDP}
+    - {port: 53, protocol: TCP}
+- ports:
+    {{- range .brokerPorts }}
+    - {port: {{ . }}, protocol: TCP}
+    {{- end }}
+{{- with .extraEgress }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}

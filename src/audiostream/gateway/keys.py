@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,13 +67,25 @@ def _split(key: str) -> tuple[str, str]:
     return parts[1], parts[2]
 
 
-def load_records(path: Path) -> dict[str, KeyRecord]:
+def load_records(path: Path, *, must_exist: bool = False) -> dict[str, KeyRecord]:
+    """The records of a keys file; a missing file is empty unless ``must_exist``.
+
+    The gateway treats a missing file as "no keys yet" (a secret may be mounted later);
+    ``keys list`` and ``keys revoke`` on a mistyped path must say so instead.
+    """
     if not path.exists():
+        if must_exist:
+            raise ConfigError(f"keys file {str(path)!r} does not exist "
+                              "(create one with 'audiostream keys create NAME --keys-file ...')")
         return {}
+    if path.is_dir():
+        raise ConfigError(f"keys file {str(path)!r} is a directory")
     try:
         data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ConfigError(f"keys file {path} is not valid JSON: {exc}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"keys file {str(path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("keys", []), list):
+        raise ConfigError(f"keys file {str(path)!r} must be an object with a 'keys' list")
     records = [KeyRecord.from_json(r) for r in data.get("keys", [])]
     return {r.id: r for r in records}
 
@@ -92,9 +104,29 @@ def create_key(
     *,
     max_sessions: int | None = None,
     pipelines: Sequence[str] | None = None,
+    known_steps: Collection[str] | None = None,
 ) -> tuple[str, KeyRecord]:
-    """Add a key to the file; return the key (shown once) and its record."""
+    """Add a key to the file; return the key (shown once) and its record.
+
+    Names are unique, so that ``revoke NAME`` means one key. ``known_steps`` (the
+    processor registry's names) catches a misspelt ``pipelines`` entry now rather than
+    as a puzzling ``forbidden`` on the client's first session.
+    """
+    if not name.strip():
+        raise ConfigError("a key needs a non-empty name")
+    if max_sessions is not None and max_sessions < 1:
+        raise ConfigError(f"max_sessions must be >= 1, got {max_sessions}")
+    if pipelines is not None and known_steps is not None:
+        unknown = [p for p in pipelines if p not in known_steps]
+        if unknown:
+            raise ConfigError(
+                f"unknown processing step(s) {', '.join(map(repr, unknown))}; "
+                f"available: {', '.join(sorted(known_steps))}", ErrorCode.UNKNOWN_STEP)
     records = load_records(path)
+    clash = [r for r in records.values() if r.name == name]
+    if clash:
+        raise ConfigError(f"a key named {name!r} already exists (id {clash[0].id}); "
+                          "choose another name or revoke it first")
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(24).replace("_", "-")
     record = KeyRecord(
@@ -111,14 +143,27 @@ def create_key(
 
 
 def revoke_key(path: Path, key_id_or_name: str) -> KeyRecord:
-    records = load_records(path)
-    for rid, rec in records.items():
-        if key_id_or_name in (rid, rec.name):
-            revoked = KeyRecord(**{**asdict(rec), "revoked": True, "pipelines": rec.pipelines})
-            records[rid] = revoked
-            save_records(path, list(records.values()))
-            return revoked
-    raise ConfigError(f"no key with id or name {key_id_or_name!r} in {path}")
+    """Revoke exactly one key: by id, else by name; an ambiguous name is refused.
+
+    Files written before names were unique may hold several keys with one name:
+    those are revoked by id.
+    """
+    records = load_records(path, must_exist=True)
+    if key_id_or_name in records:
+        matches = [records[key_id_or_name]]
+    else:
+        matches = [r for r in records.values() if r.name == key_id_or_name]
+    if not matches:
+        raise ConfigError(f"no key with id or name {key_id_or_name!r} in {str(path)!r}")
+    if len(matches) > 1:
+        ids = ", ".join(r.id for r in matches)
+        raise ConfigError(f"{len(matches)} keys are named {key_id_or_name!r} (ids {ids}); "
+                          "revoke one by its id")
+    rec = matches[0]
+    revoked = KeyRecord(**{**asdict(rec), "revoked": True, "pipelines": rec.pipelines})
+    records[rec.id] = revoked
+    save_records(path, list(records.values()))
+    return revoked
 
 
 @dataclass
@@ -130,6 +175,8 @@ class KeyStore:
     _mtime: float | None = None
     extra: dict[str, KeyRecord] = field(default_factory=dict)
     """Keys added in memory (the embedded server's development key)."""
+    token_verifiers: dict[str, Callable[[str], KeyRecord]] = field(default_factory=dict)
+    """Other credentials by prefix (``bt1.``: browser tokens, gateway/browser.py)."""
 
     def reload_if_changed(self) -> None:
         if self.path is None:
@@ -150,6 +197,9 @@ class KeyStore:
         return f"{KEY_PREFIX}_{key_id}_{secret}"
 
     def verify(self, key: str) -> KeyRecord:
+        for prefix, verifier in self.token_verifiers.items():
+            if key.startswith(prefix):
+                return verifier(key)
         self.reload_if_changed()
         key_id, secret = _split(key)
         record = self._records.get(key_id) or self.extra.get(key_id)

@@ -1,17 +1,17 @@
 """Per-session message flow between the gateway and the broker.
 
-At most one message per session is in flight. Chunks that arrive meanwhile are
-coalesced into the next message, so load raises message size, not message
-count, and the per-session state (returned by the workers with each reply) is
-always applied in order. The gateway's ``WorkBundler`` then packs the messages
-of many sessions into one broker message. Every accepted chunk ends as audio or a drop notice:
-a reply, a deadline timer, or a publish failure settles it.
+The send policy (one message in flight, coalescing, deadlines, the backlog cap) is
+the pure ``Coalescer`` (``gateway/coalescer.py``); this module drives it with one
+timer per session and does the I/O. The gateway's ``WorkBundler`` then packs the
+messages of many sessions into one broker message. Every accepted chunk ends as
+audio or a drop notice: a reply, a deadline, or a publish failure settles it.
 
-The reply queue doubles as the session's journal: replies stay unacked until
-the client confirms it holds their outcomes (and the newest one always stays,
-for its state). If the gateway dies or drains, they return to the queue, and
-the gateway that takes the session over (``take_over``) replays what the
-client missed and continues from the newest state.
+The reply queue doubles as the session's journal (``gateway/journal.py``): replies
+stay unacked until the client confirms it holds their outcomes, or, for a client
+that never acks, until they were written to its socket and the journal is over its
+cap (the newest one always stays, for its state). If the gateway dies or drains,
+they return to the queue, and the gateway that takes the session over
+(``take_over``) replays what the client missed and continues from the newest state.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from enum import Enum
 from typing import Any
 
 from audiostream.audio import AudioFormat
@@ -37,9 +36,29 @@ from audiostream.envelope import (
     decode_reply_queue_message,
     encode_control,
 )
-from audiostream.errors import AudioStreamError, AuthError, ErrorCode
+from audiostream.errors import AudioStreamError, AuthError, ErrorCode, TransportError
+from audiostream.gateway.coalescer import (
+    FLIGHT_EXPIRED,
+    CoalescePolicy,
+    Coalescer,
+    Message,
+    Outcome,
+)
+from audiostream.gateway.journal import MAX_JOURNAL, Journal, JournalEntry
 from audiostream.metrics import GatewayMetrics
 from audiostream.transport.base import Delivery, Subscription, Transport
+
+__all__ = [
+    "MAX_BACKLOG",
+    "MAX_COALESCE",
+    "MAX_JOURNAL",
+    "CoalescePolicy",
+    "Outcome",
+    "OutcomeSink",
+    "SessionPhase",
+    "SessionPipeline",
+    "reply_outcomes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +66,6 @@ log = logging.getLogger(__name__)
 MAX_COALESCE = 50
 #: Most chunks waiting for a session before new ones are refused as overloaded.
 MAX_BACKLOG = 1000
-#: Most replies kept unacked for a client that never confirms what it received.
-MAX_JOURNAL = 3000
 #: Message ids are ``generation << GEN_SHIFT | counter``.
 GEN_SHIFT = 32
 DISPLACE = "displace"
@@ -58,18 +75,15 @@ RELEASED = "released"
 RELEASE_GRACE_S = 0.5
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the gateway hands back to the connection for one chunk."""
-
-    seq: int
-    audio: bytes | None = None
-    code: ErrorCode | None = None
-    message: str = ""
-    events: tuple[Mapping[str, Any], ...] = ()
-
-
 OutcomeSink = Callable[[list[Outcome]], None]
+
+
+class SessionPhase(Enum):
+    NEW = "new"
+    TAKING_OVER = "taking_over"
+    """Reading the journal a previous holder left (``take_over``)."""
+    LIVE = "live"
+    CLOSED = "closed"
 
 
 def reply_outcomes(reply: Reply, seqs: list[int]) -> list[Outcome]:
@@ -96,30 +110,31 @@ def reply_outcomes(reply: Reply, seqs: list[int]) -> list[Outcome]:
     return [Outcome(seq, code=code, message=message) for seq in seqs]
 
 
-@dataclass(slots=True)
-class _Entry:
-    delivery: Delivery
-    reply: Reply
+class _Outage:
+    """Publish failures of one session during one broker outage: logged once when it
+    starts and once, with counts, when it ends (or the session closes)."""
 
-    @property
-    def end(self) -> int:
-        return self.reply.seq + self.reply.chunk_count
+    __slots__ = ("chunks", "first_error", "messages")
 
+    def __init__(self) -> None:
+        self.messages = 0
+        self.chunks = 0
+        self.first_error = ""
 
-@dataclass(slots=True)
-class _Chunk:
-    seq: int
-    data: bytes
-    received_at: float
-    deadline: float
+    def failed(self, session_id: str, chunks: int, err: AudioStreamError) -> None:
+        if self.messages == 0:
+            self.first_error = str(err)
+            log.warning("session=%s stage=publish: cannot publish (%s); chunks are answered "
+                        "broker_unavailable until the broker is back", session_id, err)
+        self.messages += 1
+        self.chunks += chunks
 
-
-@dataclass(slots=True)
-class _InFlight:
-    msg_id: int
-    chunks: list[_Chunk]
-    timer: asyncio.TimerHandle | None = None
-    published_at: float = 0.0
+    def ended(self, session_id: str, how: str) -> None:
+        if self.messages:
+            log.warning("session=%s stage=publish: %s after %d failed messages "
+                        "(%d chunks answered broker_unavailable; first error: %s)",
+                        session_id, how, self.messages, self.chunks, self.first_error)
+            self.messages = self.chunks = 0
 
 
 class SessionPipeline:
@@ -138,6 +153,8 @@ class SessionPipeline:
         on_displaced: Callable[[], None] | None = None,
         bundler: WorkBundler,
         linger_s: float = 0.0,
+        policy: CoalescePolicy | None = None,
+        journal_cap: int = MAX_JOURNAL,
     ) -> None:
         self.session_id = session_id
         self.transport = transport
@@ -145,10 +162,12 @@ class SessionPipeline:
         self.pipeline = pipeline
         self.format = fmt
         self.deadline_s = deadline_s
-        # Opt-in latency for throughput: hold a message until its oldest chunk is this
-        # old, so it carries more chunks (never more than half the deadline).
-        self.linger_s = max(0.0, min(linger_s, deadline_s / 2))
-        self._linger: asyncio.TimerHandle | None = None
+        if policy is None:
+            policy = CoalescePolicy(max_chunks=MAX_COALESCE, max_backlog=MAX_BACKLOG,
+                                    linger_s=max(0.0, linger_s))
+        self.coalescer = Coalescer(deadline_s=deadline_s, policy=policy,
+                                   first_msg_id=generation << GEN_SHIFT)
+        self.linger_s = max(0.0, min(policy.linger_s, deadline_s / 2))
         self.sink = sink
         self.metrics = metrics
         self.reply_queue = transport.topology.reply_queue(session_id)
@@ -156,17 +175,16 @@ class SessionPipeline:
         self.generation = generation
         self.on_displaced = on_displaced
         self.nonce = uuid.uuid4().hex
-        self._backlog: deque[_Chunk] = deque()
-        self._inflight: _InFlight | None = None
-        self._next_msg_id = generation << GEN_SHIFT
-        self._journal: list[_Entry] = []
-        self._confirmed = 0
-        self._history: list[_Entry] | None = None
+        self.journal = Journal(journal_cap)
+        self.phase = SessionPhase.NEW
+        self._history: list[JournalEntry] = []
         self._seen_own_displace = asyncio.Event()
         self._seen_released = asyncio.Event()
         self._subscription: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._outage = _Outage()
         self._idle = asyncio.Event()
         self._idle.set()
         self.messages_published = 0
@@ -174,6 +192,7 @@ class SessionPipeline:
     async def open(self) -> None:
         await self.transport.declare_reply_queue(self.reply_queue)
         self._subscription = await self.transport.consume_replies(self.reply_queue, self._on_reply)
+        self.phase = SessionPhase.LIVE
 
     async def take_over(self, *, settle_s: float = 5.0) -> list[Reply]:
         """Become the reply queue's only consumer and read the journal a previous
@@ -203,6 +222,7 @@ class SessionPipeline:
         # released replies were queued ahead of it. A holder that closed cleanly says
         # "released" when it has put everything back; one that died has nothing to say
         # (the broker requeued its replies when its connection dropped).
+        self.phase = SessionPhase.TAKING_OVER
         self._history = []
         self._subscription = await t.consume_replies(self.reply_queue, self._on_reply)
         try:
@@ -222,16 +242,20 @@ class SessionPipeline:
         except TimeoutError:
             log.warning("session=%s stage=resume: journal may be incomplete (%d replies)",
                         self.session_id, len(self._history))
-        history, self._history = self._history, None
+        history, self._history = self._history, []
+        if self.phase is SessionPhase.TAKING_OVER:
+            self.phase = SessionPhase.LIVE
         seen: set[int] = set()
-        entries: list[_Entry] = []
+        entries: list[JournalEntry] = []
+        stray: list[Delivery] = []
         for entry in sorted(history, key=lambda e: (e.reply.seq, e.reply.msg_id)):
             if entry.reply.msg_id in seen or entry.reply.session_id != self.session_id:
-                await self._settle_delivery(entry.delivery)
+                stray.append(entry.delivery)
                 continue
             seen.add(entry.reply.msg_id)
             entries.append(entry)
-        self._journal = entries
+        await self._ack(stray)
+        self.journal = Journal(self.journal.cap, entries)
         if entries:
             self.state = dict(entries[-1].reply.state)
         return [e.reply for e in entries]
@@ -249,96 +273,110 @@ class SessionPipeline:
             with contextlib.suppress(AudioStreamError):
                 await delivery.release()
             return
-        await self._settle_delivery(delivery)
+        await self._ack([delivery])
 
-    async def _settle_delivery(self, delivery: Delivery) -> None:
-        with contextlib.suppress(AudioStreamError):
-            await delivery.ack()
+    @staticmethod
+    async def _ack(deliveries: Iterable[Delivery]) -> None:
+        """Ack together: the RabbitMQ transport sends one turn's acks in one write."""
+        acks = [d.ack() for d in deliveries]
+        if acks:
+            await asyncio.gather(*acks, return_exceptions=True)
 
+    def _settle(self, entries: list[JournalEntry]) -> None:
+        if entries:
+            self._spawn(self._ack([e.delivery for e in entries]))
+
+    # -- from the connection -------------------------------------------------------------
     def confirm(self, received: int) -> None:
         """The client holds every outcome before ``received``: forget those replies."""
-        self._confirmed = max(self._confirmed, received)
-        self._trim()
+        self._settle(self.journal.confirm(received))
 
-    def _trim(self) -> None:
-        keep: list[_Entry] = []
-        last = len(self._journal) - 1
-        for i, entry in enumerate(self._journal):
-            over_cap = len(self._journal) - i > MAX_JOURNAL
-            if i < last and (entry.end <= self._confirmed or over_cap):
-                self._spawn(self._settle_delivery(entry.delivery))
-            else:
-                keep.append(entry)
-        self._journal = keep
+    def delivered(self, written: int) -> None:
+        """Every outcome before seq ``written`` is on the client's socket. Once the journal
+        is over its cap, those replies count as delivered (a client that never acks)."""
+        self._settle(self.journal.delivered(written))
+
+    @property
+    def journal_length(self) -> int:
+        return len(self.journal)
 
     @property
     def outstanding(self) -> int:
-        return len(self._backlog) + (len(self._inflight.chunks) if self._inflight else 0)
+        return self.coalescer.outstanding
 
     async def wait_idle(self) -> None:
         """Until every submitted chunk has an outcome."""
         await self._idle.wait()
 
     def submit(self, seq: int, data: bytes, received_at: float) -> None:
-        if self._closed:
+        if self.phase is SessionPhase.CLOSED:
             return
-        if len(self._backlog) >= MAX_BACKLOG:
-            self._emit([Outcome(seq, code=ErrorCode.OVERLOADED,
-                                message="session backlog is full; the pipeline is behind")])
+        refused = self.coalescer.add(seq, data, received_at)
+        if refused:
+            self._emit(refused)
             return
-        self._backlog.append(_Chunk(seq, data, received_at, received_at + self.deadline_s))
         self._idle.clear()
-        self._pump()
+        self._drive()
 
     # -- sending ----------------------------------------------------------------------
     def _emit(self, outcomes: list[Outcome]) -> None:
         if outcomes:
             self.sink(outcomes)
-        if not self._backlog and self._inflight is None:
+        if self.coalescer.outstanding == 0:
             self._idle.set()
 
-    def _pump(self) -> None:
-        """Send the backlog as the next message if nothing is in flight."""
-        if self._closed or self._inflight is not None or not self._backlog:
-            if not self._backlog and self._inflight is None:
-                self._idle.set()
+    def _drive(self) -> None:
+        """Expire what is late, send what is due, re-arm the session's one timer."""
+        if self.phase is SessionPhase.CLOSED:
             return
+        co = self.coalescer
         now = time.time()
-        expired: list[Outcome] = []
-        while self._backlog and self._backlog[0].deadline <= now:
-            c = self._backlog.popleft()
-            expired.append(Outcome(c.seq, code=ErrorCode.EXPIRED,
-                                   message="deadline passed while queued at the gateway"))
+        expired = co.tick(now)
         if expired:
+            if expired[0].message == FLIGHT_EXPIRED:
+                log.info("session=%s seq=%d stage=deadline: expired in the pipeline",
+                         self.session_id, expired[0].seq)
             self._emit(expired)
-        if not self._backlog:
+        msg = co.take(now)
+        if msg is not None:
+            self._send(msg, now)
+        elif co.outstanding == 0:
             self._idle.set()
+        self._arm(co.due_at())
+
+    def _arm(self, due: float | None) -> None:
+        timer = self._timer
+        if due is None:
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
             return
-        if self.linger_s and len(self._backlog) < MAX_COALESCE:
-            wait = self._backlog[0].received_at + self.linger_s - now
-            if wait > 0:
-                if self._linger is None:
-                    self._linger = asyncio.get_running_loop().call_later(wait, self._lingered)
-                return
-        chunks = [self._backlog.popleft() for _ in range(min(MAX_COALESCE, len(self._backlog)))]
+        if timer is not None:
+            if self._timer_at <= due:
+                return  # fires first; _drive re-arms then
+            timer.cancel()
+        self._timer_at = due
+        self._timer = asyncio.get_running_loop().call_later(
+            max(0.0, due - time.time()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._drive()
+
+    def _send(self, msg: Message, now: float) -> None:
+        chunks = msg.chunks
         if self.metrics is not None:
             self.metrics.stage.labels(stage="gateway_backlog").observe(
                 max(0.0, now - chunks[0].received_at)
             )
-        msg_id = self._next_msg_id
-        self._next_msg_id += 1
-        flight = _InFlight(msg_id, chunks)
-        self._inflight = flight
-        deadline = min(c.deadline for c in chunks)
-        loop = asyncio.get_running_loop()
-        flight.timer = loop.call_later(max(0.0, deadline - time.time()), self._on_deadline, msg_id)
+        fb = self.format.frame_bytes
         env = WorkEnvelope(
             session_id=self.session_id,
-            msg_id=msg_id,
+            msg_id=msg.msg_id,
             seq=chunks[0].seq,
-            chunk_frames=tuple(len(c.data) // self.format.frame_bytes for c in chunks),
+            chunk_frames=tuple(len(c.data) // fb for c in chunks),
             received_at=chunks[0].received_at,
-            deadline=deadline,
+            deadline=msg.deadline,
             format=self.format,
             output_format=self.format,
             audio=b"".join(c.data for c in chunks),
@@ -348,53 +386,35 @@ class SessionPipeline:
             state=dict(self.state),
             timings=(("gateway_rx", chunks[0].received_at), ("gateway_publish", now)),
         )
-        self._spawn(self._publish(flight, env))
+        self._spawn(self._publish(msg, env))
 
-    def _lingered(self) -> None:
-        self._linger = None
-        self._pump()
-
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish(self, flight: _InFlight, env: WorkEnvelope) -> None:
+    async def _publish(self, msg: Message, env: WorkEnvelope) -> None:
         started = time.time()
         try:
             await self.bundler.publish(env)
         except AudioStreamError as err:
-            log.warning("session=%s seq=%d stage=publish: %s", self.session_id, env.seq, err)
-            if self._inflight is flight:
-                self._settle(flight, ErrorCode.BROKER_UNAVAILABLE, f"could not publish: {err}")
+            self._outage.failed(self.session_id, len(msg.chunks), err)
+            failed = self.coalescer.failed(msg.msg_id, ErrorCode.BROKER_UNAVAILABLE,
+                                           f"could not publish: {err}")
+            if failed:
+                self._emit(failed)
+                self._drive()
             return
-        flight.published_at = time.time()
+        self._outage.ended(self.session_id, "publishing again")
+        published = time.time()
         self.messages_published += 1
         if self.metrics is not None:
             self.metrics.messages_published.inc()
-            self.metrics.stage.labels(stage="gateway_to_broker").observe(
-                flight.published_at - started
-            )
-
-    def _settle(self, flight: _InFlight, code: ErrorCode, message: str) -> None:
-        """Answer every chunk of ``flight`` with a notice and move on."""
-        if flight.timer is not None:
-            flight.timer.cancel()
-        self._inflight = None
-        self._emit([Outcome(c.seq, code=code, message=message) for c in flight.chunks])
-        self._pump()
-
-    def _on_deadline(self, msg_id: int) -> None:
-        flight = self._inflight
-        if flight is not None and flight.msg_id == msg_id:
-            log.info("session=%s seq=%d stage=deadline: expired in the pipeline",
-                     self.session_id, flight.chunks[0].seq)
-            self._settle(flight, ErrorCode.EXPIRED,
-                         "deadline passed before the processed audio came back")
+            self.metrics.stage.labels(stage="gateway_to_broker").observe(published - started)
 
     # -- receiving -----------------------------------------------------------------------
     async def _on_reply(self, delivery: Delivery) -> None:
-        if self._closed:
+        if self.phase is SessionPhase.CLOSED:
             # Closing without finishing: whatever still arrives belongs to whoever
             # resumes the session, so it goes back to the queue.
             await self._hand_back(delivery)
@@ -402,14 +422,14 @@ class SessionPipeline:
         try:
             msg = decode_reply_queue_message(delivery.body)
         except AudioStreamError as err:
-            flight = self._inflight
+            flight = self.coalescer.in_flight
             log.error("session=%s seq=%d stage=reply: undecodable reply: %s", self.session_id,
                       flight.chunks[0].seq if flight is not None else -1, err)
-            await self._settle_delivery(delivery)
+            await self._ack([delivery])
             return
         if isinstance(msg, Control):
-            await self._settle_delivery(delivery)
-            if self._history is not None:
+            await self._ack([delivery])
+            if self.phase is SessionPhase.TAKING_OVER:
                 if msg.command == DISPLACE and msg.nonce == self.nonce:
                     self._seen_own_displace.set()
                 elif msg.command == RELEASED and msg.nonce != self.nonce:
@@ -420,30 +440,30 @@ class SessionPipeline:
                 if self.on_displaced is not None:
                     self.on_displaced()
             return
-        if self._history is not None:
-            self._history.append(_Entry(delivery, msg))
+        if self.phase is SessionPhase.TAKING_OVER:
+            self._history.append(JournalEntry(msg, delivery))
             return
         if not self.handle_reply(msg):
-            await self._settle_delivery(delivery)
+            await self._ack([delivery])
             return
-        self._journal.append(_Entry(delivery, msg))
-        self._trim()
+        trimmed = self.journal.append(JournalEntry(msg, delivery))
+        if trimmed:
+            await self._ack([e.delivery for e in trimmed])
 
     def handle_reply(self, reply: Reply) -> bool:
         """Turn the awaited reply into outcomes; False for one that is not awaited."""
-        flight = self._inflight
-        if flight is None or reply.msg_id != flight.msg_id or reply.session_id != self.session_id:
+        if reply.session_id != self.session_id:
+            return False
+        msg = self.coalescer.answered(reply.msg_id, time.time())
+        if msg is None:
             # A duplicate (redelivery after a worker crash) or a reply past its deadline.
             log.debug("session=%s: discarding reply for msg %d", self.session_id, reply.msg_id)
             return False
-        if flight.timer is not None:
-            flight.timer.cancel()
-        self._inflight = None
         self._observe(reply)
         if reply.status is ReplyStatus.OK:
             self.state = dict(reply.state)
-        self._emit(reply_outcomes(reply, [c.seq for c in flight.chunks]))
-        self._pump()
+        self._emit(reply_outcomes(reply, [c.seq for c in msg.chunks]))
+        self._drive()
         return True
 
     def _observe(self, reply: Reply) -> None:
@@ -475,13 +495,14 @@ class SessionPipeline:
         Otherwise the journal goes back to the queue for whoever resumes the session,
         and the queue is left to expire.
         """
-        if self._closed:
+        if self.phase is SessionPhase.CLOSED:
             return
-        self._closed = True
-        if self._linger is not None:
-            self._linger.cancel()
-        if self._inflight is not None and self._inflight.timer is not None:
-            self._inflight.timer.cancel()
+        self.phase = SessionPhase.CLOSED
+        self.coalescer.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._outage.ended(self.session_id, "session closed")
         if self._subscription is not None:
             with contextlib.suppress(AudioStreamError):
                 await self._subscription.cancel()
@@ -490,21 +511,39 @@ class SessionPipeline:
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        journal, self._journal = self._journal, []
-        for entry in journal:
-            if finished:
-                await self._settle_delivery(entry.delivery)
-            else:
-                await self._hand_back(entry.delivery)
-        with contextlib.suppress(AudioStreamError):
-            if finished:
+        journal = [e.delivery for e in self.journal.drain()]
+        if finished:
+            await self._ack(journal)
+            with contextlib.suppress(AudioStreamError):
                 await self.transport.delete_reply_queue(self.reply_queue)
-            else:
-                await self.transport.publish_reply(
-                    self.reply_queue,
-                    encode_control(Control(self.session_id, RELEASED, self.nonce)),
-                )
+        else:
+            await self._release_journal(journal)
         self._idle.set()
+
+    async def _release_journal(self, journal: list[Delivery]) -> None:
+        """Hand the journal to whoever resumes the session: a copy of every reply, then
+        "released", as one ordered batch (one write, one wait for the confirms), then
+        ack the originals.
+
+        A taker stops reading the journal at "released", or shortly after its own
+        "displace" came back; copies published one confirm at a time could still be on
+        their way then (under load, for a long journal), and a reply the client already
+        holds would be missing from the resumed session's journal.
+        """
+        marker = encode_control(Control(self.session_id, RELEASED, self.nonce))
+        batch = [(self.reply_queue, d.body) for d in journal] + [(self.reply_queue, marker)]
+        try:
+            results: list[bool | TransportError] = await self.transport.publish_replies(batch)
+        except AudioStreamError as err:
+            log.warning("session=%s stage=release: could not hand the journal back (%s); "
+                        "returning %d replies to the queue", self.session_id, err, len(journal))
+            results = [False] * len(batch)
+        copied = [d for d, r in zip(journal, results, strict=False) if r is True]
+        await self._ack(copied)
+        for d, r in zip(journal, results, strict=False):
+            if r is not True:
+                with contextlib.suppress(AudioStreamError):
+                    await d.release()
 
     # -- load accessor (read by gateway/load.py) ---------------------------------------
     @property
@@ -512,6 +551,5 @@ class SessionPipeline:
         """Wall-clock receipt of the oldest chunk not yet answered (in flight or queued
         here), or None when idle: its age grows while workers fall behind, even with one
         message in flight per session."""
-        if self._inflight is not None and self._inflight.chunks:
-            return self._inflight.chunks[0].received_at
-        return self._backlog[0].received_at if self._backlog else None
+        return self.coalescer.oldest_pending_at
+

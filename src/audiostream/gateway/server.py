@@ -14,10 +14,10 @@ import ssl
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
-from typing import Any
 
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -31,23 +31,30 @@ from audiostream.errors import (
     ErrorCode,
     LimitError,
 )
+from audiostream.gateway import browser
+from audiostream.gateway import edge as _edge
 from audiostream.gateway.keys import KeyRecord, KeyStore
 from audiostream.gateway.load import LoadMonitor
 from audiostream.gateway.pipeline import Outcome, SessionPipeline, reply_outcomes
+from audiostream.gateway.revocation import KeyRevocation
+from audiostream.gateway.telephony import add_telephony_routes
 from audiostream.gateway.tokens import SessionGrant, TokenSigner
+from audiostream.gateway.watchdog import BrokerWatchdog
 from audiostream.metrics import GatewayMetrics
 from audiostream.processors import ProcessorRegistry, registry
 from audiostream.processors.pipeline import plan_raw
 from audiostream.protocol import (
+    MAX_WS_MESSAGE,
     AckReceived,
     ChunkReceived,
-    Close,
+    Limits,
     SendBytes,
     SendText,
     ServerProtocol,
     StartMessage,
     StartRequested,
     State,
+    plan_resume,
 )
 from audiostream.transport.base import DeadLetterProbe, Transport
 
@@ -55,8 +62,9 @@ log = logging.getLogger(__name__)
 
 #: Query parameters that look like credentials; such a request is refused before the upgrade.
 CREDENTIAL_PARAMS = frozenset({"api_key", "apikey", "key", "token", "access_token", "auth"})
-#: aiohttp's own ceiling on one frame; the protocol applies a tighter, format-derived one.
-HARD_MAX_FRAME = 16 * 1024 * 1024
+#: aiohttp's ceiling on one frame: the largest legal chunk plus headroom (the protocol
+#: applies a tighter, format-derived one per session).
+HARD_MAX_FRAME = MAX_WS_MESSAGE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,99 +97,188 @@ class GatewaySettings:
     bundle_wait_ms: float = 5.0
     """Longest an envelope waits for its bundle while an earlier one awaits its confirm
     (with none in flight it goes out at once)."""
+    key_recheck_s: float = 1.0  # live sessions of a revoked key end (gateway/revocation.py)
+    broker_probe_s: float = 1.0  # stall watchdog period, 0 disables (gateway/watchdog.py)
+    broker_stall_s: float = 2.0  # a probe unanswered this long: /readyz 503, starts get 4091
+    start_timeout_s: float = 5.0  # longest a start waits on the broker before 4091
+
+    close_timeout_s: float = 5.0
+    """After our close frame, how long to wait for the client's."""
+    max_outbound_bytes: int = 8 * 1024 * 1024
+    """Unwritten bytes per connection above which the slow-consumer grace starts ..."""
+    slow_consumer_grace_s: float = 10.0
+    """... and how long they may stay above it before closing 4023 (resumable)."""
+    credit_window: int = 64
+    """v1.1: most chunks a client may have outstanding ..."""
+    credit_bytes: int = 4 * 1024 * 1024
+    """... and most bytes of them (the window is the smaller, at least 2 chunks)."""
+    flood_burst: float = 1000.0
+    """Chunks over credit or rate tolerated at once before closing 4025 ..."""
+    flood_rate: float = 60.0
+    """... refilled per second."""
+    session_starts_per_minute: int | None = 600
+    """New sessions one key may start per minute on this gateway (None: no cap)."""
+
+    def limits(self) -> Limits:
+        """The per-connection limits the protocol core enforces."""
+        return Limits(
+            chunk_rate=self.chunk_rate, chunk_burst=self.chunk_burst,
+            auth_timeout_s=self.auth_timeout_s, idle_timeout_s=self.idle_timeout_s,
+            credit_window=self.credit_window, credit_bytes=self.credit_bytes,
+            max_outbound_bytes=self.max_outbound_bytes,
+            slow_consumer_grace_s=self.slow_consumer_grace_s,
+            flood_burst=self.flood_burst, flood_rate=self.flood_rate)
+
+    edge: _edge.EdgeSettings = field(default_factory=_edge.EdgeSettings)
+    """Handshake timeout, pending-socket cap, ping limit, operations site (edge.py)."""
 
     def __post_init__(self) -> None:
         if self.linger_ms < 0:
             raise ConfigError(f"linger must be >= 0 ms, not {self.linger_ms:g}")
 
 
+class SlotPhase(Enum):
+    """Where a connection stands against its key's session cap."""
+
+    NONE = "none"
+    RESERVED = "reserved"
+    """Counted before any await, so concurrent starts cannot overshoot the cap."""
+    LIVE = "live"
+    RELEASED = "released"
+
+
 class _Connection:
-    """One WebSocket: its protocol core, its writer task and its pipeline."""
+    """One WebSocket: its protocol core, its one timer, its writer task and its pipeline."""
 
     def __init__(self, ws: web.WebSocketResponse, gateway: Gateway) -> None:
         self.ws = ws
         self.gateway = gateway
-        settings = gateway.settings
-        self.proto = ServerProtocol(chunk_rate=settings.chunk_rate,
-                                    chunk_burst=settings.chunk_burst)
+        self.loop = asyncio.get_running_loop()
+        self.proto = ServerProtocol(clock=self.loop.time, limits=gateway.limits)
         self.pipeline: SessionPipeline | None = None
         self.key: KeyRecord | None = None
+        self.slot = SlotPhase.NONE
         self.grant: SessionGrant | None = None
         self._refresh: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._wake = asyncio.Event()
-        self.writer = asyncio.get_running_loop().create_task(self._write_loop())
+        self.writer = self.loop.create_task(self._write_loop())
+        self.reader: asyncio.Task[None] | None = None
+        self._forcing: asyncio.Task[None] | None = None
         self.started_at = time.monotonic()
-        # One entry per audio outcome queued in the protocol's outbox, in order:
-        # (chunk received or None if unknown, reply received, last audio of that reply),
-        # monotonic seconds.
-        self._audio_marks: deque[tuple[float | None, float, bool]] = deque()
+        # Seq of the last audio outcome of each reply -> when the reply arrived, for the
+        # gateway_to_client stage (one entry per reply, removed when that audio is written).
+        self._replied: dict[int, float] = {}
 
     def kick(self) -> None:
+        """Something may be in the outbox, or the next deadline moved."""
         self._wake.set()
+        self._rearm()
+        if self.proto.close_code == ErrorCode.SLOW_CONSUMER and self._forcing is None:
+            self._forcing = self.loop.create_task(self._force_close())
 
+    # -- the one timer ------------------------------------------------------------
+    def _rearm(self) -> None:
+        """Keep the one timer at or before the core's next deadline. A deadline that
+        moved later (the idle deadline does on every frame) is left alone: the timer
+        fires early, ``poll`` finds nothing due, and it is re-armed then, so frames
+        cost no timer churn."""
+        due = self.proto.next_deadline()
+        if due is None or (self._timer_at is not None and self._timer_at <= due):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = due
+        self._timer = self.loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self.proto.poll(self.loop.time())
+        if self.proto.state is State.CLOSED and self._forcing is None:
+            # The writer may be stuck on a client that does not read: make sure the
+            # close happens within a bound.
+            self._forcing = self.loop.create_task(self._force_close())
+        self.kick()
+
+    async def _force_close(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.writer), 1.0)
+            return
+        # The writer is stuck on a client that does not read. Its queued outcomes cannot
+        # reach it; the error and the close frame go into the transport's buffer (no
+        # drain), and the close handshake keeps reading what the client sends until its
+        # close frame or the close timeout, so the socket never closes with unread input
+        # (which would reset it and lose the close code).
+        self.writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
+            await self.writer
+        code = self.proto.close_code or 1011
+        for out in self.proto.data_to_send():
+            if isinstance(out, SendText) and out.kind == "error":
+                with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+                    await asyncio.wait_for(self.ws.send_str(out.text), 0.5)
+                self.gateway.metrics.errors.labels(code=out.label).inc()
+        with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+            await asyncio.wait_for(self.ws.close(code=code, drain=False),
+                                   self.gateway.settings.close_timeout_s + 1)
+        if self.reader is not None:
+            self.reader.cancel()
+
+    # -- writing ------------------------------------------------------------------
     async def _write_loop(self) -> None:
         metrics = self.gateway.metrics
+        proto = self.proto
         while True:
             await self._wake.wait()
             self._wake.clear()
-            for out in self.proto.data_to_send():
+            written = proto.next_out  # every outcome below is in this batch or sent
+            for out in proto.data_to_send():
                 if isinstance(out, SendBytes):
                     await self.ws.send_bytes(out.data)
+                    proto.written(out.nbytes)
                     metrics.chunks_out.inc()
-                    metrics.bytes_out.inc(len(out.data))
-                    self._observe_written()
+                    metrics.bytes_out.inc(out.nbytes)
+                    now = self.loop.time()
+                    if out.received_at is not None:
+                        metrics.round_trip.observe(now - out.received_at)
+                    replied = self._replied.pop(out.seq, None)
+                    if replied is not None:
+                        metrics.stage.labels(stage="gateway_to_client").observe(now - replied)
                 elif isinstance(out, SendText):
                     await self.ws.send_str(out.text)
-                    self._count_text(out)
-                elif isinstance(out, Close):
+                    proto.written(out.nbytes)
+                    if out.kind == "notice":
+                        metrics.dropped.labels(reason=out.label).inc(out.count)
+                    elif out.kind == "error":
+                        metrics.errors.labels(code=out.label).inc()
+                else:
                     await self.ws.close(code=out.code, message=out.reason.encode())
                     return
+            if self.pipeline is not None:
+                self.pipeline.delivered(written)  # lets the journal trim a non-acking client
+            self._rearm()
 
-    def _observe_written(self) -> None:
-        if not self._audio_marks:
-            return
-        received, replied, last = self._audio_marks.popleft()
-        now = time.monotonic()
-        metrics = self.gateway.metrics
-        if received is not None:
-            metrics.round_trip.observe(now - received)
-        if last:
-            metrics.stage.labels(stage="gateway_to_client").observe(now - replied)
-
-    def _count_text(self, out: SendText) -> None:
-        """Count drop notices and errors as they leave."""
-        if out.kind == "notice":
-            self.gateway.metrics.dropped.labels(reason=out.label).inc()
-        elif out.kind == "error":
-            self.gateway.metrics.errors.labels(code=out.label).inc()
-
+    # -- outcomes from the pipeline ---------------------------------------------------
     def on_outcomes(self, outcomes: list[Outcome]) -> None:
-        replied = time.monotonic()
-        sent_before = self.proto.chunks_out
-        measured_before = self.proto.measured
+        last_audio = -1
         for o in outcomes:
             for ev in o.events:
                 self.proto.deliver_event(o.seq, ev)
             if o.audio is not None:
                 self.proto.deliver_audio(o.seq, o.audio)
+                last_audio = o.seq
             else:
                 assert o.code is not None
                 self.proto.deliver_notice(o.seq, o.code, o.message)
-        queued = self.proto.chunks_out - sent_before
-        if queued:
-            # The protocol measured each queued chunk's latency just now, on the same clock
-            # (chunks it has no receive time for, e.g. replays, come first and get None).
-            now = time.monotonic()
-            fresh = self.proto.measured - measured_before
-            lat = self.proto.latencies_ms[len(self.proto.latencies_ms) - fresh:] if fresh else []
-            rx: list[float | None] = [None] * (queued - len(lat))
-            rx += [now - ms / 1000 for ms in lat[-queued:]]
-            for i, received in enumerate(rx):
-                self._audio_marks.append((received, replied, i == queued - 1))
+        if last_audio >= 0:
+            self._replied[last_audio] = self.loop.time()
         self.kick()
 
+    # -- starting -----------------------------------------------------------------
     async def start_session(self, start: StartMessage) -> None:
         gw = self.gateway
+        pl: SessionPipeline | None = None
         try:
             if gw.draining:
                 raise AudioStreamError("gateway is draining; reconnect elsewhere",
@@ -191,7 +288,8 @@ class _Connection:
                 await self._resume(start)
                 return
             pipeline = plan_raw(start.pipeline, start.format, gw.processors)
-            self._check_key(pipeline)
+            self._check_steps(pipeline)
+            self._reserve(new=True)
             deadline_ms = start.deadline_ms or gw.settings.default_deadline_ms
             self.grant = SessionGrant(
                 session_id=uuid.uuid4().hex,
@@ -203,26 +301,38 @@ class _Connection:
                 expires_at=0.0,
             )
             pl = self._make_pipeline(self.grant)
-            await pl.open()
+            await gw.watchdog.bounded(pl.open(), cleanup=lambda: pl.close(finished=True))
         except AudioStreamError as err:
             gw.metrics.sessions_total.labels(result=err.code.name.lower()).inc()
-            self.proto.reject(err)
-            self.key = None
+            self._release()
+            if self.proto.state is State.STARTING:
+                self.proto.reject(err)
+            self.kick()  # a pipeline that failed to open is closed by the watchdog's cleanup
             return
         if await self._closed_meanwhile(pl):
             return
         self._started(pl, "started")
-        self.proto.accept(self.grant.session_id, start.format, self._ready_extra())
+        self._accept()
+
+    def _accept(self, resume_from: int | None = None, delivered: int = 0) -> None:
+        assert self.grant is not None
+        self.proto.accept(
+            self.grant.session_id, self.grant.format,
+            pipeline=[s.name for s in self.grant.pipeline],
+            deadline_ms=self.grant.deadline_ms,
+            token=self.gateway.signer.issue(self.grant),
+            resume_window_s=self.gateway.signer.ttl_s,
+            resume_from=resume_from, delivered=delivered)
 
     async def _closed_meanwhile(self, pl: SessionPipeline) -> bool:
         """The gateway began draining while the session was being set up."""
         if self.proto.state is State.STARTING:
             return False
-        self.key = None
+        self._release()
         await pl.close(finished=False)
         return True
 
-    def _check_key(self, pipeline: tuple[Step, ...]) -> None:
+    def _check_steps(self, pipeline: tuple[Step, ...]) -> None:
         gw = self.gateway
         assert self.key is not None
         if self.key.pipelines is not None:
@@ -231,17 +341,21 @@ class _Connection:
             if denied:
                 raise AuthError(f"this key may not use {', '.join(denied)}",
                                 ErrorCode.FORBIDDEN)
-        if self.key.max_sessions is not None and (
-            gw.sessions_per_key.get(self.key.id, 0) >= self.key.max_sessions
-        ):
-            raise LimitError(
-                f"key {self.key.id} already has {self.key.max_sessions} sessions",
-                ErrorCode.TOO_MANY_SESSIONS,
-            )
 
-    def _make_pipeline(
-        self, grant: SessionGrant, state: Mapping[str, bytes] | None = None
-    ) -> SessionPipeline:
+    def _reserve(self, *, new: bool) -> None:
+        """Count this session against its key's cap now, before any await (live and
+        detached sessions both count), and cap how many new sessions a key starts per
+        minute."""
+        assert self.key is not None
+        self.gateway.reserve(self.key, new=new)
+        self.slot = SlotPhase.RESERVED
+
+    def _release(self) -> None:
+        if self.slot in (SlotPhase.RESERVED, SlotPhase.LIVE) and self.key is not None:
+            self.gateway.release(self.key.id)
+        self.slot = SlotPhase.RELEASED
+
+    def _make_pipeline(self, grant: SessionGrant) -> SessionPipeline:
         return SessionPipeline(
             session_id=grant.session_id,
             transport=self.gateway.transport,
@@ -251,28 +365,18 @@ class _Connection:
             sink=self.on_outcomes,
             metrics=self.gateway.metrics,
             generation=grant.generation,
-            state=state,
             on_displaced=self.on_displaced,
             bundler=self.gateway.bundler,
             linger_s=self.gateway.settings.linger_ms / 1000,
         )
 
     def _started(self, pl: SessionPipeline, result: str) -> None:
-        gw = self.gateway
-        assert self.key is not None
-        self.pipeline = pl
-        gw.sessions_per_key[self.key.id] = gw.sessions_per_key.get(self.key.id, 0) + 1
-        gw.metrics.sessions_total.labels(result=result).inc()
-        self._arm_refresh()
-
-    def _ready_extra(self) -> dict[str, Any]:
         assert self.grant is not None
-        return {
-            "pipeline": [s.name for s in self.grant.pipeline],
-            "deadline_ms": self.grant.deadline_ms,
-            "token": self.gateway.signer.issue(self.grant),
-            "resume_window_s": self.gateway.signer.ttl_s,
-        }
+        self.pipeline = pl
+        self.slot = SlotPhase.LIVE
+        self.gateway.holders[self.grant.session_id] = self
+        self.gateway.metrics.sessions_total.labels(result=result).inc()
+        self._arm_refresh()
 
     async def _resume(self, start: StartMessage) -> None:
         """Take over a session another connection (on any gateway) held."""
@@ -282,42 +386,42 @@ class _Connection:
         if old.key_id != self.key.id:
             raise AuthError("the resume token belongs to another API key",
                             ErrorCode.RESUME_FAILED)
-        self._check_key(old.pipeline)
+        holder = gw.holders.get(old.session_id)
+        if holder is not None and holder.grant is not None and (
+                holder.grant.generation > old.generation):
+            raise AuthError("a newer resume token holds this session",
+                            ErrorCode.RESUME_FAILED)
+        self._check_steps(old.pipeline)
+        answered = gw.answered_by(old.session_id)
+        gw.forget_detached(old.session_id)
+        self._reserve(new=False)
         self.grant = replace(old, generation=old.generation + 1)
         pl = self._make_pipeline(self.grant)
+        history = await gw.watchdog.bounded(pl.take_over(), timed=False,
+                                            cleanup=lambda: pl.close(finished=False))
         try:
-            history = await pl.take_over()
+            plan = plan_resume((range(r.seq, r.seq + r.chunk_count) for r in history),
+                               start.resume.received, answered=answered)
         except AudioStreamError:
             await pl.close(finished=False)
             raise
         if await self._closed_meanwhile(pl):
             return
-        received = start.resume.received
-        covered = max((r.seq + r.chunk_count for r in history), default=0)
-        resume_from = max(covered, received)
         self._started(pl, "resumed")
-        self.proto.accept(
-            self.grant.session_id,
-            self.grant.format,
-            {**self._ready_extra(), "resumed": True, "resume_from": resume_from},
-            next_seq=resume_from,
-            delivered=received,
-        )
+        self._accept(resume_from=plan.resume_from, delivered=plan.delivered)
+        wanted = set(plan.replay)
         replay: list[Outcome] = []
-        answered: set[int] = set()
         for reply in history:
             seqs = list(range(reply.seq, reply.seq + reply.chunk_count))
             for o in reply_outcomes(reply, seqs):
-                if o.seq >= received and o.seq not in answered:
-                    answered.add(o.seq)
+                if o.seq in wanted:
+                    wanted.discard(o.seq)
                     replay.append(o)
-        for seq in range(received, resume_from):
-            if seq not in answered:
-                replay.append(Outcome(seq, code=ErrorCode.EXPIRED,
-                                      message="expired while the session moved"))
+        replay += [Outcome(seq, code=ErrorCode.EXPIRED, message="expired while the session moved")
+                   for seq in plan.expired]
         gw.metrics.replayed.inc(len(replay))
         self.on_outcomes(sorted(replay, key=lambda o: o.seq))
-        pl.confirm(received)
+        pl.confirm(plan.delivered)
 
     def on_displaced(self) -> None:
         self.proto.displace()
@@ -325,37 +429,76 @@ class _Connection:
 
     def _arm_refresh(self) -> None:
         """Send a fresh resume token before the last one expires."""
-        loop = asyncio.get_running_loop()
-        self._refresh = loop.call_later(self.gateway.signer.ttl_s / 3, self._refresh_token)
+        self._refresh = self.loop.call_later(self.gateway.signer.ttl_s / 3, self._refresh_token)
 
     def _refresh_token(self) -> None:
         if self.grant is None or self.proto.state is State.CLOSED:
             return
-        self.proto.send_json({"type": "token", "token": self.gateway.signer.issue(self.grant)})
+        if not self.gateway.revocation.allows(self):  # ends the session if the key is revoked
+            return
+        self.proto.send_token(self.gateway.signer.issue(self.grant))
         self.kick()
         self._arm_refresh()
 
     def token(self) -> str | None:
         return self.gateway.signer.issue(self.grant) if self.grant is not None else None
 
+    # -- ending -------------------------------------------------------------------
+    async def finish_writing(self) -> None:
+        """Let the writer deliver what the core queued (outcomes, summary, close frame)
+        for as long as the client keeps reading; give up only when nothing moved for the
+        slow-consumer grace."""
+        grace = self.gateway.settings.slow_consumer_grace_s
+        while not self.writer.done():
+            before = self.proto.unwritten_bytes, self.proto.delivered
+            self.kick()
+            with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+                await asyncio.wait_for(asyncio.shield(self.writer), grace)
+            if (self.proto.unwritten_bytes, self.proto.delivered) == before:
+                break
+
     async def close(self) -> None:
         gw = self.gateway
         if self._refresh is not None:
             self._refresh.cancel()
-        if self.pipeline is not None:
-            finished = self.proto.state is State.CLOSED and self.proto.close_code == 1000
-            await self.pipeline.close(finished=finished)
-        if self.key is not None and self.pipeline is not None:
-            gw.sessions_per_key[self.key.id] -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+        stopping = self.proto.close_code == 1000
+        if not stopping:
+            # No summary will be written: release the session at once, so whoever
+            # resumes it (going_away, a dropped link) can take it over without waiting
+            # for this connection's close handshake.
+            await self._end_session()
+        if self.proto.state is State.CLOSED and not self.writer.done():
+            await self.finish_writing()
+        if self._forcing is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._forcing
         if not self.writer.done():
-            if self.proto.state is State.CLOSED and not self.ws.closed:
-                self.kick()
-                with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
-                    await asyncio.wait_for(asyncio.shield(self.writer), 1.0)
             self.writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
             await self.writer
+        if stopping:
+            await self._end_session()
+        self._release()
         gw.metrics.session_duration.observe(time.monotonic() - self.started_at)
+
+    async def _end_session(self) -> None:
+        """Close the pipeline: finished only if the summary reached the socket; otherwise
+        the reply queue (the journal) stays for the resume window and the session keeps
+        counting against its key until then."""
+        gw = self.gateway
+        pl, self.pipeline = self.pipeline, None
+        if pl is None:
+            return
+        finished = self.proto.finished
+        await pl.close(finished=finished)
+        assert self.grant is not None and self.key is not None
+        if gw.holders.get(self.grant.session_id) is self:
+            del gw.holders[self.grant.session_id]
+        if not finished and self.slot is SlotPhase.LIVE:
+            gw.detach(self.grant.session_id, self.key.id, self.proto.next_out)
+            self.slot = SlotPhase.RELEASED
 
 
 class Gateway:
@@ -383,22 +526,86 @@ class Gateway:
             max_wait_s=self.settings.bundle_wait_ms / 1000,
             on_sent=lambda _n: self.metrics.bundles_published.inc(),
         )
+        self.limits = self.settings.limits()
         self.connections: set[_Connection] = set()
         self.sessions_per_key: dict[str, int] = {}
+        """Live, starting and detached (resumable) sessions per key."""
+        self.holders: dict[str, _Connection] = {}
+        """Session id -> the connection holding it here."""
+        self._detached: dict[str, tuple[str, asyncio.TimerHandle, int]] = {}
+        """Session id -> (key id, expiry timer, outcomes its last connection answered)."""
+        self._starts: dict[str, deque[float]] = {}
         self.draining = False
         self._changed = asyncio.Event()
+        st = self.settings
+        self.revocation = KeyRevocation(keys, lambda: self.connections,
+                                        interval_s=st.key_recheck_s)
+        self.watchdog = BrokerWatchdog(
+            lambda: transport.work_queue_depth(transport.topology.processing_types[0]),
+            interval_s=st.broker_probe_s, stall_after_s=st.broker_stall_s,
+            start_timeout_s=st.start_timeout_s)
         self.load = LoadMonitor(  # queue-age gauges for KEDA and alerts (gateway/load.py)
             self.metrics, lambda: [c.pipeline for c in self.connections if c.pipeline is not None],
             transport.topology.processing_types, interval_s=self.settings.load_sample_s)
+
+    # -- per-key session accounting ----------------------------------------------------
+    def reserve(self, key: KeyRecord, *, new: bool) -> None:
+        """Count one more session for ``key`` or raise; synchronous on purpose."""
+        count = self.sessions_per_key.get(key.id, 0)
+        if key.max_sessions is not None and count >= key.max_sessions:
+            raise LimitError(
+                f"key {key.id} already has {key.max_sessions} sessions (live or resumable)",
+                ErrorCode.TOO_MANY_SESSIONS)
+        cap = self.settings.session_starts_per_minute
+        if new and cap is not None:
+            now = time.monotonic()
+            starts = self._starts.setdefault(key.id, deque())
+            while starts and starts[0] <= now - 60:
+                starts.popleft()
+            if len(starts) >= cap:
+                raise LimitError(f"key {key.id} started {cap} sessions in the last minute",
+                                 ErrorCode.TOO_MANY_SESSIONS)
+            starts.append(now)
+        self.sessions_per_key[key.id] = count + 1
+
+    def release(self, key_id: str) -> None:
+        left = self.sessions_per_key.get(key_id, 0) - 1
+        if left > 0:
+            self.sessions_per_key[key_id] = left
+        else:
+            self.sessions_per_key.pop(key_id, None)
+
+    def detach(self, session_id: str, key_id: str, answered: int) -> None:
+        """A resumable session lost its connection: it keeps counting against its key
+        until its resume window ends (or it is resumed here)."""
+        timer = asyncio.get_running_loop().call_later(
+            self.settings.resume_window_s, self.forget_detached, session_id)
+        self._detached[session_id] = (key_id, timer, answered)
+
+    def answered_by(self, session_id: str) -> int | None:
+        """How many outcomes the session's connection here answered, if it was here."""
+        holder = self.holders.get(session_id)
+        if holder is not None:
+            return holder.proto.next_out
+        entry = self._detached.get(session_id)
+        return entry[2] if entry is not None else None
+
+    def forget_detached(self, session_id: str) -> None:
+        entry = self._detached.pop(session_id, None)
+        if entry is not None:
+            entry[1].cancel()
+            self.release(entry[0])
 
     # -- aiohttp wiring -------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application()
         app[GATEWAY_KEY] = self
         app.router.add_get("/v1/stream", self.handle_stream)
-        app.router.add_get("/healthz", self.handle_health)
-        app.router.add_get("/readyz", self.handle_ready)
-        app.router.add_get("/metrics", self.handle_metrics)
+        _edge.install(app, self.settings.edge, self.metrics_registry, [
+            ("/healthz", self.handle_health), ("/readyz", self.handle_ready),
+            ("/metrics", self.handle_metrics)])  # on the operations site, not this one
+        browser.install(app, self)  # /sdk/audiostream.js, /demo, POST /v1/tokens
+        add_telephony_routes(app, self)  # /v1/telephony/*: Twilio, Telnyx, Exotel, Asterisk
         app.cleanup_ctx.append(self._lifecycle)
         return app
 
@@ -410,7 +617,11 @@ class Gateway:
         if self.settings.depth_poll_s > 0:
             poller = asyncio.get_running_loop().create_task(self._poll_depth(), name="depth")
         self.load.start()
+        self.watchdog.start()
+        self.revocation.start()
         yield
+        await self.revocation.close()
+        await self.watchdog.close()
         await self.load.close()
         if poller is not None:
             poller.cancel()
@@ -445,10 +656,11 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def handle_ready(self, _request: web.Request) -> web.Response:
-        ready = self.transport.is_connected and not self.draining
+        ready = self.transport.is_connected and self.watchdog.healthy and not self.draining
         body = {
             "ready": ready,
             "broker_connected": self.transport.is_connected,
+            "broker_responsive": self.watchdog.healthy,
             "draining": self.draining,
             "connections": len(self.connections),
         }
@@ -492,16 +704,24 @@ class Gateway:
             heartbeat=self.settings.heartbeat_s,
             max_msg_size=HARD_MAX_FRAME,
             compress=False,
+            timeout=self.settings.close_timeout_s,
         )
         await ws.prepare(request)
         conn = _Connection(ws, self)
         self.connections.add(conn)
         self.metrics.connections_total.inc()
         self.metrics.connections_active.inc()
+        reader = conn.reader = asyncio.get_running_loop().create_task(self._serve(conn))
         try:
-            await self._serve(conn)
+            await asyncio.wait({reader})
+            if not reader.cancelled():
+                reader.result()  # a bug in the core surfaces here
         finally:
             try:
+                if not reader.done():
+                    reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reader
                 await conn.close()
             finally:
                 self.connections.discard(conn)
@@ -510,25 +730,14 @@ class Gateway:
         return ws
 
     async def _serve(self, conn: _Connection) -> None:
+        """Read frames into the core until the connection closes. No receive timeout:
+        the core's deadlines (auth, idle, slow consumer) drive the connection's one
+        timer, which pings and pongs cannot reset."""
         proto = conn.proto
         ws = conn.ws
-        auth_deadline = time.monotonic() + self.settings.auth_timeout_s
+        conn.kick()  # arms the auth deadline
         while proto.state is not State.CLOSED:
-            if proto.state is State.AWAITING_START:
-                timeout = max(0.0, auth_deadline - time.monotonic())
-            else:
-                timeout = self.settings.idle_timeout_s
-            try:
-                msg = await ws.receive(timeout=timeout)
-            except TimeoutError:
-                if proto.state is State.AWAITING_START:
-                    proto.fail(AuthError("no start message in time", ErrorCode.AUTH_TIMEOUT))
-                else:
-                    proto.fail(LimitError(
-                        f"nothing received for {self.settings.idle_timeout_s:g} s",
-                        ErrorCode.IDLE_TIMEOUT))
-                conn.kick()
-                break
+            msg = await ws.receive()
             if msg.type is WSMsgType.TEXT:
                 events = proto.receive_text(msg.data)
             elif msg.type is WSMsgType.BINARY:
@@ -553,9 +762,9 @@ class Gateway:
                     conn.pipeline.confirm(ev.received)
             conn.kick()
         if proto.state is State.CLOSED and not ws.closed:
-            # Let the writer finish sending (summary and close frame).
-            with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
-                await asyncio.wait_for(asyncio.shield(conn.writer), 5.0)
+            # Deliver what is queued (outcomes, summary, close frame) while the client
+            # reads; the close handshake then ends the connection, never a reset.
+            await conn.finish_writing()
 
     async def drain(self, grace_s: float) -> None:
         """Fail readiness and refuse new sessions; tell every client to resume elsewhere
@@ -566,8 +775,7 @@ class Gateway:
         deadline = loop.time() + grace_s
         conns = list(self.connections)
         for conn in conns:
-            conn.proto.go_away({"reason": "gateway draining; resume on another gateway",
-                                "token": conn.token()})
+            conn.proto.go_away("gateway draining; resume on another gateway", conn.token())
             conn.kick()
 
         async def settle(conn: _Connection) -> None:
@@ -587,7 +795,7 @@ class Gateway:
 
     async def close_connections(self) -> None:
         for conn in list(self.connections):
-            conn.proto.go_away({"reason": "server shutting down", "token": conn.token()})
+            conn.proto.go_away("server shutting down", conn.token())
             conn.proto.finish_drain()
             conn.kick()
         for conn in list(self.connections):
@@ -612,7 +820,7 @@ async def start_site(
     """Start serving; returns the runner and the bound port (useful with port 0)."""
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    site = _edge.EdgeSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     bound = port
     for address in runner.addresses:

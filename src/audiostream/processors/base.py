@@ -15,6 +15,7 @@ from typing import Any
 
 from audiostream.audio import FloatAudio
 from audiostream.errors import ConfigError, ErrorCode
+from audiostream.processors.params import NO_PARAMS, ParamSchema
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,8 @@ class ProcessorSpec:
     """Rates the step accepts; None means any. Conversions are inserted for others."""
     stateful: bool = False
     check_params: ParamCheck | None = None
+    params: ParamSchema = NO_PARAMS
+    """The declared parameters (``processors/params.py``); others are refused at start."""
     description: str = ""
     internal: bool = False
     """Inserted by the planner (e.g. resample); not listed for clients."""
@@ -89,6 +92,7 @@ class ProcessorRegistry:
         stateful: bool = False,
         check_params: ParamCheck | None = None,
         internal: bool = False,
+        params: ParamSchema = NO_PARAMS,
         delay_frames: DelayFn | None = None,
     ) -> Callable[[BatchFn], BatchFn]:
         """Register a function that processes a whole batch in one call."""
@@ -101,6 +105,7 @@ class ProcessorRegistry:
                     sample_rates=frozenset(sample_rates) if sample_rates else None,
                     stateful=stateful,
                     check_params=check_params,
+                    params=params,
                     description=(fn.__doc__ or "").strip().split("\n")[0],
                     internal=internal,
                     delay_frames=delay_frames,
@@ -118,6 +123,7 @@ class ProcessorRegistry:
         stateful: bool = False,
         check_params: ParamCheck | None = None,
         internal: bool = False,
+        params: ParamSchema = NO_PARAMS,
         delay_frames: DelayFn | None = None,
     ) -> Callable[[ItemFn], ItemFn]:
         """Register a function of one input; the batch is a loop over it."""
@@ -133,6 +139,7 @@ class ProcessorRegistry:
                 stateful=stateful,
                 check_params=check_params,
                 internal=internal,
+                params=params,
                 delay_frames=delay_frames,
             )(run)
             return fn
@@ -148,6 +155,7 @@ class ProcessorRegistry:
         check_params: ParamCheck | None = None,
         description: str = "",
         max_wait_ms: float = 2.0,
+        params: ParamSchema = NO_PARAMS,
         delay_frames: DelayFn | None = None,
     ) -> Callable[[Callable[[ProcessorContext], BatchFn]], Callable[[ProcessorContext], BatchFn]]:
         """Register a factory called once per worker (e.g. to load a model)."""
@@ -162,6 +170,7 @@ class ProcessorRegistry:
                     sample_rates=frozenset(sample_rates) if sample_rates else None,
                     stateful=stateful,
                     check_params=check_params,
+                    params=params,
                     description=description or (fn.__doc__ or "").strip().split("\n")[0],
                     max_wait_ms=max_wait_ms,
                     delay_frames=delay_frames,

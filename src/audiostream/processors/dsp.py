@@ -11,6 +11,7 @@ from scipy import signal
 
 from audiostream.errors import ConfigError, ErrorCode, ProcessingError
 from audiostream.processors.base import StepInput, StepOutput, registry
+from audiostream.processors.params import Kind, Param, ParamSchema
 
 
 @registry.per_item("passthrough")
@@ -33,7 +34,13 @@ def _check_gain(params: Mapping[str, Any]) -> None:
     _number(params, "db", 6.0, -60.0, 40.0)
 
 
-@registry.per_item("gain", check_params=_check_gain)
+GAIN_PARAMS = ParamSchema((
+    Param(name="db", kind=Kind.NUMBER, minimum=-60.0, maximum=40.0, default=6.0,
+          description="gain in dB; the result is clipped to full scale"),
+))
+
+
+@registry.per_item("gain", check_params=_check_gain, params=GAIN_PARAMS)
 def gain(item: StepInput) -> StepOutput:
     """Fixed gain in dB (``{"db": 6}``), clipped to full scale."""
     factor = np.float32(10 ** (_number(item.params, "db", 6.0, -60.0, 40.0) / 20))
@@ -63,7 +70,14 @@ def _hp_state(raw: bytes | None, sections: int, channels: int) -> np.ndarray:
     return arr.reshape(shape).copy()
 
 
-@registry.per_item("highpass", stateful=True, check_params=_check_highpass)
+HIGHPASS_PARAMS = ParamSchema((
+    Param(name="cutoff_hz", kind=Kind.NUMBER, minimum=10.0, maximum=1000.0, default=80.0,
+          description="-3 dB corner frequency in Hz"),
+))
+
+
+@registry.per_item("highpass", stateful=True, check_params=_check_highpass,
+                   params=HIGHPASS_PARAMS)
 def highpass(item: StepInput) -> StepOutput:
     """4th-order Butterworth high-pass (``{"cutoff_hz": 80}``): removes rumble and DC."""
     cutoff = _number(item.params, "cutoff_hz", 80.0, 10.0, 1000.0)

@@ -17,6 +17,7 @@ from typing import Any
 
 from audiostream.errors import ConfigError, ErrorCode
 from audiostream.models import nsnet2, runtime, silero
+from audiostream.models.prepare import VARIANTS
 from audiostream.processors.base import (
     BatchFn,
     ProcessorContext,
@@ -24,6 +25,7 @@ from audiostream.processors.base import (
     StepOutput,
     registry,
 )
+from audiostream.processors.params import Kind, Param, ParamSchema
 
 _DENOISE_KEYS = frozenset({"variant"})
 _VAD_KEYS = frozenset({"threshold", "neg_threshold", "min_silence_ms"})
@@ -119,12 +121,20 @@ class _Denoise(_Lane):
         return [o for o in out if o is not None]
 
 
+DENOISE_PARAMS = ParamSchema((
+    Param(name="variant", kind=Kind.STRING, choices=VARIANTS,
+          description="model precision; the default is the worker's "
+          "(`fp32` on CPU, `fp16` on GPU)"),
+))
+
+
 @registry.factory(
     "denoise",
     sample_rates=nsnet2.RATES,
     stateful=True,
     check_params=_check_denoise,
     max_wait_ms=MODEL_MAX_WAIT_MS,
+    params=DENOISE_PARAMS,
     delay_frames=lambda rate, _params: nsnet2.framing(rate).delay,
 )
 def denoise(ctx: ProcessorContext) -> BatchFn:
@@ -173,12 +183,28 @@ def _vad_events(res: silero.Result) -> tuple[dict[str, Any], ...]:
     return tuple(events)
 
 
+_VAD_DEFAULTS = silero.Hysteresis()
+VAD_PARAMS = ParamSchema((
+    Param(name="threshold", kind=Kind.NUMBER, minimum=0.0, maximum=1.0,
+          default=_VAD_DEFAULTS.threshold,
+          description="speech starts when a window's probability reaches this"),
+    Param(name="neg_threshold", kind=Kind.NUMBER, minimum=0.0, maximum=1.0,
+          default=_VAD_DEFAULTS.neg_threshold,
+          description="speech may end below this (at most `threshold`; "
+          "default `threshold - 0.15` when only `threshold` is given)"),
+    Param(name="min_silence_ms", kind=Kind.NUMBER, minimum=0.0, maximum=10_000.0,
+          default=_VAD_DEFAULTS.min_silence_ms,
+          description="silence needed before `speech_end`"),
+), cross_check=_check_vad)
+
+
 @registry.factory(
     "vad",
     sample_rates=silero.RATES,
     stateful=True,
     check_params=_check_vad,
     max_wait_ms=MODEL_MAX_WAIT_MS,
+    params=VAD_PARAMS,
 )
 def vad(ctx: ProcessorContext) -> BatchFn:
     """Silero voice activity events at 8/16 kHz; the audio passes through unchanged."""

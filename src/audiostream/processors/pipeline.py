@@ -11,6 +11,13 @@ from audiostream.errors import AudioStreamError, ConfigError, ErrorCode
 from audiostream.processors.base import ProcessorRegistry
 
 RESAMPLE = "resample"
+#: Longer names are refused without being looked up (or echoed back in full).
+MAX_STEP_NAME = 64
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 48 else f"{text[:48]}... ({len(text)} characters)"
 
 
 def parse_steps(raw: Sequence[Any], processors: ProcessorRegistry) -> list[Step]:
@@ -21,15 +28,23 @@ def parse_steps(raw: Sequence[Any], processors: ProcessorRegistry) -> list[Step]
             name, params = entry, {}
         elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
             name, params = entry["name"], entry.get("params", {})
-            if not isinstance(params, dict):
-                raise ConfigError(f"params of step {name!r} must be an object",
-                                  ErrorCode.INVALID_OPTION)
+            extra = sorted(set(entry) - {"name", "params"})
+            if extra:
+                raise ConfigError(
+                    f"pipeline entry {_short(name)} has unknown field(s) "
+                    f"{', '.join(_short(k) for k in extra[:5])}; allowed: name, params",
+                    ErrorCode.INVALID_OPTION)
         else:
-            raise ConfigError(f"bad pipeline entry {entry!r}", ErrorCode.UNKNOWN_STEP)
+            raise ConfigError(f"bad pipeline entry {_short(entry)}", ErrorCode.UNKNOWN_STEP)
+        if len(name) > MAX_STEP_NAME:
+            raise ConfigError(f"unknown processing step {_short(name)}", ErrorCode.UNKNOWN_STEP)
         spec = processors.get(name)
         if spec.internal:
             raise ConfigError(f"step {name!r} is inserted automatically; do not request it",
                               ErrorCode.UNKNOWN_STEP)
+        # The declared schema first: types, ranges, unknown keys and size caps, before
+        # anything is copied into a work message or a resume token.
+        params = spec.params.validate(name, params)
         if spec.check_params is not None:
             try:
                 spec.check_params(params)

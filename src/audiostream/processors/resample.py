@@ -33,6 +33,7 @@ from scipy import signal
 from audiostream.audio import SUPPORTED_RATES
 from audiostream.errors import ConfigError, ErrorCode, ProcessingError
 from audiostream.processors.base import StepInput, StepOutput, registry
+from audiostream.processors.params import Kind, Param, ParamSchema
 
 F64 = npt.NDArray[np.float64]
 F32 = npt.NDArray[np.float32]
@@ -177,7 +178,14 @@ def _check(params: Mapping[str, Any]) -> None:
     _target(params)
 
 
+RESAMPLE_PARAMS = ParamSchema((
+    Param(name="to", kind=Kind.INTEGER, choices=SUPPORTED_RATES,
+          description="output sample rate in Hz (set by the planner)"),
+))
+
+
 @registry.per_item("resample", stateful=True, check_params=_check, internal=True,
+                   params=RESAMPLE_PARAMS,
                    delay_frames=lambda rate, params: design(rate, _target(params)).delay_frames)
 def resample(item: StepInput) -> StepOutput:
     """Convert the sample rate (``{"to": 16000}``) with state that travels in the message."""

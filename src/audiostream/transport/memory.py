@@ -22,6 +22,10 @@ from audiostream.errors import TransportError
 from audiostream.topology import Topology
 from audiostream.transport.base import Handler, Subscription
 
+#: Unacked replies one reply consumer may hold (RabbitMQ's reply channel uses the same
+#: default); the gateway's journal cap must stay below it.
+REPLY_PREFETCH = 1000
+
 
 @dataclass(slots=True)
 class _Message:
@@ -50,6 +54,9 @@ class _Consumer:
     owner: MemoryTransport
     unacked: dict[int, _Message] = field(default_factory=dict)
     active: bool = True
+    cancelled: bool = False
+    """No new deliveries (cancelled, or its queue was deleted); forgotten by its owner
+    once its last delivery is settled."""
 
 
 class _MemoryDelivery:
@@ -73,7 +80,11 @@ class _MemoryDelivery:
         if self._settled:
             raise TransportError("delivery already settled")
         self._settled = True
-        return self._consumer.unacked.pop(self._tag, None)
+        consumer = self._consumer
+        msg = consumer.unacked.pop(self._tag, None)
+        if consumer.cancelled and not consumer.unacked:
+            consumer.owner._forget(consumer)
+        return msg
 
     async def ack(self) -> None:
         if self._settle() is not None:
@@ -102,6 +113,9 @@ class _MemorySubscription:
         # back to their queue if still unsettled when the transport closes.
         for c in self._consumers:
             self._owner.broker._detach_consumer(c)
+            c.cancelled = True
+            if not c.unacked:
+                self._owner._forget(c)
 
 
 class MemoryBroker:
@@ -121,6 +135,16 @@ class MemoryBroker:
         if cls._default is None:
             cls._default = cls()
         return cls._default
+
+    @property
+    def queue_count(self) -> int:
+        return len(self._queues)
+
+    def unacked(self, name: str) -> int:
+        """Messages of queue ``name`` delivered and not yet settled (``rabbitmqctl
+        list_queues messages_unacknowledged``)."""
+        q = self._queues.get(name)
+        return 0 if q is None else sum(len(c.unacked) for c in q.consumers)
 
     # -- topology ----------------------------------------------------------------
     def _declare_queue(
@@ -158,6 +182,9 @@ class MemoryBroker:
             q.expiry_handle.cancel()
         for c in list(q.consumers):
             c.active = False
+            c.cancelled = True
+            if not c.unacked:
+                c.owner._forget(c)
         q.consumers.clear()
 
     # -- messages ----------------------------------------------------------------
@@ -246,12 +273,22 @@ class MemoryTransport:
         self.broker = broker
         self.topology = topology
         self._connected = False
-        self._consumers: list[_Consumer] = []
+        self._consumers: set[_Consumer] = set()
+        """Consumers that may still deliver or hold unsettled deliveries."""
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def is_connected(self) -> bool:
         return self._connected
+
+    @property
+    def consumer_count(self) -> int:
+        """Consumers this connection still holds: cancelled ones whose deliveries are all
+        settled are forgotten, so this returns to its baseline when sessions end."""
+        return len(self._consumers)
+
+    def _forget(self, c: _Consumer) -> None:
+        self._consumers.discard(c)
 
     async def connect(self) -> None:
         self._connected = True
@@ -311,7 +348,7 @@ class MemoryTransport:
 
     def _consume(self, q: _Queue, handler: Handler, prefetch: int) -> _Consumer:
         c = _Consumer(q, handler, prefetch, self)
-        self._consumers.append(c)
+        self._consumers.add(c)
         self.broker._add_consumer(c)
         return c
 
@@ -324,7 +361,7 @@ class MemoryTransport:
         q = self.broker._queues.get(name)
         if q is None:
             raise TransportError(f"reply queue {name!r} does not exist")
-        return _MemorySubscription(self, [self._consume(q, handler, 1000)])
+        return _MemorySubscription(self, [self._consume(q, handler, REPLY_PREFETCH)])
 
     async def publish_reply(self, queue: str, body: bytes) -> bool:
         self._check()

@@ -38,6 +38,7 @@ import contextlib
 import logging
 import weakref
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import aio_pika
@@ -59,7 +60,8 @@ from audiostream.errors import ConfigError, TransportError
 from audiostream.topology import Topology
 from audiostream.transport.base import Handler, Subscription
 
-__all__ = ["RabbitTransport", "declare_topology"]
+__all__ = ["QueueProbe", "RabbitTransport", "TopologyProbe", "declare_topology",
+           "probe_topology"]
 
 log = logging.getLogger(__name__)
 
@@ -917,6 +919,66 @@ async def declare_topology(url: str, topology: Topology) -> None:
     finally:
         await transport.close()
 
+
+
+@dataclass(frozen=True, slots=True)
+class QueueProbe:
+    name: str
+    messages: int | None
+    """Ready messages; None when the queue does not exist."""
+    consumers: int
+
+
+@dataclass(frozen=True, slots=True)
+class TopologyProbe:
+    """What ``probe_topology`` found: which exchanges exist, and each queue's state."""
+
+    exchanges: dict[str, bool]
+    queues: tuple[QueueProbe, ...]
+
+
+async def probe_topology(url: str, topology: Topology) -> TopologyProbe:
+    """Passively look up every exchange and queue of ``topology`` (``healthcheck --broker``).
+
+    Nothing is created; each lookup gets its own channel, because RabbitMQ closes a
+    channel on a 404. Consumer counts show whether workers are attached.
+    """
+    try:
+        conn = await aio_pika.connect(url, client_properties={"connection_name":
+                                                              "audiostream-healthcheck"})
+    except _BROKER_ERRORS as exc:
+        raise TransportError(f"cannot connect to RabbitMQ at {_redact(url)}: {_reason(exc)}"
+                             ) from exc
+    try:
+        exchanges: dict[str, bool] = {}
+        for name in [*map(topology.exchange, topology.processing_types),
+                     topology.dead_letter_exchange]:
+            channel = await conn.channel()
+            try:
+                await channel.declare_exchange(name, passive=True)
+                exchanges[name] = True
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                exchanges[name] = False
+            finally:
+                await _close_quietly(channel)
+        queues: list[QueueProbe] = []
+        for name in [*(q for p in topology.processing_types for q in topology.work_queues(p)),
+                     topology.dead_letter_queue]:
+            channel = await conn.channel()
+            try:
+                result = (await channel.declare_queue(name, passive=True)).declaration_result
+                queues.append(QueueProbe(name, int(result.message_count or 0),
+                                         int(result.consumer_count or 0)))
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                queues.append(QueueProbe(name, None, 0))
+            finally:
+                await _close_quietly(channel)
+        return TopologyProbe(exchanges, tuple(queues))
+    except _BROKER_ERRORS as exc:
+        raise TransportError(f"probing {_redact(url)}: {_reason(exc)}") from exc
+    finally:
+        with contextlib.suppress(*_BROKER_ERRORS):
+            await conn.close()
 
 
 async def delete_topology(url: str, topology: Topology) -> None:

@@ -1,0 +1,600 @@
+"""The gateway's edge: what happens to a socket before and beside the session protocol.
+
+A hostile client can hurt a gateway without ever sending a valid ``start``: by holding
+sockets open with slow or no headers (slowloris), by sending malformed HTTP to flood the
+error log, by putting keys into URLs that end up in logs, or by speaking sloppy
+WebSocket (unmasked frames, ping floods). aiohttp leaves all of these open by default:
+
+- it has no header-read timeout (only a keep-alive timer of an hour) and does not count
+  sockets that have not sent a request yet;
+- its ``WebSocketReader`` ignores the mask bit, answers every ping and lets each ping
+  restart ``receive(timeout=...)``;
+- it logs every malformed request with a traceback at ERROR, and its default access log
+  carries the full request line (query string included) and unescaped headers;
+- it announces ``Server: Python/3.x aiohttp/3.x``.
+
+This module closes those gaps with public aiohttp extension points only: a site whose
+protocol factory builds a ``RequestHandler`` subclass (so each socket gets a handshake
+timer and is counted until its first request arrives), a wrapper around the WebSocket
+frame parser (mask check, ping answering and rate limit), a middleware (one request per
+connection before the upgrade, key-shaped query strings refused), an access logger that
+never logs query strings or subprotocols and escapes every client-controlled field, and a
+separate operations site for ``/metrics``, ``/healthz`` and ``/readyz``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote_plus
+
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.web_protocol import RequestHandler
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from yarl import URL
+
+from audiostream.errors import ConfigError, ErrorCode
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("audiostream.access")
+
+#: What every response says in its ``Server`` header (no versions to fingerprint).
+SERVER_NAME = "audiostream"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeSettings:
+    """Limits applied before (and beside) the session protocol; docs/security.md lists
+    them with their reasons."""
+
+    handshake_timeout_s: float = 10.0
+    """From accept to a complete request head: TLS handshake plus request line and
+    headers. A socket that has not sent a whole request by then is closed."""
+    max_pending: int = 512
+    """Sockets that have not yet sent a whole request. When a new socket would exceed it,
+    the oldest such socket is closed (a slowloris holds old sockets; real clients finish
+    their request within milliseconds)."""
+    max_line_size: int = 8190
+    max_field_size: int = 8190
+    max_headers: int = 64
+    control_rate: float = 2.0
+    """WebSocket pings and pongs per second a client may send ..."""
+    control_burst: float = 20.0
+    """... and at once; beyond that the connection is closed with 1008."""
+    ops_host: str = "127.0.0.1"
+    """Address of the operations site (``/metrics``, ``/healthz``, ``/readyz``)."""
+    ops_port: int | None = 0
+    """Its port; 0 picks a free one (tests), None serves no operations site."""
+    log_interval_s: float = 10.0
+    """At most one log line per kind of refusal in this interval (with a count)."""
+
+    def __post_init__(self) -> None:
+        if self.handshake_timeout_s <= 0:
+            raise ConfigError("the handshake timeout must be > 0 s")
+        if self.max_pending < 1:
+            raise ConfigError("max pending sockets must be >= 1")
+        if self.control_rate <= 0 or self.control_burst < 1:
+            raise ConfigError("the control frame rate must be > 0 with a burst >= 1")
+
+
+class EdgeMetrics:
+    """Refusals at the edge, by reason, and the sockets still in their handshake."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.refused = Counter(
+            "audiostream_gateway_edge_refused_total",
+            "Sockets or requests the edge refused or closed, by reason",
+            ["reason"], registry=registry)
+        self.pending = Gauge(
+            "audiostream_gateway_pending_sockets",
+            "Sockets that have not sent a whole request yet (TLS done, headers pending)",
+            registry=registry)
+
+
+class Throttled:
+    """One log line per ``key`` per interval; the next one says how many were skipped."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger = logger
+        self._interval = interval_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> bool:
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        skipped = self._skipped.pop(key, 0)
+        suffix = f" ({skipped} more since the last such line)" if skipped else ""
+        self._logger.warning(msg + suffix, *args)
+        return True
+
+
+def escape(value: object, limit: int = 200) -> str:
+    """A client-controlled value made safe for a log line: quoted, ASCII, no control
+    characters, ``"`` and ``\\`` escaped, truncated (so it cannot forge fields)."""
+    text = str(value)
+    cut = len(text) > limit
+    return json.dumps(text[:limit] + ("..." if cut else ""), ensure_ascii=True)
+
+
+# --- keys in URLs --------------------------------------------------------------------------
+
+#: Parameter names that announce a credential, compared after lower-casing and ``-`` -> ``_``.
+CREDENTIAL_NAMES = frozenset({
+    "api_key", "apikey", "key", "token", "access_token", "auth", "authorization",
+    "x_api_key", "secret", "password", "bearer", "session_token",
+})
+_KEY_SHAPES = re.compile(
+    r"as_[0-9a-f]{4,}_[A-Za-z0-9\-]{8,}"   # an API key (keys.py)
+    r"|bt1\."                               # a browser token (POST /v1/tokens)
+    r"|[A-Za-z0-9+/_\-.~]{32,}",            # any other long opaque secret
+    re.IGNORECASE,
+)
+
+
+def credential_in_query(query: str) -> bool:
+    """True when a query string carries, or names, something that looks like a secret.
+
+    The gateway takes no query parameters, so being strict costs nothing; the value is
+    decoded twice to see through double encoding."""
+    if not query:
+        return False
+    decoded = unquote_plus(unquote_plus(query))
+    if _KEY_SHAPES.search(decoded):
+        return True
+    for part in re.split(r"[&;]", decoded):
+        name = part.split("=", 1)[0].strip().lower().replace("-", "_")
+        if name in CREDENTIAL_NAMES:
+            return True
+    return False
+
+
+# --- access log ------------------------------------------------------------------------------
+
+
+class SafeAccessLogger(AbstractAccessLogger):
+    """One line per request: peer, method, path (never the query string), status, bytes,
+    seconds and user agent, each client-controlled field escaped. Subprotocol values and
+    other headers are never logged: a key sent as ``Sec-WebSocket-Protocol`` stays out."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s %d %d %.3f %s",
+            escape(request.remote or "-", 64),
+            escape(request.method, 16),
+            escape(request.rel_url.raw_path, 200),
+            response.status,
+            response.body_length,
+            time,
+            escape(request.headers.get(hdrs.USER_AGENT, "-"), 120),
+        )
+
+
+class _RedactSubprotocols(logging.Filter):
+    """aiohttp logs the client's subprotocol list in full when none matches (web_ws.py),
+    and clients put keys there: keep the line, drop the values."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "protocols" in str(record.msg) and isinstance(record.args, tuple) and record.args:
+            record.msg = "%s: client subprotocols match none of the server's (not logged)"
+            record.args = (escape(record.args[0], 64),)
+        return True
+
+
+_REDACT = _RedactSubprotocols()
+
+
+# --- the socket before its request ------------------------------------------------------------
+
+
+class EdgeGuard:
+    """The state one site shares across its sockets: the pending ones, oldest first."""
+
+    def __init__(self, settings: EdgeSettings, metrics: EdgeMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.pending: dict[_EdgeHandler, None] = {}
+        self.throttled = Throttled(log, settings.log_interval_s)
+        self.ops_port: int | None = None
+
+    @property
+    def ops_url(self) -> str | None:
+        if self.ops_port is None:
+            return None
+        return f"http://{self.settings.ops_host}:{self.ops_port}"
+
+    def refused(self, reason: str, msg: str, *args: object) -> None:
+        self.metrics.refused.labels(reason=reason).inc()
+        self.throttled.warning(reason, msg, *args)
+
+    def admit(self, handler: _EdgeHandler) -> None:
+        while len(self.pending) >= self.settings.max_pending:
+            oldest = next(iter(self.pending))
+            self.leave(oldest)
+            self.refused("pending_cap",
+                         "edge: %d sockets without a complete request (the cap); closed "
+                         "the oldest, from %s", self.settings.max_pending,
+                         escape(oldest.peer, 64))
+            oldest.force_close()
+        self.pending[handler] = None
+        self.metrics.pending.set(len(self.pending))
+
+    def leave(self, handler: _EdgeHandler) -> None:
+        if handler in self.pending:
+            del self.pending[handler]
+            self.metrics.pending.set(len(self.pending))
+
+
+class _EdgeHandler(RequestHandler):
+    """aiohttp's per-socket protocol with a handshake deadline, pre-request accounting,
+    quiet malformed-request handling and a WebSocket frame guard."""
+
+    def __init__(self, manager: web.Server, guard: EdgeGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.guard = guard
+        self.peer = "-"
+        self._deadline: asyncio.TimerHandle | None = None
+        # aiohttp 3.14's parser turns "CONNECT \r\n\r\n" into a request whose url is
+        # None, and building the request then raises inside the connection task, which
+        # dies with the socket left open (found by tests/security/test_fuzz_edge.py).
+        make = self._request_factory
+        if make is not None:
+            def request_factory(message: RawRequestMessage, *args: Any) -> web.BaseRequest:
+                if message.url is None:
+                    self.guard.refused("malformed_http", "edge: malformed HTTP from %s: "
+                                       "no request target", escape(self.peer, 64))
+                    message = message._replace(method="UNKNOWN", path="/", url=URL("/"))
+                return make(message, *args)
+
+            self._request_factory = request_factory
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
+        self.guard.admit(self)
+        self._deadline = self._loop.call_later(self.guard.settings.handshake_timeout_s,
+                                               self._handshake_expired)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.request_arrived()
+        super().connection_lost(exc)
+
+    def request_arrived(self) -> None:
+        """The request head is complete: the socket leaves the handshake phase."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self.guard.leave(self)
+
+    def _handshake_expired(self) -> None:
+        self._deadline = None
+        if self in self.guard.pending:
+            self.guard.leave(self)
+            self.guard.refused("handshake_timeout",
+                               "edge: no complete request within %g s from %s; closed",
+                               self.guard.settings.handshake_timeout_s, escape(self.peer, 64))
+            self.force_close()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, ConnectionError):
+            # The client left while its request was handled (e.g. before the upgrade
+            # could be written): nothing to answer, nothing to log at ERROR. aiohttp's
+            # connection loop treats this exception as a premature disconnection.
+            raise ConnectionError("client disconnected") from exc
+        if status >= 500:  # our own failure: keep aiohttp's traceback
+            resp = super().handle_error(request, status, exc, message)
+            resp.headers[hdrs.SERVER] = SERVER_NAME
+            return resp
+        self.request_arrived()
+        # The exception's text quotes the request line (query string included): only
+        # its class is logged.
+        self.guard.refused("malformed_http", "edge: malformed HTTP from %s: %s",
+                           escape(self.peer, 64), type(exc).__name__)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        resp = web.Response(status=status, text=f"{status} {phrase}\n",
+                            headers={hdrs.SERVER: SERVER_NAME})
+        resp.force_close()
+        return resp
+
+    def set_parser(self, parser: Any, data_received_cb: Callable[[], None] | None = None
+                   ) -> None:
+        # Every WebSocket byte now passes the frame guard before aiohttp's reader.
+        # (aiohttp only calls feed_data/feed_eof on it; its annotation names the class)
+        super().set_parser(FrameGuard(parser, self), data_received_cb)  # type: ignore[arg-type]
+
+
+# --- WebSocket frames ------------------------------------------------------------------------
+
+OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+CLOSE_PROTOCOL_ERROR, CLOSE_POLICY_VIOLATION = 1002, 1008
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """A server close frame (servers never mask)."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:120]
+    return bytes([0x80 | OP_CLOSE, len(payload)]) + payload
+
+
+def _frame_head(buf: bytearray) -> tuple[int, int, int, bool] | None:
+    """(header length, payload length, opcode, masked) once the header is complete."""
+    if len(buf) < 2:
+        return None
+    opcode, masked, length = buf[0] & 0x0F, bool(buf[1] & 0x80), buf[1] & 0x7F
+    head = {126: 4, 127: 10}.get(length, 2)
+    if head > 2:
+        if len(buf) < head:
+            return None
+        length = int.from_bytes(buf[2:head], "big")
+    head += 4 if masked else 0
+    if len(buf) < head:
+        return None
+    return head, length, opcode, masked
+
+
+class FrameGuard:
+    """Sits between the socket and aiohttp's ``WebSocketReader``.
+
+    - RFC 6455 5.1: a server must close on an unmasked client frame (aiohttp does not
+      check the bit): close 1002.
+    - Pings are answered here and never reach the reader, so they cannot keep a session
+      alive past its idle timeout; pings and pongs together are rate-limited (token
+      bucket), a flood is closed with 1008.
+    Everything else passes through unchanged, byte for byte."""
+
+    def __init__(self, inner: Any, handler: _EdgeHandler) -> None:
+        self._inner = inner
+        self._handler = handler
+        settings = handler.guard.settings
+        self._rate, self._burst = settings.control_rate, settings.control_burst
+        self._tokens = settings.control_burst
+        self._stamp = time.monotonic()
+        self._head = bytearray()
+        self._left = 0  # payload bytes of the current data frame still to pass through
+        self._done = False
+        self._peer_closed = False
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self._done:
+            return False, b""
+        out: list[bytes] = []
+        i, n = 0, len(data)
+        while i < n:
+            if self._left:
+                k = min(self._left, n - i)
+                out.append(data[i:i + k])
+                i += k
+                self._left -= k
+                continue
+            self._head += data[i:]
+            i = n
+            if not self._frames(out):
+                return False, b""
+        return self._inner.feed_data(b"".join(out)) if out else (False, b"")
+
+    def _frames(self, out: list[bytes]) -> bool:
+        """Consume whole headers (and whole pings) from the buffer; False: closed."""
+        while True:
+            if len(self._head) >= 2 and not self._head[1] & 0x80:
+                return self._refuse("unmasked_frame", CLOSE_PROTOCOL_ERROR,
+                                    "client frames must be masked")
+            parsed = _frame_head(self._head)
+            if parsed is None:
+                return True
+            head, length, opcode, _masked = parsed
+            if opcode in (OP_PING, OP_PONG) and not self._take():
+                return self._refuse("control_flood", CLOSE_POLICY_VIOLATION,
+                                    "too many pings")
+            if opcode == OP_CLOSE:
+                self._peer_closed = True
+            if opcode == OP_PING and length <= 125 and not self._peer_closed:
+                if len(self._head) < head + length:
+                    return True  # wait for the whole (small) ping
+                mask = self._head[head - 4:head]
+                body = bytes(b ^ mask[j % 4] for j, b in enumerate(
+                    self._head[head:head + length]))
+                del self._head[:head + length]
+                self._pong(body)
+                continue
+            avail = min(length, len(self._head) - head)
+            out.append(bytes(self._head[:head + avail]))
+            del self._head[:head + avail]
+            self._left = length - avail
+            if self._left:
+                return True
+
+    def _take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _pong(self, body: bytes) -> None:
+        transport = self._handler.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(bytes([0x80 | OP_PONG, len(body)]) + body)
+
+    def _refuse(self, reason: str, code: int, text: str) -> bool:
+        self._done = True
+        self._head.clear()
+        self._handler.guard.refused(reason, "edge: %s from %s; closed with %d", reason,
+                                    escape(self._handler.peer, 64), code)
+        transport = self._handler.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(close_frame(code, text))
+            transport.close()
+        return False
+
+
+# --- wiring ------------------------------------------------------------------------------------
+
+
+EDGE_KEY = web.AppKey("edge", EdgeGuard)
+
+
+async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[hdrs.SERVER] = SERVER_NAME
+
+
+def _refusal(code: ErrorCode, status: int, message: str) -> web.Response:
+    resp = web.json_response({"type": "error", "code": int(code), "name": code.name.lower(),
+                              "message": message}, status=status)
+    resp.force_close()
+    return resp
+
+
+def install(
+    app: web.Application,
+    settings: EdgeSettings,
+    registry: CollectorRegistry,
+    ops_routes: Sequence[tuple[str, Handler]] = (),
+) -> EdgeGuard:
+    """Put the edge in front of ``app``; serve ``ops_routes`` on the operations site,
+    which starts and stops with ``app``."""
+    guard = EdgeGuard(settings, EdgeMetrics(registry))
+    app[EDGE_KEY] = guard
+
+    @web.middleware
+    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if isinstance(request.protocol, _EdgeHandler):
+            request.protocol.request_arrived()
+        if credential_in_query(request.query_string):
+            guard.refused("credentials_in_url", "edge: key-shaped query string from %s",
+                          escape(request.remote or "-", 64))
+            return _refusal(ErrorCode.CREDENTIALS_IN_URL, 400,
+                            "credentials must not travel in the URL; send the API key in "
+                            "the start message")
+        try:
+            resp = await handler(request)
+        except web.HTTPException as exc:
+            exc.force_close()  # one request per connection before the upgrade
+            raise
+        resp.force_close()
+        return resp
+
+    app.middlewares.append(edge)
+    ws_log = logging.getLogger("aiohttp.websocket")
+    if _REDACT not in ws_log.filters:
+        ws_log.addFilter(_REDACT)
+    app.on_response_prepare.append(_server_header)
+    if ops_routes and settings.ops_port is not None:
+        app.cleanup_ctx.append(lambda _app: _ops_site(guard, ops_routes))
+    return guard
+
+
+@contextlib.asynccontextmanager
+async def _ops_context(guard: EdgeGuard, routes: Sequence[tuple[str, Handler]]
+                       ) -> AsyncIterator[web.AppRunner]:
+    ops = web.Application()
+    for path, handler in routes:
+        ops.router.add_get(path, handler)
+    ops.on_response_prepare.append(_server_header)
+    runner = web.AppRunner(ops, handle_signals=False)
+    await runner.setup()
+    try:
+        # Its own accounting (probes are not clients) and no access log (probes every
+        # few seconds would drown it).
+        site = EdgeSite(runner, guard.settings.ops_host, guard.settings.ops_port or 0,
+                        guard=EdgeGuard(guard.settings, EdgeMetrics(CollectorRegistry())),
+                        log_access=False)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot serve operations endpoints on "
+                              f"{guard.settings.ops_host}:{guard.settings.ops_port}: {exc}"
+                              ) from exc
+        guard.ops_port = site.port
+        yield runner
+    finally:
+        guard.ops_port = None
+        await runner.cleanup()
+
+
+async def _ops_site(guard: EdgeGuard, routes: Sequence[tuple[str, Handler]]
+                    ) -> AsyncIterator[None]:
+    async with _ops_context(guard, routes):
+        yield
+
+
+class EdgeSite(web.BaseSite):
+    """A TCP site whose sockets are ``_EdgeHandler``s, with the TLS handshake bounded
+    by the same handshake timeout (asyncio's default is 60 s)."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
+                 ssl_context: ssl.SSLContext | None = None, guard: EdgeGuard | None = None,
+                 backlog: int = 128, log_access: bool = True) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._log_access = log_access
+        self._host = host
+        self._port = port
+        if guard is None and isinstance(runner, web.AppRunner):
+            guard = runner.app.get(EDGE_KEY)
+        self.guard = guard or EdgeGuard(EdgeSettings(), EdgeMetrics(CollectorRegistry()))
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._host}:{self._port}"
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        guard, s = self.guard, self.guard.settings
+
+        def factory() -> _EdgeHandler:
+            return _EdgeHandler(
+                server, guard, loop=loop,
+                # Backstop only: one request per connection before the upgrade.
+                keepalive_timeout=s.handshake_timeout_s,
+                access_log_class=SafeAccessLogger,
+                access_log=access_log if self._log_access else None,
+                max_line_size=s.max_line_size, max_field_size=s.max_field_size,
+                max_headers=s.max_headers, lingering_time=1.0,
+            )
+
+        extra: dict[str, Any] = {}
+        if self._ssl_context is not None:
+            extra["ssl_handshake_timeout"] = s.handshake_timeout_s
+        self._server = await loop.create_server(
+            factory, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            **extra)
+        if self._server.sockets:
+            self._port = int(self._server.sockets[0].getsockname()[1])

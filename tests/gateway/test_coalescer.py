@@ -1,0 +1,200 @@
+"""The per-session send policy with plain values and an explicit clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from audiostream.errors import ErrorCode
+from audiostream.gateway.coalescer import (
+    FLIGHT_EXPIRED,
+    QUEUED_EXPIRED,
+    CoalescePolicy,
+    Coalescer,
+    Phase,
+)
+
+PCM = b"\0\0" * 320
+OFF = CoalescePolicy(budget_fraction=0)
+
+
+def test_sends_each_chunk_at_once_one_in_flight() -> None:
+    c = Coalescer(deadline_s=1.0, policy=OFF)
+    assert c.phase is Phase.IDLE and c.due_at() is None
+    assert c.add(0, PCM, 10.0) == []
+    assert c.phase is Phase.COLLECTING
+    m = c.take(10.0)
+    assert m is not None and [ch.seq for ch in m.chunks] == [0] and m.deadline == 11.0
+    assert c.phase is Phase.IN_FLIGHT
+    c.add(1, PCM, 10.01)
+    c.add(2, PCM, 10.02)
+    assert c.take(10.02) is None  # one message in flight
+    assert c.due_at() == 11.0  # its deadline
+    assert c.answered(m.msg_id + 7, 10.03) is None  # not awaited
+    assert c.answered(m.msg_id, 10.03) is m
+    nxt = c.take(10.03)
+    assert nxt is not None and [ch.seq for ch in nxt.chunks] == [1, 2]
+    assert nxt.msg_id == m.msg_id + 1
+    assert c.answered(nxt.msg_id, 10.04) is nxt
+    assert c.phase is Phase.IDLE and c.outstanding == 0
+
+
+def test_messages_carry_at_most_max_chunks() -> None:
+    c = Coalescer(deadline_s=1.0, policy=CoalescePolicy(max_chunks=3, budget_fraction=0))
+    for s in range(7):
+        c.add(s, PCM, 0.0)
+    sizes = []
+    while (m := c.take(0.0)) is not None:
+        sizes.append(len(m.chunks))
+        c.answered(m.msg_id, 0.0)
+    assert sizes == [3, 3, 1]
+
+
+def test_backlog_cap_refuses_as_overloaded() -> None:
+    c = Coalescer(deadline_s=1.0, policy=CoalescePolicy(max_backlog=2, budget_fraction=0))
+    assert c.add(0, PCM, 0.0) == []
+    assert c.add(1, PCM, 0.0) == []
+    [refused] = c.add(2, PCM, 0.0)
+    assert refused.seq == 2 and refused.code is ErrorCode.OVERLOADED
+    assert c.outstanding == 2
+
+
+def test_deadlines_expire_in_flight_and_queued_chunks() -> None:
+    c = Coalescer(deadline_s=0.5, policy=OFF)
+    c.add(0, PCM, 0.0)
+    m = c.take(0.0)
+    assert m is not None
+    c.add(1, PCM, 0.1)
+    assert c.tick(0.49) == []
+    out = c.tick(0.5)
+    assert [(o.seq, o.code, o.message) for o in out] == [
+        (0, ErrorCode.EXPIRED, FLIGHT_EXPIRED)]
+    assert c.answered(m.msg_id, 0.6) is None  # its late reply is discarded
+    c.add(2, PCM, 0.2)
+    assert c.due_at() == 0.1  # chunk 1 may go at once (received at 0.1, nothing held)
+    out = c.tick(0.65)  # chunk 1 (deadline 0.6) expired while queued
+    assert [(o.seq, o.message) for o in out] == [(1, QUEUED_EXPIRED)]
+    m2 = c.take(0.65)
+    assert m2 is not None and [ch.seq for ch in m2.chunks] == [2]
+
+
+def test_publish_failure_answers_the_message() -> None:
+    c = Coalescer(deadline_s=1.0, policy=OFF)
+    c.add(0, PCM, 0.0)
+    c.add(1, PCM, 0.0)
+    m = c.take(0.0)
+    assert m is not None
+    assert c.failed(m.msg_id + 1, ErrorCode.BROKER_UNAVAILABLE, "x") == []
+    out = c.failed(m.msg_id, ErrorCode.BROKER_UNAVAILABLE, "down")
+    assert [(o.seq, o.code) for o in out] == [(0, ErrorCode.BROKER_UNAVAILABLE),
+                                              (1, ErrorCode.BROKER_UNAVAILABLE)]
+    assert c.phase is Phase.IDLE
+
+
+def test_linger_holds_until_the_oldest_chunk_is_old_enough() -> None:
+    c = Coalescer(deadline_s=1.0, policy=CoalescePolicy(linger_s=0.05, budget_fraction=0))
+    c.add(0, PCM, 0.0)
+    assert c.take(0.0) is None
+    assert c.due_at() == pytest.approx(0.05)
+    c.add(1, PCM, 0.02)
+    m = c.take(0.05)
+    assert m is not None and len(m.chunks) == 2
+
+
+def stream(c: Coalescer, *, rtt: float, seconds: float, interval: float = 0.02) -> list[int]:
+    """Real-time chunks every ``interval``; each message answered ``rtt`` after it left.
+    Returns the chunk count of every message sent."""
+    sizes: list[int] = []
+    now = 0.0
+    next_chunk = 0.0
+    seq = 0
+    answer_at: float | None = None
+    while now < seconds:
+        due = [next_chunk]
+        if answer_at is not None:
+            due.append(answer_at)
+        if (d := c.due_at()) is not None:
+            due.append(d)
+        now = min(due)
+        if answer_at is not None and now >= answer_at:
+            flight = c.in_flight
+            assert flight is not None
+            c.answered(flight.msg_id, now)
+            answer_at = None
+        if now >= next_chunk:
+            c.add(seq, PCM, now)
+            seq += 1
+            next_chunk += interval
+        assert c.tick(now) == []
+        m = c.take(now)
+        if m is not None:
+            sizes.append(len(m.chunks))
+            answer_at = now + rtt
+    return sizes
+
+
+def test_fast_replies_get_no_coalescing_and_no_hold() -> None:
+    c = Coalescer(deadline_s=1.0)
+    sizes = stream(c, rtt=0.004, seconds=2.0)
+    assert set(sizes) == {1}
+    assert c.target == 1
+
+
+def test_slow_replies_coalesce_before_the_round_trip_reaches_the_interval() -> None:
+    """Replies at 60 % of the 20 ms interval: without the budget every chunk is its own
+    message; with it, messages carry several chunks (fewer messages per second)."""
+    plain = stream(Coalescer(deadline_s=1.0, policy=OFF), rtt=0.012, seconds=4.0)
+    budget = stream(Coalescer(deadline_s=1.0), rtt=0.012, seconds=4.0)
+    assert set(plain) == {1}
+    assert len(budget) < 0.6 * len(plain)
+    assert max(budget) <= 3  # 1 + max_hold (40 ms) / 20 ms
+
+
+def test_target_has_hysteresis() -> None:
+    c = Coalescer(deadline_s=1.0)
+    for s in range(5):
+        c.add(s, PCM, s * 0.02)  # gap 20 ms: one budget unit is 10 ms
+    c.observe(0.025, 1.0)
+    assert c.target == 3
+    for _ in range(60):
+        c.observe(0.0095, 1.0)  # below one unit, but within the hysteresis band of 2
+    assert c.target == 2
+    for _ in range(60):
+        c.observe(0.002, 1.0)
+    assert c.target == 1
+
+
+def test_holds_never_exceed_half_the_deadline() -> None:
+    c = Coalescer(deadline_s=0.04, policy=CoalescePolicy(linger_s=1.0))
+    c.add(0, PCM, 0.0)
+    assert c.due_at() == pytest.approx(0.02)
+
+
+def test_closed_takes_nothing() -> None:
+    c = Coalescer(deadline_s=1.0)
+    c.add(0, PCM, 0.0)
+    c.close()
+    assert c.phase is Phase.CLOSED
+    assert c.take(1.0) is None and c.add(1, PCM, 1.0) == [] and c.outstanding == 0
+
+
+def test_a_hold_that_does_not_pay_pauses_holding() -> None:
+    """A client that waits for each outcome before sending the next (lock-step): the
+    chunk it waits on is not held again and again."""
+    c = Coalescer(deadline_s=1.0)
+    for s in range(5):
+        c.add(s, PCM, s * 0.02)
+    c.observe(0.025, 0.1)
+    assert c.target == 3
+    while (m := c.take(0.1)) is not None:
+        c.answered(m.msg_id, 0.1)
+    c.add(5, PCM, 0.2)
+    assert c.take(0.2) is None  # held for more
+    release = c.due_at()
+    assert release is not None and release > 0.2
+    m = c.take(release)
+    assert m is not None and len(m.chunks) == 1
+    assert c.misses == 1 and c.target == 1
+    c.answered(m.msg_id, release + 0.025)
+    assert c.target == 1  # quiet for MISS_BACKOFF_S
+    c.add(6, PCM, release + 0.03)
+    assert c.take(release + 0.03) is not None

@@ -1,0 +1,305 @@
+"""Protocol v1.1 credit, slow consumers, flooding and clean stop against a live gateway.
+
+The raw clients here use the SDK's sans-I/O ``ClientProtocol`` to track credit, the same
+API client.py builds on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import replace
+
+import aiohttp
+import numpy as np
+import pytest
+
+from audiostream.audio import AudioFormat, Encoding
+from audiostream.errors import ErrorCode
+from audiostream.gateway import GatewaySettings
+from audiostream.protocol import (
+    V1_1,
+    ClientProtocol,
+    Credit,
+    DropNotice,
+    ResumeRequest,
+    Summary,
+    start_json,
+)
+from audiostream.testing import Embedded, eventually
+from audiostream.topology import Topology
+from tests.gateway.conftest import TLS, ServerFactory
+
+pytestmark = pytest.mark.integration
+
+FMT = AudioFormat(Encoding.PCM_S16LE, 16000, 1)
+
+
+def chunks(n: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(320) * 3000).astype(np.int16).tobytes() for _ in range(n)]
+
+
+async def read_json(ws: aiohttp.ClientWebSocketResponse) -> dict[str, object]:
+    msg = await ws.receive(timeout=30)
+    assert msg.type is aiohttp.WSMsgType.TEXT, msg
+    data: dict[str, object] = json.loads(msg.data)
+    return data
+
+
+class Run:
+    """What a raw client saw: outcomes in order, notices, summary, close code."""
+
+    def __init__(self) -> None:
+        self.audio: list[bytes] = []
+        self.notices: list[DropNotice] = []
+        self.summary: Summary | None = None
+        self.close_code: int | None = None
+        self.credits = 0
+
+
+async def read_all(ws: aiohttp.ClientWebSocketResponse, proto: ClientProtocol, run: Run,
+                   credit: asyncio.Event | None = None) -> None:
+    while True:
+        msg = await ws.receive(timeout=60)
+        if msg.type is aiohttp.WSMsgType.BINARY:
+            run.audio.append(proto.receive_bytes(msg.data).data)
+        elif msg.type is aiohttp.WSMsgType.TEXT:
+            ev = proto.receive_text(msg.data)
+            if isinstance(ev, DropNotice):
+                run.notices.append(ev)
+            elif isinstance(ev, Summary):
+                run.summary = ev
+            elif isinstance(ev, Credit):
+                run.credits += 1
+                if credit is not None:
+                    credit.set()
+        else:
+            run.close_code = int(msg.data) if msg.type is aiohttp.WSMsgType.CLOSE else (
+                ws.close_code)
+            return
+
+
+async def test_a_v11_client_streams_faster_than_real_time_within_credit(
+    make_server: ServerFactory, tls: TLS
+) -> None:
+    """File mode: 3,000 chunks (60 s of audio) with the default v1 rate limit of 120/s in
+    force; a v1.1 client that respects credit gets every chunk back, no notice."""
+    n = 3000
+    data = chunks(n)
+    async with make_server(gateway_settings=GatewaySettings()) as srv, \
+            aiohttp.ClientSession() as http:
+        async with http.ws_connect(srv.url, ssl=tls.client) as ws:
+            proto = ClientProtocol()
+            await ws.send_str(start_json(srv.api_key, FMT, ["passthrough"], version=V1_1))
+            proto.receive_text(json.dumps(await read_json(ws)))
+            assert proto.ready is not None and proto.ready.version == V1_1
+            assert proto.credit == 64 and proto.ready.rate is None
+            run, credit = Run(), asyncio.Event()
+            reader = asyncio.create_task(read_all(ws, proto, run, credit))
+            started = time.monotonic()
+            for chunk in data:
+                while not proto.may_send():
+                    credit.clear()
+                    await credit.wait()
+                proto.next_seq()
+                await ws.send_bytes(chunk)
+            await ws.send_str('{"type":"stop"}')
+            await asyncio.wait_for(reader, 120)
+            elapsed = time.monotonic() - started
+    assert run.notices == []
+    assert run.audio == data  # passthrough: bit-exact, in order
+    assert run.summary is not None and run.summary.chunks_in == n and run.summary.dropped == 0
+    assert run.close_code == 1000
+    assert run.credits > 0
+    assert elapsed < n * 0.020, f"{elapsed:.1f} s for {n * 0.02:.0f} s of audio"
+
+
+async def test_chunks_beyond_credit_get_4024_and_a_persistent_flooder_4025(
+    make_server: ServerFactory, tls: TLS
+) -> None:
+    settings = GatewaySettings(chunk_rate=None, credit_window=8, flood_burst=40, flood_rate=1)
+    async with make_server(gateway_settings=settings) as srv, aiohttp.ClientSession() as http:
+        # 20 chunks at once with a credit of 8: 12 are answered credit_exceeded.
+        async with http.ws_connect(srv.url, ssl=tls.client) as ws:
+            proto = ClientProtocol()
+            await ws.send_str(start_json(srv.api_key, FMT, ["passthrough"], version=V1_1))
+            proto.receive_text(json.dumps(await read_json(ws)))
+            assert proto.credit == 8
+            for chunk in chunks(20):
+                proto.next_seq()
+                await ws.send_bytes(chunk)
+            await ws.send_str('{"type":"stop"}')
+            run = Run()
+            await read_all(ws, proto, run)
+            assert len(run.audio) == 8
+            assert sum(n.count for n in run.notices) == 12
+            assert {n.code for n in run.notices} == {ErrorCode.CREDIT_EXCEEDED}
+            assert len(run.notices) < 12  # aggregated (v1.1)
+            assert run.close_code == 1000
+        # 500 at once: far beyond credit plus the flood allowance -> closed 4025.
+        async with http.ws_connect(srv.url, ssl=tls.client) as ws:
+            proto = ClientProtocol()
+            await ws.send_str(start_json(srv.api_key, FMT, ["passthrough"], version=V1_1))
+            proto.receive_text(json.dumps(await read_json(ws)))
+            with_close: list[int | None] = []
+
+            async def flood() -> None:
+                for chunk in chunks(500):
+                    if ws.closed:
+                        return
+                    proto.next_seq()
+                    await ws.send_bytes(chunk)
+
+            sender = asyncio.create_task(flood())
+            run = Run()
+            await read_all(ws, proto, run)
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            with_close.append(run.close_code)
+            assert with_close == [ErrorCode.FLOODING]
+
+
+async def test_a_client_that_stops_reading_is_closed_4023_and_can_resume(
+    make_server: ServerFactory, tls: TLS, topology: Topology
+) -> None:
+    fmt = AudioFormat(Encoding.PCM_F32LE, 48000, 2)
+    big = np.zeros(fmt.bytes_for_ms(100) // 4, dtype=np.float32).tobytes()  # 38,400 B
+    settings = GatewaySettings(chunk_rate=None, max_outbound_bytes=256 * 1024,
+                               slow_consumer_grace_s=1.0)
+    # The reply queue must outlive the time the test takes to read the backlog.
+    kept = replace(topology, reply_expires_ms=60_000)
+    async with make_server(gateway_settings=settings, topology=kept) as srv, \
+            aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(srv.url, ssl=tls.client)
+        await ws.send_str(start_json(srv.api_key, fmt, ["passthrough"]))
+        ready = await read_json(ws)
+        token = str(ready["token"])
+        [conn] = list(srv.gateway.connections)
+
+        async def push() -> None:
+            while conn.proto.close_code is None and not ws.closed:
+                await ws.send_bytes(big)
+
+        sender = asyncio.create_task(push())
+        assert await eventually(lambda: conn.proto.close_code is not None, within=60)
+        assert conn.proto.close_code == ErrorCode.SLOW_CONSUMER
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        assert await eventually(lambda: conn not in srv.gateway.connections, within=30)
+        # The client reads again: what was written, then the error and close 4023.
+        received, error, code = 0, None, None
+        async with asyncio.timeout(60):
+            while True:
+                msg = await ws.receive()
+                if msg.type is aiohttp.WSMsgType.BINARY:
+                    received += 1
+                elif msg.type is aiohttp.WSMsgType.TEXT:
+                    error = json.loads(msg.data)
+                else:
+                    code = msg.data if msg.type is aiohttp.WSMsgType.CLOSE else ws.close_code
+                    break
+        await ws.close()
+        assert error is not None and error["code"] == ErrorCode.SLOW_CONSUMER, (received, code)
+        assert error["retryable"] is True
+        assert code == ErrorCode.SLOW_CONSUMER
+        # The session stays resumable.
+        async with http.ws_connect(srv.url, ssl=tls.client) as again:
+            await again.send_str(start_json(srv.api_key, fmt, ["passthrough"],
+                                            resume=ResumeRequest(token, received)))
+            resumed = await read_json(again)
+            assert resumed["type"] == "ready" and resumed["resumed"] is True, resumed
+
+
+async def stop_race(srv: Embedded, tls: TLS, http: aiohttp.ClientSession, n: int) -> Run:
+    """Send ``n`` chunks and stop at once, then read slowly."""
+    data = chunks(n, seed=n)
+    run = Run()
+    async with http.ws_connect(srv.url, ssl=tls.client) as ws:
+        proto = ClientProtocol()
+        await ws.send_str(start_json(srv.api_key, FMT, ["passthrough"], deadline_ms=30_000))
+        proto.receive_text(json.dumps(await read_json(ws)))
+        for chunk in data:
+            proto.next_seq()
+            await ws.send_bytes(chunk)
+        await ws.send_str('{"type":"stop"}')
+        while True:
+            msg = await ws.receive(timeout=60)
+            if msg.type is aiohttp.WSMsgType.BINARY:
+                run.audio.append(proto.receive_bytes(msg.data).data)
+                if len(run.audio) % 50 == 0:
+                    await asyncio.sleep(0.01)  # a slow reader (its pace, not a sync)
+            elif msg.type is aiohttp.WSMsgType.TEXT:
+                ev = proto.receive_text(msg.data)
+                if isinstance(ev, DropNotice):
+                    run.notices.append(ev)
+                elif isinstance(ev, Summary):
+                    run.summary = ev
+            else:
+                run.close_code = int(msg.data) if msg.type is aiohttp.WSMsgType.CLOSE else (
+                    ws.close_code)
+                break
+    # Every chunk has its outcome (a notice only if the loaded machine blew the deadline).
+    assert len(run.audio) + sum(n.count for n in run.notices) == n
+    if not run.notices:
+        assert run.audio == data
+    return run
+
+
+async def test_stop_delivers_every_outcome_and_the_summary_then_1000(
+    make_server: ServerFactory, tls: TLS, transport_kind: str
+) -> None:
+    """Issue #12 (observed 4): 500 chunks + stop at once, slow reader; 50 runs in memory,
+    10 over RabbitMQ. Every run gets all outcomes, the summary and close 1000."""
+    runs = 50 if transport_kind == "memory" else 10
+    settings = GatewaySettings(chunk_rate=None)
+    async with make_server(gateway_settings=settings) as srv, aiohttp.ClientSession() as http:
+        for _ in range(runs // 5):
+            results = await asyncio.gather(*(stop_race(srv, tls, http, 500) for _ in range(5)))
+            for r in results:
+                assert r.summary is not None and r.summary.chunks_in == 500
+                assert r.summary.chunks_out == len(r.audio)
+                assert r.close_code == 1000
+        assert await eventually(lambda: not srv.gateway.connections)
+        assert not srv.gateway.sessions_per_key  # every session finished, none detached
+
+
+async def test_a_non_reader_at_the_largest_chunk_size_is_bounded_and_others_go_on(
+    make_server: ServerFactory, tls: TLS
+) -> None:
+    """1 s chunks of 48 kHz stereo float32 (384,000 bytes, the largest legal chunk) from a
+    client that never reads: the gateway's unwritten bytes for it never exceed the hard
+    cap plus one chunk, it is closed 4023, and a concurrent session keeps its audio."""
+    fmt = AudioFormat(Encoding.PCM_F32LE, 48000, 2)
+    big = np.zeros(fmt.bytes_for_ms(1000) // 4, dtype=np.float32).tobytes()
+    cap = 2 * 1024 * 1024
+    settings = GatewaySettings(chunk_rate=None, max_outbound_bytes=cap,
+                               slow_consumer_grace_s=2.0)
+    async with make_server(gateway_settings=settings) as srv, aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(srv.url, ssl=tls.client, max_msg_size=1 << 20)
+        await ws.send_str(start_json(srv.api_key, fmt, ["passthrough"]))
+        await read_json(ws)
+        [conn] = list(srv.gateway.connections)
+        peak = 0
+
+        def closed() -> bool:
+            nonlocal peak
+            peak = max(peak, conn.proto.unwritten_bytes)
+            return conn.proto.close_code is not None
+
+        async def push() -> None:
+            while conn.proto.close_code is None and not ws.closed:
+                await ws.send_bytes(big)
+
+        sender = asyncio.create_task(push())
+        victim = asyncio.create_task(stop_race(srv, tls, http, 200))
+        assert await eventually(closed, within=60, interval=0.005)
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        assert conn.proto.close_code == ErrorCode.SLOW_CONSUMER
+        assert peak <= 4 * cap + len(big) + 4096, peak
+        print(f"peak unwritten bytes {peak} (cap {cap}, hard cap {4 * cap})")
+        run = await asyncio.wait_for(victim, 60)
+        assert run.close_code == 1000 and run.summary is not None
+        await ws.close()
