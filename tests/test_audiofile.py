@@ -112,7 +112,7 @@ def test_write_round_trip(speech: Path, tmp_path: Path, suffix: str) -> None:
 def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     junk = tmp_path / "junk.mp3"
     junk.write_bytes(b"not audio at all" * 10)
-    with pytest.raises(ConfigError, match=r"cannot decode junk\.mp3"):
+    with pytest.raises(ConfigError, match=r"cannot read junk\.mp3 as audio"):
         decode(junk)
     with pytest.raises(ConfigError, match="no such audio file"):
         decode(tmp_path / "missing.wav")

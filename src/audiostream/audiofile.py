@@ -121,7 +121,9 @@ def _decode_ffmpeg(p: Path) -> tuple[Int16Audio, int]:
             for out in resampler.resample(None):
                 pieces.append(np.asarray(out.to_ndarray(), np.int16).reshape(-1, channels))
     except av.FFmpegError as exc:
-        raise ConfigError(f"cannot decode {p.name}: {exc}",
+        # FFmpeg's text without its errno and path: "Invalid data found when processing input".
+        what = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigError(f"cannot read {p.name} as audio ({what})",
                           ErrorCode.UNSUPPORTED_FORMAT) from exc
     data = np.concatenate(pieces) if pieces else np.zeros((0, channels), np.int16)
     return np.ascontiguousarray(data, dtype=np.int16), rate
