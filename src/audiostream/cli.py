@@ -654,6 +654,8 @@ def _offline(args: argparse.Namespace) -> int:
     pipeline = _parse_pipeline(args.pipeline)
     if not pipeline:
         raise UsageError("--pipeline needs at least one step, e.g. --pipeline highpass")
+    if not is_stdio(args.output) and not Path(args.output).parent.is_dir():
+        raise UsageError(f"{Path(args.output).parent} does not exist (for {args.output})")
     if is_stdio(args.input) or args.raw_format is not None:
         source = open_input(args.input, args.raw_format)
         fmt = source.format

@@ -138,7 +138,8 @@ async def test_two_thousand_sessions_leave_nothing_behind() -> None:
                     reply_expires_ms=60_000)
     payload = b"\x01\x02" * 320
     async with embedded_server(topology=topo, memory_broker=broker,
-                               gateway_settings=GatewaySettings(chunk_rate=None)) as srv:
+                               gateway_settings=GatewaySettings(
+                                   chunk_rate=None, session_starts_per_minute=None)) as srv:
         transport = srv.gateway.transport
         assert isinstance(transport, MemoryTransport)
         queues = broker.queue_count

@@ -245,7 +245,7 @@ def test_hostile_params_over_a_live_gateway() -> None:
 
         async def health() -> int:
             async with aiohttp.ClientSession() as http, \
-                    http.get(srv.http_url + "/healthz") as r:
+                    http.get(f"{srv.ops_url}/healthz") as r:
                 return r.status
 
         assert live.run(health()) == 200

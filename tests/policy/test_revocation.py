@@ -142,7 +142,7 @@ class _Session:
         self.key = key
         self.proto = ServerProtocol()
         self.proto.receive_text(start_json("as_x_y", FMT, ["passthrough"]))
-        self.proto.accept("s", FMT, {})
+        self.proto.accept("s", FMT)
         self.kicked = 0
 
     def kick(self) -> None:

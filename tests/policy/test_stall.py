@@ -37,7 +37,7 @@ BOUND_S = DEFAULTS.broker_probe_s + DEFAULTS.broker_stall_s
 
 
 async def readyz(http: aiohttp.ClientSession, srv: Embedded, tls: TLS) -> tuple[int, Any]:
-    async with http.get(srv.http_url + "/readyz", ssl=tls.client) as r:
+    async with http.get(f"{srv.ops_url}/readyz") as r:
         return r.status, await r.json()
 
 
