@@ -372,6 +372,22 @@ def test_credit_rises_as_outcomes_are_written_not_when_queued() -> None:
     assert credit[-1]["credit"] == 16 and p.credit == 16
 
 
+def test_a_grant_queued_by_the_last_write_is_announced_by_has_output() -> None:
+    """The adapter's only cue to write the grant that ``written`` queued itself: without
+    it a client that spent its credit would wait for an unrelated event."""
+    p = started11(Clock(), credit_window=8)
+    write_all(p)
+    assert not p.has_output
+    for _ in range(8):
+        [ev] = p.receive_bytes(b"\x00\x00")
+        p.deliver_audio(ev.seq, b"a")  # type: ignore[union-attr]
+    assert p.has_output
+    write_all(p)  # the last write grants 16
+    assert p.has_output
+    assert [t["credit"] for t in texts(p.data_to_send()) if t["type"] == "credit"][-1] == 16
+    assert not p.has_output
+
+
 def test_chunks_beyond_credit_get_one_aggregated_notice() -> None:
     p = started11(Clock(), credit_window=4)
     write_all(p)

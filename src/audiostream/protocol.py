@@ -815,6 +815,13 @@ class ServerProtocol:
         return self._outbox_bytes + self._handed - self._written
 
     @property
+    def has_output(self) -> bool:
+        """Something is queued to write. ``written`` can queue a v1.1 ``credit`` itself, so
+        an adapter checks this after every batch: a grant left here while the client waits
+        for it would stall the session until some unrelated event."""
+        return bool(self._out)
+
+    @property
     def finished(self) -> bool:
         """The summary was written to the socket: the session ended cleanly."""
         return self._summary_end is not None and self._written >= self._summary_end

@@ -303,3 +303,45 @@ async def test_a_non_reader_at_the_largest_chunk_size_is_bounded_and_others_go_o
         run = await asyncio.wait_for(victim, 60)
         assert run.close_code == 1000 and run.summary is not None
         await ws.close()
+
+
+@pytest.mark.parametrize("window", [2, 8, 64])
+async def test_a_v11_client_at_full_speed_never_waits_for_a_grant_left_in_the_outbox(
+    make_server: ServerFactory, tls: TLS, window: int
+) -> None:
+    """The grant that the last outcome's write produces must go out with it: a client
+    that sent all its credit and has every outcome would otherwise wait for some later
+    event (a token refresh, 20 s on) to learn it may go on. Each wait is bounded well
+    below that refresh, so a grant left in the outbox fails the test instead of hanging."""
+    n = 600
+    data = chunks(n, seed=window)
+    settings = GatewaySettings(credit_window=window)
+    async with make_server(gateway_settings=settings) as srv, \
+            aiohttp.ClientSession() as http:
+        async with http.ws_connect(srv.url, ssl=tls.client) as ws:
+            proto = ClientProtocol()
+            await ws.send_str(start_json(srv.api_key, FMT, ["passthrough"], version=V1_1))
+            proto.receive_text(json.dumps(await read_json(ws)))
+            assert proto.credit == window
+            run, credit = Run(), asyncio.Event()
+            reader = asyncio.create_task(read_all(ws, proto, run, credit))
+            waits = 0
+            for seq, chunk in enumerate(data):
+                while not proto.may_send():
+                    credit.clear()
+                    waits += 1
+                    try:
+                        await asyncio.wait_for(credit.wait(), 8)
+                    except TimeoutError:
+                        [conn] = list(srv.gateway.connections)
+                        pytest.fail(f"stalled at seq {seq}: the client holds credit "
+                                    f"{proto.credit} and {len(run.audio)} outcomes; the "
+                                    f"server granted {conn.proto.credit}")
+                proto.next_seq()
+                await ws.send_bytes(chunk)
+            await ws.send_str('{"type":"stop"}')
+            await asyncio.wait_for(reader, 60)
+    assert waits > 0  # the client really ran into its credit
+    assert run.notices == []
+    assert run.audio == data
+    assert run.close_code == 1000

@@ -230,7 +230,8 @@ class _Connection:
         metrics = self.gateway.metrics
         proto = self.proto
         while True:
-            await self._wake.wait()
+            if not proto.has_output:  # a write may have queued a credit grant itself
+                await self._wake.wait()
             self._wake.clear()
             written = proto.next_out  # every outcome below is in this batch or sent
             for out in proto.data_to_send():
