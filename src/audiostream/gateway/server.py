@@ -421,7 +421,8 @@ class _Connection:
         replay += [Outcome(seq, code=ErrorCode.EXPIRED, message="expired while the session moved")
                    for seq in plan.expired]
         gw.metrics.replayed.inc(len(replay))
-        self.on_outcomes(sorted(replay, key=lambda o: o.seq))
+        with self.proto.replaying():  # bounded by the journal, not by the outbound caps
+            self.on_outcomes(sorted(replay, key=lambda o: o.seq))
         pl.confirm(plan.delivered)
 
     def on_displaced(self) -> None:
