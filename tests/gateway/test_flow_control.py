@@ -383,8 +383,8 @@ async def test_a_non_reader_closed_4023_at_the_largest_chunk_resumes_and_finishe
         await asyncio.gather(sender, return_exceptions=True)
         accepted = conn.proto.next_in
         async with asyncio.timeout(60):
-            while (msg := await ws.receive()).type in (aiohttp.WSMsgType.BINARY,
-                                                       aiohttp.WSMsgType.TEXT):
+            while (await ws.receive()).type in (aiohttp.WSMsgType.BINARY,
+                                                aiohttp.WSMsgType.TEXT):
                 pass
         # (The close frame itself is checked by the 100 ms test above; here the old
         # connection only has to be gone.)
