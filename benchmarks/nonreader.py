@@ -5,7 +5,8 @@ with the gateway's default outbound limits (8 MiB unwritten for 10 s, or 32 MiB 
 once). ``--victims`` raw v1 sessions stream 20 ms chunks in real time throughout and
 measure each chunk's round trip (send -> its outcome). After ``--baseline-s`` a raw
 v1 client starts sending 1 s chunks of 48 kHz stereo float32 (384,000 bytes, the
-largest legal chunk) and never reads. Reported:
+largest legal chunk; ``--rate`` per second, default as fast as it can) and never
+reads. Reported:
 
 * the gateway's RSS before, at its peak (sampled every 0.1 s) and after the close;
 * the time from the non-reader's first chunk to the gateway reporting
@@ -125,7 +126,12 @@ async def main(args: argparse.Namespace) -> None:
 
         async def push() -> None:
             nonlocal sent
+            t0 = time.monotonic()
             while not ws.closed:
+                if args.rate:
+                    delay = t0 + sent / args.rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)  # the client's own send schedule
                 await ws.send_bytes(big)
                 sent += 1
 
@@ -190,7 +196,7 @@ async def main(args: argparse.Namespace) -> None:
         c.emit({
             "bench": "nonreader", "chunk_bytes": BIG_BYTES, "format": BIG,
             "gateway_limits": "defaults: 8 MiB unwritten for 10 s, or 32 MiB at once",
-            "nonreader_chunks_sent": sent,
+            "nonreader_rate": args.rate or "max", "nonreader_chunks_sent": sent,
             "seconds_to_close": round(closed_after, 2) if closed_after is not None else None,
             "close_code_seen_by_client": code,
             "error": error and {k: error[k] for k in ("code", "name", "retryable")},
@@ -220,5 +226,7 @@ if __name__ == "__main__":
     ap.add_argument("--after-s", type=float, default=5.0)
     ap.add_argument("--max-s", type=float, default=60.0,
                     help="give up waiting for the close after this long")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="the non-reader's chunks per second (0: as fast as it can)")
     ap.add_argument("--broker", default=c.BROKER)
     asyncio.run(main(ap.parse_args()))
