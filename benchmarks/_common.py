@@ -253,7 +253,7 @@ async def stack(processing: Sequence[str], *, broker: str = BROKER, workers: boo
 
 async def delete_prefix(broker: str, prefix: str) -> None:
     """Delete the work queues and exchanges a benchmark declared under ``prefix``."""
-    from audiostream.testing import default_topology
+    from audiostream.embedded import default_topology
     from audiostream.transport.rabbitmq import delete_topology
 
     await delete_topology(broker, default_topology(prefix=prefix))

@@ -45,10 +45,10 @@ async def trial(args: argparse.Namespace, mode: str, sessions: int, prefix: str,
     from audiostream.audio import AudioFormat, Encoding
     from audiostream.bench import synthetic_audio
     from audiostream.bundler import WorkBundler
+    from audiostream.embedded import default_topology
     from audiostream.envelope import Step
     from audiostream.gateway.coalescer import CoalescePolicy
     from audiostream.gateway.pipeline import Outcome, SessionPipeline
-    from audiostream.testing import default_topology
     from audiostream.transport import open_transport
 
     fmt = AudioFormat(Encoding.PCM_S16LE, RATE, 1)
@@ -130,7 +130,7 @@ async def trial(args: argparse.Namespace, mode: str, sessions: int, prefix: str,
 
 
 async def main(args: argparse.Namespace) -> None:
-    from audiostream.testing import default_topology
+    from audiostream.embedded import default_topology
     from audiostream.transport.rabbitmq import declare_topology
 
     c.raise_nofile()

@@ -323,7 +323,7 @@ async def ceiling(args: argparse.Namespace, mode: Mode, processing: str) -> dict
 
     from audiostream.bench import scrape_all, server_view
     from audiostream.bundler import WorkBundler
-    from audiostream.testing import default_topology
+    from audiostream.embedded import default_topology
     from audiostream.transport import open_transport
 
     name, batch, _, bundle = mode

@@ -33,7 +33,7 @@ import numpy as np
 import soundfile
 from sdk_memory import serve
 
-from audiostream.testing import sample_wav
+from audiostream.embedded import sample_wav
 
 DELAY = 319
 

@@ -29,7 +29,7 @@ import _common as c
 async def main(args: argparse.Namespace) -> int:
     import aio_pika
 
-    from audiostream.testing import default_topology
+    from audiostream.embedded import default_topology
     from audiostream.transport.rabbitmq import RabbitTransport
 
     topo = default_topology(prefix=f"bench{uuid.uuid4().hex[:8]}")

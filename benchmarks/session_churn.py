@@ -2,11 +2,15 @@
 
 Runs ``embedded_server`` (the in-memory broker, what ``audiostream serve`` runs) in
 this process and ``--sessions`` raw WebSocket sessions (``--concurrency`` at a time),
-each: start, one chunk, its audio, stop, summary, close. RSS is read after
-``--warmup`` sessions (allocator and import warm-up), at the end after a
-``gc.collect()``, and once more one WebSocket heartbeat period later (aiohttp keeps a
-closed connection referenced until then, see below); also the gateway's live
-consumers and SessionPipeline objects.
+each: start, one chunk, its audio, stop, summary, close. RSS is read before the
+first session (the start), after ``--warmup`` sessions (allocator and import
+warm-up), at the end after a ``gc.collect()``, and once more one WebSocket heartbeat
+period later (aiohttp keeps a closed connection referenced until then, see below).
+Growth is reported against both the start and the warm-up. ``gc`` counts the live
+objects a session leaves behind if it leaks: the gateway's connections
+(``_Connection``, aiohttp ``WebSocketResponse``), ``SessionPipeline``s and the
+memory broker's consumers and subscriptions. ``--tracemalloc`` also lists the
+allocation sites that grew most between the warm-up and the end.
 Prints JSON. Run it with another tree's sources first on PYTHONPATH to compare.
 
     .venv/bin/python benchmarks/session_churn.py [--sessions 2000]
@@ -57,16 +61,37 @@ def malloc_trim() -> bool:
         return False
 
 
-def live(kind: type) -> int:
-    return sum(1 for o in gc.get_objects() if isinstance(o, kind))
+def live(*kinds: type) -> dict[str, int]:
+    counts = dict.fromkeys((k.__name__ for k in kinds), 0)
+    for o in gc.get_objects():
+        for k in kinds:
+            if isinstance(o, k):
+                counts[k.__name__] += 1
+    return counts
+
+
+def top_growth(before: Any, after: Any, n: int = 8) -> list[str]:
+    stats = after.compare_to(before, "lineno")
+    return [f"{s.traceback[0].filename.split('site-packages/')[-1]}:{s.traceback[0].lineno} "
+            f"{s.size_diff / 1024:+.0f} KiB ({s.count_diff:+d} blocks)" for s in stats[:n]]
 
 
 async def main(args: argparse.Namespace) -> None:
+    import tracemalloc
+
+    from aiohttp import web
+
+    from audiostream.embedded import embedded_server
     from audiostream.gateway import GatewaySettings
     from audiostream.gateway.pipeline import SessionPipeline
-    from audiostream.testing import embedded_server, eventually
+    from audiostream.gateway.server import _Connection
+    from audiostream.testing import eventually
     from audiostream.topology import Topology
     from audiostream.transport import MemoryBroker
+    from audiostream.transport.memory import _Consumer, _MemorySubscription
+
+    kinds = (_Connection, web.WebSocketResponse, SessionPipeline, _Consumer,
+             _MemorySubscription)
 
     broker = MemoryBroker()
     topo = Topology(processing_types=("passthrough",), prefix="churn")
@@ -76,6 +101,8 @@ async def main(args: argparse.Namespace) -> None:
                                gateway_settings=GatewaySettings(
                                    chunk_rate=None, heartbeat_s=args.heartbeat_s)) as srv:
         gw = srv.gateway
+        gc.collect()
+        rss_start = c.rss_bytes(pid)  # the server up, no session yet
 
         def consumers() -> int:
             t: Any = gw.transport
@@ -102,6 +129,10 @@ async def main(args: argparse.Namespace) -> None:
             malloc_trim()
             rss0 = c.rss_bytes(pid)
             consumers0 = consumers()
+            live0 = live(*kinds)
+            if args.tracemalloc:
+                tracemalloc.start(1)
+                snap0 = tracemalloc.take_snapshot()
             t0 = time.monotonic()
             await run(args.sessions)
             wall = time.monotonic() - t0
@@ -113,12 +144,15 @@ async def main(args: argparse.Namespace) -> None:
         await asyncio.sleep(2 * gw.settings.heartbeat_s + 2)
         gc.collect()
         rss2 = c.rss_bytes(pid)
+        live2 = live(*kinds)
+        growth = top_growth(snap0, tracemalloc.take_snapshot()) if args.tracemalloc else None
         trimmed = malloc_trim()
         rss3 = c.rss_bytes(pid)
         c.emit({
             "bench": "session_churn", "sessions": args.sessions, "warmup": args.warmup,
             "concurrency": args.concurrency, "heartbeat_s": args.heartbeat_s,
             "wall_s": round(wall, 1),
+            "rss_mb_start": round(rss_start / 2**20, 1),
             "rss_mb_after_warmup": round(rss0 / 2**20, 1),
             "rss_mb_after": round(rss1 / 2**20, 1),
             "rss_growth_pct": round(100 * (rss1 - rss0) / rss0, 1),
@@ -127,9 +161,14 @@ async def main(args: argparse.Namespace) -> None:
             "rss_mb_after_malloc_trim": round(rss3 / 2**20, 1) if trimmed else None,
             "rss_growth_after_malloc_trim_pct": round(100 * (rss3 - rss0) / rss0, 1)
             if trimmed else None,
+            "rss_growth_vs_start_pct": round(100 * (rss2 - rss_start) / rss_start, 1),
+            "rss_growth_vs_start_after_malloc_trim_pct":
+                round(100 * (rss3 - rss_start) / rss_start, 1) if trimmed else None,
+            "live_objects_after_warmup": live0,
+            "live_objects_after": live2,
+            "tracemalloc_top_growth": growth,
             "gateway_consumers_after_warmup": consumers0,
             "gateway_consumers_after": consumers(),
-            "live_session_pipelines": live(SessionPipeline),
             "broker_queues": len(broker._queues),
             "audiostream_src": str(Path(sys.modules["audiostream"].__file__ or "").parent),
             "machine": c.machine(),
@@ -141,6 +180,8 @@ if __name__ == "__main__":
     ap.add_argument("--sessions", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--tracemalloc", action="store_true",
+                    help="trace allocations from the warm-up on (slower)")
     ap.add_argument("--heartbeat-s", type=float, default=30.0,
                     help="the gateway's WebSocket heartbeat (its default: 30)")
     asyncio.run(main(ap.parse_args()))

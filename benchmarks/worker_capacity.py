@@ -77,10 +77,10 @@ async def trial(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
     from audiostream.audio import AudioFormat, Encoding
     from audiostream.bench import scrape_all, server_view, synthetic_audio
     from audiostream.bundler import WorkBundler
+    from audiostream.embedded import default_topology
     from audiostream.envelope import Step
     from audiostream.gateway.pipeline import Outcome, SessionPipeline
     from audiostream.metrics import STAGES, GatewayMetrics
-    from audiostream.testing import default_topology
     from audiostream.transport import open_transport
 
     name, _, _, bundle, linger = mode
@@ -200,7 +200,7 @@ async def trial(args: argparse.Namespace, mode: tuple[str, int, float, int, floa
 
 async def sweep(args: argparse.Namespace, mode: tuple[str, int, float, int, float]
                 ) -> dict[str, Any]:
-    from audiostream.testing import default_topology
+    from audiostream.embedded import default_topology
     from audiostream.transport.rabbitmq import declare_topology
 
     name, batch, wait, bundle, linger = mode

@@ -372,6 +372,41 @@ def test_credit_rises_as_outcomes_are_written_not_when_queued() -> None:
     assert credit[-1]["credit"] == 16 and p.credit == 16
 
 
+def test_a_grant_queued_by_the_last_write_is_announced_by_has_output() -> None:
+    """The adapter's only cue to write the grant that ``written`` queued itself: without
+    it a client that spent its credit would wait for an unrelated event."""
+    p = started11(Clock(), credit_window=8)
+    write_all(p)
+    assert not p.has_output
+    for _ in range(8):
+        [ev] = p.receive_bytes(b"\x00\x00")
+        p.deliver_audio(ev.seq, b"a")  # type: ignore[union-attr]
+    assert p.has_output
+    write_all(p)  # the last write grants 16
+    assert p.has_output
+    assert [t["credit"] for t in texts(p.data_to_send()) if t["type"] == "credit"][-1] == 16
+    assert not p.has_output
+
+
+def test_a_replay_larger_than_the_hard_cap_does_not_close_the_connection() -> None:
+    """A resume's replay is bounded by the journal; counted against the outbound caps
+    it would close the resumed connection 4023 at once."""
+    clock = Clock()
+    p = ServerProtocol(clock=clock, limits=Limits(max_outbound_bytes=1000))
+    p.receive_text(start_json("as_x_y", FMT, ["passthrough"]))
+    p.accept("s1", FMT, resume_from=10, delivered=0)
+    with p.replaying():
+        for seq in range(10):
+            p.deliver_audio(seq, b"r" * 1000)  # 10,000 bytes: over the hard cap of 4,000
+    assert p.close_code is None and p.next_deadline() == clock() + 60  # only idle
+    [ev] = p.receive_bytes(b"\x00\x00" * 750)
+    p.deliver_audio(ev.seq, b"n" * 1500)  # type: ignore[union-attr]
+    assert p.close_code is None and p.next_deadline() == clock() + 10  # soft cap: grace
+    [ev] = p.receive_bytes(b"\x00\x00" * 1500)
+    p.deliver_audio(ev.seq, b"n" * 3000)  # type: ignore[union-attr]  # over 4 x 1000
+    assert p.close_code == ErrorCode.SLOW_CONSUMER
+
+
 def test_chunks_beyond_credit_get_one_aggregated_notice() -> None:
     p = started11(Clock(), credit_window=4)
     write_all(p)

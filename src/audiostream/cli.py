@@ -329,7 +329,7 @@ def _ssl_from(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 
 def _topology(args: argparse.Namespace) -> Any:
-    from audiostream.testing import default_topology
+    from audiostream.embedded import default_topology
 
     return default_topology(shards=args.shards, prefix=args.prefix)
 
@@ -426,7 +426,7 @@ async def _wait_for_signal() -> str:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from audiostream.testing import embedded_server, sample_wav
+    from audiostream.embedded import embedded_server, sample_wav
 
     _check_exposure(args)
     async with embedded_server(

@@ -18,7 +18,8 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -772,6 +773,9 @@ class ServerProtocol:
         self._marks: deque[tuple[int, int]] = deque()
         self._summary_end: int | None = None
         self._over_since: float | None = None
+        # Bytes of a resume's replay not written yet: exempt from the outbound caps.
+        self._replaying = False
+        self._replay_bytes = 0
 
     # -- helpers ------------------------------------------------------------------
     def _internal(self, trigger: str) -> None:
@@ -784,7 +788,23 @@ class ServerProtocol:
     def _push(self, item: Output | _NoticeRun, size: int) -> None:
         self._out.append(item)
         self._outbox_bytes += size
+        if self._replaying:
+            self._replay_bytes += size
         self._check_outbound()
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Outcomes delivered inside this block are a resume's replay. The journal a
+        client that stopped reading leaves behind can hold more than the hard cap (what
+        was unwritten at the close plus what was in flight); counted against the caps it
+        would close the resumed connection 4023 at once, so the session could never
+        finish. The journal bounds the replay instead; only later outcomes count."""
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying = False
+            self._check_outbound()
 
     def send(self, msg: ServerMessage) -> None:
         """Queue a control message (e.g. a refreshed resume token)."""
@@ -813,6 +833,20 @@ class ServerProtocol:
     def unwritten_bytes(self) -> int:
         """Bytes queued for this connection that the adapter has not written yet."""
         return self._outbox_bytes + self._handed - self._written
+
+    @property
+    def _counted_bytes(self) -> int:
+        """Unwritten bytes that count against the caps (a replay does not). The replay
+        follows ``ready`` in the outbox, so it is credited with the first bytes written
+        after it was queued: off by the size of ``ready`` at most."""
+        return self.unwritten_bytes - self._replay_bytes
+
+    @property
+    def has_output(self) -> bool:
+        """Something is queued to write. ``written`` can queue a v1.1 ``credit`` itself, so
+        an adapter checks this after every batch: a grant left here while the client waits
+        for it would stall the session until some unrelated event."""
+        return bool(self._out)
 
     @property
     def finished(self) -> bool:
@@ -851,6 +885,7 @@ class ServerProtocol:
         """The adapter wrote ``nbytes`` more to the socket: outcomes count as delivered,
         v1.1 credit rises, and the slow-consumer clock may stop."""
         self._written += nbytes
+        self._replay_bytes = max(0, self._replay_bytes - nbytes)
         delivered = self.delivered
         while self._marks and self._marks[0][0] <= self._written:
             delivered += self._marks.popleft()[1]
@@ -869,7 +904,7 @@ class ServerProtocol:
             self._send(Credit(bound))
 
     def _check_outbound(self) -> None:
-        unwritten = self.unwritten_bytes
+        unwritten = self._counted_bytes
         if unwritten > self.limits.max_outbound_bytes:
             if self._over_since is None:
                 self._over_since = self._clock()
@@ -1122,8 +1157,8 @@ class ServerProtocol:
             del self._pending[seq]
             for ev in slot.events:
                 self._send(Event(seq, ev))
-            if slot.audio is not None and (
-                    self.unwritten_bytes + len(slot.audio)
+            if slot.audio is not None and not self._replaying and (
+                    self._counted_bytes + len(slot.audio)
                     > HARD_OUTBOUND_FACTOR * self.limits.max_outbound_bytes):
                 self.fail(self._slow_consumer())  # memory bound: no grace
                 return

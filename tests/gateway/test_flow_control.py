@@ -278,7 +278,8 @@ async def test_a_non_reader_at_the_largest_chunk_size_is_bounded_and_others_go_o
                                slow_consumer_grace_s=2.0)
     async with make_server(gateway_settings=settings) as srv, aiohttp.ClientSession() as http:
         ws = await http.ws_connect(srv.url, ssl=tls.client, max_msg_size=1 << 20)
-        await ws.send_str(start_json(srv.api_key, fmt, ["passthrough"]))
+        # A long deadline: expired notices are small and would keep it under the cap.
+        await ws.send_str(start_json(srv.api_key, fmt, ["passthrough"], deadline_ms=30_000))
         await read_json(ws)
         [conn] = list(srv.gateway.connections)
         peak = 0
@@ -303,3 +304,105 @@ async def test_a_non_reader_at_the_largest_chunk_size_is_bounded_and_others_go_o
         run = await asyncio.wait_for(victim, 60)
         assert run.close_code == 1000 and run.summary is not None
         await ws.close()
+
+
+@pytest.mark.parametrize("window", [2, 8, 64])
+async def test_a_v11_client_at_full_speed_never_waits_for_a_grant_left_in_the_outbox(
+    make_server: ServerFactory, tls: TLS, window: int
+) -> None:
+    """The grant that the last outcome's write produces must go out with it: a client
+    that sent all its credit and has every outcome would otherwise wait for some later
+    event (a token refresh, 20 s on) to learn it may go on. Each wait is bounded well
+    below that refresh, so a grant left in the outbox fails the test instead of hanging."""
+    n = 600
+    data = chunks(n, seed=window)
+    settings = GatewaySettings(credit_window=window)
+    async with make_server(gateway_settings=settings) as srv, \
+            aiohttp.ClientSession() as http:
+        async with http.ws_connect(srv.url, ssl=tls.client) as ws:
+            proto = ClientProtocol()
+            await ws.send_str(start_json(srv.api_key, FMT, ["passthrough"], version=V1_1))
+            proto.receive_text(json.dumps(await read_json(ws)))
+            assert proto.credit == window
+            run, credit = Run(), asyncio.Event()
+            reader = asyncio.create_task(read_all(ws, proto, run, credit))
+            waits = 0
+            for seq, chunk in enumerate(data):
+                while not proto.may_send():
+                    credit.clear()
+                    waits += 1
+                    try:
+                        await asyncio.wait_for(credit.wait(), 8)
+                    except TimeoutError:
+                        [conn] = list(srv.gateway.connections)
+                        pytest.fail(f"stalled at seq {seq}: the client holds credit "
+                                    f"{proto.credit} and {len(run.audio)} outcomes; the "
+                                    f"server granted {conn.proto.credit}")
+                proto.next_seq()
+                await ws.send_bytes(chunk)
+            await ws.send_str('{"type":"stop"}')
+            await asyncio.wait_for(reader, 60)
+    assert waits > 0  # the client really ran into its credit
+    assert run.notices == []
+    assert run.audio == data
+    assert run.close_code == 1000
+
+
+async def test_a_non_reader_closed_4023_at_the_largest_chunk_resumes_and_finishes(
+    make_server: ServerFactory, tls: TLS, topology: Topology
+) -> None:
+    """At 1 s of 48 kHz stereo float32 per chunk the journal a non-reader leaves behind
+    holds more than the outbound hard cap. Its replay must not count against that cap,
+    or the resumed connection is closed 4023 at once and the session can never finish.
+    The client resumes from 0 (it kept nothing), so the replay is the whole journal."""
+    fmt = AudioFormat(Encoding.PCM_F32LE, 48000, 2)
+    rng = np.random.default_rng(7)
+    frames = fmt.bytes_for_ms(1000) // 4
+    cap = 1024 * 1024  # hard cap 4 MiB: about 11 chunks
+    settings = GatewaySettings(chunk_rate=None, max_outbound_bytes=cap,
+                               slow_consumer_grace_s=1.0)
+    kept = replace(topology, reply_expires_ms=60_000)
+    sent: list[bytes] = []
+    async with make_server(gateway_settings=settings, topology=kept) as srv, \
+            aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(srv.url, ssl=tls.client, max_msg_size=1 << 20)
+        # A long deadline: expired notices are small and would keep it under the cap.
+        await ws.send_str(start_json(srv.api_key, fmt, ["passthrough"], deadline_ms=30_000))
+        token = str((await read_json(ws))["token"])
+        [conn] = list(srv.gateway.connections)
+
+        async def push() -> None:
+            while conn.proto.close_code is None and not ws.closed:
+                chunk = rng.standard_normal(frames).astype(np.float32).tobytes()
+                sent.append(chunk)
+                await ws.send_bytes(chunk)
+
+        sender = asyncio.create_task(push())
+        assert await eventually(lambda: conn.proto.close_code is not None, within=60)
+        assert conn.proto.close_code == ErrorCode.SLOW_CONSUMER
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        accepted = conn.proto.next_in
+        async with asyncio.timeout(60):
+            while (await ws.receive()).type in (aiohttp.WSMsgType.BINARY,
+                                                aiohttp.WSMsgType.TEXT):
+                pass
+        # (The close frame itself is checked by the 100 ms test above; here the old
+        # connection only has to be gone.)
+        await ws.close()
+        async with http.ws_connect(srv.url, ssl=tls.client, max_msg_size=1 << 20) as again:
+            proto = ClientProtocol()
+            await again.send_str(start_json(srv.api_key, fmt, ["passthrough"],
+                                            resume=ResumeRequest(token, 0)))
+            proto.receive_text(json.dumps(await read_json(again)))
+            assert proto.ready is not None and proto.ready.resumed
+            resume_from = proto.ready.resume_from
+            assert resume_from is not None and 0 < resume_from <= accepted
+            await again.send_str('{"type":"stop"}')
+            run = Run()
+            await read_all(again, proto, run)
+    assert run.close_code == 1000, run.close_code
+    assert run.summary is not None
+    assert len(run.audio) + sum(n.count for n in run.notices) == resume_from
+    assert len(run.audio) * frames * 4 > 4 * cap, "the replay must exceed the hard cap"
+    assert set(run.audio) <= set(sent[:resume_from])  # bit-exact (expired ones are notices)

@@ -230,7 +230,8 @@ class _Connection:
         metrics = self.gateway.metrics
         proto = self.proto
         while True:
-            await self._wake.wait()
+            if not proto.has_output:  # a write may have queued a credit grant itself
+                await self._wake.wait()
             self._wake.clear()
             written = proto.next_out  # every outcome below is in this batch or sent
             for out in proto.data_to_send():
@@ -420,7 +421,8 @@ class _Connection:
         replay += [Outcome(seq, code=ErrorCode.EXPIRED, message="expired while the session moved")
                    for seq in plan.expired]
         gw.metrics.replayed.inc(len(replay))
-        self.on_outcomes(sorted(replay, key=lambda o: o.seq))
+        with self.proto.replaying():  # bounded by the journal, not by the outbound caps
+            self.on_outcomes(sorted(replay, key=lambda o: o.seq))
         pl.confirm(plan.delivered)
 
     def on_displaced(self) -> None:
