@@ -42,7 +42,7 @@ from audiostream.gateway.tokens import SessionGrant, TokenSigner
 from audiostream.gateway.watchdog import BrokerWatchdog
 from audiostream.metrics import GatewayMetrics
 from audiostream.processors import ProcessorRegistry, registry
-from audiostream.processors.pipeline import plan_raw
+from audiostream.processors.pipeline import delay_frames, plan_raw
 from audiostream.protocol import (
     MAX_WS_MESSAGE,
     AckReceived,
@@ -322,7 +322,9 @@ class _Connection:
             deadline_ms=self.grant.deadline_ms,
             token=self.gateway.signer.issue(self.grant),
             resume_window_s=self.gateway.signer.ttl_s,
-            resume_from=resume_from, delivered=delivered)
+            resume_from=resume_from, delivered=delivered,
+            delay_frames=delay_frames(self.grant.pipeline, self.grant.format,
+                                      self.gateway.processors))
 
     async def _closed_meanwhile(self, pl: SessionPipeline) -> bool:
         """The gateway began draining while the session was being set up."""
