@@ -117,8 +117,15 @@ class AudioReader:
     frames: int | None = None
     """Length in frames when the container says so exactly (WAV, FLAC), else None."""
     codec: str = ""
+    position: int = 0
+    """Frames returned by ``read`` so far."""
 
     def read(self, n: int) -> Int16Audio:
+        block = self._read(n)
+        self.position += len(block)
+        return block
+
+    def _read(self, n: int) -> Int16Audio:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -148,7 +155,7 @@ class _SndReader(AudioReader):
         self.codec = str(f.subtype).lower()
         self._int = f.subtype == "PCM_16"
 
-    def read(self, n: int) -> Int16Audio:
+    def _read(self, n: int) -> Int16Audio:
         if self._int:
             return np.asarray(self._f.read(n, dtype="int16", always_2d=True), np.int16)
         # float32 then scale: libsndfile's own float->int read does not scale float WAVs
@@ -165,7 +172,7 @@ class _AvReader(AudioReader):
 
         self.name = name
         try:
-            self._c = av.open(source)
+            self._c = av.open(source, "r")
         except av.FFmpegError as exc:
             raise _unreadable(name, exc) from exc
         if not self._c.streams.audio:
@@ -199,7 +206,7 @@ class _AvReader(AudioReader):
             self._buf.append(block)
             self._have += len(block)
 
-    def read(self, n: int) -> Int16Audio:
+    def _read(self, n: int) -> Int16Audio:
         while self._have < n and not self._eof:
             self._more()
         if not self._buf:
@@ -223,7 +230,7 @@ class _PcmReader(AudioReader):
         self.rate, self.channels = source.format.sample_rate, source.format.channels
         self.codec = str(source.format.encoding)
 
-    def read(self, n: int) -> Int16Audio:
+    def _read(self, n: int) -> Int16Audio:
         fmt: AudioFormat = self._in.format
         data = self._in.read(n * fmt.frame_bytes)
         if fmt.encoding is Encoding.PCM_S16LE:
@@ -312,7 +319,7 @@ class Resampled(AudioReader):
         self._buf = np.zeros((0, reader.channels), np.int16)
         self._eof = False
 
-    def read(self, n: int) -> Int16Audio:
+    def _read(self, n: int) -> Int16Audio:
         want = max(1, -(-n * self.inner.rate // self.rate))
         while len(self._buf) < n and not self._eof:
             block = self.inner.read(want)
@@ -427,8 +434,8 @@ class _OpusWriter(AudioWriter):
         self._layout = "mono" if channels == 1 else "stereo"
         self._c = av.open(target, "w", format="ogg")
         self._s = self._c.add_stream("libopus", rate=OPUS_RATE)
-        self._s.bit_rate = bitrate  # type: ignore[union-attr]
-        self._s.layout = self._layout  # type: ignore[union-attr]
+        self._s.bit_rate = bitrate
+        self._s.layout = self._layout
         self._rs = None if rate == OPUS_RATE else StreamResampler(rate, OPUS_RATE, channels)
         self._pending = np.zeros((0, channels), np.int16)
         self._pts = 0
@@ -445,7 +452,7 @@ class _OpusWriter(AudioWriter):
             frame.sample_rate = OPUS_RATE
             frame.pts = self._pts
             self._pts += block.shape[1] // self.channels
-            for packet in self._s.encode(frame):  # type: ignore[union-attr]
+            for packet in self._s.encode(frame):
                 self._c.mux(packet)
         self._pending = buf[end:]
 
@@ -456,7 +463,7 @@ class _OpusWriter(AudioWriter):
         tail = (np.zeros((0, self.channels), np.int16) if self._rs is None
                 else self._rs.flush())
         self._encode(tail, final=True)
-        for packet in self._s.encode(None):  # type: ignore[union-attr]
+        for packet in self._s.encode(None):
             self._c.mux(packet)
         self._c.close()
 

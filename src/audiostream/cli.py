@@ -591,27 +591,52 @@ def _client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
     return ctx
 
 
+def _server_rate(text: str) -> int | None:
+    """``--server-rate``: ``auto`` or a rate the wire takes."""
+    from audiostream.audio import SUPPORTED_RATES
+
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        rate = int(text)
+    except ValueError:
+        rate = -1
+    if rate not in SUPPORTED_RATES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate the server takes; use auto or one of "
+            f"{', '.join(map(str, SUPPORTED_RATES))}")
+    return rate
+
+
 def _parse_pipeline(text: str) -> list[Any]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
 async def _stream(args: argparse.Namespace) -> int:
-    """File mode: the output keeps the input's length and timeline; exit 3 if any chunk
-    was answered without audio (its place holds silence, or the input with --fill input)."""
+    """File mode: the output keeps the input's rate, length and timeline; exit 3 if any
+    chunk was answered without audio (its place holds silence, or the input with --fill
+    input)."""
     from tqdm import tqdm
 
+    from audiostream.audiofile import FileFormat
     from audiostream.client import AudioStreamClient
     from audiostream.filestream import FileStreamOptions, stream_file
 
     if str(args.input) != "-" and not args.input.is_file():
         raise AudioStreamError(f"input file {args.input} does not exist")
+    if str(args.output) != "-":
+        FileFormat.from_path(args.output)  # a bad output name fails before streaming
+        if not args.output.parent.is_dir():
+            raise UsageError(f"{args.output.parent} does not exist (for {args.output})")
     rate = None if args.rate == "max" else float(args.rate)
     options = FileStreamOptions(chunk_ms=args.chunk_ms, rate=rate,
-                                compensate_delay=args.compensate_delay, fill=args.fill)
+                                compensate_delay=args.compensate_delay, fill=args.fill,
+                                server_rate=args.server_rate, raw_format=args.raw_format)
     client = AudioStreamClient(args.url, api_key=args.api_key, ssl_context=_client_ssl(args))
+    to_stdout = str(args.output) == "-"
     with tqdm(unit="chunk", disable=args.quiet, file=sys.stderr) as bar:
 
-        def progress(done: int, total: int) -> None:
+        def progress(done: int, total: int | None) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
@@ -625,18 +650,27 @@ async def _stream(args: argparse.Namespace) -> int:
         "dropped_by_reason": report.dropped_by_reason,
         "frames_in": report.frames_in,
         "frames_out": report.frames_out,
+        "padded_frames": report.padded_frames,
+        "input_rate": report.input_rate,
+        "wire_rate": report.wire_rate,
+        "codec": report.codec,
         "delay_compensated_frames": report.delay_frames,
         "wall_s": round(report.wall_s, 3),
         "resumes": report.resumes,
         "latency_ms": lat,
         "server_summary": report.summary,
     }
+    rates = (f"{report.input_rate} Hz" if report.wire_rate == report.input_rate else
+             f"{report.input_rate} Hz sent at {report.wire_rate} Hz")
+    # With audio on stdout, the report goes to stderr.
     print(json.dumps(data) if args.json else
           f"{report.chunks} chunks, {report.dropped} dropped"
           + (f" ({', '.join(f'{k}: {v}' for k, v in report.dropped_by_reason.items())})"
              if report.dropped else "")
-          + f"; {report.frames_out}/{report.frames_in} frames in {report.wall_s:.2f} s; "
-          f"round trip p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms -> {args.output}")
+          + f"; {report.frames_out}/{report.frames_in} frames ({rates}) in "
+          f"{report.wall_s:.2f} s; round trip p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms"
+          f" -> {'stdout' if to_stdout else args.output}",
+          file=sys.stderr if to_stdout else sys.stdout)
     return 3 if report.dropped else 0
 
 
@@ -931,6 +965,7 @@ async def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from audiostream.audio import SUPPORTED_RATES
     from audiostream.pcmio import add_format_argument
 
     parser = Parser(
@@ -971,10 +1006,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address for --metrics-port (default 127.0.0.1; the chart uses the "
                    "pod IP behind a NetworkPolicy)")
 
-    p = sub.add_parser("stream", help="stream a WAV file through a gateway")
+    p = sub.add_parser(
+        "stream", help="stream an audio file through a gateway",
+        description="Stream a file through a gateway's pipeline into a file of the same "
+        "rate and length. IN may be WAV (any sample format), FLAC, Opus/Ogg or MP3 at any "
+        "rate, or '-' for stdin (a WAV stream, a compressed stream, or raw PCM with "
+        "--format). OUT is a .wav, .flac or .opus file, or '-' for a WAV stream on stdout "
+        "(raw PCM with --format).")
     _add_common(p)
-    p.add_argument("input", type=Path)
-    p.add_argument("output", type=Path)
+    p.add_argument("input", type=Path, help="audio file, or '-' for stdin")
+    p.add_argument("output", type=Path, help=".wav, .flac or .opus file, or '-' for stdout")
     p.add_argument("--url", required=True, help="ws:// or wss:// URL of /v1/stream")
     p.add_argument("--api-key", default=_env("API_KEY"), required=_env("API_KEY") is None,
                    help="API key (env AUDIOSTREAM_API_KEY)")
@@ -991,6 +1032,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill", choices=("silence", "input"), default="silence",
                    help="what a chunk answered without audio becomes in the output "
                    "(default silence); the exit code is 3 whenever that happens")
+    p.add_argument("--server-rate", type=_server_rate, default=None, metavar="HZ",
+                   help="sample rate sent to the server: auto (default: the file's own rate "
+                   "when the server takes it, else the pipeline's native rate, e.g. 16000 "
+                   "for denoise, else the next rate up) or one of "
+                   f"{', '.join(map(str, SUPPORTED_RATES))}; the output keeps the input's rate")
+    add_format_argument(p)
     p.add_argument("--ca", type=Path, default=None, help="CA bundle to trust for wss://")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
