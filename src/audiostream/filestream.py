@@ -133,9 +133,10 @@ def choose_wire_rate(
 
     ``requested`` (``--server-rate``) wins. A file at a wire rate goes as it is
     (bit-exact). Otherwise the pipeline's native rate when a step is bound to one
-    (16 kHz for ``denoise``: the server then converts nothing, and the band above
-    it would not survive that step anyway), else the lowest wire rate above the
-    file's (no band lost: 22.05 -> 24 kHz).
+    (``processors.pipeline.native_rate``: 16 kHz for ``denoise`` on a 22.05 kHz
+    file; the server then converts nothing, and the band above it would not survive
+    that step anyway), else the lowest wire rate above the file's (no band lost:
+    22.05 -> 24 kHz).
     """
     if requested is not None:
         if requested not in SUPPORTED_RATES:
@@ -146,9 +147,8 @@ def choose_wire_rate(
     if file_rate in SUPPORTED_RATES:
         return file_rate
     fallback = wire_rate(file_rate)
-    fmt = AudioFormat.pcm16(fallback)
     try:
-        native = native_rate(plan_raw(pipeline, fmt, processors), fmt, processors)
+        native = native_rate(pipeline, file_rate, processors)
     except AudioStreamError:
         return fallback  # a step only the server knows: it plans the conversions
     return native or fallback

@@ -121,15 +121,15 @@ def delay_frames(
 
 
 def native_rate(
-    steps: Sequence[Step], fmt: AudioFormat, processors: ProcessorRegistry
+    raw: Sequence[Any], rate: int, processors: ProcessorRegistry
 ) -> int | None:
-    """The rate the first rate-bound step runs at (16 kHz for ``denoise``), or None when
-    no step is bound to a rate: sending at it spares two conversions on the server."""
-    rate = fmt.sample_rate
-    for step in steps:
-        spec = processors.get(step.name)
-        if spec.internal:
-            rate = int(step.params.get("to", rate))
-        elif spec.sample_rates is not None:
-            return rate
+    """Where audio at ``rate`` Hz best meets the pipeline: among the rates of its first
+    rate-bound step, the highest at or below ``rate`` (no upsampling that adds nothing;
+    16 kHz for ``denoise`` on 22.05 kHz audio), else its lowest. None when no step is
+    bound to a rate."""
+    for step in parse_steps(raw, processors):
+        rates = processors.get(step.name).sample_rates
+        if rates:
+            below = [r for r in rates if r <= rate]
+            return max(below) if below else min(rates)
     return None
