@@ -675,12 +675,14 @@ async def _stream(args: argparse.Namespace) -> int:
 
 
 def _offline(args: argparse.Namespace) -> int:
-    """Files go through audiofile (any codec, container and rate); ``-`` and raw PCM
-    through pcmio."""
+    """Files go through audiofile (any codec, container and rate) and come out at the
+    input's rate and length, converted to and from the rate ``stream`` would send
+    (so the two agree); ``-`` and raw PCM go through pcmio."""
     import numpy as np
 
     from audiostream.audio import AudioFormat, Encoding
-    from audiostream.audiofile import read_audio, write_audio
+    from audiostream.audiofile import FileFormat, decode, resample, write_audio
+    from audiostream.filestream import choose_wire_rate
     from audiostream.pcmio import is_stdio, open_input, open_output
     from audiostream.processors import ProcessorContext
     from audiostream.worker.offline import run_offline
@@ -690,27 +692,39 @@ def _offline(args: argparse.Namespace) -> int:
         raise UsageError("--pipeline needs at least one step, e.g. --pipeline highpass")
     if not is_stdio(args.output) and not Path(args.output).parent.is_dir():
         raise UsageError(f"{Path(args.output).parent} does not exist (for {args.output})")
+    to_file = not is_stdio(args.output) and args.raw_format is None
+    if to_file:
+        FileFormat.from_path(Path(args.output))  # a bad output name fails before the work
+    file_rate: int | None = None
     if is_stdio(args.input) or args.raw_format is not None:
         source = open_input(args.input, args.raw_format)
         fmt = source.format
         audio = source.read_all()
     else:
-        data, rate = read_audio(Path(args.input))  # any container/codec/rate
-        fmt = AudioFormat(Encoding.PCM_S16LE, int(rate), data.shape[1])
-        audio = data.astype("<i2").tobytes()
+        data, file_rate = decode(Path(args.input))  # any container/codec/rate
+        wire = choose_wire_rate(file_rate, pipeline)
+        fmt = AudioFormat(Encoding.PCM_S16LE, wire, data.shape[1])
+        audio = resample(data, file_rate, wire).astype("<i2").tobytes()
     started = time.perf_counter()
     out = run_offline(audio, fmt, pipeline,
                       context=ProcessorContext(device=args.device, model_dir=args.model_dir))
     took = time.perf_counter() - started
-    if is_stdio(args.output) or args.raw_format is not None:
+    if not to_file:
         with open_output(args.output, fmt, raw=args.raw_format is not None) as sink:
             sink.write(out)
         name = sink.name
     else:
         if fmt.encoding is not Encoding.PCM_S16LE:
             raise UsageError("writing a file needs 16-bit PCM; use '-' with --format instead")
-        write_audio(Path(args.output), np.frombuffer(out, dtype="<i2").reshape(
-            -1, fmt.channels), fmt.sample_rate)  # .wav, .flac or .opus
+        result = np.frombuffer(out, dtype="<i2").reshape(-1, fmt.channels)
+        rate = fmt.sample_rate
+        if file_rate is not None and file_rate != rate:  # back to the input's rate and length
+            frames = len(data)
+            result = resample(result, rate, file_rate)[:frames]
+            result = np.concatenate([result, np.zeros((frames - len(result), fmt.channels),
+                                                      np.int16)])
+            rate = file_rate
+        write_audio(Path(args.output), result, rate)  # .wav, .flac or .opus
         name = str(args.output)
     # With audio on stdout, the report goes to stderr.
     report = sys.stderr if is_stdio(args.output) else sys.stdout

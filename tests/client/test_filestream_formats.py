@@ -223,3 +223,22 @@ def _fmt(rate: int) -> object:
     from audiostream.audio import AudioFormat
 
     return AudioFormat.pcm16(rate)
+
+
+def test_22k_denoise_streamed_equals_offline_sample_for_sample(
+    srv: ThreadedServer, tmp_path: Path
+) -> None:
+    """`offline` converts to and from the same wire rate as `stream`, so the two agree
+    exactly even for a file the wire does not take (soxr streaming = one-shot)."""
+    src = tmp_path / "tts-22k.wav"
+    data, rate = soundfile.read(str(SPEECH), dtype="int16", always_2d=True)
+    soundfile.write(str(src), resample(data, rate, 22050), 22050, subtype="PCM_16")
+    ref, streamed = tmp_path / "offline.wav", tmp_path / "streamed.wav"
+    assert main(["offline", str(src), str(ref), "--pipeline", "denoise"]) == 0
+    code, report = stream(srv, str(src), str(streamed), "--pipeline", "denoise",
+                          "--rate", "max", "--no-compensate-delay")
+    assert code == 0 and report["wire_rate"] == 16000
+    a, a_rate = soundfile.read(str(ref), dtype="int16")
+    b, b_rate = soundfile.read(str(streamed), dtype="int16")
+    assert a_rate == b_rate == 22050
+    assert np.array_equal(a, b)
