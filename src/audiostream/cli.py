@@ -634,14 +634,20 @@ async def _stream(args: argparse.Namespace) -> int:
                                 server_rate=args.server_rate, raw_format=args.raw_format)
     client = AudioStreamClient(args.url, api_key=args.api_key, ssl_context=_client_ssl(args))
     to_stdout = str(args.output) == "-"
-    with tqdm(unit="chunk", disable=args.quiet, file=sys.stderr) as bar:
+    bars: list[Any] = []  # made on the first answer: an input error stays one line
 
-        def progress(done: int, total: int | None) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    def progress(done: int, total: int | None) -> None:
+        if not bars:
+            bars.append(tqdm(unit="chunk", disable=args.quiet, file=sys.stderr))
+        bars[0].total = total
+        bars[0].update(done - bars[0].n)
 
+    try:
         report = await stream_file(client, args.input, args.output,
                                    _parse_pipeline(args.pipeline), options, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     lat = report.latency_ms
     data = {
         "session_id": report.session_id,
