@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,11 @@ FORMATS: dict[str, tuple[str, str | None, int, int | None]] = {
     "flac": ("flac", None, 16000, None),
 }
 CHUNK_MS = {"passthrough": 1000, "denoise": 200}
+#: (pipeline, extra CLI arguments); extra runs only for 48 kHz files (Opus): denoise sent
+#: at 16 kHz instead of through the 48 kHz model.
+RUNS: list[tuple[str, list[str]]] = [
+    ("passthrough", []), ("denoise", []), ("denoise", ["--server-rate", "16000"])]
+extra_formats = {"opus"}
 
 
 def encode(x: np.ndarray, rate: int, dst: Path, codec: str, fmt: str | None,
@@ -65,16 +71,24 @@ def encode(x: np.ndarray, rate: int, dst: Path, codec: str, fmt: str | None,
             cont.mux(p)
 
 
-def run(*args: str) -> tuple[float, dict[str, Any], int, str]:
+def run(*args: str) -> tuple[float, dict[str, Any], int, str, float]:
+    """One CLI run: wall time, its JSON report, exit code, stderr tail, peak RSS (MiB)."""
     t0 = time.monotonic()
-    out = subprocess.run(c.cli(*args), capture_output=True, text=True, env=c.env(), cwd=c.ROOT)
-    wall = time.monotonic() - t0
-    last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "{}"
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(c.cli(*args), stdout=out, stderr=err, env=c.env(), cwd=c.ROOT,
+                                text=True)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.monotonic() - t0
+        out.seek(0)
+        err.seek(0)
+        text, tail = out.read(), err.read()[-500:]
+    last = text.strip().splitlines()[-1] if text.strip() else "{}"
     try:
         report = json.loads(last)
     except ValueError:
         report = {}
-    return wall, report, out.returncode, out.stderr[-500:]
+    return wall, report, proc.returncode, tail, usage.ru_maxrss / 1024
 
 
 async def main() -> None:
@@ -88,6 +102,7 @@ async def main() -> None:
     n = int(args.minutes * 60 * rate)
     x = np.tile(speech, -(-n // speech.size))[:n]
     audio_s = n / rate
+    pipelines = args.pipelines.split(",")
     files: dict[str, tuple[Path, int, int]] = {}
     for name in args.formats.split(","):
         codec, fmt, out_rate, bitrate = FORMATS[name]
@@ -102,18 +117,21 @@ async def main() -> None:
     proc, url, key = await serve()
     try:
         for name, (path, frames, decoded_rate) in files.items():
-            for pipeline in args.pipelines.split(","):
+            for pipeline, extra in RUNS:
+                if pipeline not in pipelines or (extra and name not in extra_formats):
+                    continue
                 out = tmp / f"out-{name}-{pipeline}.wav"
-                wall, rep, code, err = await asyncio.to_thread(
+                wall, rep, code, err, rss = await asyncio.to_thread(
                     run, "stream", str(path), str(out), "--pipeline", pipeline,
                     "--url", url, "--api-key", key, "--rate", "max",
                     "--chunk-ms", str(CHUNK_MS[pipeline]), "--json", "--quiet",
-                    "--log-level", "warning")
+                    "--log-level", "warning", *extra)
                 info = soundfile.info(str(out)) if out.exists() else None
-                c.emit({"run": f"stream {name} {pipeline}", "audio_s": audio_s,
-                        "chunk_ms": CHUNK_MS[pipeline], "wire_rate": rep.get("wire_rate"),
-                        "wall_s": round(wall, 2), "x_real_time": round(audio_s / wall, 1),
-                        "exit": code, "dropped": rep.get("dropped"),
+                c.emit({"run": " ".join(["stream", name, pipeline, *extra]),
+                        "audio_s": audio_s, "chunk_ms": CHUNK_MS[pipeline],
+                        "wire_rate": rep.get("wire_rate"), "wall_s": round(wall, 2),
+                        "x_real_time": round(audio_s / wall, 1), "exit": code,
+                        "dropped": rep.get("dropped"), "client_peak_rss_mib": round(rss),
                         "same_rate_and_length": bool(
                             info is not None and info.samplerate == decoded_rate
                             and info.frames == frames),
