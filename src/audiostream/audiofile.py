@@ -117,6 +117,8 @@ class AudioReader:
     frames: int | None = None
     """Length in frames when the container says so exactly (WAV, FLAC), else None."""
     codec: str = ""
+    pcm: Any = None
+    """For a WAV stream or raw PCM: the underlying ``pcmio.AudioInput`` (its own format)."""
     position: int = 0
     """Frames returned by ``read`` so far."""
 
@@ -225,7 +227,7 @@ class _PcmReader(AudioReader):
     """``-`` or a headerless file, through pcmio (a WAV stream, or raw with --format)."""
 
     def __init__(self, source: Any) -> None:
-        self._in = source
+        self._in = self.pcm = source
         self.name = source.name
         self.rate, self.channels = source.format.sample_rate, source.format.channels
         self.codec = str(source.format.encoding)
@@ -256,13 +258,22 @@ def open_reader(source: str | Path, *, raw_format: AudioFormat | None = None,
 
     if str(source) == STDIO:
         stream = stdin if stdin is not None else sys.stdin.buffer
-        head = stream.read(12)
+        head = _read_up_to(stream, 28)  # RIFF header, fmt chunk up to its sample rate
+        if head[:4] == b"RIFF" and raw_format is None and head[12:16] == b"fmt " and len(
+                head) == 28 and int.from_bytes(head[24:28], "little") not in SUPPORTED_RATES:
+            # A WAV stream at a rate pcmio's (the wire's) formats do not take: FFmpeg
+            # reads WAV incrementally from a pipe (no delay or padding to trim).
+            return _checked(_AvReader("stdin", _Prefixed(head, stream)))  # type: ignore[arg-type]
         if raw_format is not None or head[:4] == b"RIFF":
             return _checked(_PcmReader(pcmio.open_input(
                 STDIO, raw_format, stdin=_Prefixed(head, stream))))  # type: ignore[arg-type]
         if not head:
             raise ConfigError("stdin is empty", ErrorCode.UNSUPPORTED_FORMAT)
-        return _checked(_AvReader("stdin", io.BytesIO(head + stream.read())))
+        try:
+            return _checked(_AvReader("stdin", io.BytesIO(head + stream.read())))
+        except ConfigError as err:
+            raise ConfigError(f"{err.message}; raw PCM needs --format ENCODING:RATE"
+                              "[:CHANNELS], e.g. --format s16le:16000", err.code) from None
     p = Path(source)
     if not p.is_file():
         raise ConfigError(f"no such audio file: {p}", ErrorCode.CONFIG_ERROR)
@@ -276,6 +287,13 @@ def open_reader(source: str | Path, *, raw_format: AudioFormat | None = None,
         except soundfile.LibsndfileError:
             pass  # not a libsndfile format after all: let FFmpeg try
     return _checked(_AvReader(p.name, str(p)))
+
+
+def _read_up_to(stream: BinaryIO, n: int) -> bytes:
+    data = b""
+    while len(data) < n and (got := stream.read(n - len(data))):
+        data += got
+    return data
 
 
 def _checked(reader: AudioReader) -> AudioReader:
@@ -422,6 +440,26 @@ class _PcmWriter(AudioWriter):
         self._out.close()
 
 
+class _WavStreamWriter(AudioWriter):
+    """16-bit WAV on a pipe at any rate (pcmio's formats are the wire's): the header's
+    sizes say "unknown", as ``arecord`` writes them."""
+
+    def __init__(self, stream: BinaryIO, rate: int, channels: int) -> None:
+        import struct
+
+        self.name, self.rate, self.channels, self._s = "stdout", rate, channels, stream
+        unknown = 0xFFFFFFFF
+        fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * 2 * channels, 2 * channels, 16)
+        stream.write(b"RIFF" + struct.pack("<I", unknown) + b"WAVEfmt "
+                     + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", unknown))
+
+    def _write(self, data: Int16Audio) -> None:
+        self._s.write(data.astype("<i2", copy=False).tobytes())
+
+    def close(self) -> None:
+        self._s.flush()
+
+
 class _OpusWriter(AudioWriter):
     """Ogg/Opus through libopus: resampled to 48 kHz (streaming) and fed in 20 ms
     frames; the muxer writes pre-skip and the end granule so readers trim exactly."""
@@ -490,9 +528,9 @@ def open_writer(
                 f"--format {raw_format.encoding}:{raw_format.sample_rate}:"
                 f"{raw_format.channels} does not match the audio ({rate} Hz, {channels} ch)",
                 ErrorCode.UNSUPPORTED_FORMAT)
-        wav = raw_format or AudioFormat(Encoding.PCM_S16LE, rate, channels)
-        return _PcmWriter(pcmio.open_output(STDIO, wav, raw=raw_format is not None,
-                                            stdout=stdout))
+        if raw_format is not None:
+            return _PcmWriter(pcmio.open_output(STDIO, raw_format, raw=True, stdout=stdout))
+        return _WavStreamWriter(stdout or sys.stdout.buffer, rate, channels)
     p = Path(target)
     kind = FileFormat(fmt) if fmt is not None else FileFormat.from_path(p)
     if str(target) != STDIO and not p.parent.is_dir():

@@ -687,7 +687,7 @@ def _offline(args: argparse.Namespace) -> int:
     import numpy as np
 
     from audiostream.audio import AudioFormat, Encoding
-    from audiostream.audiofile import FileFormat, decode, resample, write_audio
+    from audiostream.audiofile import FileFormat, decode, open_reader, open_writer, resample
     from audiostream.filestream import choose_wire_rate
     from audiostream.pcmio import is_stdio, open_input, open_output
     from audiostream.processors import ProcessorContext
@@ -702,12 +702,22 @@ def _offline(args: argparse.Namespace) -> int:
     if to_file:
         FileFormat.from_path(Path(args.output))  # a bad output name fails before the work
     file_rate: int | None = None
-    if is_stdio(args.input) or args.raw_format is not None:
+    compressed = None  # a compressed stream on stdin (MP3, Ogg/Opus, FLAC)
+    if is_stdio(args.input) and args.raw_format is None:
+        compressed = open_reader(args.input)
+    if compressed is not None and compressed.pcm is not None:  # a WAV stream: as it is
+        source = compressed.pcm
+        fmt = source.format
+        audio = source.read_all()
+    elif compressed is None and (is_stdio(args.input) or args.raw_format is not None):
         source = open_input(args.input, args.raw_format)
         fmt = source.format
         audio = source.read_all()
     else:
-        data, file_rate = decode(Path(args.input))  # any container/codec/rate
+        if compressed is not None:
+            data, file_rate = compressed.read_all(), compressed.rate
+        else:
+            data, file_rate = decode(Path(args.input))  # any container/codec/rate
         wire = choose_wire_rate(file_rate, pipeline)
         fmt = AudioFormat(Encoding.PCM_S16LE, wire, data.shape[1])
         audio = resample(data, file_rate, wire).astype("<i2").tobytes()
@@ -715,7 +725,7 @@ def _offline(args: argparse.Namespace) -> int:
     out = run_offline(audio, fmt, pipeline,
                       context=ProcessorContext(device=args.device, model_dir=args.model_dir))
     took = time.perf_counter() - started
-    if not to_file:
+    if file_rate is None and not to_file:  # PCM in, PCM out, in the input's own format
         with open_output(args.output, fmt, raw=args.raw_format is not None) as sink:
             sink.write(out)
         name = sink.name
@@ -724,14 +734,14 @@ def _offline(args: argparse.Namespace) -> int:
             raise UsageError("writing a file needs 16-bit PCM; use '-' with --format instead")
         result = np.frombuffer(out, dtype="<i2").reshape(-1, fmt.channels)
         rate = fmt.sample_rate
-        if file_rate is not None and file_rate != rate:  # back to the input's rate and length
-            frames = len(data)
-            result = resample(result, rate, file_rate)[:frames]
-            result = np.concatenate([result, np.zeros((frames - len(result), fmt.channels),
-                                                      np.int16)])
+        if file_rate is not None:  # back to the input's rate and exact length
+            result = resample(result, rate, file_rate)[:len(data)]
+            result = np.concatenate([result, np.zeros((len(data) - len(result),
+                                                       fmt.channels), np.int16)])
             rate = file_rate
-        write_audio(Path(args.output), result, rate)  # .wav, .flac or .opus
-        name = str(args.output)
+        with open_writer(args.output, rate, fmt.channels) as writer:  # .wav/.flac/.opus/-
+            writer.write(result)
+        name = writer.name
     # With audio on stdout, the report goes to stderr.
     report = sys.stderr if is_stdio(args.output) else sys.stdout
     print(f"processed {fmt.duration_s(len(audio)):.2f} s in {took:.2f} s -> {name}",
