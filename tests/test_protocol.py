@@ -270,6 +270,7 @@ ALL_MESSAGES = [
     Ready("s", 640, pipeline=("gain",), deadline_ms=500, token="t", resume_window_s=60.0),
     Ready("s", 640, version=V1_1, resume_from=7, credit=71, rate=None),
     Ready("s", 640, rate=Rate(120.0, 60.0)),
+    Ready("s", 640, pipeline=("denoise",), delay_frames=319),
     Notice(3, 1, ErrorCode.EXPIRED, "late"),
     Notice(3, 9, ErrorCode.CREDIT_EXCEEDED, "beyond"),
     Event(4, {"step": "vad", "name": "speech_start", "offset": 12}),
@@ -286,6 +287,14 @@ ALL_MESSAGES = [
 @pytest.mark.parametrize("msg", ALL_MESSAGES, ids=lambda m: type(m).__name__)
 def test_every_server_message_survives_encode_decode(msg: object) -> None:
     assert decode_server(encode_server(msg)) == msg  # type: ignore[arg-type]
+
+
+def test_ready_delay_frames_is_optional_both_ways() -> None:
+    """Older gateways leave it out (None), older clients ignore it."""
+    assert decode_server('{"type":"ready","session_id":"s","max_frame_bytes":640}'
+                         ).delay_frames is None  # type: ignore[union-attr]
+    text = encode_server(Ready("s", 640, delay_frames=0))
+    assert '"delay_frames":0' in text and decode_server(text) == Ready("s", 640, delay_frames=0)
 
 
 def test_v1_wire_json_is_unchanged() -> None:

@@ -591,32 +591,63 @@ def _client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
     return ctx
 
 
+def _server_rate(text: str) -> int | None:
+    """``--server-rate``: ``auto`` or a rate the wire takes."""
+    from audiostream.audio import SUPPORTED_RATES
+
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        rate = int(text)
+    except ValueError:
+        rate = -1
+    if rate not in SUPPORTED_RATES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate the server takes; use auto or one of "
+            f"{', '.join(map(str, SUPPORTED_RATES))}")
+    return rate
+
+
 def _parse_pipeline(text: str) -> list[Any]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
 async def _stream(args: argparse.Namespace) -> int:
-    """File mode: the output keeps the input's length and timeline; exit 3 if any chunk
-    was answered without audio (its place holds silence, or the input with --fill input)."""
+    """File mode: the output keeps the input's rate, length and timeline; exit 3 if any
+    chunk was answered without audio (its place holds silence, or the input with --fill
+    input)."""
     from tqdm import tqdm
 
+    from audiostream.audiofile import FileFormat
     from audiostream.client import AudioStreamClient
     from audiostream.filestream import FileStreamOptions, stream_file
 
     if str(args.input) != "-" and not args.input.is_file():
         raise AudioStreamError(f"input file {args.input} does not exist")
+    if str(args.output) != "-":
+        FileFormat.from_path(args.output)  # a bad output name fails before streaming
+        if not args.output.parent.is_dir():
+            raise UsageError(f"{args.output.parent} does not exist (for {args.output})")
     rate = None if args.rate == "max" else float(args.rate)
     options = FileStreamOptions(chunk_ms=args.chunk_ms, rate=rate,
-                                compensate_delay=args.compensate_delay, fill=args.fill)
+                                compensate_delay=args.compensate_delay, fill=args.fill,
+                                server_rate=args.server_rate, raw_format=args.raw_format)
     client = AudioStreamClient(args.url, api_key=args.api_key, ssl_context=_client_ssl(args))
-    with tqdm(unit="chunk", disable=args.quiet, file=sys.stderr) as bar:
+    to_stdout = str(args.output) == "-"
+    bars: list[Any] = []  # made on the first answer: an input error stays one line
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    def progress(done: int, total: int | None) -> None:
+        if not bars:
+            bars.append(tqdm(unit="chunk", disable=args.quiet, file=sys.stderr))
+        bars[0].total = total
+        bars[0].update(done - bars[0].n)
 
+    try:
         report = await stream_file(client, args.input, args.output,
                                    _parse_pipeline(args.pipeline), options, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     lat = report.latency_ms
     data = {
         "session_id": report.session_id,
@@ -625,28 +656,39 @@ async def _stream(args: argparse.Namespace) -> int:
         "dropped_by_reason": report.dropped_by_reason,
         "frames_in": report.frames_in,
         "frames_out": report.frames_out,
+        "padded_frames": report.padded_frames,
+        "input_rate": report.input_rate,
+        "wire_rate": report.wire_rate,
+        "codec": report.codec,
         "delay_compensated_frames": report.delay_frames,
         "wall_s": round(report.wall_s, 3),
         "resumes": report.resumes,
         "latency_ms": lat,
         "server_summary": report.summary,
     }
+    rates = (f"{report.input_rate} Hz" if report.wire_rate == report.input_rate else
+             f"{report.input_rate} Hz sent at {report.wire_rate} Hz")
+    # With audio on stdout, the report goes to stderr.
     print(json.dumps(data) if args.json else
           f"{report.chunks} chunks, {report.dropped} dropped"
           + (f" ({', '.join(f'{k}: {v}' for k, v in report.dropped_by_reason.items())})"
              if report.dropped else "")
-          + f"; {report.frames_out}/{report.frames_in} frames in {report.wall_s:.2f} s; "
-          f"round trip p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms -> {args.output}")
+          + f"; {report.frames_out}/{report.frames_in} frames ({rates}) in "
+          f"{report.wall_s:.2f} s; round trip p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms"
+          f" -> {'stdout' if to_stdout else args.output}",
+          file=sys.stderr if to_stdout else sys.stdout)
     return 3 if report.dropped else 0
 
 
 def _offline(args: argparse.Namespace) -> int:
-    """Files go through audiofile (any codec, container and rate); ``-`` and raw PCM
-    through pcmio."""
+    """Files go through audiofile (any codec, container and rate) and come out at the
+    input's rate and length, converted to and from the rate ``stream`` would send
+    (so the two agree); ``-`` and raw PCM go through pcmio."""
     import numpy as np
 
     from audiostream.audio import AudioFormat, Encoding
-    from audiostream.audiofile import read_audio, write_audio
+    from audiostream.audiofile import FileFormat, decode, open_reader, open_writer, resample
+    from audiostream.filestream import choose_wire_rate
     from audiostream.pcmio import is_stdio, open_input, open_output
     from audiostream.processors import ProcessorContext
     from audiostream.worker.offline import run_offline
@@ -656,28 +698,50 @@ def _offline(args: argparse.Namespace) -> int:
         raise UsageError("--pipeline needs at least one step, e.g. --pipeline highpass")
     if not is_stdio(args.output) and not Path(args.output).parent.is_dir():
         raise UsageError(f"{Path(args.output).parent} does not exist (for {args.output})")
-    if is_stdio(args.input) or args.raw_format is not None:
+    to_file = not is_stdio(args.output) and args.raw_format is None
+    if to_file:
+        FileFormat.from_path(Path(args.output))  # a bad output name fails before the work
+    file_rate: int | None = None
+    compressed = None  # a compressed stream on stdin (MP3, Ogg/Opus, FLAC)
+    if is_stdio(args.input) and args.raw_format is None:
+        compressed = open_reader(args.input)
+    if compressed is not None and compressed.pcm is not None:  # a WAV stream: as it is
+        source = compressed.pcm
+        fmt = source.format
+        audio = source.read_all()
+    elif compressed is None and (is_stdio(args.input) or args.raw_format is not None):
         source = open_input(args.input, args.raw_format)
         fmt = source.format
         audio = source.read_all()
     else:
-        data, rate = read_audio(Path(args.input))  # any container/codec/rate
-        fmt = AudioFormat(Encoding.PCM_S16LE, int(rate), data.shape[1])
-        audio = data.astype("<i2").tobytes()
+        if compressed is not None:
+            data, file_rate = compressed.read_all(), compressed.rate
+        else:
+            data, file_rate = decode(Path(args.input))  # any container/codec/rate
+        wire = choose_wire_rate(file_rate, pipeline)
+        fmt = AudioFormat(Encoding.PCM_S16LE, wire, data.shape[1])
+        audio = resample(data, file_rate, wire).astype("<i2").tobytes()
     started = time.perf_counter()
     out = run_offline(audio, fmt, pipeline,
                       context=ProcessorContext(device=args.device, model_dir=args.model_dir))
     took = time.perf_counter() - started
-    if is_stdio(args.output) or args.raw_format is not None:
+    if file_rate is None and not to_file:  # PCM in, PCM out, in the input's own format
         with open_output(args.output, fmt, raw=args.raw_format is not None) as sink:
             sink.write(out)
         name = sink.name
     else:
         if fmt.encoding is not Encoding.PCM_S16LE:
             raise UsageError("writing a file needs 16-bit PCM; use '-' with --format instead")
-        write_audio(Path(args.output), np.frombuffer(out, dtype="<i2").reshape(
-            -1, fmt.channels), fmt.sample_rate)  # .wav, .flac or .opus
-        name = str(args.output)
+        result = np.frombuffer(out, dtype="<i2").reshape(-1, fmt.channels)
+        rate = fmt.sample_rate
+        if file_rate is not None:  # back to the input's rate and exact length
+            result = resample(result, rate, file_rate)[:len(data)]
+            result = np.concatenate([result, np.zeros((len(data) - len(result),
+                                                       fmt.channels), np.int16)])
+            rate = file_rate
+        with open_writer(args.output, rate, fmt.channels) as writer:  # .wav/.flac/.opus/-
+            writer.write(result)
+        name = writer.name
     # With audio on stdout, the report goes to stderr.
     report = sys.stderr if is_stdio(args.output) else sys.stdout
     print(f"processed {fmt.duration_s(len(audio)):.2f} s in {took:.2f} s -> {name}",
@@ -931,6 +995,7 @@ async def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from audiostream.audio import SUPPORTED_RATES
     from audiostream.pcmio import add_format_argument
 
     parser = Parser(
@@ -971,10 +1036,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address for --metrics-port (default 127.0.0.1; the chart uses the "
                    "pod IP behind a NetworkPolicy)")
 
-    p = sub.add_parser("stream", help="stream a WAV file through a gateway")
+    p = sub.add_parser(
+        "stream", help="stream an audio file through a gateway",
+        description="Stream a file through a gateway's pipeline into a file of the same "
+        "rate and length. IN may be WAV (any sample format), FLAC, Opus/Ogg or MP3 at any "
+        "rate, or '-' for stdin (a WAV stream, a compressed stream, or raw PCM with "
+        "--format). OUT is a .wav, .flac or .opus file, or '-' for a WAV stream on stdout "
+        "(raw PCM with --format).")
     _add_common(p)
-    p.add_argument("input", type=Path)
-    p.add_argument("output", type=Path)
+    p.add_argument("input", type=Path, help="audio file, or '-' for stdin")
+    p.add_argument("output", type=Path, help=".wav, .flac or .opus file, or '-' for stdout")
     p.add_argument("--url", required=True, help="ws:// or wss:// URL of /v1/stream")
     p.add_argument("--api-key", default=_env("API_KEY"), required=_env("API_KEY") is None,
                    help="API key (env AUDIOSTREAM_API_KEY)")
@@ -991,6 +1062,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill", choices=("silence", "input"), default="silence",
                    help="what a chunk answered without audio becomes in the output "
                    "(default silence); the exit code is 3 whenever that happens")
+    p.add_argument("--server-rate", type=_server_rate, default=None, metavar="HZ",
+                   help="sample rate sent to the server: auto (default: the file's own rate "
+                   "when the server takes it, else the pipeline's native rate, e.g. 16000 "
+                   "for denoise, else the next rate up) or one of "
+                   f"{', '.join(map(str, SUPPORTED_RATES))}; the output keeps the input's rate")
+    add_format_argument(p)
     p.add_argument("--ca", type=Path, default=None, help="CA bundle to trust for wss://")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -414,6 +414,8 @@ class Session:
                     f"chunk_ms {chunk_ms:g} is out of range: a chunk must hold at least one "
                     f"sample and at most {MAX_CHUNK_MS} ms of audio", ErrorCode.FRAME_TOO_LARGE)
         self.session_id: str | None = None
+        self.delay_frames: int | None = None
+        """The pipeline's fixed delay in frames, from ``ready`` (None: not advertised)."""
         self.summary: Summary | None = None
         self.close_code: int | None = None
         self.version: float = CLIENT_VERSION
@@ -1036,6 +1038,8 @@ class AudioStreamClient:
             raise
         resumed = ready.resumed
         s.session_id = ready.session_id
+        if ready.delay_frames is not None:
+            s.delay_frames = ready.delay_frames
         s._token = ready.token or s._token
         if ready.max_frame_bytes:
             s.max_frame_bytes = ready.max_frame_bytes

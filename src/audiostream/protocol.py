@@ -333,6 +333,9 @@ class Ready:
     credit: int | None = None
     """v1.1: the client may send chunks with seq < credit."""
     rate: Rate | None = None
+    delay_frames: int | None = None
+    """The pipeline's fixed delay in frames of the session's format (NSNet2: 319 at
+    16 kHz), so file clients line output up with input; absent from older gateways."""
 
     @property
     def resumed(self) -> bool:
@@ -450,6 +453,8 @@ def _ready_dict(m: Ready) -> dict[str, Any]:
         d["rate"] = {"chunks_per_s": m.rate.chunks_per_s, "burst": m.rate.burst}
     if m.credit is not None:
         d["credit"] = m.credit
+    if m.delay_frames is not None:
+        d["delay_frames"] = m.delay_frames
     return d
 
 
@@ -535,6 +540,7 @@ def decode_server(text: str) -> ServerMessage:
             resume_window_s=_opt(d, "resume_window_s", num),
             resume_from=_get(d, "resume_from", int) if d.get("resumed") else None,
             credit=_opt(d, "credit", int),
+            delay_frames=_opt(d, "delay_frames", int),
             rate=Rate(float(_get(rate, "chunks_per_s", num)), float(_get(rate, "burst", num)))
             if isinstance(rate, dict) else None,
         )
@@ -1061,6 +1067,7 @@ class ServerProtocol:
         resume_window_s: float | None = None,
         resume_from: int | None = None,
         delivered: int = 0,
+        delay_frames: int | None = None,
     ) -> None:
         """Send ``ready``. A resumed session (``resume_from`` set) continues at that seq
         with ``delivered`` outcomes already in the client's hands."""
@@ -1082,7 +1089,8 @@ class ServerProtocol:
             session_id=session_id, max_frame_bytes=self.max_frame_bytes, version=self.version,
             pipeline=tuple(pipeline), deadline_ms=deadline_ms, token=token,
             resume_window_s=resume_window_s, resume_from=resume_from,
-            credit=self.credit if self.version == V1_1 else None, rate=rate))
+            credit=self.credit if self.version == V1_1 else None, rate=rate,
+            delay_frames=delay_frames))
 
     def reject(self, err: AudioStreamError) -> None:
         self._error(err)

@@ -42,7 +42,7 @@ from audiostream.gateway.tokens import SessionGrant, TokenSigner
 from audiostream.gateway.watchdog import BrokerWatchdog
 from audiostream.metrics import GatewayMetrics
 from audiostream.processors import ProcessorRegistry, registry
-from audiostream.processors.pipeline import plan_raw
+from audiostream.processors.pipeline import delay_frames, plan_raw
 from audiostream.protocol import (
     MAX_WS_MESSAGE,
     AckReceived,
@@ -165,6 +165,8 @@ class _Connection:
         self._wake = asyncio.Event()
         self.writer = self.loop.create_task(self._write_loop())
         self.reader: asyncio.Task[None] | None = None
+        self.receiving = False
+        """The reader waits in ``ws.receive()`` (see ``_stop_reading``)."""
         self._forcing: asyncio.Task[None] | None = None
         self.started_at = time.monotonic()
         # Seq of the last audio outcome of each reply -> when the reply arrived, for the
@@ -226,6 +228,20 @@ class _Connection:
             self.reader.cancel()
 
     # -- writing ------------------------------------------------------------------
+    async def _stop_reading(self) -> None:
+        """aiohttp's ``close()`` called while another task waits in ``receive()`` drops
+        the socket at once, with the client's unread input (its acks) still in it: the
+        kernel then resets the connection and the client loses our last frames (the
+        summary, the close frame: 1006). With the reader stopped, ``close()`` itself
+        reads until the client's close frame (or the close timeout)."""
+        reader = self.reader
+        # Only while it is parked in receive(): cancelled elsewhere (opening a pipeline)
+        # it could leave work half done. Started later, receive() sees the close.
+        if reader is not None and self.receiving and reader is not asyncio.current_task():
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
     async def _write_loop(self) -> None:
         metrics = self.gateway.metrics
         proto = self.proto
@@ -254,6 +270,7 @@ class _Connection:
                     elif out.kind == "error":
                         metrics.errors.labels(code=out.label).inc()
                 else:
+                    await self._stop_reading()
                     await self.ws.close(code=out.code, message=out.reason.encode())
                     return
             if self.pipeline is not None:
@@ -323,7 +340,9 @@ class _Connection:
             deadline_ms=self.grant.deadline_ms,
             token=self.gateway.signer.issue(self.grant),
             resume_window_s=self.gateway.signer.ttl_s,
-            resume_from=resume_from, delivered=delivered)
+            resume_from=resume_from, delivered=delivered,
+            delay_frames=delay_frames(self.grant.pipeline, self.grant.format,
+                                      self.gateway.processors))
 
     async def _closed_meanwhile(self, pl: SessionPipeline) -> bool:
         """The gateway began draining while the session was being set up."""
@@ -739,7 +758,11 @@ class Gateway:
         ws = conn.ws
         conn.kick()  # arms the auth deadline
         while proto.state is not State.CLOSED:
-            msg = await ws.receive()
+            conn.receiving = True
+            try:
+                msg = await ws.receive()
+            finally:
+                conn.receiving = False
             if msg.type is WSMsgType.TEXT:
                 events = proto.receive_text(msg.data)
             elif msg.type is WSMsgType.BINARY:

@@ -94,3 +94,42 @@ def plan_raw(
     raw: Sequence[Any], fmt: AudioFormat, processors: ProcessorRegistry
 ) -> tuple[Step, ...]:
     return plan(parse_steps(raw, processors), fmt, processors)
+
+
+def delay_seconds(
+    steps: Sequence[Step], fmt: AudioFormat, processors: ProcessorRegistry
+) -> float:
+    """A planned pipeline's fixed delay in seconds, from the steps' declared delays
+    (inserted resamplers included); steps that declare none count as zero."""
+    delay_s = 0.0
+    rate = fmt.sample_rate
+    for step in steps:
+        spec = processors.get(step.name)
+        out_rate = int(step.params.get("to", rate)) if spec.internal else rate
+        if spec.delay_frames is not None:
+            delay_s += spec.delay_frames(rate, step.params) / out_rate
+        rate = out_rate
+    return delay_s
+
+
+def delay_frames(
+    steps: Sequence[Step], fmt: AudioFormat, processors: ProcessorRegistry
+) -> int:
+    """``delay_seconds`` in frames of ``fmt``, rounded to the nearest frame (exact when
+    every step runs at ``fmt``'s rate, e.g. NSNet2's 319 samples at 16 kHz)."""
+    return round(delay_seconds(steps, fmt, processors) * fmt.sample_rate)
+
+
+def native_rate(
+    raw: Sequence[Any], rate: int, processors: ProcessorRegistry
+) -> int | None:
+    """Where audio at ``rate`` Hz best meets the pipeline: among the rates of its first
+    rate-bound step, the highest at or below ``rate`` (no upsampling that adds nothing;
+    16 kHz for ``denoise`` on 22.05 kHz audio), else its lowest. None when no step is
+    bound to a rate."""
+    for step in parse_steps(raw, processors):
+        rates = processors.get(step.name).sample_rates
+        if rates:
+            below = [r for r in rates if r <= rate]
+            return max(below) if below else min(rates)
+    return None
