@@ -41,17 +41,17 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BROKER, emit, log, machine, raise_nofile, use_uvloop  # noqa: E402
+from _common import BROKER, emit, log, machine, raise_nofile, use_uvloop
 
-from audiostream.audio import AudioFormat, Encoding  # noqa: E402
-from audiostream.protocol import start_json  # noqa: E402
+from audiostream.audio import AudioFormat, Encoding
+from audiostream.protocol import start_json
 
 FMT = AudioFormat(Encoding.PCM_S16LE, 16000, 1)
 CHUNK = b"\x01\x00" * 320  # 20 ms
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING = 0x1, 0x2, 0x8, 0x9
 
 
-# --- the gateway, in its own process ------------------------------------------------------------
+# --- the gateway, in its own process ----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _serve(spec: ServerSpec, ready: Any, stop: Any) -> None:
     asyncio.run(main())
 
 
-# --- raw WebSocket, as an attacker speaks it --------------------------------------------------------
+# --- raw WebSocket, as an attacker speaks it ----------------------------------------------
 
 
 def frame(opcode: int, payload: bytes) -> bytes:
@@ -108,8 +108,10 @@ class Raw:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def upgrade(cls, host: str, port: int, stats: Counter[str]) -> Raw | None:
-        reader, writer = await asyncio.open_connection(host, port)
+    async def upgrade(cls, c: Ctx) -> Raw | None:
+        host, stats = c.host, c.stats
+        reader, writer = await asyncio.open_connection(host, c.port,
+                                                       local_addr=(c.source, 0))
         stats["connections"] += 1
         key = base64.b64encode(os.urandom(16)).decode()
         writer.write((f"GET /v1/stream HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
@@ -183,10 +185,11 @@ class Ctx:
     key: str
     keys_file: str
     stats: Counter[str]
+    source: str
 
 
 async def ping_flood(c: Ctx) -> None:
-    ws = await Raw.upgrade(c.host, c.port, c.stats)
+    ws = await Raw.upgrade(c)
     if ws is None:
         return
     ws.writer.write(frame(OP_PING, b"x") * 200)
@@ -194,7 +197,7 @@ async def ping_flood(c: Ctx) -> None:
 
 
 async def keepalive_before_start(c: Ctx) -> None:
-    ws = await Raw.upgrade(c.host, c.port, c.stats)
+    ws = await Raw.upgrade(c)
     if ws is None:
         return
     reading = asyncio.ensure_future(ws.until_close(c.stats))
@@ -206,7 +209,7 @@ async def keepalive_before_start(c: Ctx) -> None:
 
 
 async def slowloris(c: Ctx) -> None:
-    reader, writer = await asyncio.open_connection(c.host, c.port)
+    reader, writer = await asyncio.open_connection(c.host, c.port, local_addr=(c.source, 0))
     c.stats["connections"] += 1
     head = b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100_000
     for b in head:
@@ -223,7 +226,7 @@ async def slowloris(c: Ctx) -> None:
 async def revocation(c: Ctx) -> None:
     """Sessions of a key that gets revoked one second in; afterwards each keeps trying
     to start again once a second (a client retrying)."""
-    ws = await Raw.upgrade(c.host, c.port, c.stats)
+    ws = await Raw.upgrade(c)
     if ws is None:
         return
     if not await ws.start(c.key, c.stats):
@@ -237,7 +240,7 @@ async def revocation(c: Ctx) -> None:
 
 
 async def oversized_params(c: Ctx) -> None:
-    ws = await Raw.upgrade(c.host, c.port, c.stats)
+    ws = await Raw.upgrade(c)
     if ws is None:
         return
     start = json.loads(start_json(c.key, FMT, ["passthrough"]))
@@ -248,7 +251,7 @@ async def oversized_params(c: Ctx) -> None:
 
 async def detached_spam(c: Ctx) -> None:
     """Start a session and drop the socket without stop: resumable, detached."""
-    ws = await Raw.upgrade(c.host, c.port, c.stats)
+    ws = await Raw.upgrade(c)
     if ws is None:
         return
     with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
@@ -257,7 +260,7 @@ async def detached_spam(c: Ctx) -> None:
 
 
 async def chunk_flood(c: Ctx) -> None:
-    ws = await Raw.upgrade(c.host, c.port, c.stats)
+    ws = await Raw.upgrade(c)
     if ws is None:
         return
     try:
@@ -279,7 +282,7 @@ async def chunk_flood(c: Ctx) -> None:
 
 
 async def preauth_large_text(c: Ctx) -> None:
-    ws = await Raw.upgrade(c.host, c.port, c.stats)
+    ws = await Raw.upgrade(c)
     if ws is None:
         return
     ws.writer.write(frame(OP_TEXT, b'{"type":"keepalive","pad":"' + b"a" * 500_000 + b'"}'))
@@ -288,7 +291,7 @@ async def preauth_large_text(c: Ctx) -> None:
 
 async def non_reader(c: Ctx) -> None:
     """Streams at 5x real time and never reads a reply."""
-    ws = await Raw.upgrade(c.host, c.port, c.stats)
+    ws = await Raw.upgrade(c)
     if ws is None:
         return
     try:
@@ -328,15 +331,15 @@ ATTACKS: dict[str, Attack] = {
 }
 
 
-def _attack(name: str, url: str, keys: dict[str, str], keys_file: str, go: Any,
-            stop: Any, out: Any) -> None:
+def _attack(name: str, url: str, keys: dict[str, str], keys_file: str, source: str,
+            go: Any, stop: Any, out: Any) -> None:
     use_uvloop()
     raise_nofile()
     spec = ATTACKS[name]
     hostport = url.split("://", 1)[1].split("/", 1)[0]
     host, port = hostport.rsplit(":", 1)
     stats: Counter[str] = Counter()
-    ctx = Ctx(host, int(port), keys[spec.key], keys_file, stats)
+    ctx = Ctx(host, int(port), keys[spec.key], keys_file, stats, source)
 
     async def loop() -> None:
         while True:
@@ -367,7 +370,7 @@ def _attack(name: str, url: str, keys: dict[str, str], keys_file: str, go: Any,
     asyncio.run(main())
 
 
-# --- victims ------------------------------------------------------------------------------------
+# --- victims ----------------------------------------------------------------------------------
 
 
 async def victims(url: str, key: str, n: int, seconds: float) -> dict[str, Any]:
@@ -417,7 +420,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
             base = asyncio.run(victims(url, keys["victim"], args.victims, args.seconds))
             go, astop, out = ctx.Event(), ctx.Event(), ctx.Queue()
             attacker = ctx.Process(target=_attack, daemon=True,
-                                   args=(name, url, keys, str(keys_file), go, astop, out))
+                                   args=(name, url, keys, str(keys_file), args.source, go,
+                                         astop, out))
             attacker.start()
             go.wait(30)
             time.sleep(args.warmup)  # the attack reaches its steady state
@@ -446,10 +450,15 @@ def main() -> None:
                    help="audio per victim session and phase (default 5)")
     p.add_argument("--warmup", type=float, default=1.5,
                    help="seconds of attack before the victims start (default 1.5)")
+    p.add_argument("--source", default="127.0.0.2",
+                   help="the attacker's source address (default 127.0.0.2; the victims "
+                   "use 127.0.0.1, as tenants behind other addresses would)")
     p.add_argument("--broker", action="store_true", help="real RabbitMQ (default in-memory)")
     p.add_argument("--settings", default="{}",
                    help='GatewaySettings overrides as JSON, e.g. \'{"flood_burst": 1000}\'')
-    p.add_argument("--edge", default="{}", help="EdgeSettings overrides as JSON")
+    p.add_argument("--edge", default='{"conn_rate_per_ip": 50, "conn_burst_per_ip": 200}',
+                   help="EdgeSettings overrides as JSON (default: the CLI's per-address "
+                   "connection rate, 50/s burst 200; '{}' for none)")
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args()
     emit({"machine": machine(), "loadavg_1m": round(os.getloadavg()[0], 2)}, args.out)
