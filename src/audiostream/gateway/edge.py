@@ -351,6 +351,8 @@ class _EdgeHandler(RequestHandler):
         """Largest WebSocket data frame accepted right now (None: aiohttp's own cap);
         the session handler lowers it until ``start`` is accepted."""
         self.hard_cap: int | None = None
+        self.closing = False
+        """The server sent its close frame: data frames are dropped unread."""
         # aiohttp 3.14's parser turns "CONNECT \r\n\r\n" into a request whose url is
         # None, and building the request then raises inside the connection task, which
         # dies with the socket left open (found by tests/security/test_fuzz_edge.py).
@@ -434,6 +436,13 @@ OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
 CLOSE_PROTOCOL_ERROR, CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG = 1002, 1008, 1009
 
 
+def closing(request: web.BaseRequest) -> None:
+    """The server is closing this WebSocket: from now on, data frames from the client
+    are dropped as their bytes arrive; only its close frame matters."""
+    if isinstance(request.protocol, _EdgeHandler):
+        request.protocol.closing = True
+
+
 def limit_frames(request: web.BaseRequest, cap: int | None, *, hard_cap: int | None = None
                  ) -> None:
     """Refuse WebSocket data frames over ``cap`` bytes on this request's socket (4004)
@@ -489,6 +498,7 @@ class FrameGuard:
         self._stamp = time.monotonic()
         self._head = bytearray()
         self._left = 0  # payload bytes of the current data frame still to pass through
+        self._skip = 0  # ... or to drop (the server is closing: data frames are moot)
         self._done = False
         self._peer_closed = False
 
@@ -506,6 +516,11 @@ class FrameGuard:
                 out.append(data[i:i + k])
                 i += k
                 self._left -= k
+                continue
+            if self._skip:
+                k = min(self._skip, n - i)
+                i += k
+                self._skip -= k
                 continue
             self._head += data[i:]
             i = n
@@ -547,6 +562,15 @@ class FrameGuard:
                 self._pong(body)
                 continue
             avail = min(length, len(self._head) - head)
+            if opcode < OP_CLOSE and self._handler.closing:
+                # Our close frame is out: what a flooder still sends is dropped here
+                # instead of being unmasked, decoded and discarded by aiohttp's reader
+                # during the close handshake.
+                del self._head[:head + avail]
+                self._skip = length - avail
+                if self._skip:
+                    return True
+                continue
             out.append(bytes(self._head[:head + avail]))
             del self._head[:head + avail]
             self._left = length - avail

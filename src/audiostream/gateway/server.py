@@ -222,6 +222,8 @@ class _Connection:
                     await asyncio.wait_for(self.ws.send_str(out.text), 0.5)
                 self.gateway.metrics.errors.labels(code=out.label).inc()
         with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+            if self.request is not None:
+                _edge.closing(self.request)
             await asyncio.wait_for(self.ws.close(code=code, drain=False),
                                    self.gateway.settings.close_timeout_s + 1)
         if self.reader is not None:
@@ -255,6 +257,8 @@ class _Connection:
                     elif out.kind == "error":
                         metrics.errors.labels(code=out.label).inc()
                 else:
+                    if self.request is not None:
+                        _edge.closing(self.request)
                     await self.ws.close(code=out.code, message=out.reason.encode())
                     return
             if self.pipeline is not None:
