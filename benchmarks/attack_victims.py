@@ -29,6 +29,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import sys
 import tempfile
 import time
@@ -427,8 +428,13 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(args.warmup)  # the attack reaches its steady state
             under = asyncio.run(victims(url, keys["victim"], args.victims, args.seconds))
             astop.set()
-            stats = out.get(timeout=60)
-            attacker.join(10)
+            try:
+                stats = out.get(timeout=30)
+            except queue.Empty:
+                stats = {"unreported": 1}
+            attacker.join(5)
+            if attacker.is_alive():
+                attacker.kill()
         finally:
             stop.set()
             server.join(30)
