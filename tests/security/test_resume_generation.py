@@ -15,8 +15,12 @@ from audiostream.errors import ErrorCode
 from audiostream.gateway import GatewaySettings, create_key
 from audiostream.protocol import ResumeRequest, start_json
 from audiostream.transport.memory import MemoryBroker
-from tests.gateway.conftest import TLS, ServerFactory, expect_close
-from tests.gateway.conftest import make_server  # noqa: F401  (the two-transport fixture)
+from tests.gateway.conftest import (
+    TLS,
+    ServerFactory,
+    expect_close,
+    make_server,  # noqa: F401  (the two-transport fixture)
+)
 from tests.security.conftest import FMT
 
 pytestmark = pytest.mark.integration
