@@ -18,6 +18,7 @@ from audiostream.errors import ErrorCode
 from audiostream.gateway import GatewaySettings
 from audiostream.gateway.edge import EdgeSettings
 from audiostream.protocol import MAX_PRE_START_TEXT, start_json
+from audiostream.testing import eventually
 from tests.gateway.conftest import TLS
 from tests.security.conftest import (
     FMT,
@@ -150,7 +151,8 @@ async def test_a_persistent_chunk_flooder_is_closed_within_300_excess_chunks(
 ) -> None:
     """A v1 client at the default rate (120/s, burst 60) writes 3,000 chunks at once:
     it is closed with 4025 after at most ~300 chunks over the rate (before: 1,000, each
-    one numbered, timed and answered with a notice on the event loop)."""
+    one numbered, timed and answered with a notice on the event loop), and the rest it
+    sent is not decoded."""
     async with edge_server(GatewaySettings(), broker=True) as srv:
         assert srv.api_key is not None
         victim = start_victim(srv, tls)
@@ -165,8 +167,13 @@ async def test_a_persistent_chunk_flooder_is_closed_within_300_excess_chunks(
         code = None
         with contextlib.suppress(ConnectionError):
             code = await _close_code(reader)
-        writer.close()
         assert code == ErrorCode.FLOODING
+        # What it had sent after our close frame (~1.7 MB) is dropped unread, and past
+        # 1 MiB the edge stops reading its socket; the close still completes.
+        assert await closed_by_server(reader, 15)
+        writer.close()
+        assert await eventually(lambda: registry.get_sample_value(
+            "audiostream_gateway_edge_refused_total", {"reason": "data_after_close"}) == 1)
         flooder = (registry.get_sample_value("audiostream_chunks_in_total") or 0) - before
         # The victim's own chunks count too (at most 50/s for the few seconds this takes).
         assert flooder <= 60 + 300 + 150, flooder

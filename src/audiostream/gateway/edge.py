@@ -433,6 +433,10 @@ class _EdgeHandler(RequestHandler):
 # --- WebSocket frames ------------------------------------------------------------------------
 
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+#: Data bytes a client may still send after our close frame (what it had in flight)
+#: before the edge stops reading its socket; the close timeout then ends it. Our close
+#: frame is already on its way, so a client that sent this much loses nothing more.
+MAX_AFTER_CLOSE = 1024 * 1024
 CLOSE_PROTOCOL_ERROR, CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG = 1002, 1008, 1009
 
 
@@ -499,6 +503,7 @@ class FrameGuard:
         self._head = bytearray()
         self._left = 0  # payload bytes of the current data frame still to pass through
         self._skip = 0  # ... or to drop (the server is closing: data frames are moot)
+        self._dropped = 0  # bytes of data frames dropped since our close frame
         self._done = False
         self._peer_closed = False
 
@@ -565,9 +570,14 @@ class FrameGuard:
             if opcode < OP_CLOSE and self._handler.closing:
                 # Our close frame is out: what a flooder still sends is dropped here
                 # instead of being unmasked, decoded and discarded by aiohttp's reader
-                # during the close handshake.
+                # during the close handshake; past a bound we stop reading altogether
+                # (the close timeout then ends the connection).
                 del self._head[:head + avail]
                 self._skip = length - avail
+                self._dropped += head + length
+                if self._dropped > MAX_AFTER_CLOSE:
+                    self._stop_reading()
+                    return False
                 if self._skip:
                     return True
                 continue
@@ -576,6 +586,16 @@ class FrameGuard:
             self._left = length - avail
             if self._left:
                 return True
+
+    def _stop_reading(self) -> None:
+        self._done = True
+        self._head.clear()
+        self._handler.guard.refused("data_after_close", "edge: %s kept sending data after "
+                                    "our close frame; stopped reading",
+                                    escape(self._handler.peer, 64))
+        transport = self._handler.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
 
     def _take(self) -> bool:
         now = time.monotonic()
