@@ -257,6 +257,11 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pending-sockets", type=int, default=512,
                    help="sockets without a whole request yet; above it the oldest is "
                    "closed (default 512)")
+    p.add_argument("--max-conn-rate-per-ip", type=float, default=50.0,
+                   help="new connections per second one client address may open, burst "
+                   "4x that; over it a socket gets 429 before its request is read "
+                   "(default 50; 0 disables, e.g. behind a proxy that hides client "
+                   "addresses)")
     p.add_argument("--resume-window-s", type=float, default=60.0,
                    help="how long a dropped session can be resumed (default 60)")
     p.add_argument("--allowed-origin", dest="allowed_origins", action="append", default=[],
@@ -374,6 +379,8 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         bundle_wait_ms=args.bundle_wait_ms,
         edge=EdgeSettings(handshake_timeout_s=args.handshake_timeout_s,
                           max_pending=args.max_pending_sockets,
+                          conn_rate_per_ip=args.max_conn_rate_per_ip or None,
+                          conn_burst_per_ip=max(1.0, 4 * args.max_conn_rate_per_ip),
                           ops_host=args.ops_host, ops_port=args.ops_port),
     )
 

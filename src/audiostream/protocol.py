@@ -699,7 +699,7 @@ class Limits:
     max_outbound_bytes: int = 8 * 1024 * 1024
     """Unwritten bytes for one connection above which the slow-consumer grace starts."""
     slow_consumer_grace_s: float = 10.0
-    flood_burst: float = 1000.0
+    flood_burst: float = 300.0
     """Chunks over the limit (credit or rate) tolerated at once before closing 4025 ..."""
     flood_rate: float = 60.0
     """... refilled at this many per second."""

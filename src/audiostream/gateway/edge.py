@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote_plus
 
 from aiohttp import hdrs, web
@@ -80,6 +80,13 @@ class EdgeSettings:
     """Its port; 0 picks a free one (tests), None serves no operations site."""
     log_interval_s: float = 10.0
     """At most one log line per kind of refusal in this interval (with a count)."""
+    conn_rate_per_ip: float | None = None
+    """New connections per second one client address may open (token bucket) ...
+    None: no limit (the library default, for tests and proxies that hide client
+    addresses; ``audiostream serve``/``gateway`` default to 50)."""
+    conn_burst_per_ip: float = 200.0
+    """... and at once. Over it, the socket gets a canned ``429`` and is closed before
+    aiohttp builds anything for it: a reconnect loop costs the gateway next to nothing."""
 
     def __post_init__(self) -> None:
         if self.handshake_timeout_s <= 0:
@@ -88,6 +95,9 @@ class EdgeSettings:
             raise ConfigError("max pending sockets must be >= 1")
         if self.control_rate <= 0 or self.control_burst < 1:
             raise ConfigError("the control frame rate must be > 0 with a burst >= 1")
+        if self.conn_rate_per_ip is not None and (
+                self.conn_rate_per_ip <= 0 or self.conn_burst_per_ip < 1):
+            raise ConfigError("the per-address connection rate must be > 0 with a burst >= 1")
 
 
 class EdgeMetrics:
@@ -205,6 +215,51 @@ _REDACT = _RedactSubprotocols()
 
 # --- the socket before its request ------------------------------------------------------------
 
+#: What a socket over its address's connection rate gets, before its request is read.
+TOO_MANY_CONNECTIONS = (b"HTTP/1.1 429 Too Many Requests\r\nServer: " + SERVER_NAME.encode()
+                        + b"\r\nRetry-After: 1\r\nContent-Type: text/plain\r\n"
+                        b"Content-Length: 38\r\nConnection: close\r\n\r\n"
+                        b"too many connections from this address\n")
+#: Addresses tracked at most; beyond it, idle ones (bucket full again) are forgotten.
+MAX_TRACKED_ADDRESSES = 65_536
+
+
+class AddressRate:
+    """A token bucket of new connections per client address (no I/O, clock injected).
+
+    Reconnect loops are the cheapest way to load a gateway: each connection costs an
+    accept, a request parse, an upgrade and a ``start`` whatever the answer is. Refusing
+    at accept time turns that into a write and a close."""
+
+    def __init__(self, rate: float, burst: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst = rate, burst
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, address: str) -> bool:
+        now = self._clock()
+        tokens, stamp = self._buckets.get(address, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
+        ok = tokens >= 1
+        if ok:
+            tokens -= 1
+        if address not in self._buckets and len(self._buckets) >= MAX_TRACKED_ADDRESSES:
+            self._forget_idle(now)
+        self._buckets[address] = (tokens, now)
+        return ok
+
+    def _forget_idle(self, now: float) -> None:
+        refill = self.burst / self.rate
+        for address, (_tokens, stamp) in list(self._buckets.items()):
+            if now - stamp >= refill:
+                del self._buckets[address]
+        if len(self._buckets) >= MAX_TRACKED_ADDRESSES:  # all busy: start over
+            self._buckets.clear()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
 
 class EdgeGuard:
     """The state one site shares across its sockets: the pending ones, oldest first."""
@@ -215,6 +270,8 @@ class EdgeGuard:
         self.pending: dict[_EdgeHandler, None] = {}
         self.throttled = Throttled(log, settings.log_interval_s)
         self.ops_port: int | None = None
+        self.rate = (AddressRate(settings.conn_rate_per_ip, settings.conn_burst_per_ip)
+                     if settings.conn_rate_per_ip is not None else None)
 
     @property
     def ops_url(self) -> str | None:
@@ -244,6 +301,43 @@ class EdgeGuard:
             self.metrics.pending.set(len(self.pending))
 
 
+class _Gate(asyncio.Protocol):
+    """Every accepted socket starts here: over its address's connection rate it gets a
+    canned ``429`` and is closed, having cost an accept, a write and a close; otherwise
+    the real handler is built and takes the transport over (``set_protocol``)."""
+
+    __slots__ = ("_guard", "_make")
+
+    def __init__(self, guard: EdgeGuard, make: Callable[[], _EdgeHandler]) -> None:
+        self._guard = guard
+        self._make = make
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        rate = self._guard.rate
+        if rate is not None:
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
+            if not rate.allow(address):
+                self._guard.refused(
+                    "connection_rate", "edge: %s opens connections faster than %g/s "
+                    "(burst %g); answered 429", escape(address, 64), rate.rate, rate.burst)
+                cast(asyncio.WriteTransport, transport).write(TOO_MANY_CONNECTIONS)
+                transport.close()
+                return
+        handler = self._make()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes of a refused socket that arrived before it closed: dropped."""
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        pass
+
+
 class _EdgeHandler(RequestHandler):
     """aiohttp's per-socket protocol with a handshake deadline, pre-request accounting,
     quiet malformed-request handling and a WebSocket frame guard."""
@@ -253,6 +347,12 @@ class _EdgeHandler(RequestHandler):
         self.guard = guard
         self.peer = "-"
         self._deadline: asyncio.TimerHandle | None = None
+        self.frame_cap: int | None = None
+        """Largest WebSocket data frame accepted right now (None: aiohttp's own cap);
+        the session handler lowers it until ``start`` is accepted."""
+        self.hard_cap: int | None = None
+        self.closing = False
+        """The server sent its close frame: data frames are dropped unread."""
         # aiohttp 3.14's parser turns "CONNECT \r\n\r\n" into a request whose url is
         # None, and building the request then raises inside the connection task, which
         # dies with the socket left open (found by tests/security/test_fuzz_edge.py).
@@ -268,9 +368,9 @@ class _EdgeHandler(RequestHandler):
             self._request_factory = request_factory
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
+        super().connection_made(transport)
         self.guard.admit(self)
         self._deadline = self._loop.call_later(self.guard.settings.handshake_timeout_s,
                                                self._handshake_expired)
@@ -333,7 +433,29 @@ class _EdgeHandler(RequestHandler):
 # --- WebSocket frames ------------------------------------------------------------------------
 
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
-CLOSE_PROTOCOL_ERROR, CLOSE_POLICY_VIOLATION = 1002, 1008
+#: Data bytes a client may still send after our close frame (what it had in flight)
+#: before the edge stops reading its socket; the close timeout then ends it. Our close
+#: frame is already on its way, so a client that sent this much loses nothing more.
+MAX_AFTER_CLOSE = 1024 * 1024
+CLOSE_PROTOCOL_ERROR, CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG = 1002, 1008, 1009
+
+
+def closing(request: web.BaseRequest) -> None:
+    """The server is closing this WebSocket: from now on, data frames from the client
+    are dropped as their bytes arrive; only its close frame matters."""
+    if isinstance(request.protocol, _EdgeHandler):
+        request.protocol.closing = True
+
+
+def limit_frames(request: web.BaseRequest, cap: int | None, *, hard_cap: int | None = None
+                 ) -> None:
+    """Refuse WebSocket data frames over ``cap`` bytes on this request's socket (4004)
+    from their header on, before a byte of the payload is buffered; None lifts the cap.
+    ``hard_cap``, if given, is the never-legal size (1009)."""
+    if isinstance(request.protocol, _EdgeHandler):
+        request.protocol.frame_cap = cap
+        if hard_cap is not None:
+            request.protocol.hard_cap = hard_cap
 
 
 def close_frame(code: int, reason: str) -> bytes:
@@ -366,6 +488,9 @@ class FrameGuard:
     - Pings are answered here and never reach the reader, so they cannot keep a session
       alive past its idle timeout; pings and pongs together are rate-limited (token
       bucket), a flood is closed with 1008.
+    - A data frame longer than the socket's ``frame_cap`` (small before ``start``) is
+      closed with 4004 as soon as its header arrives, and one longer than the hard cap
+      with 1009: its payload is never buffered, parsed or decoded.
     Everything else passes through unchanged, byte for byte."""
 
     def __init__(self, inner: Any, handler: _EdgeHandler) -> None:
@@ -377,6 +502,8 @@ class FrameGuard:
         self._stamp = time.monotonic()
         self._head = bytearray()
         self._left = 0  # payload bytes of the current data frame still to pass through
+        self._skip = 0  # ... or to drop (the server is closing: data frames are moot)
+        self._dropped = 0  # bytes of data frames dropped since our close frame
         self._done = False
         self._peer_closed = False
 
@@ -394,6 +521,11 @@ class FrameGuard:
                 out.append(data[i:i + k])
                 i += k
                 self._left -= k
+                continue
+            if self._skip:
+                k = min(self._skip, n - i)
+                i += k
+                self._skip -= k
                 continue
             self._head += data[i:]
             i = n
@@ -416,6 +548,15 @@ class FrameGuard:
                                     "too many pings")
             if opcode == OP_CLOSE:
                 self._peer_closed = True
+            elif opcode < OP_CLOSE:  # data (text, binary, continuation)
+                hard = self._handler.hard_cap
+                if hard is not None and length > hard:
+                    return self._refuse("frame_too_big", CLOSE_TOO_BIG,
+                                        "frame_too_large")
+                cap = self._handler.frame_cap
+                if cap is not None and length > cap:
+                    return self._refuse("frame_too_big", int(ErrorCode.FRAME_TOO_LARGE),
+                                        "frame_too_large")
             if opcode == OP_PING and length <= 125 and not self._peer_closed:
                 if len(self._head) < head + length:
                     return True  # wait for the whole (small) ping
@@ -426,11 +567,35 @@ class FrameGuard:
                 self._pong(body)
                 continue
             avail = min(length, len(self._head) - head)
+            if opcode < OP_CLOSE and self._handler.closing:
+                # Our close frame is out: what a flooder still sends is dropped here
+                # instead of being unmasked, decoded and discarded by aiohttp's reader
+                # during the close handshake; past a bound we stop reading altogether
+                # (the close timeout then ends the connection).
+                del self._head[:head + avail]
+                self._skip = length - avail
+                self._dropped += head + length
+                if self._dropped > MAX_AFTER_CLOSE:
+                    self._stop_reading()
+                    return False
+                if self._skip:
+                    return True
+                continue
             out.append(bytes(self._head[:head + avail]))
             del self._head[:head + avail]
             self._left = length - avail
             if self._left:
                 return True
+
+    def _stop_reading(self) -> None:
+        self._done = True
+        self._head.clear()
+        self._handler.guard.refused("data_after_close", "edge: %s kept sending data after "
+                                    "our close frame; stopped reading",
+                                    escape(self._handler.peer, 64))
+        transport = self._handler.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
 
     def _take(self) -> bool:
         now = time.monotonic()
@@ -579,7 +744,7 @@ class EdgeSite(web.BaseSite):
         assert server is not None
         guard, s = self.guard, self.guard.settings
 
-        def factory() -> _EdgeHandler:
+        def handler() -> _EdgeHandler:
             return _EdgeHandler(
                 server, guard, loop=loop,
                 # Backstop only: one request per connection before the upgrade.
@@ -589,6 +754,9 @@ class EdgeSite(web.BaseSite):
                 max_line_size=s.max_line_size, max_field_size=s.max_field_size,
                 max_headers=s.max_headers, lingering_time=1.0,
             )
+
+        def factory() -> asyncio.Protocol:
+            return _Gate(guard, handler) if guard.rate is not None else handler()
 
         extra: dict[str, Any] = {}
         if self._ssl_context is not None:

@@ -203,7 +203,8 @@ class SessionPipeline:
             raise AuthError("the session has expired (its reply queue is gone)",
                             ErrorCode.RESUME_FAILED)
         await t.publish_reply(
-            self.reply_queue, encode_control(Control(self.session_id, DISPLACE, self.nonce))
+            self.reply_queue, encode_control(Control(self.session_id, DISPLACE, self.nonce,
+                                                    generation=self.generation))
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settle_s
@@ -435,6 +436,14 @@ class SessionPipeline:
                 elif msg.command == RELEASED and msg.nonce != self.nonce:
                     self._seen_released.set()
             elif msg.command == DISPLACE and msg.nonce != self.nonce:
+                if 0 < msg.generation <= self.generation:
+                    # A taker holding an older resume token than ours (on any gateway):
+                    # we keep the session; its takeover times out with resume_failed.
+                    # (0: a gateway that predates generations; it is obeyed.)
+                    log.info("session=%s stage=resume: refused a takeover by generation "
+                             "%d (this holder has %d)", self.session_id, msg.generation,
+                             self.generation)
+                    return
                 log.info("session=%s stage=resume: taken over by another connection",
                          self.session_id)
                 if self.on_displaced is not None:

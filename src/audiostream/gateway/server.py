@@ -112,7 +112,7 @@ class GatewaySettings:
     """v1.1: most chunks a client may have outstanding ..."""
     credit_bytes: int = 4 * 1024 * 1024
     """... and most bytes of them (the window is the smaller, at least 2 chunks)."""
-    flood_burst: float = 1000.0
+    flood_burst: float = 300.0
     """Chunks over credit or rate tolerated at once before closing 4025 ..."""
     flood_rate: float = 60.0
     """... refilled per second."""
@@ -150,8 +150,10 @@ class SlotPhase(Enum):
 class _Connection:
     """One WebSocket: its protocol core, its one timer, its writer task and its pipeline."""
 
-    def __init__(self, ws: web.WebSocketResponse, gateway: Gateway) -> None:
+    def __init__(self, ws: web.WebSocketResponse, gateway: Gateway,
+                 request: web.Request | None = None) -> None:
         self.ws = ws
+        self.request = request
         self.gateway = gateway
         self.loop = asyncio.get_running_loop()
         self.proto = ServerProtocol(clock=self.loop.time, limits=gateway.limits)
@@ -222,6 +224,8 @@ class _Connection:
                     await asyncio.wait_for(self.ws.send_str(out.text), 0.5)
                 self.gateway.metrics.errors.labels(code=out.label).inc()
         with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+            if self.request is not None:
+                _edge.closing(self.request)
             await asyncio.wait_for(self.ws.close(code=code, drain=False),
                                    self.gateway.settings.close_timeout_s + 1)
         if self.reader is not None:
@@ -270,6 +274,8 @@ class _Connection:
                     elif out.kind == "error":
                         metrics.errors.labels(code=out.label).inc()
                 else:
+                    if self.request is not None:
+                        _edge.closing(self.request)
                     await self._stop_reading()
                     await self.ws.close(code=out.code, message=out.reason.encode())
                     return
@@ -334,6 +340,8 @@ class _Connection:
 
     def _accept(self, resume_from: int | None = None, delivered: int = 0) -> None:
         assert self.grant is not None
+        if self.request is not None:  # audio frames may now be as large as the format allows
+            _edge.limit_frames(self.request, None)
         self.proto.accept(
             self.grant.session_id, self.grant.format,
             pipeline=[s.name for s in self.grant.pipeline],
@@ -727,8 +735,12 @@ class Gateway:
             compress=False,
             timeout=self.settings.close_timeout_s,
         )
+        # Until start is accepted, a data frame over the pre-start cap is refused from
+        # its header (4004), unread: a keyless peer cannot make us buffer or parse it.
+        _edge.limit_frames(request, self.limits.max_pre_start_text,
+                           hard_cap=HARD_MAX_FRAME)
         await ws.prepare(request)
-        conn = _Connection(ws, self)
+        conn = _Connection(ws, self, request)
         self.connections.add(conn)
         self.metrics.connections_total.inc()
         self.metrics.connections_active.inc()
