@@ -7,13 +7,19 @@ the number of sessions grows by ``--step`` until a trial fails, then is bisected
 down to ``--resolution``. One JSON object per trial and one per processing type.
 
     .venv/bin/python benchmarks/capacity.py [--types passthrough,denoise] [--duration 10]
+
+``--gateway-args "..."`` passes options to the gateway; repeat it for an A/B in one run
+(each variant gets its own gateway and sweep, one after the other), e.g.
+``--gateway-args "" --gateway-args "--coalesce-above 0"`` for the load budget on/off.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +32,7 @@ P99_LIMIT_MS = 100.0
 
 
 async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
-                pids: dict[str, int]) -> dict[str, Any]:
+                pids: dict[str, int], variant: str) -> dict[str, Any]:
     from audiostream.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(url=st.ws_url, api_key=st.key, sessions=sessions, duration_s=duration,
@@ -41,7 +47,8 @@ async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
     ok = (rt["p99"] < P99_LIMIT_MS and r["chunks"]["dropped"] == 0 and not r["errors_by_code"]
           and r["sessions"]["completed"] == sessions)
     return {
-        "bench": "capacity", "processing": ptype, "sessions": sessions, "pass": ok,
+        "bench": "capacity", "processing": ptype, "gateway_args": variant,
+        "sessions": sessions, "pass": ok,
         "latency_ms": {k: rt[k] for k in ("p50", "p90", "p99", "max")},
         "dropped": r["chunks"]["dropped"], "drops_by_reason": r["drops_by_reason"],
         "errors": r["errors_by_code"],
@@ -52,10 +59,11 @@ async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
     }
 
 
-async def sweep(args: argparse.Namespace, ptype: str) -> dict[str, Any]:
+async def sweep(args: argparse.Namespace, ptype: str, variant: str) -> dict[str, Any]:
     rabbit = c.find_pid("beam.smp")
     try:
-        async with c.stack([ptype], broker=args.broker) as st:
+        async with c.stack([ptype], broker=args.broker,
+                           gateway_args=shlex.split(variant)) as st:
             assert st.worker is not None
             pids = {"client": os.getpid(), "gateway": st.gateway.pid, "worker": st.worker.pid}
             if rabbit:
@@ -64,7 +72,7 @@ async def sweep(args: argparse.Namespace, ptype: str) -> dict[str, Any]:
             n = args.start
             while n <= args.max:
                 c.log(f"[capacity] {ptype}: {n} sessions")
-                t = await trial(st, ptype, n, args.duration, pids)
+                t = await trial(st, ptype, n, args.duration, pids, variant)
                 c.emit(t, args.out)
                 if not t["latency_ms"]["max"] and set(t["drops_by_reason"]) <= {
                         "model_error", "processing_failed"}:
@@ -78,15 +86,17 @@ async def sweep(args: argparse.Namespace, ptype: str) -> dict[str, Any]:
             while worst is not None and worst - best > args.resolution:
                 n = (best + worst) // 2
                 c.log(f"[capacity] {ptype}: {n} sessions (bisecting {best}..{worst})")
-                t = await trial(st, ptype, n, args.duration, pids)
+                t = await trial(st, ptype, n, args.duration, pids, variant)
                 c.emit(t, args.out)
                 if t["pass"]:
                     best = n
                 else:
                     worst = n
     except RuntimeError as exc:
-        return {"bench": "capacity", "processing": ptype, "unavailable": str(exc)}
-    return {"bench": "capacity", "processing": ptype, "max_sessions": best,
+        return {"bench": "capacity", "processing": ptype, "gateway_args": variant,
+                "unavailable": str(exc)}
+    return {"bench": "capacity", "processing": ptype, "gateway_args": variant,
+            "max_sessions": best,
             "first_failing": worst, "criterion": f"p99 < {P99_LIMIT_MS:g} ms, no drops",
             "resolution": args.resolution}
 
@@ -100,7 +110,8 @@ async def main(args: argparse.Namespace) -> int:
             c.emit({"bench": "capacity", "processing": ptype,
                     "unavailable": "not registered"}, args.out)
             continue
-        c.emit(await sweep(args, ptype), args.out)
+        for variant in args.gateway_args or [""]:
+            c.emit(await sweep(args, ptype, variant), args.out)
     return 0
 
 
@@ -108,10 +119,15 @@ def cli() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--broker", default=c.BROKER)
     ap.add_argument("--types", default="passthrough,denoise")
+    ap.add_argument("--gateway-args", action="append", default=[], metavar="ARGS",
+                    help="options for the gateway, one string (repeat for an A/B: each "
+                    "variant is swept in turn)")
     c.sweep_options(ap, start=10, step=10, maximum=300, resolution=2)
     args = ap.parse_args()
     c.use_uvloop()
     c.raise_nofile()
+    gc.collect()
+    gc.freeze()  # the load generator's start-up heap: shorter GC pauses in its timings
     return asyncio.run(main(args))
 
 

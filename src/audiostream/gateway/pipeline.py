@@ -37,6 +37,7 @@ from audiostream.envelope import (
     encode_control,
 )
 from audiostream.errors import AudioStreamError, AuthError, ErrorCode, TransportError
+from audiostream.gateway.budget import BudgetPolicy, LoadBudget
 from audiostream.gateway.coalescer import (
     FLIGHT_EXPIRED,
     CoalescePolicy,
@@ -155,6 +156,7 @@ class SessionPipeline:
         linger_s: float = 0.0,
         policy: CoalescePolicy | None = None,
         journal_cap: int = MAX_JOURNAL,
+        budget: LoadBudget | None = None,
     ) -> None:
         self.session_id = session_id
         self.transport = transport
@@ -168,6 +170,8 @@ class SessionPipeline:
         self.coalescer = Coalescer(deadline_s=deadline_s, policy=policy,
                                    first_msg_id=generation << GEN_SHIFT)
         self.linger_s = max(0.0, min(policy.linger_s, deadline_s / 2))
+        # The gateway's (shared by all its sessions); alone, one that never coalesces.
+        self.budget = budget or LoadBudget(BudgetPolicy(coalesce_above=0))
         self.sink = sink
         self.metrics = metrics
         self.reply_queue = transport.topology.reply_queue(session_id)
@@ -311,6 +315,7 @@ class SessionPipeline:
     def submit(self, seq: int, data: bytes, received_at: float) -> None:
         if self.phase is SessionPhase.CLOSED:
             return
+        self.budget.note_chunk()
         refused = self.coalescer.add(seq, data, received_at)
         if refused:
             self._emit(refused)
@@ -331,6 +336,7 @@ class SessionPipeline:
             return
         co = self.coalescer
         now = time.time()
+        co.set_floor(self.budget.floor, now)
         expired = co.tick(now)
         if expired:
             if expired[0].message == FLIGHT_EXPIRED:
@@ -366,7 +372,7 @@ class SessionPipeline:
     def _send(self, msg: Message, now: float) -> None:
         chunks = msg.chunks
         if self.metrics is not None:
-            self.metrics.stage.labels(stage="gateway_backlog").observe(
+            self.metrics.stages["gateway_backlog"].observe(
                 max(0.0, now - chunks[0].received_at)
             )
         fb = self.format.frame_bytes
@@ -410,7 +416,7 @@ class SessionPipeline:
         self.messages_published += 1
         if self.metrics is not None:
             self.metrics.messages_published.inc()
-            self.metrics.stage.labels(stage="gateway_to_broker").observe(published - started)
+            self.metrics.stages["gateway_to_broker"].observe(published - started)
 
     # -- receiving -----------------------------------------------------------------------
     async def _on_reply(self, delivery: Delivery) -> None:
@@ -478,15 +484,15 @@ class SessionPipeline:
         batch = marks.get(f"{first_step}:batch_start")
         processed = marks.get(f"{last_step}:processed")
         replied = marks.get(f"{last_step}:replied")
-        stage = self.metrics.stage
+        stage = self.metrics.stages
         if publish is not None and rx is not None:
-            stage.labels(stage="queue_wait").observe(max(0.0, rx - publish))
+            stage["queue_wait"].observe(max(0.0, rx - publish))
         if rx is not None and batch is not None:
-            stage.labels(stage="batch_wait").observe(max(0.0, batch - rx))
+            stage["batch_wait"].observe(max(0.0, batch - rx))
         if batch is not None and processed is not None:
-            stage.labels(stage="inference").observe(max(0.0, processed - batch))
+            stage["inference"].observe(max(0.0, processed - batch))
         if replied is not None:
-            stage.labels(stage="reply").observe(max(0.0, now - replied))
+            stage["reply"].observe(max(0.0, now - replied))
 
     async def close(self, *, finished: bool) -> None:
         """Stop consuming and cancel owned tasks.
