@@ -8,15 +8,19 @@ down to ``--resolution``. One JSON object per trial and one per processing type.
 
     .venv/bin/python benchmarks/capacity.py [--types passthrough,denoise] [--duration 10]
 
-``--gateway-args "..."`` passes options to the gateway; repeat it for an A/B in one run
-(each variant gets its own gateway and sweep, one after the other), e.g.
-``--gateway-args "" --gateway-args "--coalesce-above 0"`` for the load budget on/off.
+``--gateway-args "..."`` passes options to the gateway. Repeat it for an A/B in one
+run: each variant gets its own gateway and worker (all started together, the idle
+ones cost next to nothing), and at every level from ``--start`` to ``--max`` by
+``--step`` the variants take turns, ``--rounds`` times, so background load hits
+them alike; e.g. ``--gateway-args "" --gateway-args "--coalesce-above 0"`` for the
+load budget on/off.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import shlex
@@ -101,6 +105,36 @@ async def sweep(args: argparse.Namespace, ptype: str, variant: str) -> dict[str,
             "resolution": args.resolution}
 
 
+async def ab(args: argparse.Namespace, ptype: str, variants: list[str]) -> dict[str, Any]:
+    """Variants in turn at each level (see the module docstring)."""
+    rabbit = c.find_pid("beam.smp")
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {v: {} for v in variants}
+    async with contextlib.AsyncExitStack() as stack:
+        stacks = {v: await stack.enter_async_context(
+            c.stack([ptype], broker=args.broker, gateway_args=shlex.split(v)))
+            for v in variants}
+        for n in range(args.start, args.max + 1, args.step):
+            for r in range(args.rounds):
+                for v, st in stacks.items():
+                    assert st.worker is not None
+                    pids = {"client": os.getpid(), "gateway": st.gateway.pid,
+                            "worker": st.worker.pid}
+                    if rabbit:
+                        pids["rabbitmq"] = rabbit
+                    c.log(f"[capacity] {ptype} {v!r}: {n} sessions (round {r + 1})")
+                    t = await trial(st, ptype, n, args.duration, pids, v)
+                    c.emit(t, args.out)
+                    results[v].setdefault(n, []).append(t)
+    return {"bench": "capacity", "processing": ptype, "ab": {
+        v: {str(n): {"passed": sum(t["pass"] for t in ts), "trials": len(ts),
+                     "p50_ms": [t["latency_ms"]["p50"] for t in ts],
+                     "p99_ms": [t["latency_ms"]["p99"] for t in ts],
+                     "chunks_per_message": [t["chunks_per_message"] for t in ts],
+                     "cpu_cores": [t["cpu_cores"] for t in ts]}
+            for n, ts in by_n.items()}
+        for v, by_n in results.items()}, "criterion": f"p99 < {P99_LIMIT_MS:g} ms, no drops"}
+
+
 async def main(args: argparse.Namespace) -> int:
     from audiostream.processors import registry
 
@@ -110,8 +144,10 @@ async def main(args: argparse.Namespace) -> int:
             c.emit({"bench": "capacity", "processing": ptype,
                     "unavailable": "not registered"}, args.out)
             continue
-        for variant in args.gateway_args or [""]:
-            c.emit(await sweep(args, ptype, variant), args.out)
+        if len(args.gateway_args) > 1:
+            c.emit(await ab(args, ptype, args.gateway_args), args.out)
+        else:
+            c.emit(await sweep(args, ptype, "".join(args.gateway_args)), args.out)
     return 0
 
 
@@ -120,8 +156,10 @@ def cli() -> int:
     ap.add_argument("--broker", default=c.BROKER)
     ap.add_argument("--types", default="passthrough,denoise")
     ap.add_argument("--gateway-args", action="append", default=[], metavar="ARGS",
-                    help="options for the gateway, one string (repeat for an A/B: each "
-                    "variant is swept in turn)")
+                    help="options for the gateway, one string (repeat for an A/B: the "
+                    "variants take turns at each level, no bisection)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="A/B only: trials per variant and level (default 1)")
     c.sweep_options(ap, start=10, step=10, maximum=300, resolution=2)
     args = ap.parse_args()
     c.use_uvloop()

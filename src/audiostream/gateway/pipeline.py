@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -392,18 +393,18 @@ class SessionPipeline:
             state=dict(self.state),
             timings=(("gateway_rx", chunks[0].received_at), ("gateway_publish", now)),
         )
-        self._spawn(self._publish(msg, env))
+        self.bundler.submit(env, functools.partial(self._published, msg, now))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish(self, msg: Message, env: WorkEnvelope) -> None:
-        started = time.time()
-        try:
-            await self.bundler.publish(env)
-        except AudioStreamError as err:
+    def _published(self, msg: Message, started: float, err: AudioStreamError | None) -> None:
+        """The bundle carrying ``msg`` was confirmed (``err`` None) or failed."""
+        if self.phase is SessionPhase.CLOSED:
+            return
+        if err is not None:
             self._outage.failed(self.session_id, len(msg.chunks), err)
             failed = self.coalescer.failed(msg.msg_id, ErrorCode.BROKER_UNAVAILABLE,
                                            f"could not publish: {err}")
@@ -412,11 +413,10 @@ class SessionPipeline:
                 self._drive()
             return
         self._outage.ended(self.session_id, "publishing again")
-        published = time.time()
         self.messages_published += 1
         if self.metrics is not None:
             self.metrics.messages_published.inc()
-            self.metrics.stages["gateway_to_broker"].observe(published - started)
+            self.metrics.stages["gateway_to_broker"].observe(time.time() - started)
 
     # -- receiving -----------------------------------------------------------------------
     async def _on_reply(self, delivery: Delivery) -> None:
