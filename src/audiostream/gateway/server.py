@@ -41,6 +41,7 @@ from audiostream.gateway.revocation import KeyRevocation
 from audiostream.gateway.telephony import add_telephony_routes
 from audiostream.gateway.tokens import SessionGrant, TokenSigner
 from audiostream.gateway.watchdog import BrokerWatchdog
+from audiostream.gateway.wsframes import FrameWriter
 from audiostream.metrics import GatewayMetrics
 from audiostream.processors import ProcessorRegistry, registry
 from audiostream.processors.pipeline import plan_raw
@@ -162,9 +163,11 @@ class SlotPhase(Enum):
 class _Connection:
     """One WebSocket: its protocol core, its one timer, its writer task and its pipeline."""
 
-    def __init__(self, ws: web.WebSocketResponse, gateway: Gateway) -> None:
+    def __init__(self, ws: web.WebSocketResponse, gateway: Gateway,
+                 frames: FrameWriter | None = None) -> None:
         self.ws = ws
         self.gateway = gateway
+        self.frames = frames
         self.loop = asyncio.get_running_loop()
         self.proto = ServerProtocol(clock=self.loop.time, limits=gateway.limits)
         self.pipeline: SessionPipeline | None = None
@@ -239,27 +242,23 @@ class _Connection:
 
     # -- writing ------------------------------------------------------------------
     async def _write_loop(self) -> None:
-        metrics = self.gateway.metrics
         proto = self.proto
         while True:
             await self._wake.wait()
             self._wake.clear()
             written = proto.next_out  # every outcome below is in this batch or sent
+            audio: list[SendBytes] = []
             for out in proto.data_to_send():
                 if isinstance(out, SendBytes):
-                    await self.ws.send_bytes(out.data)
-                    proto.written(out.nbytes)
-                    metrics.chunks_out.inc()
-                    metrics.bytes_out.inc(out.nbytes)
-                    now = self.loop.time()
-                    if out.received_at is not None:
-                        metrics.round_trip.observe(now - out.received_at)
-                    replied = self._replied.pop(out.seq, None)
-                    if replied is not None:
-                        metrics.stages["gateway_to_client"].observe(now - replied)
-                elif isinstance(out, SendText):
+                    audio.append(out)  # consecutive audio goes out in one write
+                    continue
+                if audio:
+                    await self._send_audio(audio)
+                    audio = []
+                if isinstance(out, SendText):
                     await self.ws.send_str(out.text)
                     proto.written(out.nbytes)
+                    metrics = self.gateway.metrics
                     if out.kind == "notice":
                         metrics.dropped.labels(reason=out.label).inc(out.count)
                     elif out.kind == "error":
@@ -267,9 +266,34 @@ class _Connection:
                 else:
                     await self.ws.close(code=out.code, message=out.reason.encode())
                     return
+            if audio:
+                await self._send_audio(audio)
             if self.pipeline is not None:
                 self.pipeline.delivered(written)  # lets the journal trim a non-acking client
             self._rearm()
+
+    async def _send_audio(self, audio: list[SendBytes]) -> None:
+        """Audio outcomes as frames of one socket write (``gateway/wsframes.py``)."""
+        if self.frames is None or len(audio) == 1:
+            for out in audio:
+                await self.ws.send_bytes(out.data)
+        else:
+            await self.frames.send(self.ws, [out.data for out in audio])
+        metrics = self.gateway.metrics
+        now = self.loop.time()
+        nbytes = 0
+        round_trip = metrics.round_trip
+        replied = self._replied
+        for out in audio:
+            self.proto.written(out.nbytes)
+            nbytes += out.nbytes
+            if out.received_at is not None:
+                round_trip.observe(now - out.received_at)
+            at = replied.pop(out.seq, None)
+            if at is not None:
+                metrics.stages["gateway_to_client"].observe(now - at)
+        metrics.chunks_out.inc(len(audio))
+        metrics.bytes_out.inc(nbytes)
 
     # -- outcomes from the pipeline ---------------------------------------------------
     def on_outcomes(self, outcomes: list[Outcome]) -> None:
@@ -741,7 +765,7 @@ class Gateway:
             timeout=self.settings.close_timeout_s,
         )
         await ws.prepare(request)
-        conn = _Connection(ws, self)
+        conn = _Connection(ws, self, FrameWriter(request))  # uncompressed, as above
         self.connections.add(conn)
         self.metrics.connections_total.inc()
         self.metrics.connections_active.inc()
