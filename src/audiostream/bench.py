@@ -1,7 +1,8 @@
 """``audiostream bench``: N concurrent real-time sessions against a running gateway.
 
 Each session streams deterministic synthetic audio (a tone plus seeded noise) in
-real time through the SDK; sessions start spread over a ramp. While it runs, a line
+real time over a lean protocol v1.1 client (not the SDK: the generator must cost
+little next to what it measures); sessions start spread over a ramp. While it runs, a line
 a second goes to stderr. At the end: throughput, round trip percentiles, drops and
 errors, and the server's own view of the same period — counters and per-stage means
 from the difference of two ``/metrics`` scrapes — as text, JSON and a PNG plot.
@@ -20,7 +21,7 @@ import os
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,25 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import numpy as np
 import numpy.typing as npt
+from aiohttp import WSMsgType
 from prometheus_client.parser import text_string_to_metric_families
 
 from audiostream.audio import AudioFormat, Encoding
-from audiostream.client import AudioStreamClient, chunk_array
-from audiostream.errors import AudioStreamError, ErrorCode
+from audiostream.client import chunk_array
+from audiostream.errors import ErrorCode, ProtocolError
 from audiostream.metrics import STAGES
-from audiostream.protocol import DropNotice, latency_summary
+from audiostream.protocol import (
+    V1_1,
+    Credit,
+    ErrorMsg,
+    Notice,
+    Ready,
+    decode_server,
+    latency_summary,
+    start_json,
+)
+
+STOP = '{"type":"stop"}'
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 Samples = dict[SampleKey, float]
@@ -125,59 +138,126 @@ class _Live:
     tick: float = 0.0
 
 
-async def _paced(s: _Session, chunk_s: float) -> AsyncIterator[bytes]:
-    """Real-time pacing done here so that a chunk's send time is known exactly."""
-    start = time.monotonic()
-    for i, chunk in enumerate(s.chunks):
-        delay = start + i * chunk_s - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)  # real-time pacing, not synchronisation
-        s.sent_at.append(time.monotonic())
-        s.sent += 1
-        yield chunk
+#: Outcomes between two acks, as the SDK does (the gateway's journal is trimmed by them).
+ACK_EVERY = 25
 
 
-async def _run_session(cfg: BenchConfig, s: _Session, live: _Live) -> None:
+async def _run_session(cfg: BenchConfig, s: _Session, live: _Live,
+                       http: aiohttp.ClientSession) -> None:
+    """One session over a lean v1.1 client: a sender paced on an absolute clock and the
+    connection's reader, with as little Python per chunk as possible (a timestamp and
+    a list append each way), so that on a shared machine the load generator leaves the
+    CPU to what it measures. Seqs are implicit; credit is respected (a sender out of
+    credit waits, and that chunk's time is counted from when it goes)."""
     delay = s.index * cfg.ramp_s / cfg.sessions
     if delay:
         await asyncio.sleep(delay)  # the ramp
-    client = AudioStreamClient(
-        cfg.url, api_key=cfg.api_key, pipeline=list(cfg.pipeline), format=cfg.format,
-        deadline_ms=cfg.deadline_ms, ssl_context=cfg.ssl_context,
-    )
-
-    @client.on_audio
-    def _audio(seq: int, _pcm: bytes) -> None:
-        now = time.monotonic()
-        ms = (now - s.sent_at[seq]) * 1000
-        s.audio += 1
-        s.points.append((now - live.t0, ms))
-        live.window.append(ms)
-
-    @client.on_notice
-    def _notice(notice: DropNotice) -> None:
-        s.dropped[notice.reason] = s.dropped.get(notice.reason, 0) + 1
-        s.drop_times.append(time.monotonic() - live.t0)
-
+    try:
+        ws = await http.ws_connect(cfg.url, ssl=cfg.ssl_context if cfg.ssl_context else True,
+                                   autoping=True, max_msg_size=0, compress=0)
+    except (aiohttp.ClientError, OSError):
+        s.errors["connection_failed"] = s.errors.get("connection_failed", 0) + 1
+        s.done = True
+        return
     s.running = True
     try:
-        result = await client.stream(_paced(s, cfg.chunk_ms / 1000), chunk_ms=cfg.chunk_ms,
-                                     rate=None)
-    except AudioStreamError as err:
-        name = err.code.name.lower()
-        s.errors[name] = s.errors.get(name, 0) + 1
-        return
+        await _lean_session(cfg, s, live, ws)
     finally:
         s.running = False
         s.done = True
-    s.session_id = result.session_id
-    s.close_code = result.close_code
-    for e in result.errors:
-        name = e.code.name.lower() if isinstance(e.code, ErrorCode) else str(e.code)
-        s.errors[name] = s.errors.get(name, 0) + 1
-    if result.close_code != 1000:
-        key = f"close_{result.close_code}"
+        await ws.close()
+
+
+def _count_error(s: _Session, code: ErrorCode | int) -> None:
+    name = code.name.lower() if isinstance(code, ErrorCode) else str(code)
+    s.errors[name] = s.errors.get(name, 0) + 1
+
+
+async def _lean_session(cfg: BenchConfig, s: _Session, live: _Live,
+                        ws: aiohttp.ClientWebSocketResponse) -> None:
+    await ws.send_str(start_json(cfg.api_key, cfg.format, list(cfg.pipeline),
+                                 deadline_ms=cfg.deadline_ms, version=V1_1))
+    first = await ws.receive()
+    if first.type is not WSMsgType.TEXT:
+        s.errors["closed_before_ready"] = s.errors.get("closed_before_ready", 0) + 1
+        return
+    ready = decode_server(first.data)
+    if isinstance(ready, ErrorMsg):
+        _count_error(s, ready.code)
+        return
+    if not isinstance(ready, Ready):
+        raise ProtocolError(f"expected ready, got {type(ready).__name__}")
+    s.session_id = ready.session_id
+    loop = asyncio.get_running_loop()
+    credit = [ready.credit if ready.credit is not None else len(s.chunks)]
+    more = asyncio.Event()
+    sender = loop.create_task(_send(cfg, s, ws, credit, more))
+    try:
+        await _receive(s, live, ws, credit, more)
+    finally:
+        if not sender.done():
+            sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
+            await sender
+    s.close_code = ws.close_code
+    if ws.close_code != 1000:
+        key = f"close_{ws.close_code}"
         s.errors[key] = s.errors.get(key, 0) + 1
+
+
+async def _send(cfg: BenchConfig, s: _Session, ws: aiohttp.ClientWebSocketResponse,
+                credit: list[int], more: asyncio.Event) -> None:
+    chunk_s = cfg.chunk_ms / 1000
+    clock = time.monotonic
+    sent_at = s.sent_at
+    start = clock()
+    for i, chunk in enumerate(s.chunks):
+        delay = start + i * chunk_s - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)  # real-time pacing, not synchronisation
+        while i >= credit[0]:
+            more.clear()
+            await more.wait()
+        sent_at.append(clock())
+        s.sent += 1
+        await ws.send_bytes(chunk)
+    await ws.send_str(STOP)
+
+
+async def _receive(s: _Session, live: _Live, ws: aiohttp.ClientWebSocketResponse,
+                   credit: list[int], more: asyncio.Event) -> None:
+    clock = time.monotonic
+    t0 = live.t0
+    sent_at = s.sent_at
+    points = s.points
+    window = live.window
+    received = acked = 0
+    async for msg in ws:
+        if msg.type is WSMsgType.BINARY:
+            now = clock()
+            ms = (now - sent_at[received]) * 1000
+            received += 1
+            s.audio += 1
+            points.append((now - t0, ms))
+            window.append(ms)
+        elif msg.type is WSMsgType.TEXT:
+            m = decode_server(msg.data)
+            if isinstance(m, Credit):
+                credit[0] = max(credit[0], m.credit)
+                more.set()
+                continue
+            if isinstance(m, Notice):
+                s.dropped[m.reason] = s.dropped.get(m.reason, 0) + m.count
+                s.drop_times.extend([clock() - t0] * m.count)
+                received += m.count
+            elif isinstance(m, ErrorMsg):
+                _count_error(s, m.code)
+            continue
+        else:
+            break
+        if received - acked >= ACK_EVERY:
+            acked = received
+            await ws.send_str(f'{{"type":"ack","received":{received}}}')
 
 
 def _progress_line(live: _Live, total_chunks: int, out: Reporter) -> None:
@@ -359,8 +439,10 @@ async def run_bench(cfg: BenchConfig, *, report: Reporter | None = None,
         ticker = asyncio.get_running_loop().create_task(
             _report_progress(live, total_chunks, report, progress_every_s))
     started = time.monotonic()
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     try:
-        await asyncio.gather(*(_run_session(cfg, s, live) for s in sessions))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            await asyncio.gather(*(_run_session(cfg, s, live, http) for s in sessions))
     finally:
         if ticker is not None:
             ticker.cancel()

@@ -13,15 +13,18 @@ alone, as soon as it is made; under load, bundles grow with the broker's confirm
 latency, so load raises message size rather than message count (the same
 principle as the per-session coalescing in the gateway).
 
-``publish`` returns once the bundle holding the envelope is confirmed and raises
-the transport's error if it is not, so callers keep their exact delivery
-accounting. A cancelled ``publish`` that was not sent yet is left out of its bundle.
+``submit`` calls its callback once the bundle holding the envelope is confirmed
+(with None) or failed (with the transport's error), so callers keep their exact
+delivery accounting without a task or a future per message (the gateway's hot
+path). ``publish`` is the awaitable form; a cancelled ``publish`` that was not sent
+yet is left out of its bundle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import time
 from collections.abc import Callable
@@ -31,12 +34,25 @@ from audiostream.envelope import WorkEnvelope, encode_work, encode_work_bundle
 from audiostream.errors import AudioStreamError, ConfigError, TransportError
 from audiostream.transport.base import Transport
 
+#: Told how an envelope's bundle ended: None (confirmed) or the transport's error.
+Done = Callable[[AudioStreamError | None], None]
+#: An envelope, its callback, and the future of an awaiting ``publish`` (None for ``submit``).
+_Item = tuple[WorkEnvelope, Done, "asyncio.Future[None] | None"]
+
+
+def _settle_future(future: asyncio.Future[None], error: AudioStreamError | None) -> None:
+    if not future.done():
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
 
 @dataclass(slots=True)
 class _Lane:
     """Envelopes waiting for one processing type, and that type's bundles in flight."""
 
-    waiting: list[tuple[WorkEnvelope, asyncio.Future[None]]] = field(default_factory=list)
+    waiting: list[_Item] = field(default_factory=list)
     in_flight: int = 0
     timer: asyncio.TimerHandle | None = None
 
@@ -78,21 +94,30 @@ class WorkBundler:
 
     async def publish(self, env: WorkEnvelope) -> None:
         """Send ``env`` to its step's exchange in the next bundle; return once confirmed."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._add(env, functools.partial(_settle_future, future), future)
+        await future
+
+    def submit(self, env: WorkEnvelope, done: Done) -> None:
+        """Send ``env`` in the next bundle and call ``done`` when that bundle is settled
+        (never from inside this call)."""
+        self._add(env, done, None)
+
+    def _add(self, env: WorkEnvelope, done: Done,
+             future: asyncio.Future[None] | None) -> None:
+        loop = asyncio.get_running_loop()
         if self._closed:
-            raise TransportError("the work publisher is closed")
+            loop.call_soon(done, TransportError("the work publisher is closed"))
+            return
         name = env.step.name
         lane = self._lanes.get(name)
         if lane is None:
             lane = self._lanes[name] = _Lane()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        lane.waiting.append((env, future))
+        lane.waiting.append((env, done, future))
         if lane.in_flight < self.max_in_flight or len(lane.waiting) >= self.max_items:
             self._send(name, lane)
         elif lane.timer is None:
-            lane.timer = asyncio.get_running_loop().call_later(
-                self.max_wait_s, self._on_timer, name
-            )
-        await future
+            lane.timer = loop.call_later(self.max_wait_s, self._on_timer, name)
 
     def _on_timer(self, name: str) -> None:
         lane = self._lanes.get(name)
@@ -104,7 +129,7 @@ class WorkBundler:
         if lane.timer is not None:
             lane.timer.cancel()
             lane.timer = None
-        items = [(e, f) for e, f in lane.waiting[: self.max_items] if not f.done()]
+        items = [i for i in lane.waiting[: self.max_items] if i[2] is None or not i[2].done()]
         del lane.waiting[: self.max_items]
         if not items:
             return
@@ -113,10 +138,8 @@ class WorkBundler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish(
-        self, name: str, lane: _Lane, items: list[tuple[WorkEnvelope, asyncio.Future[None]]]
-    ) -> None:
-        envelopes = [e for e, _ in items]
+    async def _publish(self, name: str, lane: _Lane, items: list[_Item]) -> None:
+        envelopes = [e for e, _, _ in items]
         # The bundle lives as long as its longest-lived item; the worker drops the
         # items whose own deadline has passed (each gets an "expired" reply).
         ttl = max(0.001, max(e.deadline for e in envelopes) - time.time())
@@ -130,18 +153,14 @@ class WorkBundler:
             error = TransportError("the work publisher closed before the broker confirmed")
             raise
         finally:
-            for _, future in items:
-                if not future.done():
-                    if error is None:
-                        future.set_result(None)
-                    else:
-                        future.set_exception(error)
             lane.in_flight -= 1
             if error is None:
                 self.bundles += 1
                 self.envelopes += len(items)
                 if self.on_sent is not None:
                     self.on_sent(len(items))
+            for _, done, _ in items:
+                done(error)
             if lane.waiting and not self._closed:
                 self._send(name, lane)
 
@@ -152,10 +171,9 @@ class WorkBundler:
             if lane.timer is not None:
                 lane.timer.cancel()
                 lane.timer = None
-            for _, future in lane.waiting:
-                if not future.done():
-                    future.set_exception(TransportError("the work publisher is closed"))
-            lane.waiting.clear()
+            waiting, lane.waiting = lane.waiting, []
+            for _, done, _ in waiting:
+                done(TransportError("the work publisher is closed"))
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -123,6 +123,20 @@ class GatewayMetrics:
             "audiostream_gateway_session_messages_waiting",
             "Sessions with a chunk waiting for a worker (not bundles), by first processing step",
             ["processing"], registry=registry)
+        # The load budget (gateway/budget.py), sampled a few times a second.
+        self.coalesce_floor = Gauge(
+            "audiostream_gateway_coalesce_floor",
+            "Fewest chunks per work message every session waits for (1: no coalescing)",
+            registry=registry)
+        self.loop_lag = Gauge(
+            "audiostream_gateway_loop_lag_seconds",
+            "How late the gateway's event loop ran a timer at the last sample",
+            registry=registry)
+        self.chunk_rate = Gauge(
+            "audiostream_gateway_chunk_rate",
+            "Chunks accepted per second (moving average), all sessions", registry=registry)
+        # Label children looked up once, not per chunk (a labels() call hashes and locks).
+        self.stages = {s: self.stage.labels(stage=s) for s in STAGES}
 
 
 class WorkerMetrics:

@@ -22,6 +22,9 @@ changed (a chunk, a reply, its one timer at ``due_at()``), and ``answered`` /
   of reply times with hysteresis, so it does not flap between two sizes. A hold in
   which no second chunk arrived did not pay (the client waits for our answer before
   it sends more): holds pause for ``MISS_BACKOFF_S``.
+* **The gateway's floor.** ``set_floor`` passes on the gateway-wide coalescing floor
+  (``gateway/budget.py``): while the whole gateway is loaded every session waits for
+  at least that many chunks (within ``max_hold_s``), before its own reply times rise.
 * ``linger_s`` is the older, opt-in fixed hold: every message waits until its oldest
   chunk is that old (or ``max_chunks`` are waiting).
 """
@@ -86,8 +89,9 @@ class CoalescePolicy:
     budget_fraction: float = 0.5
     """Coalesce when replies take longer than this share of the chunk interval
     (0 turns proactive coalescing off)."""
-    max_hold_s: float = 0.04
-    """Most latency proactive coalescing adds to a chunk (about)."""
+    max_hold_s: float = 0.045
+    """Most latency proactive coalescing adds to a chunk (about): under half of a
+    100 ms latency goal, so a held chunk still has room for the round trip."""
 
     def __post_init__(self) -> None:
         if self.max_chunks < 1 or self.max_backlog < 1:
@@ -132,7 +136,9 @@ class Coalescer:
         self.rtt: float | None = None
         """Moving average of reply times (sent -> answered or expired)."""
         self.target = 1
-        """Chunks the next message waits for (1: send at once)."""
+        """Chunks the next message waits for by this session's reply times (1: at once)."""
+        self.floor = 1
+        """The gateway's floor as it applies to this session (see ``set_floor``)."""
         self._quiet_until = -math.inf
         self.misses = 0
         """Holds that ended with a single chunk (see ``MISS_BACKOFF_S``)."""
@@ -202,9 +208,9 @@ class Coalescer:
         if release is not None and now < release:
             return None
         backlog = self._backlog
-        if release is not None and len(backlog) == 1 and self.target > 1:
+        if release is not None and len(backlog) == 1 and self._size() > 1:
             self.misses += 1
-            self.target = 1
+            self.target = self.floor = 1
             self._quiet_until = now + MISS_BACKOFF_S
         n = min(self.policy.max_chunks, len(backlog))
         chunks = tuple(backlog.popleft() for _ in range(n))
@@ -249,14 +255,33 @@ class Coalescer:
                 times.append(self._backlog[0].received_at if release is None else release)
         return min(times) if times else None
 
+    def set_floor(self, floor: int, now: float) -> None:
+        """The gateway-wide coalescing floor (``gateway/budget.py``), capped by what this
+        session's chunk interval fits in ``max_hold_s``; ignored during a miss backoff
+        and with a fixed ``linger_s``."""
+        gap = self.gap
+        if (floor <= 1 or gap is None or gap <= 0 or now < self._quiet_until
+                or self._linger > 0 or self.policy.budget_fraction <= 0):
+            self.floor = 1
+        else:
+            self.floor = min(floor, self._most(gap))
+
+    def _size(self) -> int:
+        return self.target if self.target >= self.floor else self.floor
+
     def _fill(self) -> int:
-        return self.policy.max_chunks if self._linger > 0 else self.target
+        return self.policy.max_chunks if self._linger > 0 else self._size()
 
     def _hold(self) -> float:
         hold = self._linger
-        if self.target > 1 and self.gap is not None:
-            hold = max(hold, min(self._max_hold, (self.target - 0.5) * self.gap))
+        size = self._size()
+        if size > 1 and self.gap is not None:
+            hold = max(hold, min(self._max_hold, (size - 0.5) * self.gap))
         return hold
+
+    def _most(self, gap: float) -> int:
+        """Most chunks one message can wait for within the hold limit."""
+        return max(1, min(self.policy.max_chunks, 1 + math.floor(self._max_hold / gap)))
 
     def _release_at(self) -> float | None:
         """When the waiting chunks must go even if the message is not full (None: now)."""
@@ -286,5 +311,4 @@ class Coalescer:
         unit = p.budget_fraction * gap
         if rtt < unit:
             return 1
-        most = max(1, min(p.max_chunks, 1 + math.floor(self._max_hold / gap)))
-        return min(most, 1 + math.floor(rtt / unit))
+        return min(self._most(gap), 1 + math.floor(rtt / unit))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -37,6 +38,7 @@ from audiostream.envelope import (
     encode_control,
 )
 from audiostream.errors import AudioStreamError, AuthError, ErrorCode, TransportError
+from audiostream.gateway.budget import BudgetPolicy, LoadBudget
 from audiostream.gateway.coalescer import (
     FLIGHT_EXPIRED,
     CoalescePolicy,
@@ -155,6 +157,7 @@ class SessionPipeline:
         linger_s: float = 0.0,
         policy: CoalescePolicy | None = None,
         journal_cap: int = MAX_JOURNAL,
+        budget: LoadBudget | None = None,
     ) -> None:
         self.session_id = session_id
         self.transport = transport
@@ -168,6 +171,8 @@ class SessionPipeline:
         self.coalescer = Coalescer(deadline_s=deadline_s, policy=policy,
                                    first_msg_id=generation << GEN_SHIFT)
         self.linger_s = max(0.0, min(policy.linger_s, deadline_s / 2))
+        # The gateway's (shared by all its sessions); alone, one that never coalesces.
+        self.budget = budget or LoadBudget(BudgetPolicy(coalesce_above=0))
         self.sink = sink
         self.metrics = metrics
         self.reply_queue = transport.topology.reply_queue(session_id)
@@ -312,6 +317,7 @@ class SessionPipeline:
     def submit(self, seq: int, data: bytes, received_at: float) -> None:
         if self.phase is SessionPhase.CLOSED:
             return
+        self.budget.note_chunk()
         refused = self.coalescer.add(seq, data, received_at)
         if refused:
             self._emit(refused)
@@ -332,6 +338,7 @@ class SessionPipeline:
             return
         co = self.coalescer
         now = time.time()
+        co.set_floor(self.budget.floor, now)
         expired = co.tick(now)
         if expired:
             if expired[0].message == FLIGHT_EXPIRED:
@@ -367,7 +374,7 @@ class SessionPipeline:
     def _send(self, msg: Message, now: float) -> None:
         chunks = msg.chunks
         if self.metrics is not None:
-            self.metrics.stage.labels(stage="gateway_backlog").observe(
+            self.metrics.stages["gateway_backlog"].observe(
                 max(0.0, now - chunks[0].received_at)
             )
         fb = self.format.frame_bytes
@@ -387,18 +394,18 @@ class SessionPipeline:
             state=dict(self.state),
             timings=(("gateway_rx", chunks[0].received_at), ("gateway_publish", now)),
         )
-        self._spawn(self._publish(msg, env))
+        self.bundler.submit(env, functools.partial(self._published, msg, now))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish(self, msg: Message, env: WorkEnvelope) -> None:
-        started = time.time()
-        try:
-            await self.bundler.publish(env)
-        except AudioStreamError as err:
+    def _published(self, msg: Message, started: float, err: AudioStreamError | None) -> None:
+        """The bundle carrying ``msg`` was confirmed (``err`` None) or failed."""
+        if self.phase is SessionPhase.CLOSED:
+            return
+        if err is not None:
             self._outage.failed(self.session_id, len(msg.chunks), err)
             failed = self.coalescer.failed(msg.msg_id, ErrorCode.BROKER_UNAVAILABLE,
                                            f"could not publish: {err}")
@@ -407,11 +414,10 @@ class SessionPipeline:
                 self._drive()
             return
         self._outage.ended(self.session_id, "publishing again")
-        published = time.time()
         self.messages_published += 1
         if self.metrics is not None:
             self.metrics.messages_published.inc()
-            self.metrics.stage.labels(stage="gateway_to_broker").observe(published - started)
+            self.metrics.stages["gateway_to_broker"].observe(time.time() - started)
 
     # -- receiving -----------------------------------------------------------------------
     async def _on_reply(self, delivery: Delivery) -> None:
@@ -487,15 +493,15 @@ class SessionPipeline:
         batch = marks.get(f"{first_step}:batch_start")
         processed = marks.get(f"{last_step}:processed")
         replied = marks.get(f"{last_step}:replied")
-        stage = self.metrics.stage
+        stage = self.metrics.stages
         if publish is not None and rx is not None:
-            stage.labels(stage="queue_wait").observe(max(0.0, rx - publish))
+            stage["queue_wait"].observe(max(0.0, rx - publish))
         if rx is not None and batch is not None:
-            stage.labels(stage="batch_wait").observe(max(0.0, batch - rx))
+            stage["batch_wait"].observe(max(0.0, batch - rx))
         if batch is not None and processed is not None:
-            stage.labels(stage="inference").observe(max(0.0, processed - batch))
+            stage["inference"].observe(max(0.0, processed - batch))
         if replied is not None:
-            stage.labels(stage="reply").observe(max(0.0, now - replied))
+            stage["reply"].observe(max(0.0, now - replied))
 
     async def close(self, *, finished: bool) -> None:
         """Stop consuming and cancel owned tasks.

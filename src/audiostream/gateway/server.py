@@ -33,6 +33,7 @@ from audiostream.errors import (
 )
 from audiostream.gateway import browser
 from audiostream.gateway import edge as _edge
+from audiostream.gateway.budget import BudgetPolicy, LoadBudget
 from audiostream.gateway.keys import KeyRecord, KeyStore
 from audiostream.gateway.load import LoadMonitor
 from audiostream.gateway.pipeline import Outcome, SessionPipeline, reply_outcomes
@@ -40,6 +41,7 @@ from audiostream.gateway.revocation import KeyRevocation
 from audiostream.gateway.telephony import add_telephony_routes
 from audiostream.gateway.tokens import SessionGrant, TokenSigner
 from audiostream.gateway.watchdog import BrokerWatchdog
+from audiostream.gateway.wsframes import FrameWriter
 from audiostream.metrics import GatewayMetrics
 from audiostream.processors import ProcessorRegistry, registry
 from audiostream.processors.pipeline import delay_frames, plan_raw
@@ -94,6 +96,14 @@ class GatewaySettings:
     """Hold a session's next message until its oldest chunk is this old (0: send as soon
     as the previous one is answered). Fewer, larger messages per session for up to this
     much latency: a throughput knob for workers that are the bottleneck."""
+    coalesce_above: float = 1500.0
+    """Gateway-wide chunks per second above which every session coalesces (a floor of
+    chunks per message that brings the message rate back to about this; 0: never).
+    See ``gateway/budget.py``."""
+    loop_lag_high_ms: float = 25.0
+    """Event-loop lag that also raises the coalescing floor (0: ignore lag)."""
+    budget_sample_s: float = 0.25
+    """How often the chunk rate and loop lag are sampled into the floor."""
     bundle_wait_ms: float = 5.0
     """Longest an envelope waits for its bundle while an earlier one awaits its confirm
     (with none in flight it goes out at once)."""
@@ -135,6 +145,9 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         if self.linger_ms < 0:
             raise ConfigError(f"linger must be >= 0 ms, not {self.linger_ms:g}")
+        if self.coalesce_above < 0 or self.loop_lag_high_ms < 0 or self.budget_sample_s <= 0:
+            raise ConfigError("coalesce-above and loop lag must be >= 0, the budget sample "
+                              "period > 0")
 
 
 class SlotPhase(Enum):
@@ -151,10 +164,12 @@ class _Connection:
     """One WebSocket: its protocol core, its one timer, its writer task and its pipeline."""
 
     def __init__(self, ws: web.WebSocketResponse, gateway: Gateway,
-                 request: web.Request | None = None) -> None:
+                 request: web.Request | None = None,
+                 frames: FrameWriter | None = None) -> None:
         self.ws = ws
         self.request = request
         self.gateway = gateway
+        self.frames = frames
         self.loop = asyncio.get_running_loop()
         self.proto = ServerProtocol(clock=self.loop.time, limits=gateway.limits)
         self.pipeline: SessionPipeline | None = None
@@ -247,28 +262,24 @@ class _Connection:
                 await reader
 
     async def _write_loop(self) -> None:
-        metrics = self.gateway.metrics
         proto = self.proto
         while True:
             if not proto.has_output:  # a write may have queued a credit grant itself
                 await self._wake.wait()
             self._wake.clear()
             written = proto.next_out  # every outcome below is in this batch or sent
+            audio: list[SendBytes] = []
             for out in proto.data_to_send():
                 if isinstance(out, SendBytes):
-                    await self.ws.send_bytes(out.data)
-                    proto.written(out.nbytes)
-                    metrics.chunks_out.inc()
-                    metrics.bytes_out.inc(out.nbytes)
-                    now = self.loop.time()
-                    if out.received_at is not None:
-                        metrics.round_trip.observe(now - out.received_at)
-                    replied = self._replied.pop(out.seq, None)
-                    if replied is not None:
-                        metrics.stage.labels(stage="gateway_to_client").observe(now - replied)
-                elif isinstance(out, SendText):
+                    audio.append(out)  # consecutive audio goes out in one write
+                    continue
+                if audio:
+                    await self._send_audio(audio)
+                    audio = []
+                if isinstance(out, SendText):
                     await self.ws.send_str(out.text)
                     proto.written(out.nbytes)
+                    metrics = self.gateway.metrics
                     if out.kind == "notice":
                         metrics.dropped.labels(reason=out.label).inc(out.count)
                     elif out.kind == "error":
@@ -279,9 +290,34 @@ class _Connection:
                     await self._stop_reading()
                     await self.ws.close(code=out.code, message=out.reason.encode())
                     return
+            if audio:
+                await self._send_audio(audio)
             if self.pipeline is not None:
                 self.pipeline.delivered(written)  # lets the journal trim a non-acking client
             self._rearm()
+
+    async def _send_audio(self, audio: list[SendBytes]) -> None:
+        """Audio outcomes as frames of one socket write (``gateway/wsframes.py``)."""
+        if self.frames is None or len(audio) == 1:
+            for out in audio:
+                await self.ws.send_bytes(out.data)
+        else:
+            await self.frames.send(self.ws, [out.data for out in audio])
+        metrics = self.gateway.metrics
+        now = self.loop.time()
+        nbytes = 0
+        round_trip = metrics.round_trip
+        replied = self._replied
+        for out in audio:
+            self.proto.written(out.nbytes)
+            nbytes += out.nbytes
+            if out.received_at is not None:
+                round_trip.observe(now - out.received_at)
+            at = replied.pop(out.seq, None)
+            if at is not None:
+                metrics.stages["gateway_to_client"].observe(now - at)
+        metrics.chunks_out.inc(len(audio))
+        metrics.bytes_out.inc(nbytes)
 
     # -- outcomes from the pipeline ---------------------------------------------------
     def on_outcomes(self, outcomes: list[Outcome]) -> None:
@@ -396,6 +432,7 @@ class _Connection:
             on_displaced=self.on_displaced,
             bundler=self.gateway.bundler,
             linger_s=self.gateway.settings.linger_ms / 1000,
+            budget=self.gateway.budget,
         )
 
     def _started(self, pl: SessionPipeline, result: str) -> None:
@@ -555,6 +592,9 @@ class Gateway:
             max_wait_s=self.settings.bundle_wait_ms / 1000,
             on_sent=lambda _n: self.metrics.bundles_published.inc(),
         )
+        st = self.settings
+        self.budget = LoadBudget(BudgetPolicy(coalesce_above=st.coalesce_above,
+                                              lag_high_s=st.loop_lag_high_ms / 1000))
         self.limits = self.settings.limits()
         self.connections: set[_Connection] = set()
         self.sessions_per_key: dict[str, int] = {}
@@ -566,7 +606,6 @@ class Gateway:
         self._starts: dict[str, deque[float]] = {}
         self.draining = False
         self._changed = asyncio.Event()
-        st = self.settings
         self.revocation = KeyRevocation(keys, lambda: self.connections,
                                         interval_s=st.key_recheck_s)
         self.watchdog = BrokerWatchdog(
@@ -645,10 +684,14 @@ class Gateway:
         poller = None
         if self.settings.depth_poll_s > 0:
             poller = asyncio.get_running_loop().create_task(self._poll_depth(), name="depth")
+        budget = asyncio.get_running_loop().create_task(self._sample_budget(), name="budget")
         self.load.start()
         self.watchdog.start()
         self.revocation.start()
         yield
+        budget.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await budget
         await self.revocation.close()
         await self.watchdog.close()
         await self.load.close()
@@ -659,6 +702,21 @@ class Gateway:
         await self.close_connections()
         await self.bundler.close()
         await self.transport.close()
+
+    async def _sample_budget(self) -> None:
+        """Feed the load budget the time and the event loop's lag (how late this sleep
+        wakes up) and export both with the floor."""
+        loop = asyncio.get_running_loop()
+        period = self.settings.budget_sample_s
+        m = self.metrics
+        while True:
+            expected = loop.time() + period
+            await asyncio.sleep(period)  # the sampling period; its lateness is the lag
+            now = loop.time()
+            floor = self.budget.sample(now, now - expected)
+            m.coalesce_floor.set(floor)
+            m.loop_lag.set(self.budget.lag)
+            m.chunk_rate.set(self.budget.rate)
 
     async def _poll_depth(self) -> None:
         """Export work-queue depth from here too: it matters most when no worker runs."""
@@ -740,7 +798,7 @@ class Gateway:
         _edge.limit_frames(request, self.limits.max_pre_start_text,
                            hard_cap=HARD_MAX_FRAME)
         await ws.prepare(request)
-        conn = _Connection(ws, self, request)
+        conn = _Connection(ws, self, request, FrameWriter(request))  # uncompressed, as above
         self.connections.add(conn)
         self.metrics.connections_total.inc()
         self.metrics.connections_active.inc()

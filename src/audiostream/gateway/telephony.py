@@ -377,7 +377,7 @@ class _Call:
             pl = SessionPipeline(
                 session_id=f"call-{self.id}", transport=gw.transport, pipeline=steps,
                 fmt=self.session.format, deadline_s=deadline_ms / 1000, sink=self.on_outcomes,
-                metrics=gw.metrics, bundler=gw.bundler,
+                metrics=gw.metrics, bundler=gw.bundler, budget=gw.budget,
             )
             await pl.open()
         except (AudioStreamError, ValueError) as err:
