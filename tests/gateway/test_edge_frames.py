@@ -48,6 +48,9 @@ class FakeHandler:
         self.guard = EdgeGuard(settings, EdgeMetrics(CollectorRegistry()))
         self.transport = Transport()
         self.peer = "test"
+        self.frame_cap: int | None = None
+        self.hard_cap: int | None = None
+        self.closing = False
 
 
 frame = st.tuples(st.sampled_from([0x1, 0x2, 0x0, 0x9, 0xA, 0x8]),
@@ -97,3 +100,28 @@ def test_an_unmasked_frame_closes_with_1002() -> None:
     assert handler.transport.closed
     assert bytes(handler.transport.written)[2:4] == (1002).to_bytes(2, "big")
     assert bytes(sink.data) == b"" or len(sink.data) == len(client_frame(0x2, b"ok"))
+
+
+def test_a_frame_over_the_cap_closes_from_its_header_with_4004() -> None:
+    handler = FakeHandler(EdgeSettings())
+    handler.frame_cap = 100
+    sink = Sink()
+    guard = FrameGuard(sink, handler)  # type: ignore[arg-type]
+    guard.feed_data(client_frame(0x1, b"x" * 100))
+    assert not handler.transport.closed
+    guard.feed_data(client_frame(0x1, b"x" * 5000)[:10])  # the header only
+    assert handler.transport.closed
+    assert bytes(handler.transport.written)[2:4] == (4004).to_bytes(2, "big")
+    assert len(sink.data) == len(client_frame(0x1, b"x" * 100))
+
+
+def test_after_our_close_data_frames_are_dropped_and_the_close_frame_passes() -> None:
+    handler = FakeHandler(EdgeSettings())
+    sink = Sink()
+    guard = FrameGuard(sink, handler)  # type: ignore[arg-type]
+    handler.closing = True
+    close = client_frame(0x8, (1000).to_bytes(2, "big"))
+    stream = client_frame(0x2, b"a" * 3000) * 5 + close
+    for i in range(0, len(stream), 777):  # any split
+        guard.feed_data(stream[i:i + 777])
+    assert bytes(sink.data) == close
