@@ -4,7 +4,6 @@ drops visible in the exit code, bad chunk sizes refused before streaming."""
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,15 +46,6 @@ def srv() -> Iterator[ThreadedServer]:
                         gateway_settings=GatewaySettings()) as s:
         yield s
 
-
-@pytest.fixture(autouse=True)
-def _keep_root_logging() -> Iterator[None]:
-    """`main()` installs a handler on (pytest's) stderr; later tests must not write to it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def run(srv: ThreadedServer, *args: str) -> tuple[int, dict[str, object]]:

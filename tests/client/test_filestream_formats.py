@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -61,15 +60,6 @@ def srv() -> Iterator[ThreadedServer]:
                         gateway_settings=GatewaySettings()) as s:
         yield s
 
-
-@pytest.fixture(autouse=True)
-def _keep_root_logging() -> Iterator[None]:
-    """`main()` installs a handler on (pytest's) stderr; later tests must not write to it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def encode(dst: Path, codec: str, rate: int, fmt: str | None = None) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,14 +33,6 @@ def srv() -> Iterator[ThreadedServer]:
                         gateway_settings=GatewaySettings()) as s:
         yield s
 
-
-@pytest.fixture(autouse=True)
-def _keep_root_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_a_busy_sdk_reader_gets_every_outcome_and_the_summary(
