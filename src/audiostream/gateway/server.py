@@ -164,12 +164,12 @@ class _Connection:
     """One WebSocket: its protocol core, its one timer, its writer task and its pipeline."""
 
     def __init__(self, ws: web.WebSocketResponse, gateway: Gateway,
-                 request: web.Request | None = None,
-                 frames: FrameWriter | None = None) -> None:
+                 request: web.Request | None = None) -> None:
         self.ws = ws
         self.request = request
         self.gateway = gateway
-        self.frames = frames
+        # Batched audio frames need the socket itself (the response is uncompressed).
+        self.frames = FrameWriter(request) if request is not None else None
         self.loop = asyncio.get_running_loop()
         self.proto = ServerProtocol(clock=self.loop.time, limits=gateway.limits)
         self.pipeline: SessionPipeline | None = None
@@ -798,7 +798,7 @@ class Gateway:
         _edge.limit_frames(request, self.limits.max_pre_start_text,
                            hard_cap=HARD_MAX_FRAME)
         await ws.prepare(request)
-        conn = _Connection(ws, self, request, FrameWriter(request))  # uncompressed, as above
+        conn = _Connection(ws, self, request)
         self.connections.add(conn)
         self.metrics.connections_total.inc()
         self.metrics.connections_active.inc()
