@@ -36,6 +36,7 @@ from audiostream.errors import AudioStreamError, AuthError, ConfigError, ErrorCo
 from audiostream.gateway.keys import KeyRecord
 from audiostream.gateway.pipeline import Outcome, SessionPipeline
 from audiostream.processors.pipeline import plan_raw
+from audiostream.protocol import MAX_DEADLINE_MS, MIN_DEADLINE_MS
 from audiostream.telephony import (
     AS_AUDIO,
     AS_HANGUP,
@@ -369,6 +370,9 @@ class _Call:
                 raise LimitError(f"key {key.id} already has {key.max_sessions} sessions",
                                  ErrorCode.TOO_MANY_SESSIONS)
             deadline_ms = int(params.get("deadline_ms") or self.tel.settings.deadline_ms)
+            if not MIN_DEADLINE_MS <= deadline_ms <= MAX_DEADLINE_MS:
+                raise ConfigError(f"deadline_ms must be {MIN_DEADLINE_MS}..{MAX_DEADLINE_MS}",
+                                  ErrorCode.INVALID_OPTION)
             if "max_queue_ms" in params:
                 queue_ms = int(params["max_queue_ms"])
                 if not 0 <= queue_ms <= 5000:
