@@ -1,10 +1,12 @@
 """The recipes in docs/sdk.md run as written, against the embedded server with denoise.
 
 Each recipe's code block is read from the doc and executed unchanged; only the
-environment differs: ``URL``/``KEY`` point at the test server, the microphone recipe
-gets a stand-in for the ``sounddevice`` module (no sound card here) that feeds a WAV
-file from its own thread the way PortAudio does, and the telephony bridge is driven by
-the Twilio Media Streams simulator.
+environment differs: ``URL``/``KEY`` point at the test server, and the telephony bridge
+is driven by the Twilio Media Streams simulator. The microphone recipe runs twice: with a
+stand-in ``sounddevice`` that calls back from its own thread the way PortAudio does
+(exact block accounting), and in a subprocess with the real ``sounddevice`` and PortAudio
+through ALSA into a private PulseAudio daemon whose null devices stand in for the sound
+card (tests/client/pulse.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -30,6 +33,7 @@ from aiohttp import web
 from audiostream.gateway import GatewaySettings, start_site
 from audiostream.testing import Embedded, embedded_server, sample_wav
 from audiostream.worker import WorkerSettings
+from tests.client import pulse
 from tests.telephony.conftest import distinct_frames
 from tests.telephony.simulator import MediaStreamSim
 
@@ -85,6 +89,9 @@ class FakeSoundDevice:
     thread with 20 ms blocks of a WAV file at the device's pace, as PortAudio would;
     the output stream keeps what was written."""
 
+    START_UP = 2 * 640
+    """Up to two blocks of the denoiser's first output may be exact silence (its delay)."""
+
     def __init__(self, pcm: bytes) -> None:
         self.pcm = pcm
         self.played = bytearray()
@@ -98,23 +105,23 @@ class FakeSoundDevice:
         mod.RawOutputStream = self._output  # type: ignore[attr-defined]
         return mod
 
-    def _input(self, *, samplerate: int, channels: int, dtype: str, blocksize: int,
-               callback: Callable[..., None]) -> contextlib.AbstractContextManager[None]:
-        assert (samplerate, channels, dtype) == (16000, 1, "int16")
-        block = blocksize * 2
+    def _device(self, samplerate: int, blocksize: int,
+                tick: Callable[[int], bool]) -> contextlib.AbstractContextManager[None]:
+        """A thread that calls ``tick(i)`` every block on the device's clock, until
+        ``tick`` says stop or the stream is closed."""
         stop = threading.Event()
 
-        def device() -> None:
+        def run() -> None:
             t0 = time.monotonic()
-            for i, at in enumerate(range(0, len(self.pcm) - block + 1, block)):
-                if stop.wait(max(0.0, t0 + i * blocksize / samplerate - time.monotonic())):
-                    return  # the device clock, not synchronisation
-                callback(memoryview(self.pcm[at : at + block]), blocksize, None, None)
-                self.blocks_captured += 1
+            i = 0
+            while not stop.wait(max(0.0, t0 + i * blocksize / samplerate - time.monotonic())):
+                if not tick(i):  # the wait above is the device clock, not synchronisation
+                    return
+                i += 1
 
         @contextlib.contextmanager
         def stream() -> Any:
-            thread = threading.Thread(target=device, name="portaudio", daemon=True)
+            thread = threading.Thread(target=run, name="portaudio", daemon=True)
             thread.start()
             try:
                 yield None
@@ -124,22 +131,34 @@ class FakeSoundDevice:
 
         return stream()
 
-    def _output(self, *, samplerate: int, channels: int, dtype: str) -> Any:
-        fake = self
+    def _input(self, *, samplerate: int, channels: int, dtype: str, blocksize: int,
+               callback: Callable[..., None]) -> contextlib.AbstractContextManager[None]:
+        assert (samplerate, channels, dtype) == (16000, 1, "int16")
+        block = blocksize * 2
 
-        class Out:
-            def __enter__(self) -> Out:
-                return self
+        def tick(i: int) -> bool:
+            if (i + 1) * block > len(self.pcm):
+                return False
+            callback(memoryview(self.pcm[i * block : (i + 1) * block]), blocksize, None, None)
+            self.blocks_captured += 1
+            return True
 
-            def __exit__(self, *exc: object) -> None:
-                return None
+        return self._device(samplerate, blocksize, tick)
 
-            def write(self, data: bytes) -> None:
-                fake.played += data
-                if len(fake.played) >= len(fake.pcm):
-                    fake.all_played.set()
+    def _output(self, *, samplerate: int, channels: int, dtype: str, blocksize: int,
+                callback: Callable[..., None]) -> contextlib.AbstractContextManager[None]:
+        assert (samplerate, channels, dtype) == (16000, 1, "int16")
 
-        return Out()
+        def tick(i: int) -> bool:
+            buf = bytearray(blocksize * 2)
+            callback(buf, blocksize, None, None)
+            if any(buf):  # an all-zero block is the recipe's silence on underrun
+                self.played += buf
+                if len(self.played) >= len(self.pcm) - self.START_UP:
+                    self._loop.call_soon_threadsafe(self.all_played.set)
+            return True
+
+        return self._device(samplerate, blocksize, tick)
 
 
 async def test_microphone_recipe(denoise_server: Embedded,
@@ -153,16 +172,95 @@ async def test_microphone_recipe(denoise_server: Embedded,
     assert code.rstrip().endswith("asyncio.run(main())")
     namespace: dict[str, Any] = {"URL": denoise_server.url, "KEY": denoise_server.api_key}
     run_block(code.rstrip().removesuffix("asyncio.run(main())"), namespace)
+    sent_before = chunks(denoise_server, "out")
     task = asyncio.create_task(namespace["main"]())
     done, _ = await asyncio.wait({task, asyncio.ensure_future(fake.all_played.wait())},
                                  timeout=60, return_when=asyncio.FIRST_COMPLETED)
     assert task not in done, f"the recipe ended early: {task.exception()!r}"
+    deadline = asyncio.get_running_loop().time() + 30
+    while chunks(denoise_server, "out") - sent_before < 50:  # the last may still be in flight
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)  # poll interval of a condition
     task.cancel()  # Ctrl-C
     with contextlib.suppress(asyncio.CancelledError):
         await task
     assert fake.blocks_captured == 50
-    assert len(fake.played) == len(pcm)  # every captured block came back and was played
+    assert chunks(denoise_server, "out") - sent_before == 50  # every block came back, once
+    assert len(fake.played) >= len(pcm) - fake.START_UP  # ... and was played
     assert bytes(fake.played) != pcm  # processed, not echoed
+
+
+def envelope(pcm: np.ndarray) -> np.ndarray:
+    """Log energy of 20 ms frames at 16 kHz."""
+    n = len(pcm) // 320
+    frames = pcm[: n * 320].astype(np.float64).reshape(n, 320)
+    return np.log10(np.mean(frames**2, axis=1) + 1.0)
+
+
+def best_alignment(probe: np.ndarray, heard: np.ndarray) -> float:
+    """Highest correlation of ``probe``'s envelope with any stretch of ``heard``'s."""
+    best = -1.0
+    for lag in range(len(heard) - len(probe) + 1):
+        best = max(best, float(np.corrcoef(probe, heard[lag : lag + len(probe)])[0, 1]))
+    return best
+
+
+def chunks(srv: Embedded, direction: str) -> float:
+    """The gateway's count of chunks accepted from (``in``) or sent to (``out``) clients."""
+    counter = srv.gateway.metrics.chunks_in if direction == "in" else srv.gateway.metrics.chunks_out
+    return float(counter._value.get())
+
+
+async def test_microphone_recipe_through_portaudio(denoise_server: Embedded,
+                                                   tmp_path: Path) -> None:
+    """The same recipe with the real ``sounddevice`` and PortAudio, through ALSA into a
+    private PulseAudio daemon: speech played into the "microphone" sink is captured at the
+    device's pace, denoised by the server and played to the "speaker", which is recorded."""
+    x, rate = sf.read(sample_wav(), dtype="int16")
+    assert rate == pulse.RATE
+    speech = x[: 3 * rate]
+    mic = tmp_path / "mic.wav"
+    sf.write(mic, speech, rate)
+    heard = tmp_path / "speaker.raw"
+    script = tmp_path / "mic_recipe.py"
+    script.write_text(f"URL = {denoise_server.url!r}\nKEY = {denoise_server.api_key!r}\n"
+                      + recipe("A microphone"))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 90
+    def sounding() -> np.ndarray:  # 20 ms frames the speaker played that were not silence
+        got = np.frombuffer(heard.read_bytes(), dtype="<i2") if heard.exists() else []
+        return np.flatnonzero(envelope(np.asarray(got, dtype="<i2")) > 0.5)
+
+    async with pulse.pulse_daemon(tmp_path / "pulse") as pa:
+        parec = await pa.start(pulse.need("parec"), "--device=speaker.monitor", "--raw",
+                               f"--rate={rate}", "--channels=1", "--format=s16le", str(heard))
+        start_in = chunks(denoise_server, "in")
+        app = await pa.start(sys.executable, str(script))
+        try:
+            # the microphone is live once its (silent) blocks reach the server
+            while chunks(denoise_server, "in") < start_in + 10:
+                assert app.returncode is None, "the recipe ended before capturing"
+                assert loop.time() < deadline, "no microphone block reached the server"
+                await asyncio.sleep(0.05)  # poll interval of a condition
+            before = chunks(denoise_server, "out")
+            assert await pa.run(pulse.need("paplay"), "--device=micsink", str(mic)) == 0
+            spoken = len(speech) // 320
+            while len(sounding()) < spoken:  # until the speaker played all that was said
+                assert app.returncode is None, "the recipe ended early"
+                assert loop.time() < deadline, f"the speaker played {len(sounding())} frames"
+                await asyncio.sleep(0.05)  # poll interval of a condition
+            assert app.returncode is None  # still streaming: the recipe runs until Ctrl-C
+            answered = chunks(denoise_server, "out") - before
+        finally:
+            if app.returncode is None:
+                app.send_signal(signal.SIGINT)  # Ctrl-C
+            await app.wait()
+            parec.terminate()
+            await parec.wait()
+    assert answered >= spoken  # what the speaker played came through the server
+    played = envelope(np.frombuffer(heard.read_bytes(), dtype="<i2"))
+    # it is the speech that came back: other 3 s stretches of the sample score 0.2-0.35
+    assert best_alignment(envelope(speech), played) > 0.6
 
 
 async def test_telephony_bridge_recipe(denoise_server: Embedded) -> None:
