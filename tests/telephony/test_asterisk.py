@@ -91,7 +91,9 @@ async def test_refused_without_credentials(srv: Embedded) -> None:
 
 
 async def test_denoise_improves_pesq(srv: Embedded, speech_8k: np.ndarray) -> None:
-    srv.runner.app[TELEPHONY_KEY].settings = TelephonySettings(default_pipeline=("denoise",))
+    # a quality test: a deadline no stall of this shared machine can reach
+    srv.runner.app[TELEPHONY_KEY].settings = TelephonySettings(default_pipeline=("denoise",),
+                                                               deadline_ms=30_000)
     frames = mulaw_frames(noisy(speech_8k, 5.0))
     async with AsteriskSim(url(srv), srv.api_key) as sim:
         await sim.start()
