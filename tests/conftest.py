@@ -1,12 +1,13 @@
-"""Shared fixtures: the real RabbitMQ (never skipped) and both transports."""
+"""Shared fixtures: the real RabbitMQ (never skipped), both transports, and a logging guard."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Protocol
 
 import aio_pika
@@ -17,6 +18,20 @@ from audiostream.transport import MemoryBroker, MemoryTransport, Transport
 
 BROKER_URL = os.environ.get("AUDIOSTREAM_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672/")
 TEST_TYPES = ("passthrough", "gain", "highpass")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """``main()`` points the root logger at the sys.stderr of the moment (capsys's): left in
+    place, later tests' log records would go to a closed stream ("Logging error")."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    quiet = {name: logging.getLogger(name).level for name in ("aiormq", "aio_pika")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lvl in quiet.items():
+        logging.getLogger(name).setLevel(lvl)
 
 
 @pytest.fixture(scope="session")

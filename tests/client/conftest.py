@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,17 +17,6 @@ from tests.gateway import conftest as gateway_fixtures
 from tests.gateway.conftest import TLS
 
 tls = gateway_fixtures.tls  # the trustme CA, shared with the gateway tests
-
-
-@pytest.fixture(autouse=True)
-def _keep_root_logging() -> Iterator[None]:
-    """The CLI's `main()` installs a handler on (pytest's) stderr; later tests must not
-    write to it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture
