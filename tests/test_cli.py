@@ -15,7 +15,6 @@ from audiostream.cli import build_parser, main
 from audiostream.gateway import KeyStore
 from audiostream.testing import sample_wav
 from audiostream.topology import Topology
-from tests.cli.conftest import restore_logging  # noqa: F401 - autouse fixture
 from tests.conftest import delete_prefixed, unique_prefix
 
 COMMANDS = ["serve", "gateway", "worker", "stream", "offline", "healthcheck", "keys",
