@@ -31,9 +31,18 @@ from typing import Any, BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from audiostream.audio import MAX_CHANNELS, SUPPORTED_RATES, AudioFormat, Encoding
+from audiostream.audio import (
+    MAX_CHANNELS,
+    OPUS_CLOCK,
+    OPUS_RATES,
+    SUPPORTED_RATES,
+    AudioFormat,
+    Encoding,
+    opus_packet_samples,
+    split_opus_frame,
+)
 from audiostream.audio import decode as decode_pcm
-from audiostream.errors import ConfigError, ErrorCode
+from audiostream.errors import ConfigError, ErrorCode, ProtocolError
 
 Int16Audio = npt.NDArray[np.int16]
 
@@ -558,3 +567,145 @@ def write_audio(
         data = data.reshape(-1, 1)
     with open_writer(path, rate, data.shape[1], fmt, bitrate=bitrate) as w:
         w.write(data)
+
+
+# --- Opus packets for the WebSocket (``format.encoding: "opus"``) ---------------------------
+
+#: Opus frame durations libopus encodes, in ms.
+OPUS_FRAME_MS = (10, 20, 40, 60)
+
+
+class OpusPacketEncoder:
+    """PCM at one of ``OPUS_RATES`` -> raw Opus packets (no Ogg), ``frame_ms`` each.
+
+    libopus takes the session's rate itself, so the coded band ends at rate/2 (what lets
+    the gateway decode by decimation). The decoded stream is late by ``pre_skip`` frames
+    (the encoder's look-ahead) and ``flush`` pads the last packet: a client keeps frames
+    ``pre_skip .. pre_skip + n`` of what comes back for ``n`` frames sent.
+    """
+
+    def __init__(self, rate: int, channels: int, *, bitrate: int = 32000,
+                 frame_ms: int = 20) -> None:
+        import av
+
+        if rate not in OPUS_RATES:
+            raise ConfigError(f"opus needs a rate of {', '.join(map(str, OPUS_RATES))}, "
+                              f"not {rate}", ErrorCode.UNSUPPORTED_FORMAT)
+        if frame_ms not in OPUS_FRAME_MS:
+            raise ConfigError(f"Opus frames are {', '.join(map(str, OPUS_FRAME_MS))} ms, "
+                              f"not {frame_ms:g}", ErrorCode.INVALID_OPTION)
+        if not 6000 <= bitrate <= 510_000:
+            raise ConfigError(f"Opus bit rate {bitrate} is outside 6000..510000",
+                              ErrorCode.INVALID_OPTION)
+        self.rate, self.channels = rate, channels
+        self._layout = "mono" if channels == 1 else "stereo"
+        self.frame_size = rate * frame_ms // 1000
+        ctx = av.CodecContext.create("libopus", "w")
+        ctx.sample_rate = rate
+        ctx.layout = self._layout
+        ctx.format = "s16"
+        ctx.bit_rate = bitrate
+        ctx.options = {"frame_duration": str(frame_ms)}
+        ctx.open()
+        self._ctx: Any = ctx
+        # OpusHead (RFC 7845 5.1): pre-skip, a little-endian uint16 at byte 10, at 48 kHz.
+        head = bytes(ctx.extradata or b"")
+        pre_skip_48k = int.from_bytes(head[10:12], "little") if len(head) >= 12 else 312
+        self.pre_skip = pre_skip_48k * rate // OPUS_CLOCK
+        self._pending = np.zeros((0, channels), np.int16)
+        self._pts = 0
+
+    def _frames(self, buf: Int16Audio) -> list[bytes]:
+        import av
+
+        out: list[bytes] = []
+        for start in range(0, len(buf), self.frame_size):
+            block = np.ascontiguousarray(buf[start:start + self.frame_size]).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(block, format="s16", layout=self._layout)
+            frame.sample_rate = self.rate
+            frame.pts = self._pts
+            self._pts += self.frame_size
+            out += [bytes(p) for p in self._ctx.encode(frame)]
+        return out
+
+    def encode(self, samples: npt.NDArray[Any]) -> list[bytes]:
+        """Packets for whole frames of ``samples`` (int16 ``frames x channels``); the rest
+        waits for the next call or ``flush``."""
+        data = np.asarray(samples, dtype=np.int16).reshape(-1, self.channels)
+        buf = np.concatenate([self._pending, data]) if len(self._pending) else data
+        whole = len(buf) - len(buf) % self.frame_size
+        self._pending = buf[whole:]
+        return self._frames(buf[:whole])
+
+    def flush(self) -> list[bytes]:
+        """The last packets: the partial frame padded with silence, then the encoder's
+        look-ahead."""
+        out: list[bytes] = []
+        if len(self._pending):
+            pad = np.zeros((self.frame_size - len(self._pending), self.channels), np.int16)
+            out += self._frames(np.concatenate([self._pending, pad]))
+            self._pending = np.zeros((0, self.channels), np.int16)
+        return out + [bytes(p) for p in self._ctx.encode(None)]
+
+
+class OpusPacketDecoder:
+    """The gateway's side: a binary frame of Opus packets -> ``pcm_s16le`` bytes at
+    ``rate`` (one of ``OPUS_RATES``), exactly the packets' duration long.
+
+    FFmpeg's libopus decoder always gives 48 kHz; keeping every (48000/rate)-th sample is
+    what libopus's own CELT decoder does at lower rates, and is alias-free because an
+    encoder fed ``rate`` Hz audio codes nothing above rate/2 (``OpusPacketEncoder``
+    does). Its state carries across frames, as an Opus stream's must. A frame that
+    cannot be decoded raises ``ProtocolError`` (INVALID_AUDIO); the state is then that
+    of the packets before it, so the stream goes on."""
+
+    def __init__(self, rate: int, channels: int) -> None:
+        import av
+
+        if rate not in OPUS_RATES:
+            raise ConfigError(f"opus needs a rate of {', '.join(map(str, OPUS_RATES))}",
+                              ErrorCode.UNSUPPORTED_FORMAT)
+        self.rate, self.channels = rate, channels
+        self._step = OPUS_CLOCK // rate
+        self._layout = "mono" if channels == 1 else "stereo"
+        self._ctx: Any = self._open(av)
+
+    def _open(self, av: Any) -> Any:
+        ctx = av.CodecContext.create("libopus", "r")
+        ctx.layout = self._layout
+        ctx.sample_rate = OPUS_CLOCK
+        return ctx
+
+    def decode(self, data: bytes) -> bytes:
+        import av
+
+        packets = split_opus_frame(data)
+        want = [opus_packet_samples(p) for p in packets]  # validates every TOC first
+        pieces: list[Int16Audio] = []
+        for i, (packet, samples) in enumerate(zip(packets, want, strict=True)):
+            try:
+                frames = list(self._ctx.decode(av.Packet(packet)))
+            except av.FFmpegError as exc:
+                # FFmpeg may leave the context unusable after an error: start a fresh
+                # decoder (the next packet then decodes without the old state's overlap).
+                self._ctx = self._open(av)
+                raise ProtocolError(f"Opus packet {i} of this frame could not be decoded "
+                                    f"({getattr(exc, 'strerror', None) or 'invalid data'})",
+                                    ErrorCode.INVALID_AUDIO) from None
+            got = [np.asarray(self._as_s16(f), np.int16).reshape(-1, self.channels)
+                   for f in frames]
+            block = np.concatenate(got) if got else np.zeros((0, self.channels), np.int16)
+            if len(block) != samples:
+                raise ProtocolError(f"Opus packet {i} decoded to {len(block)} samples, its "
+                                    f"header says {samples}", ErrorCode.INVALID_AUDIO)
+            pieces.append(block[::self._step])
+        return np.concatenate(pieces).astype("<i2", copy=False).tobytes()
+
+    @staticmethod
+    def _as_s16(frame: Any) -> Any:
+        arr = frame.to_ndarray()
+        if frame.format.name == "s16":
+            return arr
+        # float output (another FFmpeg build): planar or packed, to interleaved int16.
+        flat = arr.T.reshape(-1) if frame.format.is_planar else arr.reshape(-1)
+        return _to_int16(np.asarray(flat, np.float32))
