@@ -657,7 +657,7 @@ class OpusPacketDecoder:
     encoder fed ``rate`` Hz audio codes nothing above rate/2 (``OpusPacketEncoder``
     does). Its state carries across frames, as an Opus stream's must. A frame that
     cannot be decoded raises ``ProtocolError`` (INVALID_AUDIO); the state is then that
-    of the packets before it, so the stream goes on."""
+    of the packets before the bad one, so the stream goes on."""
 
     def __init__(self, rate: int, channels: int) -> None:
         import av
@@ -668,13 +668,10 @@ class OpusPacketDecoder:
         self.rate, self.channels = rate, channels
         self._step = OPUS_CLOCK // rate
         self._layout = "mono" if channels == 1 else "stereo"
-        self._ctx: Any = self._open(av)
-
-    def _open(self, av: Any) -> Any:
         ctx = av.CodecContext.create("libopus", "r")
         ctx.layout = self._layout
         ctx.sample_rate = OPUS_CLOCK
-        return ctx
+        self._ctx: Any = ctx
 
     def decode(self, data: bytes) -> bytes:
         import av
@@ -686,9 +683,9 @@ class OpusPacketDecoder:
             try:
                 frames = list(self._ctx.decode(av.Packet(packet)))
             except av.FFmpegError as exc:
-                # FFmpeg may leave the context unusable after an error: start a fresh
-                # decoder (the next packet then decodes without the old state's overlap).
-                self._ctx = self._open(av)
+                # libopus refuses the packet before touching its state: the stream goes
+                # on as if the packet had not been sent (packets before it in this frame
+                # were decoded, and stay in the state, as they were sent).
                 raise ProtocolError(f"Opus packet {i} of this frame could not be decoded "
                                     f"({getattr(exc, 'strerror', None) or 'invalid data'})",
                                     ErrorCode.INVALID_AUDIO) from None
