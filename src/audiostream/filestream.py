@@ -23,6 +23,7 @@ What makes a streamed file usable as a file:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -328,8 +329,30 @@ async def _stream(
                     await send(data[i:i + step], len(data[i:i + step]) // fmt.frame_bytes)
 
             ahead = per_chunk * max(1, math.ceil(READ_AHEAD_S * 1000 / opts.chunk_ms))
-            while len(block := await asyncio.to_thread(src.read, ahead)):
-                await send_pcm(block)
+
+            def take() -> tuple[Int16Audio, list[bytes]]:
+                """The next block, and its Opus packets: decoding and encoding cost CPU
+                (libopus: about 1 % of a core per real-time stream), so both run on a
+                thread, one block ahead of the sending."""
+                block = src.read(ahead)
+                return block, (encoder.encode(block)
+                               if encoder is not None and len(block) else [])
+
+            nxt = asyncio.ensure_future(asyncio.to_thread(take))
+            try:
+                while True:
+                    block, new = await nxt
+                    if not len(block):
+                        break
+                    nxt = asyncio.ensure_future(asyncio.to_thread(take))
+                    if encoder is not None:
+                        await send_packets(new)
+                    else:
+                        await send_pcm(block)
+            finally:
+                if not nxt.done():  # the session failed mid-send: let the read finish
+                    with contextlib.suppress(Exception):
+                        await nxt
             left = delay
             while left > 0:  # flush the tail out of the pipeline's delay line
                 n = min(left, per_chunk)
