@@ -21,7 +21,6 @@ No asyncio here: callers decide on which thread decoding runs.
 
 from __future__ import annotations
 
-import io
 import sys
 from collections.abc import Iterator, Sequence
 from enum import StrEnum
@@ -178,10 +177,13 @@ class _SndReader(AudioReader):
 
 
 class _AvReader(AudioReader):
-    def __init__(self, name: str, source: str | BinaryIO) -> None:
+    def __init__(self, name: str, source: str | BinaryIO, *, limit: int | None = None) -> None:
         import av
 
         self.name = name
+        self._limit = limit
+        """Frames there are in all, when FFmpeg cannot know (MP3 on a pipe: its end
+        padding is trimmed from the LAME header, ``mp3_gapless_length``)."""
         try:
             self._c = av.open(source, "r")
         except av.FFmpegError as exc:
@@ -218,6 +220,10 @@ class _AvReader(AudioReader):
             self._have += len(block)
 
     def _read(self, n: int) -> Int16Audio:
+        if self._limit is not None:
+            n = max(0, min(n, self._limit - self.position))
+            if n == 0:
+                return np.zeros((0, self.channels), np.int16)
         while self._have < n and not self._eof:
             self._more()
         if not self._buf:
@@ -260,8 +266,10 @@ def open_reader(source: str | Path, *, raw_format: AudioFormat | None = None,
     """Open a file, or ``-`` for stdin, for incremental decoding at its own rate.
 
     stdin: a WAV stream is read as it arrives; raw PCM needs ``raw_format``; anything
-    else (Ogg, MP3, FLAC) is buffered *compressed* and decoded by FFmpeg, which trims
-    encoder delay and padding exactly only on a seekable input.
+    else (Ogg, MP3, FLAC, ...) is decoded by FFmpeg as it arrives too, so memory stays
+    bounded however long the pipe. FFmpeg trims Ogg/Opus pre-skip and end granule and
+    an MP3's encoder delay on a pipe as on a file; an MP3's end padding it trims only on
+    a seekable input, so here it comes from the LAME header (``mp3_gapless_length``).
     """
     from audiostream import pcmio
 
@@ -278,8 +286,11 @@ def open_reader(source: str | Path, *, raw_format: AudioFormat | None = None,
                 STDIO, raw_format, stdin=_Prefixed(head, stream))))  # type: ignore[arg-type]
         if not head:
             raise ConfigError("stdin is empty", ErrorCode.UNSUPPORTED_FORMAT)
+        head += _read_up_to(stream, _mp3_head_bytes(head) - len(head))
         try:
-            return _checked(_AvReader("stdin", io.BytesIO(head + stream.read())))
+            # Only read(): FFmpeg then treats stdin as the pipe it is (never seeks).
+            return _checked(_AvReader("stdin", _Prefixed(head, stream),  # type: ignore[arg-type]
+                                      limit=mp3_gapless_length(head)))
         except ConfigError as err:
             raise ConfigError(f"{err.message}; raw PCM needs --format ENCODING:RATE"
                               "[:CHANNELS], e.g. --format s16le:16000", err.code) from None
@@ -296,6 +307,56 @@ def open_reader(source: str | Path, *, raw_format: AudioFormat | None = None,
         except soundfile.LibsndfileError:
             pass  # not a libsndfile format after all: let FFmpeg try
     return _checked(_AvReader(p.name, str(p)))
+
+
+#: Bytes after an ID3v2 tag that hold an MP3's first frame (and its Xing/LAME header).
+_MP3_FIRST_FRAME = 4096
+#: Most bytes read ahead to find that frame (an ID3v2 tag with cover art can be large).
+_MP3_MAX_HEAD = 16 << 20
+
+
+def _mp3_head_bytes(head: bytes) -> int:
+    """How much of stdin to hold before decoding, so ``mp3_gapless_length`` sees the
+    first frame: past an ID3v2 tag when there is one (bounded)."""
+    size = 0
+    if head[:3] == b"ID3" and len(head) >= 10:
+        for b in head[6:10]:
+            size = size << 7 | (b & 0x7F)
+        size += 10 + (10 if head[5] & 0x10 else 0)
+    return min(size + _MP3_FIRST_FRAME, _MP3_MAX_HEAD)
+
+
+def mp3_gapless_length(head: bytes) -> int | None:
+    """An MP3's decoded length in frames from the start of its bytes: the Xing/Info
+    header's frame count times samples per frame, less the LAME header's encoder delay
+    and padding (what FFmpeg trims on a seekable file). None when ``head`` is not an MP3
+    with both headers (FFmpeg's own length is then all there is)."""
+    pos = 0
+    if head[:3] == b"ID3" and len(head) >= 10:
+        pos = _mp3_head_bytes(head) - _MP3_FIRST_FRAME
+    end = min(len(head), pos + _MP3_FIRST_FRAME)
+    while pos + 4 <= end and not (head[pos] == 0xFF and head[pos + 1] & 0xE0 == 0xE0):
+        pos += 1
+    if pos + 4 > end or (head[pos + 1] >> 1) & 3 != 1:  # not a frame of MPEG layer III
+        return None
+    per_frame = 1152 if (head[pos + 1] >> 3) & 3 == 3 else 576  # MPEG-1, else 2 / 2.5
+    side = head[pos + 4:pos + 4 + 40]  # the header sits after the side information
+    at = max(side.find(b"Xing"), side.find(b"Info"))
+    if at < 0:
+        return None
+    x = pos + 4 + at
+    flags = int.from_bytes(head[x + 4:x + 8], "big")
+    if not flags & 1:
+        return None  # no frame count
+    frames = int.from_bytes(head[x + 8:x + 12], "big")
+    lame = x + 12 + (4 if flags & 2 else 0) + (100 if flags & 4 else 0) + (
+        4 if flags & 8 else 0)
+    if len(head) < lame + 24 or head[lame:lame + 4] not in (b"LAME", b"Lavf", b"Lavc"):
+        return None
+    delay = head[lame + 21] << 4 | head[lame + 22] >> 4
+    padding = (head[lame + 22] & 0x0F) << 8 | head[lame + 23]
+    total = frames * per_frame - delay - padding
+    return total if total > 0 else None
 
 
 def _read_up_to(stream: BinaryIO, n: int) -> bytes:

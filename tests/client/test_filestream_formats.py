@@ -164,13 +164,20 @@ def _cli(*argv: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
                           capture_output=True, env=env, timeout=120, check=False)
 
 
-@pytest.mark.parametrize("kind", ["mp3", "wav-22k"])
+@pytest.mark.parametrize("kind", ["mp3", "mp3-44k", "opus", "flac", "wav-22k"])
 def test_stdin_and_stdout(srv: ThreadedServer, tmp_path: Path, kind: str) -> None:
-    """`cat speech.mp3 | audiostream stream - - > out.wav`: a compressed stream (or a WAV
-    stream at a rate the wire refuses) in, a WAV stream out, the report on stderr."""
-    src = tmp_path / ("speech.mp3" if kind == "mp3" else "speech.wav")
+    """`cat speech.mp3 | audiostream stream - - > out.wav`: a compressed stream (decoded
+    as it arrives) or a WAV stream at a rate the wire refuses, in; a WAV stream out, the
+    report on stderr; the output exactly as long as the file decodes."""
+    src = tmp_path / ("speech.wav" if kind == "wav-22k" else f"speech.{kind.split('-')[0]}")
     if kind == "mp3":
         encode(src, "libmp3lame", 16000)
+    elif kind == "mp3-44k":
+        encode(src, "libmp3lame", 44100)
+    elif kind == "opus":
+        encode(src, "libopus", 48000, "ogg")
+    elif kind == "flac":
+        encode(src, "flac", 24000)
     else:
         data, rate = soundfile.read(str(SPEECH), dtype="int16", always_2d=True)
         soundfile.write(str(src), resample(data, rate, 22050), 22050, subtype="PCM_16")
@@ -181,7 +188,7 @@ def test_stdin_and_stdout(srv: ThreadedServer, tmp_path: Path, kind: str) -> Non
     assert proc.returncode == 0, proc.stderr.decode()
     back, back_rate = soundfile.read(io.BytesIO(proc.stdout), dtype="int16", always_2d=True)
     assert back_rate == rate and back.shape == decoded.shape
-    if kind == "mp3":  # at a wire rate: bit-exact through passthrough
+    if kind != "wav-22k":  # at a wire rate: bit-exact through passthrough
         assert np.array_equal(back, decoded)
     assert json.loads(proc.stderr.decode().strip().splitlines()[-1])["frames_out"] == len(back)
 
