@@ -1101,9 +1101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(map(str, SUPPORTED_RATES))}; the output keeps the input's rate")
     p.add_argument("--encoding", choices=("pcm", "opus"), default="pcm",
                    help="how audio travels to the gateway: pcm (default; 16-bit) or opus "
-                   "(20 ms Opus packets, about a tenth of the bytes at 32 kbit/s; lossy; "
-                   "the wire rate is then 8000, 16000, 24000 or 48000). The answers and OUT "
-                   "are the same either way")
+                   "(lossy: 20 ms Opus packets, about an eighth of the bytes at 32 kbit/s and "
+                   "16 kHz; the wire rate is then 8000, 16000, 24000 or 48000). The gateway "
+                   "answers in PCM either way and OUT is written as without it; --fill input "
+                   "needs pcm")
     p.add_argument("--bitrate", type=int, default=32000, metavar="BPS",
                    help="Opus bit rate for --encoding opus (default 32000) and for a .opus "
                    "OUT")
