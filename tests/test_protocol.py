@@ -650,3 +650,12 @@ def test_an_opus_frame_over_a_second_is_frame_too_large() -> None:
     assert notice["code"] == ErrorCode.FRAME_TOO_LARGE and "1020 ms" in notice["message"]
     [ev] = p.receive_bytes(frame_opus_packets([SILK_60MS] * 16))  # 960 ms
     assert isinstance(ev, ChunkReceived)
+    # 51 packets of 2.5 ms: short, but more packets than a frame may hold
+    p.deliver_audio(1, bytes(2 * 15360))
+    p.data_to_send()
+    tiny = bytes([16 << 3, 0])
+    assert p.receive_bytes(frame_opus_packets([tiny] * 51)) == []
+    [notice] = texts(p.data_to_send())
+    assert notice["code"] == ErrorCode.FRAME_TOO_LARGE and "50 Opus packets" in notice["message"]
+    [ev] = p.receive_bytes(frame_opus_packets([tiny] * 50))
+    assert isinstance(ev, ChunkReceived)

@@ -26,6 +26,10 @@ OPUS_RATES = (8000, 16000, 24000, 48000)
 #: Longest binary frame of Opus packets: a second at libopus's highest bit rate
 #: (510 kbit/s = 63,750 B) plus the length prefixes of its packets.
 OPUS_MAX_FRAME_BYTES = 65_536
+#: Most packets in one binary frame (a second of 20 ms packets): the gateway decodes on
+#: its event loop, and libopus's cost is per packet as much as per second of audio (a
+#: second of 2.5 ms packets costs about four times a second of 20 ms ones).
+OPUS_MAX_PACKETS = 50
 #: Opus's own clock: packet durations are multiples of 2.5 ms at 48 kHz.
 OPUS_CLOCK = 48_000
 #: RFC 6716: no packet holds more than 120 ms.
@@ -214,6 +218,9 @@ def split_opus_frame(data: bytes) -> list[bytes]:
     packets: list[bytes] = []
     pos, end = 0, len(data)
     while pos < end:
+        if len(packets) == OPUS_MAX_PACKETS:
+            raise ProtocolError(f"more than {OPUS_MAX_PACKETS} Opus packets in one frame",
+                                ErrorCode.FRAME_TOO_LARGE)
         if pos + 2 > end:
             raise ProtocolError("Opus frame ends inside a length prefix",
                                 ErrorCode.INVALID_AUDIO)

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from audiostream.audio import (
+    OPUS_MAX_PACKETS,
     OPUS_RATES,
     SUPPORTED_RATES,
     AudioFormat,
@@ -229,7 +230,7 @@ async def _stream(
     encoder = (OpusPacketEncoder(wire, channels, bitrate=opts.bitrate,
                                  frame_ms=20 if opts.chunk_ms >= 20 else 10)
                if opus else None)
-    packets_per_chunk = (max(1, round(per_chunk / encoder.frame_size))
+    packets_per_chunk = (min(OPUS_MAX_PACKETS, max(1, round(per_chunk / encoder.frame_size)))
                          if encoder is not None else 0)
     src: AudioReader = reader if wire == in_rate else Resampled(reader, wire)
     back = None if wire == in_rate else StreamResampler(wire, in_rate, channels)
