@@ -7,16 +7,22 @@ Ogg/Opus (48 kHz inside, 32 kbit/s) and FLAC at 16 kHz, starts ``audiostream ser
 (gateway + one worker, in-memory broker) and streams each file, as a separate
 process, through ``passthrough`` (``--chunk-ms 1000``) and ``denoise`` (``--chunk-ms
 200``). Each run must be complete (no drops) and come out at the decoded input's rate
-and exact length. One JSON line per run: wall time, multiple of real time, wire rate.
+and exact length. One JSON line per run: wall time, multiple of real time, wire rate,
+audio bytes sent to the gateway. ``--encodings pcm,opus`` runs each file both ways
+(``audiostream stream --encoding opus``: Opus packets on the wire, 32 kbit/s).
+``--stdin`` pipes each file into ``audiostream stream -`` instead (decoded as it
+arrives: the client's peak RSS must not grow with the file).
 
     PYTHONPATH=src .venv/bin/python benchmarks/file_formats.py [--minutes 10]
-        [--formats mp3,opus,flac] [--pipelines passthrough,denoise]
+        [--formats mp3,opus,flac] [--pipelines passthrough,denoise] [--encodings pcm,opus]
+        [--stdin]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -81,14 +87,23 @@ def _hwm_mib(pid: int) -> float:
     return 0.0
 
 
-def run(*args: str) -> tuple[float, dict[str, Any], int, str, float]:
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process so far (the server's: gateway, worker and broker)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(*args: str, stdin: Path | None = None) -> tuple[float, dict[str, Any], int, str, float]:
     """One CLI run: wall time, its JSON report, exit code, stderr tail, peak RSS (MiB,
     sampled every 20 ms: the peak until at most 20 ms before exit)."""
     t0 = time.monotonic()
     peak = 0.0
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(c.cli(*args), stdout=out, stderr=err, env=c.env(), cwd=c.ROOT,
-                                text=True)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            (stdin.open("rb") if stdin is not None else tempfile.TemporaryFile()) as inp:
+        proc = subprocess.Popen(c.cli(*args), stdout=out, stderr=err, stdin=inp, env=c.env(),
+                                cwd=c.ROOT, text=True)
         while proc.poll() is None:
             peak = max(peak, _hwm_mib(proc.pid))
             time.sleep(0.02)  # sampling interval of the RSS probe
@@ -109,6 +124,8 @@ async def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--formats", default="mp3,opus,flac")
     ap.add_argument("--pipelines", default="passthrough,denoise")
+    ap.add_argument("--encodings", default="pcm", help="pcm, opus or both (wire encoding)")
+    ap.add_argument("--stdin", action="store_true", help="pipe each file into `stream -`")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="file-formats-"))
     speech, rate = soundfile.read(str(sample_wav()), dtype="int16")
@@ -130,20 +147,26 @@ async def main() -> None:
     proc, url, key = await serve()
     try:
         for name, (path, frames, decoded_rate) in files.items():
-            for pipeline, extra in RUNS:
-                if pipeline not in pipelines or (extra and name not in extra_formats):
+            for (pipeline, base), encoding in itertools.product(
+                    RUNS, args.encodings.split(",")):
+                if pipeline not in pipelines or (base and name not in extra_formats):
                     continue
+                extra = [*base, *(["--encoding", encoding] if encoding != "pcm" else [])]
                 out = tmp / f"out-{name}-{pipeline}.wav"
+                cpu0 = _cpu_s(proc.pid)
                 wall, rep, code, err, rss = await asyncio.to_thread(
-                    run, "stream", str(path), str(out), "--pipeline", pipeline,
-                    "--url", url, "--api-key", key, "--rate", "max",
+                    run, "stream", "-" if args.stdin else str(path), str(out), "--pipeline",
+                    pipeline, "--url", url, "--api-key", key, "--rate", "max",
                     "--chunk-ms", str(CHUNK_MS[pipeline]), "--json", "--quiet",
-                    "--log-level", "warning", *extra)
+                    "--log-level", "warning", *extra, stdin=path if args.stdin else None)
                 info = soundfile.info(str(out)) if out.exists() else None
-                c.emit({"run": " ".join(["stream", name, pipeline, *extra]),
+                c.emit({"run": " ".join(["stream", name, pipeline, *extra,
+                                         *(["(stdin)"] if args.stdin else [])]),
                         "audio_s": audio_s, "chunk_ms": CHUNK_MS[pipeline],
                         "wire_rate": rep.get("wire_rate"), "wall_s": round(wall, 2),
                         "x_real_time": round(audio_s / wall, 1), "exit": code,
+                        "wire_bytes": rep.get("wire_bytes"),
+                        "server_cpu_s": round(_cpu_s(proc.pid) - cpu0, 2),
                         "dropped": rep.get("dropped"), "client_peak_rss_mib": round(rss),
                         "same_rate_and_length": bool(
                             info is not None and info.samplerate == decoded_rate

@@ -35,7 +35,8 @@ FMT = AudioFormat.pcm16(16000)
 
 async def serve() -> tuple[asyncio.subprocess.Process, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        *c.cli("serve", "--port", "0", "--workers", "1", "--log-level", "warning"),
+        *c.cli("serve", "--port", "0", "--workers", "1", "--log-level", "warning",
+               "--ops-port", str(c.free_port())),  # 9090 may be another process's
         cwd=c.ROOT, env=c.env(), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL)
     assert proc.stdout is not None

@@ -10,10 +10,17 @@ import pytest
 
 from audiostream.audio import (
     AudioFormat,
+    Codec,
     Encoding,
     check_chunk,
+    check_opus_chunk,
     decode,
     encode,
+    frame_opus_packets,
+    opus_packet_samples,
+    parse_wire_format,
+    split_opus_frame,
+    wire_format_dict,
 )
 from audiostream.errors import ConfigError, ErrorCode, ProtocolError
 
@@ -158,3 +165,58 @@ def test_g711_codes_survive_decode_then_encode() -> None:
     back = encode(MULAW, decode(MULAW, ALL_CODES))
     assert [i for i in range(256) if back[i] != i] == [0x7F]
     assert back[0x7F] == 0xFF
+
+
+# --- Opus packets on the wire: durations from the TOC byte, framing -------------------
+
+
+@pytest.mark.parametrize(("config", "ms"), [
+    (0, 10), (1, 20), (2, 40), (3, 60), (11, 60),   # SILK
+    (12, 10), (15, 20),                              # hybrid
+    (16, 2.5), (17, 5), (18, 10), (31, 20),          # CELT
+])
+def test_opus_packet_duration_from_its_toc(config: int, ms: float) -> None:
+    one = bytes([config << 3, 0])
+    assert opus_packet_samples(one) == ms * 48
+    two_cbr = bytes([config << 3 | 1, 0, 0])
+    assert opus_packet_samples(two_cbr) == 2 * ms * 48
+    if ms <= 40:
+        three = bytes([config << 3 | 3, 3, 0])
+        assert opus_packet_samples(three) == 3 * ms * 48
+
+
+@pytest.mark.parametrize("packet", [
+    b"",
+    bytes([1 << 3 | 1, 0]),           # code 1: two equal frames need an even payload
+    bytes([1 << 3 | 2, 200, 0]),      # code 2: the first frame runs past the end
+    bytes([1 << 3 | 3]),              # code 3 without its frame count
+    bytes([1 << 3 | 3, 0]),           # code 3 with zero frames
+    bytes([3 << 3 | 3, 3, 0]),        # 3 x 60 ms: over 120 ms
+])
+def test_what_cannot_be_an_opus_packet_is_invalid_audio(packet: bytes) -> None:
+    with pytest.raises(ProtocolError) as err:
+        opus_packet_samples(packet)
+    assert err.value.code is ErrorCode.INVALID_AUDIO
+
+
+def test_opus_framing_round_trip_and_its_errors() -> None:
+    packets = [bytes([31 << 3]) + bytes(79), bytes([1 << 3]) + bytes(300)]
+    frame = frame_opus_packets(packets)
+    assert len(frame) == 2 * 2 + 80 + 301
+    assert split_opus_frame(frame) == packets
+    assert check_opus_chunk(AudioFormat.pcm16(16000), frame) == 320 + 320
+    assert check_opus_chunk(AudioFormat.pcm16(8000), frame) == 160 + 160
+    for bad in (b"", b"\x00", b"\x00\x00", frame + b"\x00", frame[:-1]):
+        with pytest.raises(ProtocolError) as err:
+            split_opus_frame(bad)
+        assert err.value.code is ErrorCode.INVALID_AUDIO
+
+
+def test_opus_wire_format() -> None:
+    fmt, codec = parse_wire_format({"encoding": "opus", "sample_rate": 24000, "channels": 2})
+    assert codec is Codec.OPUS and fmt == AudioFormat.pcm16(24000, 2)
+    assert wire_format_dict(fmt, codec)["encoding"] == "opus"
+    assert parse_wire_format({"sample_rate": 16000}) == (AudioFormat.pcm16(16000), Codec.PCM)
+    with pytest.raises(ConfigError) as err:
+        parse_wire_format({"encoding": "opus", "sample_rate": 44100})
+    assert err.value.code is ErrorCode.UNSUPPORTED_FORMAT

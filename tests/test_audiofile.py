@@ -15,9 +15,19 @@ import numpy as np
 import pytest
 import soundfile
 
-from audiostream.audiofile import decode, read_audio, wire_rate, write_audio
+from audiostream.audiofile import (
+    decode,
+    mp3_gapless_length,
+    open_reader,
+    read_audio,
+    wire_rate,
+    write_audio,
+)
+from audiostream.audiofile import resample as read_resampled
 from audiostream.cli import main
 from audiostream.errors import ConfigError
+
+SPEECH16 = Path(__file__).resolve().parent / "data" / "speech_16k.wav"
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +170,69 @@ async def test_compressed_speech_streams_through_a_gateway_at_full_length(
     write_audio(written, out, rate)
     back, back_rate = decode(written)
     assert abs(back.shape[0] / back_rate - samples.shape[0] / rate) < 2 / back_rate
+
+
+class _Gate:
+    """stdin as a pipe that has delivered only its first ``open_at`` bytes so far: a
+    read past them before ``release()`` fails, as a reader that waits for the end of a
+    live pipe would hang. Only ``read``, like a pipe (no seek)."""
+
+    def __init__(self, data: bytes, open_at: int) -> None:
+        self.data, self.limit, self.pos = data, open_at, 0
+        self.high = 0
+
+    def release(self) -> None:
+        self.limit = len(self.data)
+
+    def read(self, n: int = -1, /) -> bytes:
+        end = len(self.data) if n < 0 else min(self.pos + n, self.limit)
+        if end > self.limit or (end == self.pos and self.pos < len(self.data)):
+            raise AssertionError(f"read past byte {self.limit} before any audio came out")
+        out = self.data[self.pos:end]
+        self.pos = end
+        self.high = max(self.high, end)
+        return out
+
+
+@pytest.mark.parametrize(("rate", "suffix", "codec", "fmt"), [
+    (16000, ".mp3", "libmp3lame", None),    # MPEG-2 layer III, 576 samples per frame
+    (44100, ".mp3", "libmp3lame", None),    # MPEG-1, 1152
+    (8000, ".mp3", "libmp3lame", None),     # MPEG-2.5
+    (48000, ".opus", "libopus", "ogg"),
+    (16000, ".flac", "flac", None),
+])
+def test_compressed_stdin_decodes_as_it_arrives_at_the_files_length(
+        tmp_path: Path, rate: int, suffix: str, codec: str, fmt: str | None) -> None:
+    """`cat long.mp3 | audiostream stream - ...`: audio comes out of the first part of
+    the pipe before the rest has arrived (memory does not grow with the input), and the
+    whole comes out exactly as long as the file decodes (MP3: the end padding trimmed
+    from the LAME header, which FFmpeg uses only on a seekable file)."""
+    x, src_rate = soundfile.read(str(SPEECH16), dtype="int16", always_2d=True)
+    x = np.tile(read_resampled(x, src_rate, rate), (8, 1))  # 30 s
+    wav, path = tmp_path / "long.wav", tmp_path / f"long{suffix}"
+    soundfile.write(str(wav), x, rate, subtype="PCM_16")
+    encode(wav, path, codec, fmt)
+    ref, ref_rate = decode(path)
+    data = path.read_bytes()
+    gate = _Gate(data, len(data) // 3)
+    with open_reader("-", stdin=gate) as r:  # type: ignore[arg-type]
+        assert r.rate == ref_rate
+        first = r.read(ref_rate)  # the first second
+        assert gate.high <= len(data) // 3
+        gate.release()
+        rest = r.read_all()
+    got = np.concatenate([first, rest])
+    assert got.shape == ref.shape
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_mp3_gapless_length_needs_both_headers(tmp_path: Path) -> None:
+    x, rate = soundfile.read(str(SPEECH16), dtype="int16", always_2d=True)
+    wav, mp3 = tmp_path / "s.wav", tmp_path / "s.mp3"
+    soundfile.write(str(wav), x, rate, subtype="PCM_16")
+    encode(wav, mp3, "libmp3lame")
+    head = mp3.read_bytes()[:8192]
+    assert mp3_gapless_length(head) == decode(mp3)[0].shape[0] == x.shape[0]
+    at = head.find(b"Info") if b"Info" in head else head.find(b"Xing")
+    assert mp3_gapless_length(head[:at] + b"Nope" + head[at + 4:]) is None
+    assert mp3_gapless_length(b"OggS" + bytes(100)) is None

@@ -10,8 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audiostream.audio import AudioFormat, Encoding
-from audiostream.errors import AuthError, ErrorCode, ProtocolError
+from audiostream.audio import (
+    OPUS_MAX_FRAME_BYTES,
+    AudioFormat,
+    Codec,
+    Encoding,
+    frame_opus_packets,
+)
+from audiostream.errors import AudioStreamError, AuthError, ErrorCode, ProtocolError
 from audiostream.protocol import (
     INTERNAL,
     TABLE,
@@ -593,3 +599,63 @@ def test_unwritten_bytes_far_over_the_cap_close_without_waiting_for_the_grace() 
     out = p.data_to_send()
     assert closes(out) == [Close(4023, "slow_consumer")]
     assert sum(o.nbytes for o in out if isinstance(o, SendBytes)) <= 4000
+
+
+# --- format.encoding "opus": frames of length-prefixed Opus packets ---------------------
+
+#: TOC bytes: CELT fullband 20 ms (config 31, code 0) and SILK wideband 60 ms (config 11).
+CELT_20MS = bytes([31 << 3, 0xAA, 0xBB])
+SILK_60MS = bytes([11 << 3, 0x01])
+
+
+def started_opus(rate: int = 16000) -> ServerProtocol:
+    p = ServerProtocol(clock=Clock())
+    fmt = AudioFormat.pcm16(rate)
+    [ev] = p.receive_text(start_json("as_x_y", fmt, ["passthrough"], codec=Codec.OPUS))
+    assert isinstance(ev, StartRequested) and ev.start.codec is Codec.OPUS
+    assert ev.start.format == fmt  # what the pipeline sees: PCM at the session's rate
+    p.accept("s1", fmt)
+    assert texts(p.data_to_send())[0]["max_frame_bytes"] == OPUS_MAX_FRAME_BYTES
+    return p
+
+
+def test_opus_start_on_the_wire_and_rates() -> None:
+    msg = json.loads(start_json("k", FMT, ["passthrough"], codec=Codec.OPUS))
+    assert msg["format"] == {"encoding": "opus", "sample_rate": 16000, "channels": 1}
+    with pytest.raises(AudioStreamError) as err:  # libopus has no 44.1 kHz
+        parse_client_message(start_json("k", AudioFormat.pcm16(44100), ["passthrough"],
+                                        codec=Codec.OPUS))
+    assert err.value.code is ErrorCode.UNSUPPORTED_FORMAT
+
+
+def test_opus_frames_are_numbered_and_bad_framing_is_a_notice() -> None:
+    p = started_opus()
+    good = frame_opus_packets([CELT_20MS, SILK_60MS])
+    [ev] = p.receive_bytes(good)
+    assert isinstance(ev, ChunkReceived) and ev.seq == 0 and ev.data == good
+    p.deliver_audio(0, bytes(2 * 1280))  # 80 ms decoded
+    assert isinstance(p.data_to_send()[0], SendBytes)
+    # a prefix longer than what follows: a notice for seq 1, and the session goes on
+    assert p.receive_bytes(b"\x00\x09" + CELT_20MS) == []
+    [notice] = texts(p.data_to_send())
+    assert notice["seq"] == 1 and notice["code"] == ErrorCode.INVALID_AUDIO
+    [ev] = p.receive_bytes(good)
+    assert isinstance(ev, ChunkReceived) and ev.seq == 2 and p.state is State.STREAMING
+
+
+def test_an_opus_frame_over_a_second_is_frame_too_large() -> None:
+    p = started_opus()
+    assert p.receive_bytes(frame_opus_packets([SILK_60MS] * 17)) == []  # 1020 ms
+    [notice] = texts(p.data_to_send())
+    assert notice["code"] == ErrorCode.FRAME_TOO_LARGE and "1020 ms" in notice["message"]
+    [ev] = p.receive_bytes(frame_opus_packets([SILK_60MS] * 16))  # 960 ms
+    assert isinstance(ev, ChunkReceived)
+    # 51 packets of 2.5 ms: short, but more packets than a frame may hold
+    p.deliver_audio(1, bytes(2 * 15360))
+    p.data_to_send()
+    tiny = bytes([16 << 3, 0])
+    assert p.receive_bytes(frame_opus_packets([tiny] * 51)) == []
+    [notice] = texts(p.data_to_send())
+    assert notice["code"] == ErrorCode.FRAME_TOO_LARGE and "50 Opus packets" in notice["message"]
+    [ev] = p.receive_bytes(frame_opus_packets([tiny] * 50))
+    assert isinstance(ev, ChunkReceived)

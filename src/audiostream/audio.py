@@ -21,6 +21,19 @@ FloatAudio = npt.NDArray[np.float32]
 
 SUPPORTED_RATES = (8000, 16000, 24000, 44100, 48000)
 MAX_CHANNELS = 2
+#: Session rates an Opus stream may have: libopus's own rates (44.1 kHz is not one).
+OPUS_RATES = (8000, 16000, 24000, 48000)
+#: Longest binary frame of Opus packets: a second at libopus's highest bit rate
+#: (510 kbit/s = 63,750 B) plus the length prefixes of its packets.
+OPUS_MAX_FRAME_BYTES = 65_536
+#: Most packets in one binary frame (a second of 20 ms packets): the gateway decodes on
+#: its event loop, and libopus's cost is per packet as much as per second of audio (a
+#: second of 2.5 ms packets costs about four times a second of 20 ms ones).
+OPUS_MAX_PACKETS = 50
+#: Opus's own clock: packet durations are multiples of 2.5 ms at 48 kHz.
+OPUS_CLOCK = 48_000
+#: RFC 6716: no packet holds more than 120 ms.
+_OPUS_MAX_PACKET_SAMPLES = 5760
 
 
 class Encoding(StrEnum):
@@ -28,6 +41,19 @@ class Encoding(StrEnum):
     PCM_F32LE = "pcm_f32le"
     MULAW = "mulaw"
     ALAW = "alaw"
+
+
+class Codec(StrEnum):
+    """How audio travels on the WebSocket; the pipeline always sees PCM.
+
+    ``PCM`` sends the format's encoding as it is. ``OPUS`` (``format.encoding: "opus"``
+    in ``start``) sends binary frames of Opus packets (``frame_opus_packets``) that the
+    gateway decodes into ``pcm_s16le`` at the format's rate and channels: uploads of a
+    tenth of PCM's size, for files rather than live audio (decoding at the gateway costs
+    it CPU, and the codec's delay is the client's to trim)."""
+
+    PCM = "pcm"
+    OPUS = "opus"
 
 
 _SAMPLE_BYTES = {
@@ -112,6 +138,109 @@ class AudioFormat:
         if not isinstance(channels, int) or isinstance(channels, bool):
             raise ConfigError("channels must be an integer", ErrorCode.UNSUPPORTED_FORMAT)
         return cls(encoding, rate, channels)
+
+
+def parse_wire_format(data: Any) -> tuple[AudioFormat, Codec]:
+    """``start.format`` -> (the PCM format the pipeline sees, the wire codec).
+
+    ``{"encoding": "opus", "sample_rate": R, "channels": C}`` is Opus packets on the wire
+    and ``pcm_s16le`` at R Hz, C channels in the pipeline and in the answers."""
+    if isinstance(data, dict) and data.get("encoding") == Codec.OPUS.value:
+        fmt = AudioFormat.from_dict({**data, "encoding": Encoding.PCM_S16LE.value})
+        if fmt.sample_rate not in OPUS_RATES:
+            raise ConfigError(
+                f"opus needs a sample_rate of {', '.join(map(str, OPUS_RATES))}, "
+                f"not {fmt.sample_rate}", ErrorCode.UNSUPPORTED_FORMAT)
+        return fmt, Codec.OPUS
+    return AudioFormat.from_dict(data), Codec.PCM
+
+
+def wire_format_dict(fmt: AudioFormat, codec: Codec = Codec.PCM) -> dict[str, Any]:
+    """``start.format`` for ``fmt`` sent as ``codec``."""
+    out = fmt.to_dict()
+    if codec is Codec.OPUS:
+        out["encoding"] = Codec.OPUS.value
+    return out
+
+
+# --- Opus packets on the wire (pure: framing and durations; decoding is audiofile's) -------
+
+#: TOC configuration -> frame duration in samples at 48 kHz (RFC 6716, section 3.1):
+#: SILK 10/20/40/60 ms, hybrid 10/20 ms, CELT 2.5/5/10/20 ms.
+_OPUS_FRAME_SAMPLES = (
+    [480, 960, 1920, 2880] * 3 + [480, 960] * 2 + [120, 240, 480, 960] * 4)
+
+
+def opus_packet_samples(packet: bytes) -> int:
+    """Duration of one Opus packet in samples at 48 kHz, from its TOC byte (RFC 6716,
+    3.1-3.2); raises ``ProtocolError`` (INVALID_AUDIO) for what cannot be a packet."""
+    if not packet:
+        raise ProtocolError("empty Opus packet", ErrorCode.INVALID_AUDIO)
+    toc = packet[0]
+    size = _OPUS_FRAME_SAMPLES[toc >> 3]
+    code = toc & 3
+    if code == 0:
+        frames = 1
+    elif code == 1:
+        if (len(packet) - 1) % 2:
+            raise ProtocolError("Opus packet (code 1) has an odd payload length",
+                                ErrorCode.INVALID_AUDIO)
+        frames = 2
+    elif code == 2:
+        frames = 2
+        if len(packet) < 2 or (packet[1] >= 252 and len(packet) < 3):
+            raise ProtocolError("Opus packet (code 2) is truncated", ErrorCode.INVALID_AUDIO)
+        first = packet[1] if packet[1] < 252 else packet[1] + 4 * packet[2]
+        if first > len(packet) - (2 if packet[1] < 252 else 3):
+            raise ProtocolError("Opus packet (code 2): first frame runs past the end",
+                                ErrorCode.INVALID_AUDIO)
+    else:
+        if len(packet) < 2:
+            raise ProtocolError("Opus packet (code 3) has no frame count",
+                                ErrorCode.INVALID_AUDIO)
+        frames = packet[1] & 0x3F
+        if frames == 0:
+            raise ProtocolError("Opus packet (code 3) has zero frames", ErrorCode.INVALID_AUDIO)
+    if frames * size > _OPUS_MAX_PACKET_SAMPLES:
+        raise ProtocolError(f"Opus packet of {frames * size / 48:g} ms (at most 120 ms)",
+                            ErrorCode.INVALID_AUDIO)
+    return frames * size
+
+
+def frame_opus_packets(packets: list[bytes]) -> bytes:
+    """One binary frame (one chunk, one seq) of Opus packets: each packet preceded by its
+    length as a 16-bit big-endian unsigned integer."""
+    return b"".join(len(p).to_bytes(2, "big") + p for p in packets)
+
+
+def split_opus_frame(data: bytes) -> list[bytes]:
+    """The packets of a binary frame; raises ``ProtocolError`` (INVALID_AUDIO)."""
+    packets: list[bytes] = []
+    pos, end = 0, len(data)
+    while pos < end:
+        if len(packets) == OPUS_MAX_PACKETS:
+            raise ProtocolError(f"more than {OPUS_MAX_PACKETS} Opus packets in one frame",
+                                ErrorCode.FRAME_TOO_LARGE)
+        if pos + 2 > end:
+            raise ProtocolError("Opus frame ends inside a length prefix",
+                                ErrorCode.INVALID_AUDIO)
+        n = int.from_bytes(data[pos:pos + 2], "big")
+        pos += 2
+        if n == 0 or pos + n > end:
+            raise ProtocolError(
+                f"Opus packet {len(packets)} has a length prefix of {n} bytes"
+                f"{'' if n == 0 else f' but {end - pos} remain'}", ErrorCode.INVALID_AUDIO)
+        packets.append(data[pos:pos + n])
+        pos += n
+    if not packets:
+        raise ProtocolError("empty audio frame", ErrorCode.INVALID_AUDIO)
+    return packets
+
+
+def check_opus_chunk(fmt: AudioFormat, data: bytes) -> int:
+    """Validate a binary frame of Opus packets; its duration in frames at ``fmt``'s rate."""
+    samples = sum(opus_packet_samples(p) for p in split_opus_frame(data))
+    return samples * fmt.sample_rate // OPUS_CLOCK
 
 
 def check_chunk(fmt: AudioFormat, data: bytes) -> None:

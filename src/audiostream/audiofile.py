@@ -21,7 +21,6 @@ No asyncio here: callers decide on which thread decoding runs.
 
 from __future__ import annotations
 
-import io
 import sys
 from collections.abc import Iterator, Sequence
 from enum import StrEnum
@@ -31,9 +30,18 @@ from typing import Any, BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from audiostream.audio import MAX_CHANNELS, SUPPORTED_RATES, AudioFormat, Encoding
+from audiostream.audio import (
+    MAX_CHANNELS,
+    OPUS_CLOCK,
+    OPUS_RATES,
+    SUPPORTED_RATES,
+    AudioFormat,
+    Encoding,
+    opus_packet_samples,
+    split_opus_frame,
+)
 from audiostream.audio import decode as decode_pcm
-from audiostream.errors import ConfigError, ErrorCode
+from audiostream.errors import ConfigError, ErrorCode, ProtocolError
 
 Int16Audio = npt.NDArray[np.int16]
 
@@ -169,10 +177,13 @@ class _SndReader(AudioReader):
 
 
 class _AvReader(AudioReader):
-    def __init__(self, name: str, source: str | BinaryIO) -> None:
+    def __init__(self, name: str, source: str | BinaryIO, *, limit: int | None = None) -> None:
         import av
 
         self.name = name
+        self._limit = limit
+        """Frames there are in all, when FFmpeg cannot know (MP3 on a pipe: its end
+        padding is trimmed from the LAME header, ``mp3_gapless_length``)."""
         try:
             self._c = av.open(source, "r")
         except av.FFmpegError as exc:
@@ -209,6 +220,10 @@ class _AvReader(AudioReader):
             self._have += len(block)
 
     def _read(self, n: int) -> Int16Audio:
+        if self._limit is not None:
+            n = max(0, min(n, self._limit - self.position))
+            if n == 0:
+                return np.zeros((0, self.channels), np.int16)
         while self._have < n and not self._eof:
             self._more()
         if not self._buf:
@@ -251,8 +266,10 @@ def open_reader(source: str | Path, *, raw_format: AudioFormat | None = None,
     """Open a file, or ``-`` for stdin, for incremental decoding at its own rate.
 
     stdin: a WAV stream is read as it arrives; raw PCM needs ``raw_format``; anything
-    else (Ogg, MP3, FLAC) is buffered *compressed* and decoded by FFmpeg, which trims
-    encoder delay and padding exactly only on a seekable input.
+    else (Ogg, MP3, FLAC, ...) is decoded by FFmpeg as it arrives too, so memory stays
+    bounded however long the pipe. FFmpeg trims Ogg/Opus pre-skip and end granule and
+    an MP3's encoder delay on a pipe as on a file; an MP3's end padding it trims only on
+    a seekable input, so here it comes from the LAME header (``mp3_gapless_length``).
     """
     from audiostream import pcmio
 
@@ -269,8 +286,11 @@ def open_reader(source: str | Path, *, raw_format: AudioFormat | None = None,
                 STDIO, raw_format, stdin=_Prefixed(head, stream))))  # type: ignore[arg-type]
         if not head:
             raise ConfigError("stdin is empty", ErrorCode.UNSUPPORTED_FORMAT)
+        head += _read_up_to(stream, _mp3_head_bytes(head) - len(head))
         try:
-            return _checked(_AvReader("stdin", io.BytesIO(head + stream.read())))
+            # Only read(): FFmpeg then treats stdin as the pipe it is (never seeks).
+            return _checked(_AvReader("stdin", _Prefixed(head, stream),  # type: ignore[arg-type]
+                                      limit=mp3_gapless_length(head)))
         except ConfigError as err:
             raise ConfigError(f"{err.message}; raw PCM needs --format ENCODING:RATE"
                               "[:CHANNELS], e.g. --format s16le:16000", err.code) from None
@@ -287,6 +307,56 @@ def open_reader(source: str | Path, *, raw_format: AudioFormat | None = None,
         except soundfile.LibsndfileError:
             pass  # not a libsndfile format after all: let FFmpeg try
     return _checked(_AvReader(p.name, str(p)))
+
+
+#: Bytes after an ID3v2 tag that hold an MP3's first frame (and its Xing/LAME header).
+_MP3_FIRST_FRAME = 4096
+#: Most bytes read ahead to find that frame (an ID3v2 tag with cover art can be large).
+_MP3_MAX_HEAD = 16 << 20
+
+
+def _mp3_head_bytes(head: bytes) -> int:
+    """How much of stdin to hold before decoding, so ``mp3_gapless_length`` sees the
+    first frame: past an ID3v2 tag when there is one (bounded)."""
+    size = 0
+    if head[:3] == b"ID3" and len(head) >= 10:
+        for b in head[6:10]:
+            size = size << 7 | (b & 0x7F)
+        size += 10 + (10 if head[5] & 0x10 else 0)
+    return min(size + _MP3_FIRST_FRAME, _MP3_MAX_HEAD)
+
+
+def mp3_gapless_length(head: bytes) -> int | None:
+    """An MP3's decoded length in frames from the start of its bytes: the Xing/Info
+    header's frame count times samples per frame, less the LAME header's encoder delay
+    and padding (what FFmpeg trims on a seekable file). None when ``head`` is not an MP3
+    with both headers (FFmpeg's own length is then all there is)."""
+    pos = 0
+    if head[:3] == b"ID3" and len(head) >= 10:
+        pos = _mp3_head_bytes(head) - _MP3_FIRST_FRAME
+    end = min(len(head), pos + _MP3_FIRST_FRAME)
+    while pos + 4 <= end and not (head[pos] == 0xFF and head[pos + 1] & 0xE0 == 0xE0):
+        pos += 1
+    if pos + 4 > end or (head[pos + 1] >> 1) & 3 != 1:  # not a frame of MPEG layer III
+        return None
+    per_frame = 1152 if (head[pos + 1] >> 3) & 3 == 3 else 576  # MPEG-1, else 2 / 2.5
+    side = head[pos + 4:pos + 4 + 40]  # the header sits after the side information
+    at = max(side.find(b"Xing"), side.find(b"Info"))
+    if at < 0:
+        return None
+    x = pos + 4 + at
+    flags = int.from_bytes(head[x + 4:x + 8], "big")
+    if not flags & 1:
+        return None  # no frame count
+    frames = int.from_bytes(head[x + 8:x + 12], "big")
+    lame = x + 12 + (4 if flags & 2 else 0) + (100 if flags & 4 else 0) + (
+        4 if flags & 8 else 0)
+    if len(head) < lame + 24 or head[lame:lame + 4] not in (b"LAME", b"Lavf", b"Lavc"):
+        return None
+    delay = head[lame + 21] << 4 | head[lame + 22] >> 4
+    padding = (head[lame + 22] & 0x0F) << 8 | head[lame + 23]
+    total = frames * per_frame - delay - padding
+    return total if total > 0 else None
 
 
 def _read_up_to(stream: BinaryIO, n: int) -> bytes:
@@ -558,3 +628,142 @@ def write_audio(
         data = data.reshape(-1, 1)
     with open_writer(path, rate, data.shape[1], fmt, bitrate=bitrate) as w:
         w.write(data)
+
+
+# --- Opus packets for the WebSocket (``format.encoding: "opus"``) ---------------------------
+
+#: Opus frame durations libopus encodes, in ms.
+OPUS_FRAME_MS = (10, 20, 40, 60)
+
+
+class OpusPacketEncoder:
+    """PCM at one of ``OPUS_RATES`` -> raw Opus packets (no Ogg), ``frame_ms`` each.
+
+    libopus takes the session's rate itself, so the coded band ends at rate/2 (what lets
+    the gateway decode by decimation). The decoded stream is late by ``pre_skip`` frames
+    (the encoder's look-ahead) and ``flush`` pads the last packet: a client keeps frames
+    ``pre_skip .. pre_skip + n`` of what comes back for ``n`` frames sent.
+    """
+
+    def __init__(self, rate: int, channels: int, *, bitrate: int = 32000,
+                 frame_ms: int = 20) -> None:
+        import av
+
+        if rate not in OPUS_RATES:
+            raise ConfigError(f"opus needs a rate of {', '.join(map(str, OPUS_RATES))}, "
+                              f"not {rate}", ErrorCode.UNSUPPORTED_FORMAT)
+        if frame_ms not in OPUS_FRAME_MS:
+            raise ConfigError(f"Opus frames are {', '.join(map(str, OPUS_FRAME_MS))} ms, "
+                              f"not {frame_ms:g}", ErrorCode.INVALID_OPTION)
+        if not 6000 <= bitrate <= 510_000:
+            raise ConfigError(f"Opus bit rate {bitrate} is outside 6000..510000",
+                              ErrorCode.INVALID_OPTION)
+        self.rate, self.channels = rate, channels
+        self._layout = "mono" if channels == 1 else "stereo"
+        self.frame_size = rate * frame_ms // 1000
+        ctx = av.CodecContext.create("libopus", "w")
+        ctx.sample_rate = rate
+        ctx.layout = self._layout
+        ctx.format = "s16"
+        ctx.bit_rate = bitrate
+        ctx.options = {"frame_duration": str(frame_ms)}
+        ctx.open()
+        self._ctx: Any = ctx
+        # OpusHead (RFC 7845 5.1): pre-skip, a little-endian uint16 at byte 10, at 48 kHz.
+        head = bytes(ctx.extradata or b"")
+        pre_skip_48k = int.from_bytes(head[10:12], "little") if len(head) >= 12 else 312
+        self.pre_skip = pre_skip_48k * rate // OPUS_CLOCK
+        self._pending = np.zeros((0, channels), np.int16)
+        self._pts = 0
+
+    def _frames(self, buf: Int16Audio) -> list[bytes]:
+        import av
+
+        out: list[bytes] = []
+        for start in range(0, len(buf), self.frame_size):
+            block = np.ascontiguousarray(buf[start:start + self.frame_size]).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(block, format="s16", layout=self._layout)
+            frame.sample_rate = self.rate
+            frame.pts = self._pts
+            self._pts += self.frame_size
+            out += [bytes(p) for p in self._ctx.encode(frame)]
+        return out
+
+    def encode(self, samples: npt.NDArray[Any]) -> list[bytes]:
+        """Packets for whole frames of ``samples`` (int16 ``frames x channels``); the rest
+        waits for the next call or ``flush``."""
+        data = np.asarray(samples, dtype=np.int16).reshape(-1, self.channels)
+        buf = np.concatenate([self._pending, data]) if len(self._pending) else data
+        whole = len(buf) - len(buf) % self.frame_size
+        self._pending = buf[whole:]
+        return self._frames(buf[:whole])
+
+    def flush(self) -> list[bytes]:
+        """The last packets: the partial frame padded with silence, then the encoder's
+        look-ahead."""
+        out: list[bytes] = []
+        if len(self._pending):
+            pad = np.zeros((self.frame_size - len(self._pending), self.channels), np.int16)
+            out += self._frames(np.concatenate([self._pending, pad]))
+            self._pending = np.zeros((0, self.channels), np.int16)
+        return out + [bytes(p) for p in self._ctx.encode(None)]
+
+
+class OpusPacketDecoder:
+    """The gateway's side: a binary frame of Opus packets -> ``pcm_s16le`` bytes at
+    ``rate`` (one of ``OPUS_RATES``), exactly the packets' duration long.
+
+    FFmpeg's libopus decoder always gives 48 kHz; keeping every (48000/rate)-th sample is
+    what libopus's own CELT decoder does at lower rates, and is alias-free because an
+    encoder fed ``rate`` Hz audio codes nothing above rate/2 (``OpusPacketEncoder``
+    does). Its state carries across frames, as an Opus stream's must. A frame that
+    cannot be decoded raises ``ProtocolError`` (INVALID_AUDIO); the state is then that
+    of the packets before the bad one, so the stream goes on."""
+
+    def __init__(self, rate: int, channels: int) -> None:
+        import av
+
+        if rate not in OPUS_RATES:
+            raise ConfigError(f"opus needs a rate of {', '.join(map(str, OPUS_RATES))}",
+                              ErrorCode.UNSUPPORTED_FORMAT)
+        self.rate, self.channels = rate, channels
+        self._step = OPUS_CLOCK // rate
+        self._layout = "mono" if channels == 1 else "stereo"
+        ctx = av.CodecContext.create("libopus", "r")
+        ctx.layout = self._layout
+        ctx.sample_rate = OPUS_CLOCK
+        self._ctx: Any = ctx
+
+    def decode(self, data: bytes) -> bytes:
+        import av
+
+        packets = split_opus_frame(data)
+        want = [opus_packet_samples(p) for p in packets]  # validates every TOC first
+        pieces: list[Int16Audio] = []
+        for i, (packet, samples) in enumerate(zip(packets, want, strict=True)):
+            try:
+                frames = list(self._ctx.decode(av.Packet(packet)))
+            except av.FFmpegError as exc:
+                # libopus refuses the packet before touching its state: the stream goes
+                # on as if the packet had not been sent (packets before it in this frame
+                # were decoded, and stay in the state, as they were sent).
+                raise ProtocolError(f"Opus packet {i} of this frame could not be decoded "
+                                    f"({getattr(exc, 'strerror', None) or 'invalid data'})",
+                                    ErrorCode.INVALID_AUDIO) from None
+            got = [np.asarray(self._as_s16(f), np.int16).reshape(-1, self.channels)
+                   for f in frames]
+            block = np.concatenate(got) if got else np.zeros((0, self.channels), np.int16)
+            if len(block) != samples:
+                raise ProtocolError(f"Opus packet {i} decoded to {len(block)} samples, its "
+                                    f"header says {samples}", ErrorCode.INVALID_AUDIO)
+            pieces.append(block[::self._step])
+        return np.concatenate(pieces).astype("<i2", copy=False).tobytes()
+
+    @staticmethod
+    def _as_s16(frame: Any) -> Any:
+        arr = frame.to_ndarray()
+        if frame.format.name == "s16":
+            return arr
+        # float output (another FFmpeg build): planar or packed, to interleaved int16.
+        flat = arr.T.reshape(-1) if frame.format.is_planar else arr.reshape(-1)
+        return _to_int16(np.asarray(flat, np.float32))

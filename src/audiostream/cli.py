@@ -645,6 +645,7 @@ async def _stream(args: argparse.Namespace) -> int:
     input)."""
     from tqdm import tqdm
 
+    from audiostream.audio import Codec
     from audiostream.audiofile import FileFormat
     from audiostream.client import AudioStreamClient
     from audiostream.filestream import FileStreamOptions, stream_file
@@ -658,7 +659,8 @@ async def _stream(args: argparse.Namespace) -> int:
     rate = None if args.rate == "max" else float(args.rate)
     options = FileStreamOptions(chunk_ms=args.chunk_ms, rate=rate,
                                 compensate_delay=args.compensate_delay, fill=args.fill,
-                                server_rate=args.server_rate, raw_format=args.raw_format)
+                                server_rate=args.server_rate, raw_format=args.raw_format,
+                                encoding=Codec(args.encoding), bitrate=args.bitrate)
     client = AudioStreamClient(args.url, api_key=args.api_key, ssl_context=_client_ssl(args))
     to_stdout = str(args.output) == "-"
     bars: list[Any] = []  # made on the first answer: an input error stays one line
@@ -687,7 +689,10 @@ async def _stream(args: argparse.Namespace) -> int:
         "input_rate": report.input_rate,
         "wire_rate": report.wire_rate,
         "codec": report.codec,
+        "encoding": report.encoding,
+        "wire_bytes": report.wire_bytes,
         "delay_compensated_frames": report.delay_frames,
+        "codec_delay_frames": report.codec_delay_frames,
         "wall_s": round(report.wall_s, 3),
         "resumes": report.resumes,
         "latency_ms": lat,
@@ -1094,6 +1099,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "when the server takes it, else the pipeline's native rate, e.g. 16000 "
                    "for denoise, else the next rate up) or one of "
                    f"{', '.join(map(str, SUPPORTED_RATES))}; the output keeps the input's rate")
+    p.add_argument("--encoding", choices=("pcm", "opus"), default="pcm",
+                   help="how audio travels to the gateway: pcm (default; 16-bit) or opus "
+                   "(lossy: 20 ms Opus packets, about an eighth of the bytes at 32 kbit/s and "
+                   "16 kHz; the wire rate is then 8000, 16000, 24000 or 48000). The gateway "
+                   "answers in PCM either way and OUT is written as without it; --fill input "
+                   "needs pcm")
+    p.add_argument("--bitrate", type=int, default=32000, metavar="BPS",
+                   help="Opus bit rate for --encoding opus (default 32000) and for a .opus "
+                   "OUT")
     add_format_argument(p)
     p.add_argument("--ca", type=Path, default=None, help="CA bundle to trust for wss://")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

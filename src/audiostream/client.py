@@ -54,7 +54,7 @@ import numpy.typing as npt
 
 from audiostream import audio
 from audiostream import protocol as wire
-from audiostream.audio import AudioFormat, Encoding
+from audiostream.audio import OPUS_MAX_FRAME_BYTES, AudioFormat, Codec, Encoding
 from audiostream.client_errors import (
     RESUMABLE_CLOSES,
     CallbackError,
@@ -401,12 +401,22 @@ class Session:
         chunk_ms: float | None = None,
         iterate: bool = True,
         max_items: int = 4096,
+        codec: Codec = Codec.PCM,
     ) -> None:
         self.client = client
         self.pipeline = list(pipeline)
         self.format = format
+        self.codec = codec
         self.deadline_ms = deadline_ms
         self.chunk_ms = chunk_ms
+        if codec is Codec.OPUS:
+            if chunk_ms is not None:
+                raise ClientError("an Opus session sends each frame of packets as it is: "
+                                  "leave chunk_ms unset", ErrorCode.INVALID_OPTION)
+            if format.encoding is not Encoding.PCM_S16LE:
+                raise ClientError("an Opus session's format is the PCM it decodes to: "
+                                  "AudioFormat.pcm16(rate, channels)",
+                                  ErrorCode.UNSUPPORTED_FORMAT)
         if chunk_ms is not None:
             chunk_bytes = format.bytes_for_ms(chunk_ms)
             if chunk_bytes <= 0 or chunk_ms > MAX_CHUNK_MS:
@@ -419,7 +429,8 @@ class Session:
         self.summary: Summary | None = None
         self.close_code: int | None = None
         self.version: float = CLIENT_VERSION
-        self.max_frame_bytes = format.bytes_for_ms(MAX_CHUNK_MS)
+        self.max_frame_bytes = (OPUS_MAX_FRAME_BYTES if codec is Codec.OPUS
+                                else format.bytes_for_ms(MAX_CHUNK_MS))
         self.resumes = 0
         self._items: asyncio.Queue[Item | None] | None = (
             asyncio.Queue(max_items) if iterate else None)
@@ -469,9 +480,19 @@ class Session:
     async def send(self, data: bytes | npt.NDArray[Any]) -> None:
         """Queue audio; returns once the server's credit (v1.1) or the local window (v1)
         has room for it. Arrays are encoded in the session's format; with ``chunk_ms``
-        audio is re-cut into chunks of that length."""
+        audio is re-cut into chunks of that length. An Opus session (``codec``) sends
+        bytes only, each call one frame of packets (``audio.frame_opus_packets``)."""
         if self._finishing or self._done:
             raise SessionClosed("send after finish() or after the session ended")
+        if self.codec is Codec.OPUS:
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise ClientError("an Opus session sends framed packets (bytes), not arrays",
+                                  ErrorCode.UNSUPPORTED_FORMAT)
+            if len(data) > self.max_frame_bytes:
+                raise ClientError(f"a frame of Opus packets is {len(data)} bytes, over "
+                                  f"{self.max_frame_bytes}", ErrorCode.FRAME_TOO_LARGE)
+            await self._admit(bytes(data))
+            return
         raw = data if isinstance(data, bytes | bytearray | memoryview) else encode_array(
             data, self.format)
         for chunk in self._cut(bytes(raw)):
@@ -936,6 +957,7 @@ class AudioStreamClient:
         chunk_ms: float | None = None,
         iterate: bool = True,
         max_items: int = 4096,
+        codec: Codec = Codec.PCM,
     ) -> Session:
         """A new session (connects on ``async with`` or ``open()``).
 
@@ -944,7 +966,8 @@ class AudioStreamClient:
         when only callbacks are used: items are then not buffered for ``async for``.
         Items wait for ``async for`` in a buffer of ``max_items``; when it is full the
         session stops reading (and the server stops granting credit), so iterate while
-        sending in long sessions.
+        sending in long sessions. ``codec=Codec.OPUS`` sends frames of Opus packets
+        (``format`` is then the PCM they decode to, and the answers are that PCM).
         """
         pl = list(pipeline) if pipeline is not None else self.pipeline
         fmt = format or self.format
@@ -956,14 +979,14 @@ class AudioStreamClient:
                               "AudioFormat)", ErrorCode.UNSUPPORTED_FORMAT)
         return Session(self, pipeline=pl, format=fmt,
                        deadline_ms=deadline_ms if deadline_ms is not None else self.deadline_ms,
-                       chunk_ms=chunk_ms, iterate=iterate, max_items=max_items)
+                       chunk_ms=chunk_ms, iterate=iterate, max_items=max_items, codec=codec)
 
     def _start_json(self, s: Session, version: float) -> str:
         resume = None
         if s.session_id is not None and s._token is not None:
             resume = wire.ResumeRequest(s._token, s.received)
         return wire.start_json(self.api_key, s.format, s.pipeline, deadline_ms=s.deadline_ms,
-                               resume=resume, version=version)
+                               resume=resume, version=version, codec=s.codec)
 
     async def _establish(self, s: Session, *, first: bool, attempt: int = 0) -> _Link:
         """Open a connection and get ``ready`` for ``s``: a fresh session when ``first``,

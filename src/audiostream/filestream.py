@@ -12,6 +12,10 @@ What makes a streamed file usable as a file:
   the gateway's ``ready.delay_frames`` when it says so) is removed and the tail is
   flushed with that many frames of zeros, so the result lines up with the input;
 * chunk sizes are checked before anything is sent;
+* with ``encoding=Codec.OPUS`` the upload is Opus packets (a tenth of PCM's bytes at
+  32 kbit/s for 16 kHz speech): the client encodes at the wire rate, the gateway
+  decodes, the answers are PCM, and the encoder's look-ahead (``pre_skip``) is cut
+  from the output like a pipeline delay, so the length stays the input's;
 * memory is bounded: the input is decoded and the output encoded incrementally, and
   only chunks still unanswered (within the session's credit) are held.
 """
@@ -19,6 +23,7 @@ What makes a streamed file usable as a file:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -30,10 +35,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from audiostream.audio import SUPPORTED_RATES, AudioFormat
+from audiostream.audio import (
+    OPUS_MAX_PACKETS,
+    OPUS_RATES,
+    SUPPORTED_RATES,
+    AudioFormat,
+    Codec,
+    check_opus_chunk,
+    frame_opus_packets,
+)
 from audiostream.audiofile import (
     AudioReader,
     Int16Audio,
+    OpusPacketEncoder,
     Resampled,
     StreamResampler,
     open_reader,
@@ -81,6 +95,11 @@ class FileStreamOptions:
     """Per-chunk deadline asked of the gateway; None: the gateway's default in real time,
     ``FILE_DEADLINE_MS`` at ``rate=None`` (nobody waits on a file's chunk; a full
     credit window behind a slow step must queue, not expire)."""
+    encoding: Codec = Codec.PCM
+    """How audio travels to the gateway: PCM, or Opus packets (answers are PCM either
+    way)."""
+    bitrate: int = 32000
+    """Opus bit rate for ``encoding=Codec.OPUS`` and for an ``.opus`` output."""
 
 
 @dataclass
@@ -99,6 +118,11 @@ class FileStreamReport:
     wire_rate: int = 0
     codec: str = ""
     delay_frames: int = 0
+    codec_delay_frames: int = 0
+    """Opus uploads: the encoder's look-ahead cut from the output (at the wire rate)."""
+    encoding: str = "pcm"
+    wire_bytes: int = 0
+    """Audio bytes sent to the gateway (binary frames' payloads)."""
     wall_s: float = 0.0
     resumes: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)
@@ -133,7 +157,7 @@ def pipeline_delay(
 
 def choose_wire_rate(
     file_rate: int, pipeline: Sequence[Any], requested: int | None = None,
-    processors: ProcessorRegistry = registry,
+    processors: ProcessorRegistry = registry, accepted: Sequence[int] = SUPPORTED_RATES,
 ) -> int:
     """The rate a ``file_rate`` Hz file is sent at.
 
@@ -142,22 +166,22 @@ def choose_wire_rate(
     (``processors.pipeline.native_rate``: 16 kHz for ``denoise`` on a 22.05 kHz
     file; the server then converts nothing, and the band above it would not survive
     that step anyway), else the lowest wire rate above the file's (no band lost:
-    22.05 -> 24 kHz).
+    22.05 -> 24 kHz). ``accepted`` narrows the rates (``OPUS_RATES`` for Opus).
     """
     if requested is not None:
-        if requested not in SUPPORTED_RATES:
+        if requested not in accepted:
             raise ConfigError(
-                f"--server-rate {requested} is not a rate the server takes; use one of "
-                f"{', '.join(map(str, SUPPORTED_RATES))}", ErrorCode.INVALID_OPTION)
+                f"--server-rate {requested} is not a rate the server takes here; use one of "
+                f"{', '.join(map(str, accepted))}", ErrorCode.INVALID_OPTION)
         return requested
-    if file_rate in SUPPORTED_RATES:
+    if file_rate in accepted:
         return file_rate
-    fallback = wire_rate(file_rate)
+    fallback = wire_rate(file_rate, accepted)
     try:
         native = native_rate(pipeline, file_rate, processors)
     except AudioStreamError:
         return fallback  # a step only the server knows: it plans the conversions
-    return native or fallback
+    return native if native is not None and native in accepted else fallback
 
 
 async def stream_file(
@@ -194,15 +218,27 @@ async def _stream(
     delay_override: int | None,
 ) -> FileStreamReport:
     channels, in_rate = reader.channels, reader.rate
-    wire = choose_wire_rate(in_rate, pipeline, opts.server_rate)
+    opus = opts.encoding is Codec.OPUS
+    if opus and opts.fill == "input":
+        raise ConfigError("--fill input needs PCM on the wire (the client does not keep "
+                          "a decoded copy of its Opus upload)", ErrorCode.INVALID_OPTION)
+    wire = choose_wire_rate(in_rate, pipeline, opts.server_rate,
+                            accepted=OPUS_RATES if opus else SUPPORTED_RATES)
     fmt = AudioFormat.pcm16(wire, channels)
     per_chunk = chunk_frames(fmt, opts.chunk_ms)
+    # Opus: 20 ms packets (10 ms for shorter chunks), as many as make up a chunk.
+    encoder = (OpusPacketEncoder(wire, channels, bitrate=opts.bitrate,
+                                 frame_ms=20 if opts.chunk_ms >= 20 else 10)
+               if opus else None)
+    packets_per_chunk = (min(OPUS_MAX_PACKETS, max(1, round(per_chunk / encoder.frame_size)))
+                         if encoder is not None else 0)
     src: AudioReader = reader if wire == in_rate else Resampled(reader, wire)
     back = None if wire == in_rate else StreamResampler(wire, in_rate, channels)
-    report = FileStreamReport(input_rate=in_rate, wire_rate=wire, codec=reader.codec)
+    report = FileStreamReport(input_rate=in_rate, wire_rate=wire, codec=reader.codec,
+                              encoding=str(opts.encoding))
     pending: deque[bytes | int] = deque()  # per unanswered chunk: its input, or its frames
     latencies: deque[float] = deque(maxlen=100_000)
-    writer = open_writer(output, in_rate, channels,
+    writer = open_writer(output, in_rate, channels, bitrate=opts.bitrate,
                          raw_format=opts.raw_format if str(output) == "-" else None)
     to_skip = 0
     total_chunks: int | None = None
@@ -247,39 +283,84 @@ async def _stream(
     try:
         session = client.session(pipeline, format=fmt, iterate=False,
                                  deadline_ms=opts.deadline_ms if opts.deadline_ms is not None
-                                 else FILE_DEADLINE_MS if opts.rate is None else None)
+                                 else FILE_DEADLINE_MS if opts.rate is None else None,
+                                 codec=opts.encoding)
         session.on_item(on_item)
         started = time.monotonic()
         async with session:
             report.session_id = session.session_id or ""
             delay = _delay(opts, delay_override, session.delay_frames, pipeline, fmt)
             report.delay_frames = to_skip = delay
+            if encoder is not None:
+                report.codec_delay_frames = encoder.pre_skip
+                to_skip += encoder.pre_skip
             if src.frames is not None:
                 total_chunks = -(-src.frames // per_chunk) + -(-delay // per_chunk)
             sent = 0
+            packets: list[bytes] = []
 
-            async def send(data: bytes) -> None:
+            async def send(data: bytes, frames: int) -> None:
                 nonlocal sent
                 if opts.rate is not None:
                     due = started + sent * opts.chunk_ms / 1000 / opts.rate
                     wait = due - time.monotonic()
                     if wait > 0:
                         await asyncio.sleep(wait)  # pacing real-time audio
-                pending.append(data if opts.fill == "input" else len(data) // fmt.frame_bytes)
+                pending.append(data if opts.fill == "input" else frames)
+                report.wire_bytes += len(data)
                 await session.send(data)
                 sent += 1
 
-            ahead = per_chunk * max(1, math.ceil(READ_AHEAD_S * 1000 / opts.chunk_ms))
-            while len(block := await asyncio.to_thread(src.read, ahead)):
+            async def send_packets(new: list[bytes], *, last: bool = False) -> None:
+                assert encoder is not None
+                packets.extend(new)
+                while len(packets) >= packets_per_chunk or (last and packets):
+                    group = packets[:packets_per_chunk]
+                    del packets[:packets_per_chunk]
+                    data = frame_opus_packets(group)
+                    await send(data, check_opus_chunk(fmt, data))
+
+            async def send_pcm(block: Int16Audio) -> None:
+                if encoder is not None:
+                    await send_packets(encoder.encode(block))
+                    return
                 data = block.astype("<i2", copy=False).tobytes()
                 step = per_chunk * fmt.frame_bytes
                 for i in range(0, len(data), step):
-                    await send(data[i:i + step])
+                    await send(data[i:i + step], len(data[i:i + step]) // fmt.frame_bytes)
+
+            ahead = per_chunk * max(1, math.ceil(READ_AHEAD_S * 1000 / opts.chunk_ms))
+
+            def take() -> tuple[Int16Audio, list[bytes]]:
+                """The next block, and its Opus packets: decoding and encoding cost CPU
+                (libopus: about 1 % of a core per real-time stream), so both run on a
+                thread, one block ahead of the sending."""
+                block = src.read(ahead)
+                return block, (encoder.encode(block)
+                               if encoder is not None and len(block) else [])
+
+            nxt = asyncio.ensure_future(asyncio.to_thread(take))
+            try:
+                while True:
+                    block, new = await nxt
+                    if not len(block):
+                        break
+                    nxt = asyncio.ensure_future(asyncio.to_thread(take))
+                    if encoder is not None:
+                        await send_packets(new)
+                    else:
+                        await send_pcm(block)
+            finally:
+                if not nxt.done():  # the session failed mid-send: let the read finish
+                    with contextlib.suppress(Exception):
+                        await nxt
             left = delay
             while left > 0:  # flush the tail out of the pipeline's delay line
                 n = min(left, per_chunk)
-                await send(bytes(n * fmt.frame_bytes))
+                await send_pcm(np.zeros((n, channels), np.int16))
                 left -= n
+            if encoder is not None:  # the padded last frame and the encoder's look-ahead
+                await send_packets(encoder.flush(), last=True)
             await session.finish()
         report.wall_s = time.monotonic() - started
         if back is not None:

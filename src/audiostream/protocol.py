@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from audiostream.audio import AudioFormat, check_chunk
+from audiostream.audio import (
+    OPUS_MAX_FRAME_BYTES,
+    AudioFormat,
+    Codec,
+    check_chunk,
+    check_opus_chunk,
+    parse_wire_format,
+    wire_format_dict,
+)
 from audiostream.errors import AudioStreamError, ErrorCode, ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -99,6 +107,8 @@ class StartMessage:
     resume: ResumeRequest | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     version: float = V1
+    codec: Codec = Codec.PCM
+    """How binary frames carry audio; ``format`` is what the pipeline sees (PCM)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +253,7 @@ def parse_client_message(text: str) -> ClientMessage:
     api_key = data.get("api_key")
     _require(isinstance(api_key, str) and api_key != "", "start needs an api_key",
              ErrorCode.AUTH_FAILED)
-    fmt = AudioFormat.from_dict(data.get("format"))
+    fmt, codec = parse_wire_format(data.get("format"))
     pipeline = data.get("pipeline")
     _require(
         isinstance(pipeline, list) and 1 <= len(pipeline) <= MAX_PIPELINE_STEPS,
@@ -271,7 +281,8 @@ def parse_client_message(text: str) -> ClientMessage:
             ErrorCode.RESUME_FAILED,
         )
         resume = ResumeRequest(raw_resume["token"], raw_resume["received"])
-    return StartMessage(api_key, fmt, tuple(pipeline), deadline, resume, options, version)
+    return StartMessage(api_key, fmt, tuple(pipeline), deadline, resume, options, version,
+                        codec)
 
 
 def start_json(
@@ -282,12 +293,13 @@ def start_json(
     deadline_ms: int | None = None,
     resume: ResumeRequest | None = None,
     version: float = V1,
+    codec: Codec = Codec.PCM,
 ) -> str:
     msg: dict[str, Any] = {
         "type": "start",
         "version": PROTOCOL_VERSION if version == V1 else version,
         "api_key": api_key,
-        "format": fmt.to_dict(),
+        "format": wire_format_dict(fmt, codec),
         "pipeline": pipeline,
     }
     if deadline_ms is not None:
@@ -742,6 +754,9 @@ class ServerProtocol:
         self.state = State.AWAITING_START
         self.version = V1
         self.format: AudioFormat | None = None
+        """The PCM format the pipeline sees (and answers are in)."""
+        self.codec = Codec.PCM
+        """How the client's binary frames carry audio (from ``start``)."""
         self.session_id: str | None = None
         self._clock = clock
         now = clock()
@@ -862,6 +877,8 @@ class ServerProtocol:
     @property
     def max_frame_bytes(self) -> int:
         assert self.format is not None
+        if self.codec is Codec.OPUS:
+            return OPUS_MAX_FRAME_BYTES
         return self.format.bytes_for_ms(MAX_CHUNK_MS)
 
     def data_to_send(self) -> list[Output]:
@@ -1009,6 +1026,7 @@ class ServerProtocol:
         if reaction is Reaction.ACCEPT:
             assert isinstance(msg, StartMessage)
             self.version = msg.version
+            self.codec = msg.codec
             return [StartRequested(msg)]
         if reaction is Reaction.FLUSH:
             self._maybe_finish()
@@ -1040,10 +1058,18 @@ class ServerProtocol:
             if len(data) > self.max_frame_bytes:
                 raise ProtocolError(
                     f"frame of {len(data)} bytes exceeds {self.max_frame_bytes} "
-                    f"({MAX_CHUNK_MS} ms of {self.format.encoding} audio)",
+                    f"({MAX_CHUNK_MS} ms of {self.format.encoding} audio)"
+                    if self.codec is Codec.PCM else f"({self.codec} frames)",
                     ErrorCode.FRAME_TOO_LARGE,
                 )
-            check_chunk(self.format, data)
+            if self.codec is Codec.OPUS:
+                frames = check_opus_chunk(self.format, data)
+                if frames > self.format.sample_rate * MAX_CHUNK_MS // 1000:
+                    raise ProtocolError(
+                        f"frame of Opus packets lasting {frames * 1000 // self.format.sample_rate}"
+                        f" ms exceeds {MAX_CHUNK_MS} ms", ErrorCode.FRAME_TOO_LARGE)
+            else:
+                check_chunk(self.format, data)
         except AudioStreamError as err:
             self.deliver_notice(seq, err.code, err.message)
             return []

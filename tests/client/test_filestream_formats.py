@@ -164,13 +164,20 @@ def _cli(*argv: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
                           capture_output=True, env=env, timeout=120, check=False)
 
 
-@pytest.mark.parametrize("kind", ["mp3", "wav-22k"])
+@pytest.mark.parametrize("kind", ["mp3", "mp3-44k", "opus", "flac", "wav-22k"])
 def test_stdin_and_stdout(srv: ThreadedServer, tmp_path: Path, kind: str) -> None:
-    """`cat speech.mp3 | audiostream stream - - > out.wav`: a compressed stream (or a WAV
-    stream at a rate the wire refuses) in, a WAV stream out, the report on stderr."""
-    src = tmp_path / ("speech.mp3" if kind == "mp3" else "speech.wav")
+    """`cat speech.mp3 | audiostream stream - - > out.wav`: a compressed stream (decoded
+    as it arrives) or a WAV stream at a rate the wire refuses, in; a WAV stream out, the
+    report on stderr; the output exactly as long as the file decodes."""
+    src = tmp_path / ("speech.wav" if kind == "wav-22k" else f"speech.{kind.split('-')[0]}")
     if kind == "mp3":
         encode(src, "libmp3lame", 16000)
+    elif kind == "mp3-44k":
+        encode(src, "libmp3lame", 44100)
+    elif kind == "opus":
+        encode(src, "libopus", 48000, "ogg")
+    elif kind == "flac":
+        encode(src, "flac", 24000)
     else:
         data, rate = soundfile.read(str(SPEECH), dtype="int16", always_2d=True)
         soundfile.write(str(src), resample(data, rate, 22050), 22050, subtype="PCM_16")
@@ -181,7 +188,7 @@ def test_stdin_and_stdout(srv: ThreadedServer, tmp_path: Path, kind: str) -> Non
     assert proc.returncode == 0, proc.stderr.decode()
     back, back_rate = soundfile.read(io.BytesIO(proc.stdout), dtype="int16", always_2d=True)
     assert back_rate == rate and back.shape == decoded.shape
-    if kind == "mp3":  # at a wire rate: bit-exact through passthrough
+    if kind != "wav-22k":  # at a wire rate: bit-exact through passthrough
         assert np.array_equal(back, decoded)
     assert json.loads(proc.stderr.decode().strip().splitlines()[-1])["frames_out"] == len(back)
 
@@ -254,3 +261,45 @@ def test_22k_denoise_streamed_equals_offline_sample_for_sample(
     b, b_rate = soundfile.read(str(streamed), dtype="int16")
     assert a_rate == b_rate == 22050
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(("suffix", "codec", "rate", "wire"), [
+    (".flac", "flac", 16000, 16000),
+    (".mp3", "libmp3lame", 22050, 24000),   # a rate neither the wire nor libopus takes
+    (".flac", "flac", 44100, 48000),        # the wire takes 44.1 kHz, libopus does not
+])
+def test_encoding_opus_uploads_a_tenth_and_keeps_the_length(
+    srv: ThreadedServer, tmp_path: Path, suffix: str, codec: str, rate: int, wire: int
+) -> None:
+    """`audiostream stream --encoding opus`: Opus packets on the wire, PCM back, the
+    output at the decoded input's rate and exact length, and still the same speech."""
+    src = tmp_path / f"speech{suffix}"
+    encode(src, codec, rate)
+    decoded, decoded_rate = decode(src)
+    outs: dict[str, np.ndarray] = {}
+    reports: dict[str, dict[str, object]] = {}
+    for enc in ("pcm", "opus"):
+        out = tmp_path / f"out-{enc}.wav"
+        code, reports[enc] = stream(srv, str(src), str(out), "--pipeline", "passthrough",
+                                    "--rate", "max", "--chunk-ms", "200", "--encoding", enc)
+        assert code == 0 and reports[enc]["dropped"] == 0, reports[enc]
+        back, back_rate = soundfile.read(str(out), dtype="int16", always_2d=True)
+        assert back_rate == decoded_rate and back.shape == decoded.shape
+        outs[enc] = back[:, 0].astype(np.float64)
+    opus = reports["opus"]
+    assert opus["encoding"] == "opus" and opus["wire_rate"] == wire
+    assert opus["codec_delay_frames"] == 312 * wire // 48000  # libopus's look-ahead
+    pcm_at_wire_rate = decoded.shape[0] / decoded_rate * wire * 2  # 16-bit mono
+    assert isinstance(opus["wire_bytes"], int)
+    assert 0 < opus["wire_bytes"] <= 0.15 * pcm_at_wire_rate
+    ref = outs["pcm"]  # the decoded input, through the same rate conversions
+    assert np.corrcoef(ref, outs["opus"])[0, 1] > 0.9  # aligned: the look-ahead is cut
+    err = ref - outs["opus"]
+    assert 10 * np.log10(np.sum(ref**2) / np.sum(err**2)) > 6.0
+
+
+def test_encoding_opus_refuses_fill_input(srv: ThreadedServer, tmp_path: Path) -> None:
+    code = main(["stream", str(SPEECH), str(tmp_path / "o.wav"), "--pipeline",
+                 "passthrough", "--encoding", "opus", "--fill", "input", "--url",
+                 srv.server.url, "--api-key", srv.server.api_key, "--quiet"])
+    assert code != 0 and not (tmp_path / "o.wav").exists()

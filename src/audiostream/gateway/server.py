@@ -22,6 +22,8 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from audiostream.audio import Codec
+from audiostream.audiofile import OpusPacketDecoder
 from audiostream.bundler import WorkBundler
 from audiostream.envelope import Step
 from audiostream.errors import (
@@ -173,6 +175,8 @@ class _Connection:
         self.loop = asyncio.get_running_loop()
         self.proto = ServerProtocol(clock=self.loop.time, limits=gateway.limits)
         self.pipeline: SessionPipeline | None = None
+        self.decoder: OpusPacketDecoder | None = None
+        """``format.encoding: "opus"``: the session's Opus decoder (its state spans chunks)."""
         self.key: KeyRecord | None = None
         self.slot = SlotPhase.NONE
         self.grant: SessionGrant | None = None
@@ -335,10 +339,25 @@ class _Connection:
             self._replied[last_audio] = self.loop.time()
         self.kick()
 
+    def submit(self, seq: int, data: bytes) -> None:
+        """Hand a numbered chunk to the pipeline; Opus frames are decoded into the
+        session's PCM first, or answered with an ``invalid_audio`` notice (the session
+        goes on)."""
+        assert self.pipeline is not None
+        if self.decoder is not None:
+            try:
+                data = self.decoder.decode(data)
+            except AudioStreamError as err:
+                self.proto.deliver_notice(seq, err.code, err.message)
+                return
+        self.pipeline.submit(seq, data, time.time())
+
     # -- starting -----------------------------------------------------------------
     async def start_session(self, start: StartMessage) -> None:
         gw = self.gateway
         pl: SessionPipeline | None = None
+        if start.codec is Codec.OPUS:
+            self.decoder = OpusPacketDecoder(start.format.sample_rate, start.format.channels)
         try:
             if gw.draining:
                 raise AudioStreamError("gateway is draining; reconnect elsewhere",
@@ -851,8 +870,7 @@ class Gateway:
                 if isinstance(ev, StartRequested):
                     await conn.start_session(ev.start)
                 elif isinstance(ev, ChunkReceived):
-                    assert conn.pipeline is not None
-                    conn.pipeline.submit(ev.seq, ev.data, time.time())
+                    conn.submit(ev.seq, ev.data)
                 elif isinstance(ev, AckReceived) and conn.pipeline is not None:
                     conn.pipeline.confirm(ev.received)
             conn.kick()
