@@ -109,7 +109,7 @@ class GatewaySettings:
     (with none in flight it goes out at once)."""
     key_recheck_s: float = 1.0  # live sessions of a revoked key end (gateway/revocation.py)
     broker_probe_s: float = 1.0  # stall watchdog period, 0 disables (gateway/watchdog.py)
-    broker_stall_s: float = 2.0  # a probe unanswered this long: /readyz 503, starts get 4091
+    broker_stall_s: float = 2.0  # broker silent this long (lag-free): /readyz 503, starts 4091
     start_timeout_s: float = 5.0  # longest a start waits on the broker before 4091
 
     close_timeout_s: float = 5.0
@@ -610,8 +610,8 @@ class Gateway:
                                         interval_s=st.key_recheck_s)
         self.watchdog = BrokerWatchdog(
             lambda: transport.work_queue_depth(transport.topology.processing_types[0]),
-            interval_s=st.broker_probe_s, stall_after_s=st.broker_stall_s,
-            start_timeout_s=st.start_timeout_s)
+            progress=lambda: transport.progress, interval_s=st.broker_probe_s,
+            stall_after_s=st.broker_stall_s, start_timeout_s=st.start_timeout_s)
         self.load = LoadMonitor(  # queue-age gauges for KEDA and alerts (gateway/load.py)
             self.metrics, lambda: [c.pipeline for c in self.connections if c.pipeline is not None],
             transport.topology.processing_types, interval_s=self.settings.load_sample_s)
