@@ -96,6 +96,9 @@ class GatewaySettings:
     """Hold a session's next message until its oldest chunk is this old (0: send as soon
     as the previous one is answered). Fewer, larger messages per session for up to this
     much latency: a throughput knob for workers that are the bottleneck."""
+    coalesce_fraction: float = 0.5
+    """A session coalesces on its own once its replies take longer than this share of
+    its chunk interval (0: never; ``CoalescePolicy.budget_fraction``)."""
     coalesce_above: float = 1500.0
     """Gateway-wide chunks per second above which every session coalesces (a floor of
     chunks per message that brings the message rate back to about this; 0: never).
@@ -145,6 +148,8 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         if self.linger_ms < 0:
             raise ConfigError(f"linger must be >= 0 ms, not {self.linger_ms:g}")
+        if self.coalesce_fraction < 0:
+            raise ConfigError(f"coalesce fraction must be >= 0, not {self.coalesce_fraction:g}")
         if self.coalesce_above < 0 or self.loop_lag_high_ms < 0 or self.budget_sample_s <= 0:
             raise ConfigError("coalesce-above and loop lag must be >= 0, the budget sample "
                               "period > 0")
@@ -432,6 +437,7 @@ class _Connection:
             on_displaced=self.on_displaced,
             bundler=self.gateway.bundler,
             linger_s=self.gateway.settings.linger_ms / 1000,
+            coalesce_fraction=self.gateway.settings.coalesce_fraction,
             budget=self.gateway.budget,
         )
 
