@@ -169,11 +169,18 @@ class Proc:
 
 
 async def start(name: str, argv: Sequence[str], ready: str, within_s: float = 120) -> Proc:
-    """Start a process and wait for a stdout line containing ``ready``."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, cwd=ROOT, env=env(), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
-    )
+    """Start a process and wait for a stdout line containing ``ready``.
+
+    Its stderr (the logs) is discarded, or kept in ``$BENCH_LOG_DIR/NAME.log``."""
+    logs = os.environ.get("BENCH_LOG_DIR")
+    with contextlib.ExitStack() as files:
+        stderr: Any = asyncio.subprocess.DEVNULL
+        if logs:
+            stderr = files.enter_context((Path(logs) / f"{name}.log").open("ab"))
+        proc = await asyncio.create_subprocess_exec(
+            *argv, cwd=ROOT, env=env(), stdout=asyncio.subprocess.PIPE,
+            stderr=stderr, stdin=asyncio.subprocess.DEVNULL,
+        )
     assert proc.stdout is not None
     deadline = time.monotonic() + within_s
     while True:

@@ -74,7 +74,8 @@ def test_plain_ws_on_a_public_address_is_refused_without_behind_proxy(
 @pytest.mark.parametrize(
     ("flags", "says"),
     [(["--bundle-max", "0"], "at least 1 item"), (["--bundle-wait-ms", "-1"], "wait >= 0"),
-     (["--linger-ms", "-3"], "linger must be >= 0")],
+     (["--linger-ms", "-3"], "linger must be >= 0"),
+     (["--coalesce-fraction", "-0.5"], "coalesce fraction must be >= 0")],
 )
 def test_bad_bundling_options_are_refused_with_a_config_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], says: str

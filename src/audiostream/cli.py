@@ -286,6 +286,10 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
                    help="hold a session's next message until its oldest chunk is this old, "
                    "so it carries more chunks: up to this much latency for fewer messages "
                    "per session (default 0)")
+    p.add_argument("--coalesce-fraction", type=float, default=0.5, metavar="SHARE",
+                   help="a session sends several chunks per work message once its replies "
+                   "take longer than this share of its chunk interval (default 0.5; "
+                   "0 disables)")
     p.add_argument("--coalesce-above", type=float, default=1500.0, metavar="CHUNKS_PER_S",
                    help="gateway-wide chunks per second above which every session sends "
                    "several chunks per work message (fewer messages for the broker and "
@@ -386,6 +390,7 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         bundle_max=args.bundle_max,
         bundle_wait_ms=args.bundle_wait_ms,
         coalesce_above=args.coalesce_above,
+        coalesce_fraction=args.coalesce_fraction,
         loop_lag_high_ms=args.loop_lag_high_ms,
         edge=EdgeSettings(handshake_timeout_s=args.handshake_timeout_s,
                           max_pending=args.max_pending_sockets,

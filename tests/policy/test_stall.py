@@ -10,6 +10,8 @@ again, readiness and sessions come back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import time
 from typing import Any
@@ -21,10 +23,11 @@ import pytest
 from audiostream.audio import AudioFormat, Encoding
 from audiostream.errors import ErrorCode, TransportError
 from audiostream.gateway import GatewaySettings
-from audiostream.gateway.watchdog import BrokerWatchdog
+from audiostream.gateway.watchdog import BrokerWatchdog, Silence
 from audiostream.protocol import start_json
 from audiostream.testing import Embedded, embedded_server, eventually
 from audiostream.topology import Topology
+from audiostream.transport.rabbitmq import RabbitTransport
 from tests.conftest import delete_prefixed, unique_prefix
 from tests.gateway.conftest import TLS
 from tests.policy.conftest import StallingProxy
@@ -129,15 +132,29 @@ async def test_watchdog_marks_a_hanging_probe_and_recovers() -> None:
         answer.clear()  # the broker hangs
         hang = asyncio.Event()
         cleaned = asyncio.Event()
+        ended: list[str] = []
 
         async def cleanup() -> None:
             cleaned.set()
 
-        # Work in progress when the stall is detected is abandoned and cleaned up.
+        async def in_flight() -> None:
+            try:
+                await hang.wait()
+                ended.append("finished")
+            except asyncio.CancelledError:
+                ended.append("cancelled")
+                raise
+
+        # Work in progress when the stall is detected is abandoned: the client gets its
+        # answer at once, the work runs to its end (a broker request is never cancelled
+        # half way) and is cleaned up after.
         with pytest.raises(TransportError) as info:
-            await dog.bounded(hang.wait(), cleanup=cleanup)
+            await dog.bounded(in_flight(), cleanup=cleanup)
         assert info.value.code is ErrorCode.BROKER_UNAVAILABLE and not dog.healthy
+        assert not cleaned.is_set() and ended == []
+        hang.set()
         await asyncio.wait_for(cleaned.wait(), 10)
+        assert ended == ["finished"]
         # Known stall: refused at once, the work never runs.
         ran = False
 
@@ -178,3 +195,159 @@ async def test_start_timeout_bounds_slow_work_without_a_stall() -> None:
         await dog.bounded(fails(), cleanup=cleanup)
     await asyncio.wait_for(cleaned.wait(), 10)
     await dog.close()
+
+
+# -- lateness of our own loop is not broker silence ----------------------------------------
+
+def test_silence_counts_a_late_tick_as_one_tick() -> None:
+    s = Silence(tick_s=0.1)
+    assert s.observe(100.0, progress=7, owed=True) == 0.0
+    # A loop 5 s late: the tick is credited 0.1 s, not 5 s.
+    assert s.observe(105.0, progress=7, owed=True) == pytest.approx(0.1)
+    assert s.observe(111.0, progress=7, owed=True) == pytest.approx(0.2)
+    assert s.clock == pytest.approx(0.2)
+    # Timely ticks add up in full (up to tick_s each).
+    now = 111.0
+    for _ in range(8):
+        now += 0.1
+        s.observe(now, progress=7, owed=True)
+    assert s.seconds == pytest.approx(1.0)
+    # Any answer from the broker ends the silence; so does owing nothing.
+    assert s.observe(now + 0.1, progress=8, owed=True) == 0.0
+    assert s.observe(now + 0.2, progress=8, owed=True) == pytest.approx(0.1)
+    assert s.observe(now + 0.3, progress=8, owed=False) == 0.0
+    # A clock going backwards credits nothing.
+    assert s.observe(now, progress=8, owed=True) == 0.0
+
+
+async def test_a_late_loop_with_a_silent_broker_needs_many_ticks() -> None:
+    """Injected clock: every tick comes 3 s late, the broker never answers. The stall is
+    declared after ``stall_after_s / tick_s`` ticks, not at the first late one."""
+    now = 0.0
+
+    def late() -> float:
+        nonlocal now
+        now += 3.0
+        return now
+
+    async def probe() -> None:
+        await asyncio.Event().wait()
+
+    dog = BrokerWatchdog(probe, progress=lambda: 0, stall_after_s=1.0, tick_s=0.1, clock=late)
+    dog._owed = True  # a probe is outstanding (as while ``_probe_once`` waits)
+    ticks = 0
+    while dog.healthy:
+        dog.tick()
+        ticks += 1
+    # The first tick only starts the clock; then ten late ticks of 0.1 s each.
+    assert ticks == 11 and dog.stalls == 1
+    assert "no answer from the broker" in dog.reason
+
+
+async def test_an_answering_broker_is_never_stalled_however_slow_the_probe() -> None:
+    """An overloaded gateway reads the probe's answer late, behind a backlog of
+    deliveries and confirms: those are answers too, so there is no stall, and when
+    they stop while the probe is still owed, there is."""
+    answers = itertools.count()
+    flowing = True
+
+    def progress() -> int:
+        return next(answers) if flowing else -1
+
+    async def probe() -> None:
+        await asyncio.Event().wait()  # the probe's answer never gets read
+
+    dog = BrokerWatchdog(probe, progress=progress, interval_s=0.01, stall_after_s=0.1,
+                         tick_s=0.005)
+    dog.start()
+    try:
+        assert await eventually(lambda: dog.silence.clock > 1.0)  # ten stall periods
+        assert dog.healthy and dog.stalls == 0
+        flowing = False
+        assert await eventually(lambda: not dog.healthy)
+        assert dog.stalls == 1
+        flowing = True
+        assert await eventually(lambda: dog.healthy)  # any answer ends the stall
+    finally:
+        await dog.close()
+
+
+@pytest.mark.integration
+@pytest.mark.rabbitmq
+async def test_a_starved_loop_with_a_healthy_broker_refuses_nothing(rabbitmq_url: str) -> None:
+    """The event loop is blocked for twice ``stall_after_s`` (a gateway starved of CPU)
+    while a start's broker work and a probe are under way on a healthy broker: the start
+    completes and no stall is declared. (The first watchdog timed the probe by the wall
+    clock: it declared a stall and refused the start with broker_unavailable.)"""
+    topo = Topology(processing_types=("passthrough",), prefix=unique_prefix())
+    transport = RabbitTransport(rabbitmq_url, topo)
+    await transport.connect()
+    loop = asyncio.get_running_loop()
+    probes = 0
+    starved = asyncio.Event()
+
+    def starve() -> None:
+        time.sleep(2.0)  # the whole loop stops: nothing is read, no timer fires
+        starved.set()
+
+    async def probe() -> int:
+        nonlocal probes
+        probes += 1
+        if probes == 3:
+            loop.call_soon(starve)  # once the probe's first request is on its way
+        return await transport.work_queue_depth("passthrough")
+
+    dog = BrokerWatchdog(probe, interval_s=0.05, stall_after_s=1.0, start_timeout_s=30)
+    try:
+        await transport.declare()
+        dog.start()
+        queue = f"{topo.prefix}.reply.starved"
+
+        async def start_work() -> bool:
+            """A start's broker work: the loop starves half way through it."""
+            await transport.declare_reply_queue(queue)
+            await starved.wait()
+            return await transport.reply_queue_exists(queue)
+
+        assert await dog.bounded(start_work())
+        assert await eventually(lambda: probes >= 6)  # probes answered after the starving
+        assert dog.healthy and dog.stalls == 0 and dog.refused == 0
+    finally:
+        await dog.close()
+        with contextlib.suppress(TransportError):
+            await transport.delete_reply_queue(f"{topo.prefix}.reply.starved")
+        await transport.close()
+        await delete_prefixed(rabbitmq_url, topo)
+
+
+async def test_a_start_past_its_timeout_waits_on_while_the_broker_answers() -> None:
+    """A start still running at ``start_timeout_s`` while the broker keeps answering
+    is held up by our own busy gateway, not by the broker: it is not refused. With a
+    silent broker it is refused at ``start_timeout_s``."""
+    flowing = True
+    answers = itertools.count()
+
+    def progress() -> int:
+        return next(answers) if flowing else -1
+
+    async def probe() -> None:
+        await asyncio.Event().wait()
+
+    dog = BrokerWatchdog(probe, progress=progress, interval_s=0.01, stall_after_s=1.0,
+                         start_timeout_s=0.1, tick_s=0.005)
+    dog.start()
+    try:
+        async def slow_start() -> str:
+            began = dog.silence.clock
+            assert await eventually(lambda: dog.silence.clock > began + 0.2)
+            return "ready"
+
+        assert await dog.bounded(slow_start()) == "ready"
+        assert dog.refused == 0
+        flowing = False
+        assert await eventually(lambda: dog.silence.quiet >= 1.0)
+        with pytest.raises(TransportError, match=r"no answer within 0\.1 s|no answer from"):
+            await dog.bounded(asyncio.Event().wait())
+        assert dog.refused == 1
+    finally:
+        await dog.close()

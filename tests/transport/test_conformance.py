@@ -363,6 +363,31 @@ async def test_work_queue_depth_counts_ready_messages_only(
     assert await pub.work_queue_depth(A) == 1
 
 
+async def test_progress_counts_every_answer_of_the_broker(
+    transport_factory: TransportFactory, topology: Topology
+) -> None:
+    """The stall watchdog's evidence: confirms, deliveries and probe answers each move
+    ``progress`` (gateway/watchdog.py)."""
+    pub = await declared(transport_factory)
+    before = pub.progress
+    await pub.publish_work(A, 0, b"w", ttl=LONG_TTL)
+    after_confirm = pub.progress
+    assert after_confirm > before
+    await pub.work_queue_depth(A)
+    after_probe = pub.progress
+    assert after_probe > after_confirm
+    name = reply_name(topology)
+    await pub.declare_reply_queue(name)
+    inbox = Inbox()
+    await pub.consume_replies(name, inbox)
+    counted = pub.progress
+    worker = await transport_factory()
+    for i in range(3):
+        assert await worker.publish_reply(name, f"r{i}".encode()) is True
+    await inbox.wait_for(3)
+    assert pub.progress >= counted + 3  # one per delivery at least
+
+
 async def test_prefetch_bounds_unacked_deliveries_per_shard_queue(
     transport_factory: TransportFactory,
 ) -> None:

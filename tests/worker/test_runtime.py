@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from audiostream.envelope import ReplyStatus, Step, decode_reply, encode_work_bundle
 from audiostream.metrics import WorkerMetrics
+from audiostream.processors.base import ProcessorRegistry, StepInput, StepOutput, registry
 from audiostream.topology import Topology
 from audiostream.transport import MemoryBroker, MemoryTransport
 from audiostream.worker import Worker, WorkerSettings
+from tests.worker.test_bundles import envelope, replies_for
 
 
 async def test_gpu_request_without_a_gpu_says_so_and_exports_cpu(
@@ -59,6 +63,42 @@ async def test_each_processing_type_has_its_batch_wait_unless_one_is_given(
                        if r.getMessage().startswith("worker consuming"))
         for step, ms in want.items():
             assert f"{step}={ms}" in started
+    finally:
+        await worker.stop()
+        await transport.close()
+
+
+async def test_inline_steps_run_on_the_event_loop_and_others_on_the_executor() -> None:
+    """A step declared ``inline`` (microseconds of work) skips the executor's thread
+    hand-off, which costs more than the step; every other step runs off the loop."""
+    ran_on: dict[str, int] = {}
+    processors = ProcessorRegistry()
+
+    @processors.per_item("cheap", inline=True)
+    def cheap(item: StepInput) -> StepOutput:
+        ran_on["cheap"] = threading.get_ident()
+        return StepOutput(item.audio)
+
+    @processors.per_item("heavy")
+    def heavy(item: StepInput) -> StepOutput:
+        ran_on["heavy"] = threading.get_ident()
+        return StepOutput(item.audio)
+
+    steps = ("cheap", "heavy")
+    transport = MemoryTransport(MemoryBroker(), Topology(processing_types=steps))
+    await transport.connect()
+    worker = Worker(transport, WorkerSettings(processing=steps), processors=processors)
+    await worker.start()
+    try:
+        for name in steps:
+            env = envelope(transport, name, (Step(name),))
+            inbox = (await replies_for(transport, [name]))[name]
+            await transport.publish_work(name, 0, encode_work_bundle([env]), ttl=30)
+            await inbox.wait_for(1)
+            assert decode_reply(inbox.bodies[0]).status is ReplyStatus.OK
+        assert ran_on["cheap"] == threading.get_ident()
+        assert ran_on["heavy"] != threading.get_ident()
+        assert registry.get("passthrough").inline and not registry.get("highpass").inline
     finally:
         await worker.stop()
         await transport.close()

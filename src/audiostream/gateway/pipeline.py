@@ -155,6 +155,7 @@ class SessionPipeline:
         on_displaced: Callable[[], None] | None = None,
         bundler: WorkBundler,
         linger_s: float = 0.0,
+        coalesce_fraction: float = 0.5,
         policy: CoalescePolicy | None = None,
         journal_cap: int = MAX_JOURNAL,
         budget: LoadBudget | None = None,
@@ -167,7 +168,8 @@ class SessionPipeline:
         self.deadline_s = deadline_s
         if policy is None:
             policy = CoalescePolicy(max_chunks=MAX_COALESCE, max_backlog=MAX_BACKLOG,
-                                    linger_s=max(0.0, linger_s))
+                                    linger_s=max(0.0, linger_s),
+                                    budget_fraction=max(0.0, coalesce_fraction))
         self.coalescer = Coalescer(deadline_s=deadline_s, policy=policy,
                                    first_msg_id=generation << GEN_SHIFT)
         self.linger_s = max(0.0, min(policy.linger_s, deadline_s / 2))

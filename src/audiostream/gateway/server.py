@@ -98,6 +98,9 @@ class GatewaySettings:
     """Hold a session's next message until its oldest chunk is this old (0: send as soon
     as the previous one is answered). Fewer, larger messages per session for up to this
     much latency: a throughput knob for workers that are the bottleneck."""
+    coalesce_fraction: float = 0.5
+    """A session coalesces on its own once its replies take longer than this share of
+    its chunk interval (0: never; ``CoalescePolicy.budget_fraction``)."""
     coalesce_above: float = 1500.0
     """Gateway-wide chunks per second above which every session coalesces (a floor of
     chunks per message that brings the message rate back to about this; 0: never).
@@ -111,7 +114,7 @@ class GatewaySettings:
     (with none in flight it goes out at once)."""
     key_recheck_s: float = 1.0  # live sessions of a revoked key end (gateway/revocation.py)
     broker_probe_s: float = 1.0  # stall watchdog period, 0 disables (gateway/watchdog.py)
-    broker_stall_s: float = 2.0  # a probe unanswered this long: /readyz 503, starts get 4091
+    broker_stall_s: float = 2.0  # broker silent this long (lag-free): /readyz 503, starts 4091
     start_timeout_s: float = 5.0  # longest a start waits on the broker before 4091
 
     close_timeout_s: float = 5.0
@@ -147,6 +150,8 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         if self.linger_ms < 0:
             raise ConfigError(f"linger must be >= 0 ms, not {self.linger_ms:g}")
+        if self.coalesce_fraction < 0:
+            raise ConfigError(f"coalesce fraction must be >= 0, not {self.coalesce_fraction:g}")
         if self.coalesce_above < 0 or self.loop_lag_high_ms < 0 or self.budget_sample_s <= 0:
             raise ConfigError("coalesce-above and loop lag must be >= 0, the budget sample "
                               "period > 0")
@@ -451,6 +456,7 @@ class _Connection:
             on_displaced=self.on_displaced,
             bundler=self.gateway.bundler,
             linger_s=self.gateway.settings.linger_ms / 1000,
+            coalesce_fraction=self.gateway.settings.coalesce_fraction,
             budget=self.gateway.budget,
         )
 
@@ -629,8 +635,8 @@ class Gateway:
                                         interval_s=st.key_recheck_s)
         self.watchdog = BrokerWatchdog(
             lambda: transport.work_queue_depth(transport.topology.processing_types[0]),
-            interval_s=st.broker_probe_s, stall_after_s=st.broker_stall_s,
-            start_timeout_s=st.start_timeout_s)
+            progress=lambda: transport.progress, interval_s=st.broker_probe_s,
+            stall_after_s=st.broker_stall_s, start_timeout_s=st.start_timeout_s)
         self.load = LoadMonitor(  # queue-age gauges for KEDA and alerts (gateway/load.py)
             self.metrics, lambda: [c.pipeline for c in self.connections if c.pipeline is not None],
             transport.topology.processing_types, interval_s=self.settings.load_sample_s)

@@ -73,6 +73,10 @@ class ProcessorSpec:
     delay_frames: DelayFn | None = None
     """Fixed output delay, in output frames, for (input rate, params); None means none.
     Lets a client line streamed output up with the input (``--compensate-delay``)."""
+    inline: bool = False
+    """Cheap enough (microseconds per item, pure Python holding the GIL anyway) to run on
+    the worker's event loop: its batches skip the executor's thread hand-off, which
+    costs more than the step. Models and heavier DSP stay on the executor."""
 
 
 class ProcessorRegistry:
@@ -94,6 +98,7 @@ class ProcessorRegistry:
         internal: bool = False,
         params: ParamSchema = NO_PARAMS,
         delay_frames: DelayFn | None = None,
+        inline: bool = False,
     ) -> Callable[[BatchFn], BatchFn]:
         """Register a function that processes a whole batch in one call."""
 
@@ -109,6 +114,7 @@ class ProcessorRegistry:
                     description=(fn.__doc__ or "").strip().split("\n")[0],
                     internal=internal,
                     delay_frames=delay_frames,
+                    inline=inline,
                 )
             )
             return fn
@@ -125,6 +131,7 @@ class ProcessorRegistry:
         internal: bool = False,
         params: ParamSchema = NO_PARAMS,
         delay_frames: DelayFn | None = None,
+        inline: bool = False,
     ) -> Callable[[ItemFn], ItemFn]:
         """Register a function of one input; the batch is a loop over it."""
 
@@ -141,6 +148,7 @@ class ProcessorRegistry:
                 internal=internal,
                 params=params,
                 delay_frames=delay_frames,
+                inline=inline,
             )(run)
             return fn
 

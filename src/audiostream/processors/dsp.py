@@ -14,7 +14,7 @@ from audiostream.processors.base import StepInput, StepOutput, registry
 from audiostream.processors.params import Kind, Param, ParamSchema
 
 
-@registry.per_item("passthrough")
+@registry.per_item("passthrough", inline=True)
 def passthrough(item: StepInput) -> StepOutput:
     """Return the audio unchanged (measures the pipeline itself)."""
     return StepOutput(item.audio)
@@ -40,7 +40,7 @@ GAIN_PARAMS = ParamSchema((
 ))
 
 
-@registry.per_item("gain", check_params=_check_gain, params=GAIN_PARAMS)
+@registry.per_item("gain", check_params=_check_gain, params=GAIN_PARAMS, inline=True)
 def gain(item: StepInput) -> StepOutput:
     """Fixed gain in dB (``{"db": 6}``), clipped to full scale."""
     factor = np.float32(10 ** (_number(item.params, "db", 6.0, -60.0, 40.0) / 20))

@@ -13,7 +13,8 @@ conformance suite (``tests/transport/test_conformance.py``):
 * publishes return only once the broker has taken responsibility (confirms);
 * reply queues are per session and vanish ``reply_expires_ms`` after their last
   consumer leaves;
-* ``close()`` cancels every consumer and task the transport owns.
+* ``close()`` cancels every consumer and task the transport owns;
+* ``progress`` grows with every answer from the broker.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ class Transport(Protocol):
 
     @property
     def is_connected(self) -> bool: ...
+
+    @property
+    def progress(self) -> int:
+        """Answers from the broker so far (publish confirms, deliveries, replies to
+        requests): the stall watchdog's evidence that the broker is alive however
+        late our own event loop runs (``gateway/watchdog.py``)."""
+        ...
 
     async def connect(self) -> None: ...
 

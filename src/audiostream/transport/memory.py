@@ -229,6 +229,7 @@ class MemoryBroker:
             msg.delivery_count += 1
             tag = next(self._tags)
             consumer.unacked[tag] = msg
+            consumer.owner.progress += 1
             consumer.owner._spawn(consumer.handler(_MemoryDelivery(consumer, tag, msg)))
             # Rotate so equal-load consumers take turns.
             q.consumers.remove(consumer)
@@ -276,6 +277,8 @@ class MemoryTransport:
         self._consumers: set[_Consumer] = set()
         """Consumers that may still deliver or hold unsettled deliveries."""
         self._tasks: set[asyncio.Task[None]] = set()
+        self.progress = 0
+        """Broker answers so far (publishes taken, deliveries, queue statistics)."""
 
     @property
     def is_connected(self) -> bool:
@@ -333,6 +336,7 @@ class MemoryTransport:
         if q is None:
             raise TransportError(f"no queue bound for {processing!r} shard {shard}")
         self.broker._enqueue(q, _Message(body, time.monotonic() + ttl))
+        self.progress += 1
 
     async def consume_work(
         self, processing: str, handler: Handler, *, prefetch: int
@@ -369,6 +373,7 @@ class MemoryTransport:
         if q is None:
             return False
         self.broker._enqueue(q, _Message(body, None))
+        self.progress += 1
         return True
 
     async def publish_replies(
@@ -404,4 +409,5 @@ class MemoryTransport:
             if q is not None:
                 self.broker._purge_expired(q)
                 total += len(q.messages)
+        self.progress += 1
         return total

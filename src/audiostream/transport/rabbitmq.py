@@ -327,6 +327,7 @@ class _Subscription:
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         """Runs as its own task (aiormq makes one per delivery); the transport owns it."""
+        self._transport.progress += 1
         if self.cancelled or self._transport._closing:
             # Sent by the broker before it processed our cancel: give it back untouched.
             if message.delivery_tag is not None:
@@ -451,6 +452,10 @@ class RabbitTransport:
             weakref.WeakKeyDictionary())
         self._restore_task: asyncio.Task[None] | None = None
         self._closing = False
+        self.progress = 0
+        """Answers from the broker so far: publish confirms (and returns or nacks),
+        deliveries, opened channels and queue declarations (the stall watchdog's
+        evidence, gateway/watchdog.py)."""
 
     def __repr__(self) -> str:
         return f"<RabbitTransport {_redact(self._url)} connected={self.is_connected}>"
@@ -523,6 +528,7 @@ class RabbitTransport:
             conn, publisher_confirms=confirms, on_return_raises=on_return_raises
         )
         await channel.initialize(timeout=self.op_timeout)
+        self.progress += 1
         self._channels.add(channel)
         return channel
 
@@ -647,7 +653,9 @@ class RabbitTransport:
             try:
                 queue = await ch.declare_queue(name, passive=True, timeout=self.op_timeout)
             except aiormq.exceptions.ChannelNotFoundEntity:
+                self.progress += 1
                 return None
+            self.progress += 1
             result = queue.declaration_result
             return int(result.message_count or 0), int(result.consumer_count or 0)
 
@@ -694,9 +702,12 @@ class RabbitTransport:
                 body, exchange=exchange, routing_key=routing_key, properties=properties,
                 mandatory=True, timeout=self.op_timeout,
             )
+            self.progress += 1
         except aiormq.exceptions.PublishError:
+            self.progress += 1
             result = None  # Basic.Return: no queue is bound for this routing key
         except aiormq.exceptions.DeliveryError as exc:
+            self.progress += 1
             raise TransportError(f"the broker refused the message ({exc})") from exc
         except _BROKER_ERRORS as exc:
             raise TransportError(
@@ -726,9 +737,12 @@ class RabbitTransport:
                 body, exchange="", routing_key=queue, properties=properties,
                 mandatory=True, timeout=self.op_timeout,
             )
+            self.progress += 1
         except aiormq.exceptions.PublishError:
+            self.progress += 1
             return False  # Basic.Return: the queue is gone
         except aiormq.exceptions.DeliveryError as exc:
+            self.progress += 1
             raise TransportError(f"the broker refused the reply ({exc})") from exc
         except _BROKER_ERRORS as exc:
             raise TransportError(
@@ -764,6 +778,7 @@ class RabbitTransport:
         try:
             async with asyncio.timeout(self.op_timeout):
                 outcomes = iter(await asyncio.gather(*waiting, return_exceptions=True))
+            self.progress += len(waiting)
         except TimeoutError as exc:
             raise TransportError(
                 f"no confirm for {len(waiting)} replies within {self.op_timeout:g} s"

@@ -77,9 +77,12 @@ class _Item:
 class _Lane:
     """One processing type: its batcher, its executor and its flusher task."""
 
-    def __init__(self, name: str, fn: BatchFn, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(self, name: str, fn: BatchFn, max_batch: int, max_wait_ms: float,
+                 *, inline: bool = False) -> None:
         self.name = name
         self.fn = fn
+        self.inline = inline
+        """Run batches on the event loop (``ProcessorSpec.inline``), not the executor."""
         self.max_wait_ms = max_wait_ms
         self.batcher: Batcher[_Item] = Batcher(max_batch, max_wait_ms / 1000, adaptive=True)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"as-{name}")
@@ -133,7 +136,7 @@ class Worker:
                     log.error("stage=%s: model not available: %s", name, err)
             wait = self.settings.max_wait_ms
             lane = _Lane(name, lane_fn, self.settings.max_batch,
-                         spec.max_wait_ms if wait is None else wait)
+                         spec.max_wait_ms if wait is None else wait, inline=spec.inline)
             self._lanes[name] = lane
             self._export_provider(name, lane_fn)
             lane.task = loop.create_task(self._flusher(lane), name=f"flusher-{name}")
@@ -216,9 +219,12 @@ class Worker:
             envelopes = [it.envelope for it in items]
             received = [it.received for it in items]
             started = time.perf_counter()
-            report: BatchReport = await loop.run_in_executor(
-                lane.executor, functools.partial(self._timed_step, lane, envelopes, received)
-            )
+            if lane.inline:
+                report = self._timed_step(lane, envelopes, received)
+            else:
+                report = await loop.run_in_executor(
+                    lane.executor, functools.partial(self._timed_step, lane, envelopes, received)
+                )
             if self.metrics is not None and report.processed_size:
                 self.metrics.inference.labels(processing=lane.name).observe(
                     time.perf_counter() - started
@@ -233,7 +239,8 @@ class Worker:
     def _timed_step(
         self, lane: _Lane, envelopes: list[WorkEnvelope], received: list[float]
     ) -> BatchReport:
-        """Runs in the lane's executor; counts its busy time so utilisation is a ratio."""
+        """Runs in the lane's executor (or inline); counts its busy time so utilisation
+        is a ratio."""
         started = time.perf_counter()
         try:
             return run_step(lane.fn, envelopes, received=received)
