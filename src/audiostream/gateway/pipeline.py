@@ -188,8 +188,9 @@ class SessionPipeline:
         self._seen_released = asyncio.Event()
         self._refused = asyncio.Event()
         self._newest_seen = 0
-        """The newest generation a takeover saw in the journal (released markers, reply
-        message ids): one that is not older than ours means our token is stale."""
+        """The newest generation known to have held the session: what a takeover saw in
+        the journal (released markers, reply message ids; one not older than ours means
+        our token is stale), then ours once a token of it was issued (``issued``)."""
         self._subscription: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -313,6 +314,12 @@ class SessionPipeline:
         if isinstance(msg, Control) and msg.command == REFUSED and msg.nonce == self.nonce:
             self._newest_seen = max(self._newest_seen, msg.generation)
             self._refused.set()
+
+    def issued(self) -> None:
+        """A token of this generation went to the client: from now on the journal's
+        "released" marker names it. (A takeover that fails before, e.g. on a bad
+        ``received``, must not raise the bar for the token it was given.)"""
+        self._newest_seen = max(self._newest_seen, self.generation)
 
     async def _hand_back(self, delivery: Delivery) -> None:
         """Put a reply back for the next holder: a confirmed copy, then ack the original.
@@ -607,7 +614,7 @@ class SessionPipeline:
         # The marker carries the newest generation that held the session, so a stale
         # token cannot take it over while it is detached.
         marker = encode_control(Control(self.session_id, RELEASED, self.nonce,
-                                        generation=max(self.generation, self._newest_seen)))
+                                        generation=self._newest_seen))
         batch = [(self.reply_queue, d.body) for d in journal] + [(self.reply_queue, marker)]
         try:
             results: list[bool | TransportError] = await self.transport.publish_replies(batch)

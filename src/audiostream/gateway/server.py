@@ -378,7 +378,8 @@ class _Connection:
         self._accept()
 
     def _accept(self, resume_from: int | None = None, delivered: int = 0) -> None:
-        assert self.grant is not None
+        assert self.grant is not None and self.pipeline is not None
+        self.pipeline.issued()
         if self.request is not None:  # audio frames may now be as large as the format allows
             _edge.limit_frames(self.request, None)
         self.proto.accept(
