@@ -111,7 +111,7 @@ async def test_a_reconnect_loop_from_one_address_gets_429_at_accept(
     the rest get a canned 429 before their request is read; a client on another address
     (127.0.0.1) is unaffected and a victim session keeps its audio."""
     settings = GatewaySettings(chunk_rate=None, edge=EdgeSettings(
-        conn_rate_per_ip=0.01, conn_burst_per_ip=5, tarpit_s=0))
+        conn_rate_per_ip=0.01, conn_burst_per_ip=5))
     async with edge_server(settings, broker=True) as srv:
         victim = start_victim(srv, tls)
         statuses: list[int] = []
@@ -144,43 +144,6 @@ async def test_a_reconnect_loop_from_one_address_gets_429_at_accept(
         refused = srv.gateway.metrics_registry.get_sample_value(
             "audiostream_gateway_edge_refused_total", {"reason": "connection_rate"})
         assert refused == 60 - served
-
-
-async def test_a_refused_socket_is_held_in_the_tarpit_until_it_is_full(
-    edge_server: EdgeServer, tls: TLS
-) -> None:
-    """Over its address's rate, a socket is held unanswered (the tarpit: a client that
-    reconnects as soon as it is refused is slowed to one try per socket per tarpit time),
-    as long as the tarpit has room; the next one gets its 429 at once, and the held one
-    gets its 429 when the gateway stops. The tarpit time is an hour: only the gateway's
-    stop can answer the held socket."""
-    settings = GatewaySettings(chunk_rate=None, edge=EdgeSettings(
-        conn_rate_per_ip=0.01, conn_burst_per_ip=1, tarpit_s=3600, max_tarpit=1))
-    async with edge_server(settings) as srv:
-        victim = start_victim(srv, tls)
-
-        def refused() -> float:
-            return srv.gateway.metrics_registry.get_sample_value(
-                "audiostream_gateway_edge_refused_total", {"reason": "connection_rate"}) or 0
-
-        reader, writer = await _connect_from(srv, tls, "127.0.0.2")  # the burst
-        writer.write(upgrade_request())
-        assert (await read_head(reader))[0] == 101
-        writer.close()
-        held_reader, held_writer = await _connect_from(srv, tls, "127.0.0.2")
-        held = asyncio.ensure_future(held_reader.read())
-        assert await eventually(lambda: refused() == 1)
-        reader, writer = await _connect_from(srv, tls, "127.0.0.2")
-        status, _ = await read_head(reader)
-        assert status == 429 and b"too many connections" in await reader.read()
-        writer.close()
-        assert refused() == 2
-        assert not held.done()  # still held, not even read
-        await victim.assert_intact()
-    answer = await asyncio.wait_for(held, 10)
-    assert answer.startswith(b"HTTP/1.1 429 ")
-    assert answer.endswith(b"too many connections from this address\n")
-    held_writer.close()
 
 
 async def test_a_persistent_chunk_flooder_is_closed_within_300_excess_chunks(

@@ -31,7 +31,6 @@ import logging
 import re
 import ssl
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -88,14 +87,6 @@ class EdgeSettings:
     conn_burst_per_ip: float = 200.0
     """... and at once. Over it, the socket gets a canned ``429`` and is closed before
     aiohttp builds anything for it: a reconnect loop costs the gateway next to nothing."""
-    tarpit_s: float = 1.0
-    """A socket over its address's rate is held this long, unread, before its ``429``
-    (whose ``Retry-After`` is 1 s): a client that reconnects as soon as it is refused
-    then reconnects about once a second per socket, instead of as fast as the gateway
-    can refuse. 0: answer at once."""
-    max_tarpit: int = 256
-    """Most sockets held so at once (each holds a file descriptor); beyond it the ``429``
-    goes out at once."""
 
     def __post_init__(self) -> None:
         if self.handshake_timeout_s <= 0:
@@ -107,8 +98,6 @@ class EdgeSettings:
         if self.conn_rate_per_ip is not None and (
                 self.conn_rate_per_ip <= 0 or self.conn_burst_per_ip < 1):
             raise ConfigError("the per-address connection rate must be > 0 with a burst >= 1")
-        if self.tarpit_s < 0 or self.max_tarpit < 0:
-            raise ConfigError("the tarpit time and size must be >= 0")
 
 
 class EdgeMetrics:
@@ -283,9 +272,6 @@ class EdgeGuard:
         self.ops_port: int | None = None
         self.rate = (AddressRate(settings.conn_rate_per_ip, settings.conn_burst_per_ip)
                      if settings.conn_rate_per_ip is not None else None)
-        self.tarpit: deque[tuple[float, asyncio.Transport]] = deque()
-        """Refused sockets held until (loop time) their ``429``, oldest first."""
-        self._tarpit_timer: asyncio.TimerHandle | None = None
 
     @property
     def ops_url(self) -> str | None:
@@ -296,44 +282,6 @@ class EdgeGuard:
     def refused(self, reason: str, msg: str, *args: object) -> None:
         self.metrics.refused.labels(reason=reason).inc()
         self.throttled.warning(reason, msg, *args)
-
-    def refuse_socket(self, transport: asyncio.Transport) -> None:
-        """A socket over its address's connection rate: ``429`` and close, after the
-        tarpit time if the tarpit has room. A held socket is not read (its bytes wait in
-        the kernel's buffer) and has no timer of its own: one timer serves the tarpit."""
-        s = self.settings
-        if s.tarpit_s > 0 and len(self.tarpit) < s.max_tarpit:
-            transport.pause_reading()
-            loop = asyncio.get_running_loop()
-            self.tarpit.append((loop.time() + s.tarpit_s, transport))
-            if self._tarpit_timer is None:
-                self._tarpit_timer = loop.call_at(self.tarpit[0][0], self._release_tarpit)
-            return
-        transport.write(TOO_MANY_CONNECTIONS)
-        transport.close()
-
-    def _release_tarpit(self) -> None:
-        self._tarpit_timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        while self.tarpit and self.tarpit[0][0] <= now:
-            _, transport = self.tarpit.popleft()
-            if not transport.is_closing():
-                transport.write(TOO_MANY_CONNECTIONS)
-                transport.close()
-        if self.tarpit:
-            self._tarpit_timer = loop.call_at(self.tarpit[0][0], self._release_tarpit)
-
-    def close_tarpit(self) -> None:
-        """The site stops: every held socket gets its ``429`` now."""
-        if self._tarpit_timer is not None:
-            self._tarpit_timer.cancel()
-            self._tarpit_timer = None
-        while self.tarpit:
-            _, transport = self.tarpit.popleft()
-            if not transport.is_closing():
-                transport.write(TOO_MANY_CONNECTIONS)
-                transport.close()
 
     def admit(self, handler: _EdgeHandler) -> None:
         while len(self.pending) >= self.settings.max_pending:
@@ -355,9 +303,8 @@ class EdgeGuard:
 
 class _Gate(asyncio.Protocol):
     """Every accepted socket starts here: over its address's connection rate it gets a
-    canned ``429`` and is closed (after the tarpit time), having cost an accept, a write
-    and a close; otherwise the real handler is built and takes the transport over
-    (``set_protocol``)."""
+    canned ``429`` and is closed, having cost an accept, a write and a close; otherwise
+    the real handler is built and takes the transport over (``set_protocol``)."""
 
     __slots__ = ("_guard", "_make")
 
@@ -374,7 +321,8 @@ class _Gate(asyncio.Protocol):
                 self._guard.refused(
                     "connection_rate", "edge: %s opens connections faster than %g/s "
                     "(burst %g); answered 429", escape(address, 64), rate.rate, rate.burst)
-                self._guard.refuse_socket(cast(asyncio.Transport, transport))
+                cast(asyncio.WriteTransport, transport).write(TOO_MANY_CONNECTIONS)
+                transport.close()
                 return
         handler = self._make()
         transport.set_protocol(handler)
@@ -788,10 +736,6 @@ class EdgeSite(web.BaseSite):
     @property
     def port(self) -> int:
         return self._port
-
-    async def stop(self) -> None:
-        self.guard.close_tarpit()
-        await super().stop()
 
     async def start(self) -> None:
         await super().start()
