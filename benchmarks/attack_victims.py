@@ -15,6 +15,8 @@ it got), and the machine's load average.
 
     PYTHONPATH=src python benchmarks/attack_victims.py                 # all attacks
     PYTHONPATH=src python benchmarks/attack_victims.py --attack chunk_flood --broker
+    PYTHONPATH=src python benchmarks/attack_victims.py --attack oversized_params \
+        --attack oversized_params_wide --attack reconnect_elsewhere
 
 A ratio near 1 means the attack does not reach the victims; the figures live in
 docs/benchmarks.md ("Victim latency under attack").
@@ -84,6 +86,32 @@ def _serve(spec: ServerSpec, ready: Any, stop: Any) -> None:
             ready.put(srv.url)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, stop.wait)
+
+    asyncio.run(main())
+
+
+def _sink(ready: Any, stop: Any) -> None:
+    """The control for reconnect loops: a separate process that refuses every socket the
+    way the gateway's edge does over the per-address rate (canned 429, close, at once).
+    Attacking it instead of the gateway costs the machine (kernel, attacker) the same and
+    the gateway nothing: what the victims lose then is not the gateway's doing."""
+    use_uvloop()
+    raise_nofile()
+
+    async def main() -> None:
+        from audiostream.gateway.edge import TOO_MANY_CONNECTIONS
+
+        class Refuse(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(TOO_MANY_CONNECTIONS)
+                transport.close()
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Refuse, "127.0.0.1", 0, backlog=128)
+        ready.put(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/stream")
+        await loop.run_in_executor(None, stop.wait)
+        server.close()
 
     asyncio.run(main())
 
@@ -317,6 +345,10 @@ class Attack:
     concurrency: int
     key: str = "attacker"
     revoke_after_s: float | None = None
+    elsewhere: bool = False
+    """Attack the sink (``_sink``) instead of the gateway: a control."""
+    default: bool = True
+    """In the default set (all attacks)."""
 
 
 ATTACKS: dict[str, Attack] = {
@@ -325,6 +357,10 @@ ATTACKS: dict[str, Attack] = {
     "slowloris": Attack(slowloris, 200),
     "revocation": Attack(revocation, 10, key="revokee", revoke_after_s=1.0),
     "oversized_params": Attack(oversized_params, 8),
+    # Not in the default set: the same reconnect loop from 1,000 sockets at once, and
+    # from 8 against the sink instead of the gateway (a control).
+    "oversized_params_wide": Attack(oversized_params, 1000, default=False),
+    "reconnect_elsewhere": Attack(oversized_params, 8, elsewhere=True, default=False),
     "detached_spam": Attack(detached_spam, 8),
     "chunk_flood": Attack(chunk_flood, 4),
     "preauth_large_text": Attack(preauth_large_text, 8),
@@ -415,13 +451,19 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
                           settings=json.loads(args.settings), edge=json.loads(args.edge))
         ready, stop = ctx.Queue(), ctx.Event()
         server = ctx.Process(target=_serve, args=(spec, ready, stop), daemon=True)
+        sinks: list[Any] = []
         server.start()
         try:
             url = ready.get(timeout=60)
+            target = url
+            if ATTACKS[name].elsewhere:
+                sinks.append(sink := ctx.Process(target=_sink, args=(ready, stop), daemon=True))
+                sink.start()
+                target = ready.get(timeout=60)
             base = asyncio.run(victims(url, keys["victim"], args.victims, args.seconds))
             go, astop, out = ctx.Event(), ctx.Event(), ctx.Queue()
             attacker = ctx.Process(target=_attack, daemon=True,
-                                   args=(name, url, keys, str(keys_file), args.source, go,
+                                   args=(name, target, keys, str(keys_file), args.source, go,
                                          astop, out))
             attacker.start()
             go.wait(30)
@@ -437,6 +479,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 attacker.kill()
         finally:
             stop.set()
+            for p in sinks:
+                p.join(10)
             server.join(30)
             if server.is_alive():
                 server.kill()
@@ -450,7 +494,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--attack", choices=sorted(ATTACKS), action="append",
-                   help="run only this attack (repeatable; default: all)")
+                   help="run only this attack (repeatable; default: all but "
+                   "oversized_params_wide and the reconnect_elsewhere control)")
     p.add_argument("--victims", type=int, default=5, help="victim sessions (default 5)")
     p.add_argument("--seconds", type=float, default=5.0,
                    help="audio per victim session and phase (default 5)")
@@ -468,7 +513,7 @@ def main() -> None:
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args()
     emit({"machine": machine(), "loadavg_1m": round(os.getloadavg()[0], 2)}, args.out)
-    for name in args.attack or list(ATTACKS):
+    for name in args.attack or [n for n, a in ATTACKS.items() if a.default]:
         log(f"attack {name} ...")
         emit(run_one(name, args), args.out)
 

@@ -102,6 +102,8 @@ def test_control_travels_on_the_reply_queue() -> None:
     assert decode_reply_queue_message(encode_control(ctl)) == ctl
     newer = Control("s-1", "displace", "n0nce", generation=3)
     assert decode_reply_queue_message(encode_control(newer)) == newer
+    asking = Control("s-1", "displace", "n0nce", generation=3, reply_to="q.taker.n0nce")
+    assert decode_reply_queue_message(encode_control(asking)) == asking
     assert decode_reply_queue_message(encode_reply(reply())) == reply()
 
 

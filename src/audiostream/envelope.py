@@ -136,6 +136,10 @@ class Control:
     generation: int = 0
     """The sender's resume-token generation: a holder yields only to a newer one
     (optional on the wire, 0 when absent)."""
+    reply_to: str = ""
+    """Where a holder that refuses a "displace" says so at once (the taker's inbox
+    queue), so the taker need not wait for its takeover to time out (optional on the
+    wire, empty when absent)."""
 
 
 def redistribute(lengths: Sequence[int], new_total: int) -> tuple[int, ...]:
@@ -263,6 +267,8 @@ def encode_control(ctl: Control) -> bytes:
             "cmd": ctl.command, "n": ctl.nonce}
     if ctl.generation:
         body["g"] = ctl.generation
+    if ctl.reply_to:
+        body["rt"] = ctl.reply_to
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -271,8 +277,10 @@ def decode_reply_queue_message(data: bytes) -> Reply | Control:
     body = _unpack(data, (_KIND_REPLY, _KIND_CONTROL))
     if body["k"] == _KIND_CONTROL:
         generation = body.get("g", 0)
+        reply_to = body.get("rt", "")
         return Control(_typed(body, "sid", str), _typed(body, "cmd", str), _typed(body, "n", str),
-                       generation=generation if isinstance(generation, int) else 0)
+                       generation=generation if isinstance(generation, int) else 0,
+                       reply_to=reply_to if isinstance(reply_to, str) else "")
     return _reply_from(body)
 
 

@@ -1,7 +1,9 @@
 """Holes 1, 2, 3, 5 and 11 of issue #13, reproduced against a live gateway over TLS.
 
 Each test runs the attack and asserts the documented refusal: its close code and, where
-the issue asks for one, a (generous) time bound.
+the issue asks for one, a (generous) time bound; in those of holes 1, 2, 3 and 5 a victim
+session of another key streams real-time audio beside the attack and must get all of it
+back.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from audiostream.errors import ErrorCode
 from audiostream.gateway import GatewaySettings, create_key
 from audiostream.protocol import MAX_PRE_START_TEXT, ResumeRequest, start_json
 from tests.gateway.conftest import TLS, ServerFactory, expect_close
+from tests.security.conftest import start_victim
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +55,7 @@ async def test_the_auth_deadline_cannot_be_extended(
     start used to keep a keyless socket open forever."""
     settings = GatewaySettings(chunk_rate=None, auth_timeout_s=1.0)
     async with make_server(gateway_settings=settings) as srv, aiohttp.ClientSession() as http:
+        victim = start_victim(srv, tls)
         ws = await http.ws_connect(srv.url, ssl=tls.client, autoping=True, autoclose=False)
         started = time.monotonic()
         code: int | None = None
@@ -74,6 +78,7 @@ async def test_the_auth_deadline_cannot_be_extended(
         elapsed = time.monotonic() - started
         assert code == ErrorCode.AUTH_TIMEOUT
         assert elapsed < 8, f"closed after {elapsed:.1f} s; the deadline is 1 s"
+        await victim.assert_intact()
         assert not srv.gateway.connections or await _gone(srv)
 
 
@@ -89,6 +94,8 @@ async def test_large_pre_auth_text_frames_are_refused_unparsed(
     frame_too_large (4004) before any JSON parsing, and one over the WebSocket cap
     (512 KiB) with 1009."""
     async with make_server() as srv, aiohttp.ClientSession() as http:
+        victim = start_victim(srv, tls)
+
         async def attack(size: int) -> int | None:
             async with http.ws_connect(srv.url, ssl=tls.client) as ws:
                 await ws.send_str('{"type":"keepalive","pad":"' + "x" * size + '"}')
@@ -98,6 +105,7 @@ async def test_large_pre_auth_text_frames_are_refused_unparsed(
         assert codes == [ErrorCode.FRAME_TOO_LARGE] * 12
         assert await attack(600_000) == 1009
         assert await attack(MAX_PRE_START_TEXT + 1) == ErrorCode.FRAME_TOO_LARGE
+        await victim.assert_intact()
         # A legitimate start still works afterwards.
         async with http.ws_connect(srv.url, ssl=tls.client) as ws:
             await ws.send_str(start_json(srv.api_key, FMT, ["passthrough"]))
@@ -110,7 +118,9 @@ async def test_50_concurrent_starts_on_a_key_capped_at_2_give_exactly_2(
     """Hole 2: the cap used to be checked before an await and counted after it."""
     keys = tmp_path / "keys.json"
     key, _ = create_key(keys, "capped", max_sessions=2)
+    victim_key, _ = create_key(keys, "victim")
     async with make_server(keys_file=keys) as srv, aiohttp.ClientSession() as http:
+        victim = start_victim(srv, tls, key=victim_key)
         sockets = [await http.ws_connect(srv.url, ssl=tls.client) for _ in range(50)]
         try:
             await asyncio.gather(*(ws.send_str(start_json(key, FMT, ["passthrough"]))
@@ -121,6 +131,7 @@ async def test_50_concurrent_starts_on_a_key_capped_at_2_give_exactly_2(
             refused = [r for r in replies if r["type"] == "error"]
             assert len(refused) == 48
             assert {r["code"] for r in refused} == {ErrorCode.TOO_MANY_SESSIONS}
+            await victim.assert_intact()
         finally:
             await asyncio.gather(*(ws.close() for ws in sockets))
 
@@ -131,9 +142,11 @@ async def test_detached_sessions_count_until_resumed_or_expired(
     """Hole 5: a session whose connection dropped stays resumable, so it keeps its slot."""
     keys = tmp_path / "keys.json"
     key, _ = create_key(keys, "capped", max_sessions=1)
+    victim_key, _ = create_key(keys, "victim")
     settings = GatewaySettings(chunk_rate=None, resume_window_s=60)
     async with make_server(keys_file=keys, gateway_settings=settings) as srv, \
             aiohttp.ClientSession() as http:
+        victim = start_victim(srv, tls, key=victim_key)
         ws = await http.ws_connect(srv.url, ssl=tls.client)
         await ws.send_str(start_json(key, FMT, ["passthrough"]))
         ready = await read_json(ws)
@@ -142,7 +155,9 @@ async def test_detached_sessions_count_until_resumed_or_expired(
         assert (await ws.receive(timeout=10)).data == CHUNK
         await ws.close()  # no stop: the session is detached, not finished
         from audiostream.testing import eventually
-        assert await eventually(lambda: not srv.gateway.connections)
+        capped = str(ready["session_id"])
+        assert await eventually(lambda: all(
+            c.grant is None or c.grant.session_id != capped for c in srv.gateway.connections))
         async with http.ws_connect(srv.url, ssl=tls.client) as other:
             await other.send_str(start_json(key, FMT, ["passthrough"]))
             err = await read_json(other)
@@ -152,10 +167,11 @@ async def test_detached_sessions_count_until_resumed_or_expired(
             await again.send_str(start_json(key, FMT, ["passthrough"],
                                             resume=ResumeRequest(token, 1)))
             resumed = await read_json(again)
-            assert resumed["type"] == "ready" and resumed["resumed"] is True
+            assert resumed["type"] == "ready" and resumed["resumed"] is True, resumed
             await again.send_str('{"type":"stop"}')
             assert (await read_json(again))["type"] == "summary"
             await expect_close(again, 1000)
+        await victim.assert_intact()
         # Finished cleanly: the slot is free again.
         assert await eventually(lambda: not srv.gateway.sessions_per_key)
 

@@ -73,10 +73,13 @@ class Victim:
         assert result.audio == self.sent
 
 
-def start_victim(srv: Embedded, tls: TLS | None, seconds: float = 2.0) -> Victim:  # noqa: F811
-    assert srv.api_key is not None
+def start_victim(srv: Embedded, tls: TLS | None, seconds: float = 2.0,  # noqa: F811
+                 key: str | None = None) -> Victim:
+    """``key``: the victim's API key (default: the server's development key)."""
+    key = key or srv.api_key
+    assert key is not None
     x = victim_audio(seconds)
-    client = AudioStreamClient(srv.url, api_key=srv.api_key, pipeline=["passthrough"],
+    client = AudioStreamClient(srv.url, api_key=key, pipeline=["passthrough"],
                                format=FMT, deadline_ms=10_000,
                                ssl_context=tls.client if tls is not None else None)
     return Victim(asyncio.get_running_loop().create_task(client.stream(x, rate=1.0)),

@@ -1,7 +1,12 @@
 """Hole 11, across gateways: an older resume token must not displace the holder of a
 newer one when the holder is on another gateway sharing the broker. The displace message
-carries the taker's generation and the holder yields only to a newer one. Two gateways
-on one broker, both transports."""
+carries the taker's generation and the holder yields only to a newer one; it refuses an
+older one in the taker's inbox, so the stale token is refused at once. A detached
+session's journal carries the newest generation too. Two gateways on one broker, both
+transports.
+
+The takeover wait (``takeover_s``) is an hour here: a refusal that arrives at all
+arrived because the holder or the journal refused, not because the wait ran out."""
 
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ async def test_an_older_token_on_another_gateway_cannot_displace_a_newer_holder(
     keys = tmp_path / "keys.json"
     key, _ = create_key(keys, "tenant")
     broker = MemoryBroker()  # used by the memory transport only
-    settings = GatewaySettings(chunk_rate=None)
+    settings = GatewaySettings(chunk_rate=None, takeover_s=3600.0)
     common = dict(keys_file=keys, token_secret=SECRET, memory_broker=broker,
                   gateway_settings=settings)
     async with make_server(**common) as gw_a, make_server(**common) as gw_b, \
@@ -79,4 +84,60 @@ async def test_an_older_token_on_another_gateway_cannot_displace_a_newer_holder(
             await mover.send_bytes(CHUNK)
             msg = await mover.receive(timeout=10)
             assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == CHUNK
+            # The session ends; generation 1's token is refused on B, where it ended
+            # (whether B still lists the finished holder or has deleted its queue).
+            await mover.send_str(json.dumps({"type": "stop"}))
+            while (await read_json(mover))["type"] != "summary":
+                pass
+            await expect_close(mover, 1000)
+        async with http.ws_connect(gw_b.url, ssl=tls.client) as late:
+            await late.send_str(start_json(key, FMT, ["passthrough"],
+                                           resume=ResumeRequest(new_token, 1)))
+            err = await read_json(late)
+            assert err["type"] == "error" and err["code"] == ErrorCode.RESUME_FAILED
+            await expect_close(late, ErrorCode.RESUME_FAILED)
         await holder.close()
+
+
+async def test_an_older_token_cannot_take_a_detached_session_on_another_gateway(
+    make_server: ServerFactory, tls: TLS, tmp_path: Path  # noqa: F811
+) -> None:
+    """Nobody holds the session: the generation-1 holder on A dropped its link. Its
+    journal (the "released" marker) says generation 1, so generation 0's token is refused
+    on B, and generation 1's still resumes there with the audio A answered."""
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "tenant")
+    broker = MemoryBroker()
+    settings = GatewaySettings(chunk_rate=None, takeover_s=3600.0)
+    common = dict(keys_file=keys, token_secret=SECRET, memory_broker=broker,
+                  gateway_settings=settings)
+    async with make_server(**common) as gw_a, make_server(**common) as gw_b, \
+            aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(gw_a.url, ssl=tls.client)
+        await ws.send_str(start_json(key, FMT, ["passthrough"]))
+        old_token = str((await read_json(ws))["token"])
+        await ws.close()
+        holder = await http.ws_connect(gw_a.url, ssl=tls.client)
+        await holder.send_str(start_json(key, FMT, ["passthrough"],
+                                         resume=ResumeRequest(old_token, 0)))
+        ready = await read_json(holder)
+        assert ready["type"] == "ready"
+        new_token = str(ready["token"])
+        await holder.send_bytes(CHUNK)
+        msg = await holder.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == CHUNK
+        await holder.close()  # no stop: the session stays resumable, detached
+        async with http.ws_connect(gw_b.url, ssl=tls.client) as stale:
+            await stale.send_str(start_json(key, FMT, ["passthrough"],
+                                            resume=ResumeRequest(old_token, 0)))
+            err = await read_json(stale)
+            assert err["type"] == "error" and err["code"] == ErrorCode.RESUME_FAILED, err
+            await expect_close(stale, ErrorCode.RESUME_FAILED)
+        async with http.ws_connect(gw_b.url, ssl=tls.client) as mover:
+            await mover.send_str(start_json(key, FMT, ["passthrough"],
+                                            resume=ResumeRequest(new_token, 1)))
+            ready = await read_json(mover)
+            assert ready["type"] == "ready" and ready["resume_from"] == 1, ready
+            await mover.send_bytes(CHUNK)
+            msg = await mover.receive(timeout=10)
+            assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == CHUNK

@@ -72,6 +72,7 @@ MAX_BACKLOG = 1000
 GEN_SHIFT = 32
 DISPLACE = "displace"
 RELEASED = "released"
+REFUSED = "refused"
 #: After our displace message comes back, how long to wait for a closing holder's
 #: "released" (a holder that died never sends one).
 RELEASE_GRACE_S = 0.5
@@ -187,6 +188,11 @@ class SessionPipeline:
         self._history: list[JournalEntry] = []
         self._seen_own_displace = asyncio.Event()
         self._seen_released = asyncio.Event()
+        self._refused = asyncio.Event()
+        self._newest_seen = 0
+        """The newest generation known to have held the session: what a takeover saw in
+        the journal (released markers, reply message ids; one not older than ours means
+        our token is stale), then ours once a token of it was issued (``issued``)."""
         self._subscription: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -209,23 +215,12 @@ class SessionPipeline:
         if stats is None:
             raise AuthError("the session has expired (its reply queue is gone)",
                             ErrorCode.RESUME_FAILED)
-        await t.publish_reply(
-            self.reply_queue, encode_control(Control(self.session_id, DISPLACE, self.nonce,
-                                                    generation=self.generation))
-        )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settle_s
-        while True:
-            stats = await t.reply_queue_stats(self.reply_queue)
-            if stats is None:
-                raise AuthError("the session's reply queue vanished during the takeover",
-                                ErrorCode.RESUME_FAILED)
-            if stats[1] == 0:
-                break
-            if loop.time() >= deadline:
-                raise AudioStreamError("the previous connection did not let the session go",
-                                       ErrorCode.RESUME_FAILED)
-            await asyncio.sleep(0.02)  # polling the broker: nothing to await on
+        if stats[1]:
+            # Someone holds the session (on any gateway): give it an inbox to refuse us
+            # in, so a stale token is answered at once rather than after ``settle_s``.
+            await self._wait_for_holder(settle_s, inbox=f"{self.reply_queue}.taker.{self.nonce}")
+        else:
+            await self._wait_for_holder(settle_s, inbox="")
         # Read the journal until our own displace message comes back: the holder's
         # released replies were queued ahead of it. A holder that closed cleanly says
         # "released" when it has put everything back; one that died has nothing to say
@@ -263,10 +258,70 @@ class SessionPipeline:
             seen.add(entry.reply.msg_id)
             entries.append(entry)
         await self._ack(stray)
-        self.journal = Journal(self.journal.cap, entries)
+        self.journal = Journal(self.journal.cap, entries)  # handed back by close() if refused
+        newest = max([self._newest_seen, *(e.reply.msg_id >> GEN_SHIFT for e in entries)])
+        self._newest_seen = newest
+        if newest >= self.generation:
+            # A detached session last held with a newer token than ours.
+            log.info("session=%s stage=resume: refused a takeover by generation %d (the "
+                     "journal has %d)", self.session_id, self.generation, newest)
+            raise AuthError("a newer resume token holds this session", ErrorCode.RESUME_FAILED)
         if entries:
             self.state = dict(entries[-1].reply.state)
         return [e.reply for e in entries]
+
+    async def _wait_for_holder(self, settle_s: float, *, inbox: str) -> None:
+        """Ask whoever consumes the reply queue to let go, and wait until nobody does.
+        A holder with a newer token refuses in ``inbox`` (if given)."""
+        t = self.transport
+        subscription: Subscription | None = None
+        if inbox:
+            await t.declare_reply_queue(inbox)
+            subscription = await t.consume_replies(inbox, self._on_inbox)
+        try:
+            await t.publish_reply(self.reply_queue, encode_control(Control(
+                self.session_id, DISPLACE, self.nonce, generation=self.generation,
+                reply_to=inbox)))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + settle_s
+            while True:
+                if self._refused.is_set():
+                    raise AuthError("a newer resume token holds this session",
+                                    ErrorCode.RESUME_FAILED)
+                stats = await t.reply_queue_stats(self.reply_queue)
+                if stats is None:
+                    raise AuthError("the session's reply queue vanished during the takeover",
+                                    ErrorCode.RESUME_FAILED)
+                if stats[1] == 0:
+                    return
+                if loop.time() >= deadline:
+                    raise AudioStreamError("the previous connection did not let the session go",
+                                           ErrorCode.RESUME_FAILED)
+                # Polling the broker for the consumer count; a refusal ends the wait early.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._refused.wait(), 0.02)
+        finally:
+            if subscription is not None:
+                with contextlib.suppress(AudioStreamError):
+                    await subscription.cancel()
+                with contextlib.suppress(AudioStreamError):
+                    await t.delete_reply_queue(inbox)
+
+    async def _on_inbox(self, delivery: Delivery) -> None:
+        await self._ack([delivery])
+        try:
+            msg = decode_reply_queue_message(delivery.body)
+        except AudioStreamError:
+            return
+        if isinstance(msg, Control) and msg.command == REFUSED and msg.nonce == self.nonce:
+            self._newest_seen = max(self._newest_seen, msg.generation)
+            self._refused.set()
+
+    def issued(self) -> None:
+        """A token of this generation went to the client: from now on the journal's
+        "released" marker names it. (A takeover that fails before, e.g. on a bad
+        ``received``, must not raise the bar for the token it was given.)"""
+        self._newest_seen = max(self._newest_seen, self.generation)
 
     async def _hand_back(self, delivery: Delivery) -> None:
         """Put a reply back for the next holder: a confirmed copy, then ack the original.
@@ -442,15 +497,18 @@ class SessionPipeline:
                 if msg.command == DISPLACE and msg.nonce == self.nonce:
                     self._seen_own_displace.set()
                 elif msg.command == RELEASED and msg.nonce != self.nonce:
+                    self._newest_seen = max(self._newest_seen, msg.generation)
                     self._seen_released.set()
             elif msg.command == DISPLACE and msg.nonce != self.nonce:
                 if 0 < msg.generation <= self.generation:
                     # A taker holding an older resume token than ours (on any gateway):
-                    # we keep the session; its takeover times out with resume_failed.
-                    # (0: a gateway that predates generations; it is obeyed.)
+                    # we keep the session and tell it so in its inbox, so it fails with
+                    # resume_failed at once. (A taker without an inbox times out;
+                    # generation 0: a gateway that predates generations, obeyed.)
                     log.info("session=%s stage=resume: refused a takeover by generation "
                              "%d (this holder has %d)", self.session_id, msg.generation,
                              self.generation)
+                    await self._refuse(msg)
                     return
                 log.info("session=%s stage=resume: taken over by another connection",
                          self.session_id)
@@ -466,6 +524,14 @@ class SessionPipeline:
         trimmed = self.journal.append(JournalEntry(msg, delivery))
         if trimmed:
             await self._ack([e.delivery for e in trimmed])
+
+    async def _refuse(self, displace: Control) -> None:
+        # Only an inbox named after this session's queue: nothing else is written to.
+        if not displace.reply_to.startswith(self.reply_queue + "."):
+            return
+        refusal = Control(self.session_id, REFUSED, displace.nonce, generation=self.generation)
+        with contextlib.suppress(AudioStreamError):
+            await self.transport.publish_reply(displace.reply_to, encode_control(refusal))
 
     def handle_reply(self, reply: Reply) -> bool:
         """Turn the awaited reply into outcomes; False for one that is not awaited."""
@@ -547,7 +613,10 @@ class SessionPipeline:
         their way then (under load, for a long journal), and a reply the client already
         holds would be missing from the resumed session's journal.
         """
-        marker = encode_control(Control(self.session_id, RELEASED, self.nonce))
+        # The marker carries the newest generation that held the session, so a stale
+        # token cannot take it over while it is detached.
+        marker = encode_control(Control(self.session_id, RELEASED, self.nonce,
+                                        generation=self._newest_seen))
         batch = [(self.reply_queue, d.body) for d in journal] + [(self.reply_queue, marker)]
         try:
             results: list[bool | TransportError] = await self.transport.publish_replies(batch)

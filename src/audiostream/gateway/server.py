@@ -116,6 +116,9 @@ class GatewaySettings:
     broker_probe_s: float = 1.0  # stall watchdog period, 0 disables (gateway/watchdog.py)
     broker_stall_s: float = 2.0  # broker silent this long (lag-free): /readyz 503, starts 4091
     start_timeout_s: float = 5.0  # longest a start waits on the broker before 4091
+    takeover_s: float = 5.0
+    """Longest a resume waits for the session's previous holder (on any gateway) to let
+    go before 4040. A holder with a newer token refuses at once instead."""
 
     close_timeout_s: float = 5.0
     """After our close frame, how long to wait for the client's."""
@@ -399,7 +402,8 @@ class _Connection:
         self._accept()
 
     def _accept(self, resume_from: int | None = None, delivered: int = 0) -> None:
-        assert self.grant is not None
+        assert self.grant is not None and self.pipeline is not None
+        self.pipeline.issued()
         if self.request is not None:  # audio frames may now be as large as the format allows
             _edge.limit_frames(self.request, None)
         self.proto.accept(
@@ -487,7 +491,8 @@ class _Connection:
         self._reserve(new=False)
         self.grant = replace(old, generation=old.generation + 1)
         pl = self._make_pipeline(self.grant)
-        history = await gw.watchdog.bounded(pl.take_over(), timed=False,
+        history = await gw.watchdog.bounded(pl.take_over(settle_s=gw.settings.takeover_s),
+                                            timed=False,
                                             cleanup=lambda: pl.close(finished=False))
         try:
             plan = plan_resume((range(r.seq, r.seq + r.chunk_count) for r in history),
