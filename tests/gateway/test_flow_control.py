@@ -7,6 +7,7 @@ API client.py builds on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -387,12 +388,8 @@ async def test_a_non_reader_closed_4023_at_the_largest_chunk_resumes_and_finishe
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
         accepted = conn.proto.next_in
-        async with asyncio.timeout(60):
-            while (await ws.receive()).type in (aiohttp.WSMsgType.BINARY,
-                                                aiohttp.WSMsgType.TEXT):
-                pass
-        # (The close frame itself is checked by the 100 ms test above; here the old
-        # connection only has to be gone.)
+        _audio, _error, code = await read_to_close(ws)
+        assert code == ErrorCode.SLOW_CONSUMER  # the client's own view: the close frame
         await ws.close()
         async with http.ws_connect(srv.url, ssl=tls.client, max_msg_size=1 << 20) as again:
             proto = ClientProtocol()
@@ -517,3 +514,52 @@ async def test_a_non_reader_flooding_the_largest_chunks_is_held_to_the_byte_budg
             await ws.close()
         finally:
             gate.set()
+
+
+async def non_reader_close(srv: Embedded, tls: TLS, http: aiohttp.ClientSession,
+                           fmt: AudioFormat, big: bytes, extra: int) -> int | None:
+    """A client sends ``big`` chunks without reading, and ``extra`` more once the server
+    closed it (as a client learning of the close late does), then reads: the close code
+    it sees."""
+    ws = await http.ws_connect(srv.url, ssl=tls.client, max_msg_size=1 << 20)
+    await ws.send_str(start_json(srv.api_key, fmt, ["passthrough"], deadline_ms=30_000))
+    assert (await read_json(ws))["type"] == "ready"
+    [conn] = [c for c in srv.gateway.connections if c.proto.close_code is None]
+    after = 0
+
+    async def push() -> None:
+        nonlocal after
+        while after < extra and not ws.closed:
+            await ws.send_bytes(big)
+            if conn.proto.close_code is not None:
+                after += 1
+
+    sender = asyncio.create_task(push())
+    assert await eventually(lambda: conn.proto.close_code is not None, within=60)
+    assert conn.proto.close_code == ErrorCode.SLOW_CONSUMER
+    with contextlib.suppress(ConnectionError):
+        await asyncio.wait_for(sender, 30)
+    _audio, error, code = await read_to_close(ws)
+    assert error is not None and error["code"] == ErrorCode.SLOW_CONSUMER, code
+    await ws.close()
+    return code
+
+
+async def test_a_non_reader_at_the_largest_chunk_reads_the_4023_close_frame_every_time(
+    make_server: ServerFactory, tls: TLS
+) -> None:
+    """The client's own view of a slow-consumer close, 10 times on each transport: a
+    client that sent 384,000-byte chunks without reading, then reads, must get the
+    ``slow_consumer`` error and the close frame 4023, not a reset (1006). It goes on
+    sending 8 chunks (3 MB) after the close, as a client learning of it late does;
+    before, the gateway stopped reading such a socket and closed it with that input
+    unread, the kernel answered with a reset and the client lost our last frames."""
+    fmt = AudioFormat(Encoding.PCM_F32LE, 48000, 2)
+    big = np.zeros(fmt.bytes_for_ms(1000) // 4, dtype=np.float32).tobytes()
+    settings = GatewaySettings(chunk_rate=None, max_outbound_bytes=1024 * 1024,
+                               slow_consumer_grace_s=0.5)
+    codes: list[int | None] = []
+    async with make_server(gateway_settings=settings) as srv, aiohttp.ClientSession() as http:
+        for _ in range(10):
+            codes.append(await non_reader_close(srv, tls, http, fmt, big, extra=8))
+    assert codes == [ErrorCode.SLOW_CONSUMER] * 10, codes

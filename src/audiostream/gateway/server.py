@@ -200,6 +200,8 @@ class _Connection:
         self.reading_paused = False
         """The reader waits for the session's queued bytes to drop (``wait_for_room``)."""
         self._forcing: asyncio.Task[None] | None = None
+        self.handshaking = False
+        """The writer sent (or is sending) the close frame and waits for the client's."""
         self.started_at = time.monotonic()
         # Seq of the last audio outcome of each reply -> when the reply arrived, for the
         # gateway_to_client stage (one entry per reply, removed when that audio is written).
@@ -272,6 +274,15 @@ class _Connection:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.writer), 1.0)
             return
+        if self.handshaking:
+            # The writer is not stuck: its close frame is out and aiohttp's close() waits
+            # for the client's (within the close timeout). Cancelling it there would drop
+            # the socket with the client's input unread; the kernel would then reset the
+            # connection and the client lose our last frames (1006 instead of the code).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.writer),
+                                       self.gateway.settings.close_timeout_s + 1)
+                return
         # The writer is stuck on a client that does not read. Its queued outcomes cannot
         # reach it; the error and the close frame go into the transport's buffer (no
         # drain), and the close handshake keeps reading what the client sends until its
@@ -336,6 +347,7 @@ class _Connection:
                     if self.request is not None:
                         _edge.closing(self.request)
                     await self._stop_reading()
+                    self.handshaking = True
                     await self.ws.close(code=out.code, message=out.reason.encode())
                     return
             if audio:
