@@ -105,7 +105,7 @@ async def gateway_counts(http: aiohttp.ClientSession, metrics_url: str) -> dict[
     for code in CLOSING:
         m = re.search(r'audiostream_gateway_errors_total\{code="' + code + r'"\} (\S+)', text)
         out[code] = float(m.group(1)) if m else 0.0
-    m = re.search(r'audiostream_gateway_reads_paused_total (\S+)', text)
+    m = re.search(r'^audiostream_gateway_reads_paused_total (\S+)', text, re.M)
     out["reads_paused"] = float(m.group(1)) if m else 0.0
     return out
 
