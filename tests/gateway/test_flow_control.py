@@ -253,11 +253,11 @@ async def stop_race(srv: Embedded, tls: TLS, http: aiohttp.ClientSession, n: int
 
 
 async def test_stop_delivers_every_outcome_and_the_summary_then_1000(
-    make_server: ServerFactory, tls: TLS, transport_kind: str
+    make_server: ServerFactory, tls: TLS
 ) -> None:
-    """Issue #12 (observed 4): 500 chunks + stop at once, slow reader; 50 runs in memory,
-    10 over RabbitMQ. Every run gets all outcomes, the summary and close 1000."""
-    runs = 50 if transport_kind == "memory" else 10
+    """Issue #12 (observed 4): 500 chunks + stop at once, slow reader; 50 runs on each
+    transport, 5 at a time. Every run gets all outcomes, the summary and close 1000."""
+    runs = 50
     settings = GatewaySettings(chunk_rate=None)
     async with make_server(gateway_settings=settings) as srv, aiohttp.ClientSession() as http:
         for _ in range(runs // 5):
