@@ -50,6 +50,7 @@ from audiostream.protocol import (
     AckReceived,
     ChunkReceived,
     Limits,
+    Output,
     SendBytes,
     SendText,
     ServerProtocol,
@@ -192,6 +193,8 @@ class _Connection:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._wake = asyncio.Event()
+        self._batch: deque[Output] = deque()
+        """The writer's current batch: taken from the core, not yet written."""
         self.writer = self.loop.create_task(self._write_loop())
         self.reader: asyncio.Task[None] | None = None
         self.receiving = False
@@ -292,7 +295,9 @@ class _Connection:
         with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
             await self.writer
         code = self.proto.close_code or 1011
-        for out in self.proto.data_to_send():
+        # What the cancelled writer had not reached yet (the error after the audio it was
+        # stuck on), then what was queued since.
+        for out in [*self._batch, *self.proto.data_to_send()]:
             if isinstance(out, SendText) and out.kind == "error":
                 with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
                     await asyncio.wait_for(self.ws.send_str(out.text), 0.5)
@@ -328,13 +333,17 @@ class _Connection:
             self._wake.clear()
             written = proto.next_out  # every outcome below is in this batch or sent
             audio: list[SendBytes] = []
-            for out in proto.data_to_send():
+            self._batch = batch = deque(proto.data_to_send())
+            while batch:
+                out = batch[0]
                 if isinstance(out, SendBytes):
+                    batch.popleft()
                     audio.append(out)  # consecutive audio goes out in one write
                     continue
                 if audio:
                     await self._send_audio(audio)
                     audio = []
+                batch.popleft()  # only now: stuck on the audio, the error stays for _force_close
                 if isinstance(out, SendText):
                     await self.ws.send_str(out.text)
                     proto.written(out.nbytes)
