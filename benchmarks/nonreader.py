@@ -9,9 +9,12 @@ largest legal chunk; ``--rate`` per second, default as fast as it can) and never
 reads. Reported:
 
 * the gateway's RSS before, at its peak (sampled every 0.1 s) and after the close;
-* the time from the non-reader's first chunk to the gateway reporting
-  ``slow_consumer`` (its ``audiostream_gateway_errors_total``), and the close code the
-  client reads once it reads again;
+* the time from the non-reader's first chunk to the gateway reporting the error it
+  closes the connection with (``slow_consumer``, ``flooding`` or ``idle_timeout`` in
+  its ``audiostream_gateway_errors_total``), and the close code the client reads once
+  it reads again;
+* how often the gateway stopped reading the connection at its per-session byte
+  budget (``audiostream_gateway_reads_paused_total``);
 * whether the session resumes: ``start`` with the token and the outcomes it holds,
   ``stop``, every remaining outcome, ``summary``, close 1000;
 * the victims' p50/p99 round trip before and while the non-reader was connected.
@@ -90,11 +93,21 @@ async def victim(url: str, key: str, i: int, stop: asyncio.Event, out: Victims) 
         await asyncio.wait_for(rd, 60)
 
 
-async def slow_consumer_errors(http: aiohttp.ClientSession, metrics_url: str) -> float:
+#: Errors the gateway closes a non-reader with.
+CLOSING = ("slow_consumer", "flooding", "idle_timeout")
+
+
+async def gateway_counts(http: aiohttp.ClientSession, metrics_url: str) -> dict[str, float]:
+    """The closing errors sent so far, and ``reads_paused``."""
     async with http.get(metrics_url) as r:
         text = await r.text()
-    m = re.search(r'audiostream_gateway_errors_total\{code="slow_consumer"\} (\S+)', text)
-    return float(m.group(1)) if m else 0.0
+    out: dict[str, float] = {}
+    for code in CLOSING:
+        m = re.search(r'audiostream_gateway_errors_total\{code="' + code + r'"\} (\S+)', text)
+        out[code] = float(m.group(1)) if m else 0.0
+    m = re.search(r'^audiostream_gateway_reads_paused_total (\S+)', text, re.M)
+    out["reads_paused"] = float(m.group(1)) if m else 0.0
+    return out
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -121,7 +134,7 @@ async def main(args: argparse.Namespace) -> None:
                                       "options": {"deadline_ms": 30_000}}))
         ready = json.loads((await ws.receive(timeout=30)).data)
         assert ready["type"] == "ready", ready
-        errors0 = await slow_consumer_errors(http, st.gateway_metrics)
+        counts0 = await gateway_counts(http, st.gateway_metrics)
         sent = 0
 
         async def push() -> None:
@@ -137,11 +150,14 @@ async def main(args: argparse.Namespace) -> None:
 
         t_start = time.monotonic()
         pusher = asyncio.ensure_future(push())
-        peak, closed_after = rss_before, None
+        peak, closed_after, closed_with = rss_before, None, None
+        counts = counts0
         while time.monotonic() - t_start < args.max_s:
             peak = max(peak, c.rss_bytes(pid))
-            if await slow_consumer_errors(http, st.gateway_metrics) > errors0:
-                closed_after = time.monotonic() - t_start
+            counts = await gateway_counts(http, st.gateway_metrics)
+            grew = [k for k in CLOSING if counts[k] > counts0[k]]
+            if grew:
+                closed_after, closed_with = time.monotonic() - t_start, grew[0]
                 break
             await asyncio.sleep(0.1)  # sampling period
         pusher.cancel()
@@ -195,9 +211,12 @@ async def main(args: argparse.Namespace) -> None:
         after = [rt for at, rt in vict.latencies if at > t_closed]
         c.emit({
             "bench": "nonreader", "chunk_bytes": BIG_BYTES, "format": BIG,
-            "gateway_limits": "defaults: 8 MiB unwritten for 10 s, or 32 MiB at once",
+            "gateway_limits": "defaults: 8 MiB unwritten for 10 s, or 32 MiB at once; "
+                              "16 MiB queued per session",
             "nonreader_rate": args.rate or "max", "nonreader_chunks_sent": sent,
             "seconds_to_close": round(closed_after, 2) if closed_after is not None else None,
+            "closed_with": closed_with,
+            "gateway_reads_paused": counts["reads_paused"] - counts0["reads_paused"],
             "close_code_seen_by_client": code,
             "error": error and {k: error[k] for k in ("code", "name", "retryable")},
             "outcomes_read_before_close": received,

@@ -70,10 +70,17 @@ def live(*kinds: type) -> dict[str, int]:
     return counts
 
 
-def top_growth(before: Any, after: Any, n: int = 8) -> list[str]:
-    stats = after.compare_to(before, "lineno")
-    return [f"{s.traceback[0].filename.split('site-packages/')[-1]}:{s.traceback[0].lineno} "
-            f"{s.size_diff / 1024:+.0f} KiB ({s.count_diff:+d} blocks)" for s in stats[:n]]
+def _where(frame: Any) -> str:
+    return f"{frame.filename.split('site-packages/')[-1].split('/src/')[-1]}:{frame.lineno}"
+
+
+def top_growth(before: Any, after: Any, n: int = 8, frames: int = 1) -> list[str]:
+    """The allocation sites (``frames`` > 1: whole tracebacks, innermost first) whose
+    live memory grew most between the two snapshots."""
+    stats = after.compare_to(before, "traceback" if frames > 1 else "lineno")
+    return [f"{s.size_diff / 1024:+.0f} KiB ({s.count_diff:+d} blocks) at "
+            + " <- ".join(_where(f) for f in reversed(list(s.traceback)))
+            for s in stats[:n]]
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -133,7 +140,7 @@ async def main(args: argparse.Namespace) -> None:
             consumers0 = consumers()
             live0 = live(*kinds)
             if args.tracemalloc:
-                tracemalloc.start(1)
+                tracemalloc.start(args.tracemalloc_frames)
                 snap0 = tracemalloc.take_snapshot()
             t0 = time.monotonic()
             await run(args.sessions)
@@ -147,7 +154,8 @@ async def main(args: argparse.Namespace) -> None:
         gc.collect()
         rss2 = c.rss_bytes(pid)
         live2 = live(*kinds)
-        growth = top_growth(snap0, tracemalloc.take_snapshot()) if args.tracemalloc else None
+        growth = (top_growth(snap0, tracemalloc.take_snapshot(), args.tracemalloc_top,
+                             args.tracemalloc_frames) if args.tracemalloc else None)
         trimmed = malloc_trim()
         rss3 = c.rss_bytes(pid)
         c.emit({
@@ -184,6 +192,11 @@ if __name__ == "__main__":
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--tracemalloc", action="store_true",
                     help="trace allocations from the warm-up on (slower)")
+    ap.add_argument("--tracemalloc-frames", type=int, default=1,
+                    help="frames kept per allocation; above 1 the growth is grouped by "
+                    "whole traceback")
+    ap.add_argument("--tracemalloc-top", type=int, default=8,
+                    help="how many of the sites that grew most to list")
     ap.add_argument("--heartbeat-s", type=float, default=30.0,
                     help="the gateway's WebSocket heartbeat (its default: 30)")
     asyncio.run(main(ap.parse_args()))

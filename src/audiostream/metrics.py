@@ -91,6 +91,10 @@ class GatewayMetrics:
         self.dropped = Counter(
             "audiostream_chunks_dropped_total", "Chunks answered with a drop notice",
             ["reason"], registry=registry)
+        self.reads_paused = Counter(
+            "audiostream_gateway_reads_paused_total",
+            "Times a connection stopped being read because its session held more than "
+            "max_queued_bytes (back-pressure)", registry=registry)
         self.messages_published = Counter(
             "audiostream_gateway_messages_published_total",
             "Work messages published (one carries one or more coalesced chunks)",

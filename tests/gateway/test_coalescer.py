@@ -58,6 +58,30 @@ def test_backlog_cap_refuses_as_overloaded() -> None:
     assert c.outstanding == 2
 
 
+def test_queued_bytes_count_waiting_and_in_flight_chunks_until_settled() -> None:
+    """What the connection's byte budget reads: every way a chunk leaves takes its bytes."""
+    c = Coalescer(deadline_s=0.5, policy=CoalescePolicy(max_chunks=2, budget_fraction=0))
+    for s, n in enumerate((100, 200, 300, 400)):
+        c.add(s, b"\0" * n, 0.0)
+    assert c.queued_bytes == 1000
+    m = c.take(0.0)
+    assert m is not None and m.nbytes == 300 and c.queued_bytes == 1000  # in flight counts
+    assert c.answered(m.msg_id, 0.1) is m and c.queued_bytes == 700
+    m = c.take(0.1)
+    assert m is not None and m.nbytes == 700
+    assert c.failed(m.msg_id, ErrorCode.BROKER_UNAVAILABLE, "down") and c.queued_bytes == 0
+    c.add(4, b"\0" * 50, 0.2)
+    c.add(5, b"\0" * 60, 0.3)
+    m = c.take(0.3)
+    assert m is not None and c.queued_bytes == 110
+    c.add(6, b"\0" * 70, 0.4)
+    assert len(c.tick(0.7)) == 2 and c.queued_bytes == 70  # the message expired in flight
+    assert len(c.tick(0.9)) == 1 and c.queued_bytes == 0  # and the waiting chunk
+    c.add(7, b"\0" * 80, 1.0)
+    c.close()
+    assert c.queued_bytes == 0
+
+
 def test_deadlines_expire_in_flight_and_queued_chunks() -> None:
     c = Coalescer(deadline_s=0.5, policy=OFF)
     c.add(0, PCM, 0.0)
@@ -198,3 +222,14 @@ def test_a_hold_that_does_not_pay_pauses_holding() -> None:
     assert c.target == 1  # quiet for MISS_BACKOFF_S
     c.add(6, PCM, release + 0.03)
     assert c.take(release + 0.03) is not None
+
+
+def test_the_byte_budget_must_exceed_the_slow_consumer_threshold() -> None:
+    """Otherwise a client that stops reading would sit paused until the idle timeout
+    instead of being closed 4023 (resumable)."""
+    from audiostream.errors import ConfigError
+    from audiostream.gateway import GatewaySettings
+
+    with pytest.raises(ConfigError, match="max_queued_bytes"):
+        GatewaySettings(max_outbound_bytes=16 * 1024 * 1024)
+    assert GatewaySettings().max_queued_bytes > GatewaySettings().max_outbound_bytes

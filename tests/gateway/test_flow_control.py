@@ -7,7 +7,9 @@ API client.py builds on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import time
 from dataclasses import replace
 
@@ -18,6 +20,8 @@ import pytest
 from audiostream.audio import AudioFormat, Encoding
 from audiostream.errors import ErrorCode
 from audiostream.gateway import GatewaySettings
+from audiostream.processors import ProcessorRegistry, StepInput, StepOutput
+from audiostream.processors import registry as builtin
 from audiostream.protocol import (
     V1_1,
     ClientProtocol,
@@ -29,6 +33,7 @@ from audiostream.protocol import (
 )
 from audiostream.testing import Embedded, eventually
 from audiostream.topology import Topology
+from tests.conftest import unique_prefix
 from tests.gateway.conftest import TLS, ServerFactory
 
 pytestmark = pytest.mark.integration
@@ -248,11 +253,11 @@ async def stop_race(srv: Embedded, tls: TLS, http: aiohttp.ClientSession, n: int
 
 
 async def test_stop_delivers_every_outcome_and_the_summary_then_1000(
-    make_server: ServerFactory, tls: TLS, transport_kind: str
+    make_server: ServerFactory, tls: TLS
 ) -> None:
-    """Issue #12 (observed 4): 500 chunks + stop at once, slow reader; 50 runs in memory,
-    10 over RabbitMQ. Every run gets all outcomes, the summary and close 1000."""
-    runs = 50 if transport_kind == "memory" else 10
+    """Issue #12 (observed 4): 500 chunks + stop at once, slow reader; 50 runs on each
+    transport, 5 at a time. Every run gets all outcomes, the summary and close 1000."""
+    runs = 50
     settings = GatewaySettings(chunk_rate=None)
     async with make_server(gateway_settings=settings) as srv, aiohttp.ClientSession() as http:
         for _ in range(runs // 5):
@@ -383,12 +388,8 @@ async def test_a_non_reader_closed_4023_at_the_largest_chunk_resumes_and_finishe
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
         accepted = conn.proto.next_in
-        async with asyncio.timeout(60):
-            while (await ws.receive()).type in (aiohttp.WSMsgType.BINARY,
-                                                aiohttp.WSMsgType.TEXT):
-                pass
-        # (The close frame itself is checked by the 100 ms test above; here the old
-        # connection only has to be gone.)
+        _audio, _error, code = await read_to_close(ws)
+        assert code == ErrorCode.SLOW_CONSUMER  # the client's own view: the close frame
         await ws.close()
         async with http.ws_connect(srv.url, ssl=tls.client, max_msg_size=1 << 20) as again:
             proto = ClientProtocol()
@@ -406,3 +407,159 @@ async def test_a_non_reader_closed_4023_at_the_largest_chunk_resumes_and_finishe
     assert len(run.audio) + sum(n.count for n in run.notices) == resume_from
     assert len(run.audio) * frames * 4 > 4 * cap, "the replay must exceed the hard cap"
     assert set(run.audio) <= set(sent[:resume_from])  # bit-exact (expired ones are notices)
+
+
+#: The gateway's default byte budget per session (``GatewaySettings.max_queued_bytes``).
+QUEUED_BUDGET = 16 * 1024 * 1024
+
+
+def gated_registry() -> tuple[ProcessorRegistry, threading.Event]:
+    """Passthrough plus ``gated``: passthrough that holds every call until the gate opens
+    (a pipeline that has fallen behind, on demand)."""
+    reg = ProcessorRegistry()
+    reg.add(builtin.get("passthrough"))
+    gate = threading.Event()
+
+    @reg.per_item("gated")
+    def gated(item: StepInput) -> StepOutput:
+        """Passthrough once the test opens the gate."""
+        gate.wait(timeout=120)
+        return StepOutput(item.audio)
+
+    return reg, gate
+
+
+async def read_to_close(ws: aiohttp.ClientWebSocketResponse
+                        ) -> tuple[int, dict[str, object] | None, int | None]:
+    """Read what the server wrote until its close: (audio frames, last error, close code
+    as the client saw it: the close frame's code, else aiohttp's, 1006 for a reset)."""
+    audio, error = 0, None
+    async with asyncio.timeout(60):
+        while True:
+            msg = await ws.receive()
+            if msg.type is aiohttp.WSMsgType.BINARY:
+                audio += 1
+            elif msg.type is aiohttp.WSMsgType.TEXT:
+                data = json.loads(msg.data)
+                if data["type"] == "error":
+                    error = data
+            elif msg.type is aiohttp.WSMsgType.CLOSE:
+                return audio, error, int(msg.data)
+            else:
+                return audio, error, ws.close_code
+
+
+async def test_a_non_reader_flooding_the_largest_chunks_is_held_to_the_byte_budget(
+    make_server: ServerFactory, tls: TLS
+) -> None:
+    """Issue #12: 384,000-byte chunks (the largest legal) as fast as the client can send,
+    never reading, while the pipeline is stuck. The session's bytes at the gateway
+    (chunks waiting and in flight, outcomes unwritten) never pass the 16 MiB budget by
+    more than one chunk: the gateway stops reading the socket instead (before: up to
+    1,000 chunks, 384 MB, answered ``overloaded``, and the connection never closed).
+    Once the pipeline moves, the unread outcomes close it 4023, and the close frame
+    itself reaches the client."""
+    reg, gate = gated_registry()
+    topo = Topology(processing_types=("passthrough", "gated"), prefix=unique_prefix())
+    fmt = AudioFormat(Encoding.PCM_F32LE, 48000, 2)
+    big = np.ones(fmt.bytes_for_ms(1000) // 4, dtype=np.float32).tobytes()
+    limit = QUEUED_BUDGET + len(big)
+    settings = GatewaySettings(chunk_rate=None, max_outbound_bytes=1024 * 1024,
+                               slow_consumer_grace_s=1.0)
+    async with make_server(gateway_settings=settings, topology=topo, processors=reg) as srv, \
+            aiohttp.ClientSession() as http:
+        try:
+            ws = await http.ws_connect(srv.url, ssl=tls.client, max_msg_size=1 << 20)
+            await ws.send_str(start_json(srv.api_key, fmt, ["gated"], deadline_ms=30_000))
+            assert (await read_json(ws))["type"] == "ready"
+            [conn] = list(srv.gateway.connections)
+            peak = sent = 0
+
+            def held() -> int:
+                nonlocal peak
+                pl = conn.pipeline
+                n = conn.proto.unwritten_bytes + (pl.outstanding * len(big) if pl else 0)
+                peak = max(peak, n)
+                return n
+
+            async def push() -> None:
+                nonlocal sent
+                while conn.proto.close_code is None and not ws.closed:
+                    await ws.send_bytes(big)
+                    sent += 1
+
+            sender = asyncio.create_task(push())
+            # Either the gateway pauses its reads at the budget, or (the old code) the
+            # session keeps taking chunks past it.
+            assert await eventually(
+                lambda: held() > limit or getattr(conn, "reading_paused", False),
+                within=60, interval=0.002)
+            assert peak <= limit, f"{peak} bytes held; budget {QUEUED_BUDGET}"
+            assert conn.reading_paused and conn.proto.close_code is None
+            accepted = conn.proto.next_in
+            assert accepted * len(big) <= limit
+            gate.set()  # the pipeline moves: outcomes pile up unread
+            assert await eventually(lambda: held() > limit or conn.proto.close_code is not None,
+                                    within=60, interval=0.002)
+            assert peak <= limit, f"{peak} bytes held; budget {QUEUED_BUDGET}"
+            assert conn.proto.close_code == ErrorCode.SLOW_CONSUMER
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            _audio, error, code = await read_to_close(ws)
+            assert error is not None and error["code"] == ErrorCode.SLOW_CONSUMER
+            assert code == ErrorCode.SLOW_CONSUMER
+            assert srv.gateway.metrics_registry.get_sample_value(
+                "audiostream_gateway_reads_paused_total") >= 1
+            print(f"sent {sent} chunks, {accepted} read before the pause, peak {peak} B")
+            await ws.close()
+        finally:
+            gate.set()
+
+
+async def non_reader_close(srv: Embedded, tls: TLS, http: aiohttp.ClientSession,
+                           fmt: AudioFormat, big: bytes, extra: int) -> int | None:
+    """A client sends ``big`` chunks without reading, and ``extra`` more once the server
+    closed it (as a client learning of the close late does), then reads: the close code
+    it sees."""
+    ws = await http.ws_connect(srv.url, ssl=tls.client, max_msg_size=1 << 20)
+    await ws.send_str(start_json(srv.api_key, fmt, ["passthrough"], deadline_ms=30_000))
+    assert (await read_json(ws))["type"] == "ready"
+    [conn] = [c for c in srv.gateway.connections if c.proto.close_code is None]
+    after = 0
+
+    async def push() -> None:
+        nonlocal after
+        while after < extra and not ws.closed:
+            await ws.send_bytes(big)
+            if conn.proto.close_code is not None:
+                after += 1
+
+    sender = asyncio.create_task(push())
+    assert await eventually(lambda: conn.proto.close_code is not None, within=60)
+    assert conn.proto.close_code == ErrorCode.SLOW_CONSUMER
+    with contextlib.suppress(ConnectionError):
+        await asyncio.wait_for(sender, 30)
+    _audio, error, code = await read_to_close(ws)
+    assert error is not None and error["code"] == ErrorCode.SLOW_CONSUMER, code
+    await ws.close()
+    return code
+
+
+async def test_a_non_reader_at_the_largest_chunk_reads_the_4023_close_frame_every_time(
+    make_server: ServerFactory, tls: TLS
+) -> None:
+    """The client's own view of a slow-consumer close, 10 times on each transport: a
+    client that sent 384,000-byte chunks without reading, then reads, must get the
+    ``slow_consumer`` error and the close frame 4023, not a reset (1006). It goes on
+    sending 8 chunks (3 MB) after the close, as a client learning of it late does;
+    before, the gateway stopped reading such a socket and closed it with that input
+    unread, the kernel answered with a reset and the client lost our last frames."""
+    fmt = AudioFormat(Encoding.PCM_F32LE, 48000, 2)
+    big = np.zeros(fmt.bytes_for_ms(1000) // 4, dtype=np.float32).tobytes()
+    settings = GatewaySettings(chunk_rate=None, max_outbound_bytes=1024 * 1024,
+                               slow_consumer_grace_s=0.5)
+    codes: list[int | None] = []
+    async with make_server(gateway_settings=settings) as srv, aiohttp.ClientSession() as http:
+        for _ in range(10):
+            codes.append(await non_reader_close(srv, tls, http, fmt, big, extra=8))
+    assert codes == [ErrorCode.SLOW_CONSUMER] * 10, codes

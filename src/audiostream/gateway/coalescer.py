@@ -11,7 +11,9 @@ changed (a chunk, a reply, its one timer at ``due_at()``), and ``answered`` /
 * **Deadlines.** A chunk not answered by its deadline gets an ``expired`` outcome,
   whether it is still queued here or in flight (a late reply is then discarded).
 * **Backlog cap.** Past ``max_backlog`` waiting chunks, new ones are refused as
-  ``overloaded`` rather than queued without bound.
+  ``overloaded`` rather than queued without bound. The bytes held (``queued_bytes``:
+  waiting and in flight) are bounded by the connection, which stops reading its
+  socket above its byte budget (``gateway/server.py``).
 * **Proactive coalescing (the latency budget).** Every message costs the gateway,
   the broker and the worker the same fixed work whatever it carries, so under load
   the number of messages per session-second is what to cut. When replies take
@@ -76,6 +78,8 @@ class Message:
     chunks: tuple[Chunk, ...]
     sent_at: float
     deadline: float
+    nbytes: int = 0
+    """Audio bytes the chunks hold."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,6 +131,7 @@ class Coalescer:
         self._linger = min(policy.linger_s, deadline_s / 2)
         self._max_hold = min(policy.max_hold_s, deadline_s / 2)
         self._backlog: deque[Chunk] = deque()
+        self._backlog_bytes = 0
         self._inflight: Message | None = None
         self._next_id = first_msg_id
         self._closed = False
@@ -166,6 +171,11 @@ class Coalescer:
         return len(self._backlog) + (len(self._inflight.chunks) if self._inflight else 0)
 
     @property
+    def queued_bytes(self) -> int:
+        """Audio bytes of the chunks without an outcome (waiting or in flight)."""
+        return self._backlog_bytes + (self._inflight.nbytes if self._inflight else 0)
+
+    @property
     def oldest_pending_at(self) -> float | None:
         if self._inflight is not None:
             return self._inflight.chunks[0].received_at
@@ -183,6 +193,7 @@ class Coalescer:
             self.gap = gap if self.gap is None else self.gap + EWMA_WEIGHT * (gap - self.gap)
         self._last_at = now
         self._backlog.append(Chunk(seq, data, now, now + self.deadline_s))
+        self._backlog_bytes += len(data)
         return []
 
     def tick(self, now: float) -> list[Outcome]:
@@ -197,6 +208,7 @@ class Coalescer:
         backlog = self._backlog
         while backlog and backlog[0].deadline <= now:
             c = backlog.popleft()
+            self._backlog_bytes -= len(c.data)
             out.append(Outcome(c.seq, code=ErrorCode.EXPIRED, message=QUEUED_EXPIRED))
         return out
 
@@ -214,7 +226,9 @@ class Coalescer:
             self._quiet_until = now + MISS_BACKOFF_S
         n = min(self.policy.max_chunks, len(backlog))
         chunks = tuple(backlog.popleft() for _ in range(n))
-        msg = Message(self._next_id, chunks, now, min(c.deadline for c in chunks))
+        nbytes = sum(len(c.data) for c in chunks)
+        self._backlog_bytes -= nbytes
+        msg = Message(self._next_id, chunks, now, min(c.deadline for c in chunks), nbytes)
         self._next_id += 1
         self._inflight = msg
         return msg
@@ -240,6 +254,7 @@ class Coalescer:
     def close(self) -> None:
         self._closed = True
         self._backlog.clear()
+        self._backlog_bytes = 0
         self._inflight = None
 
     # -- timing ---------------------------------------------------------------------

@@ -433,9 +433,11 @@ class _EdgeHandler(RequestHandler):
 # --- WebSocket frames ------------------------------------------------------------------------
 
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
-#: Data bytes a client may still send after our close frame (what it had in flight)
-#: before the edge stops reading its socket; the close timeout then ends it. Our close
-#: frame is already on its way, so a client that sent this much loses nothing more.
+#: Data bytes after our close frame past which the client is reported (once, as
+#: ``data_after_close``): a client that kept streaming. The edge goes on reading and
+#: dropping them until the client's close frame or the close timeout: a socket closed
+#: with unread input is reset by the kernel, and the reset discards what we had queued
+#: for the client, our close frame included (it would see 1006, not our code).
 MAX_AFTER_CLOSE = 1024 * 1024
 CLOSE_PROTOCOL_ERROR, CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG = 1002, 1008, 1009
 
@@ -568,16 +570,19 @@ class FrameGuard:
                 continue
             avail = min(length, len(self._head) - head)
             if opcode < OP_CLOSE and self._handler.closing:
-                # Our close frame is out: what a flooder still sends is dropped here
-                # instead of being unmasked, decoded and discarded by aiohttp's reader
-                # during the close handshake; past a bound we stop reading altogether
-                # (the close timeout then ends the connection).
+                # Our close frame is out: what a client still sends is dropped here,
+                # unparsed, instead of being unmasked, decoded and discarded by
+                # aiohttp's reader during the close handshake. Reading goes on (the
+                # close timeout bounds it), so the socket never closes with unread
+                # input, which would reset it (see MAX_AFTER_CLOSE).
                 del self._head[:head + avail]
                 self._skip = length - avail
+                before = self._dropped
                 self._dropped += head + length
-                if self._dropped > MAX_AFTER_CLOSE:
-                    self._stop_reading()
-                    return False
+                if before <= MAX_AFTER_CLOSE < self._dropped:
+                    self._handler.guard.refused(
+                        "data_after_close", "edge: %s kept sending data after our close "
+                        "frame; dropped", escape(self._handler.peer, 64))
                 if self._skip:
                     return True
                 continue
@@ -586,16 +591,6 @@ class FrameGuard:
             self._left = length - avail
             if self._left:
                 return True
-
-    def _stop_reading(self) -> None:
-        self._done = True
-        self._head.clear()
-        self._handler.guard.refused("data_after_close", "edge: %s kept sending data after "
-                                    "our close frame; stopped reading",
-                                    escape(self._handler.peer, 64))
-        transport = self._handler.transport
-        if transport is not None and not transport.is_closing():
-            transport.pause_reading()
 
     def _take(self) -> bool:
         now = time.monotonic()

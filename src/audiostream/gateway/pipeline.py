@@ -367,6 +367,11 @@ class SessionPipeline:
     def outstanding(self) -> int:
         return self.coalescer.outstanding
 
+    @property
+    def queued_bytes(self) -> int:
+        """Audio bytes of chunks waiting here or in flight (the connection's byte budget)."""
+        return self.coalescer.queued_bytes
+
     async def wait_idle(self) -> None:
         """Until every submitted chunk has an outcome."""
         await self._idle.wait()

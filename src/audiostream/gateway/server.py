@@ -52,6 +52,7 @@ from audiostream.protocol import (
     AckReceived,
     ChunkReceived,
     Limits,
+    Output,
     SendBytes,
     SendText,
     ServerProtocol,
@@ -126,6 +127,13 @@ class GatewaySettings:
     """Unwritten bytes per connection above which the slow-consumer grace starts ..."""
     slow_consumer_grace_s: float = 10.0
     """... and how long they may stay above it before closing 4023 (resumable)."""
+    max_queued_bytes: int = 16 * 1024 * 1024
+    """Bytes one session may hold here: its chunks waiting for or in the pipeline plus
+    its outcomes not yet written to the socket. Above it the gateway stops reading the
+    connection until it is below again (TCP back-pressure on the client's sends), so a
+    client sending large chunks faster than the pipeline answers, or one that does not
+    read, cannot grow the gateway's memory. It must exceed ``max_outbound_bytes``: a
+    client that stops reading then still reaches the slow-consumer close."""
     credit_window: int = 64
     """v1.1: most chunks a client may have outstanding ..."""
     credit_bytes: int = 4 * 1024 * 1024
@@ -158,6 +166,11 @@ class GatewaySettings:
         if self.coalesce_above < 0 or self.loop_lag_high_ms < 0 or self.budget_sample_s <= 0:
             raise ConfigError("coalesce-above and loop lag must be >= 0, the budget sample "
                               "period > 0")
+        if self.max_queued_bytes <= self.max_outbound_bytes:
+            raise ConfigError(
+                f"max_queued_bytes ({self.max_queued_bytes}) must exceed max_outbound_bytes "
+                f"({self.max_outbound_bytes}), or a client that stops reading is never "
+                "closed as a slow consumer")
 
 
 class SlotPhase(Enum):
@@ -192,20 +205,60 @@ class _Connection:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._wake = asyncio.Event()
+        self._batch: deque[Output] = deque()
+        """The writer's current batch: taken from the core, not yet written."""
         self.writer = self.loop.create_task(self._write_loop())
         self.reader: asyncio.Task[None] | None = None
         self.receiving = False
-        """The reader waits in ``ws.receive()`` (see ``_stop_reading``)."""
+        """The reader waits in ``ws.receive()`` or for room (see ``_stop_reading``)."""
+        self._room = asyncio.Event()
+        self.reading_paused = False
+        """The reader waits for the session's queued bytes to drop (``wait_for_room``)."""
         self._forcing: asyncio.Task[None] | None = None
+        self.handshaking = False
+        """The writer sent (or is sending) the close frame and waits for the client's."""
         self.started_at = time.monotonic()
         # Seq of the last audio outcome of each reply -> when the reply arrived, for the
         # gateway_to_client stage (one entry per reply, removed when that audio is written).
         self._replied: dict[int, float] = {}
 
+    @property
+    def queued_bytes(self) -> int:
+        """What the session holds here: chunks waiting for or in the pipeline, and
+        outcomes not yet written to the socket."""
+        pl = self.pipeline
+        return self.proto.unwritten_bytes + (pl.queued_bytes if pl is not None else 0)
+
+    def _has_room(self) -> bool:
+        return (self.queued_bytes <= self.gateway.settings.max_queued_bytes
+                or self.proto.state is State.CLOSED)
+
+    async def wait_for_room(self) -> bool:
+        """Back-pressure: read nothing more from the client while the session holds more
+        than ``max_queued_bytes``. aiohttp then stops reading the socket, TCP's window
+        closes and the client's sends wait. Outcomes written, replies and expiries make
+        room (each ends in ``kick`` or the writer's ``_check_room``). False: the session
+        closed meanwhile, nothing more to read."""
+        if not self._has_room():
+            self.reading_paused = True
+            self.gateway.metrics.reads_paused.inc()
+            try:
+                while not self._has_room():
+                    self._room.clear()
+                    await self._room.wait()
+            finally:
+                self.reading_paused = False
+        return self.proto.state is not State.CLOSED
+
+    def _check_room(self) -> None:
+        if self.reading_paused and self._has_room():
+            self._room.set()
+
     def kick(self) -> None:
         """Something may be in the outbox, or the next deadline moved."""
         self._wake.set()
         self._rearm()
+        self._check_room()
         if self.proto.close_code == ErrorCode.SLOW_CONSUMER and self._forcing is None:
             self._forcing = self.loop.create_task(self._force_close())
 
@@ -236,6 +289,15 @@ class _Connection:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.writer), 1.0)
             return
+        if self.handshaking:
+            # The writer is not stuck: its close frame is out and aiohttp's close() waits
+            # for the client's (within the close timeout). Cancelling it there would drop
+            # the socket with the client's input unread; the kernel would then reset the
+            # connection and the client lose our last frames (1006 instead of the code).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.writer),
+                                       self.gateway.settings.close_timeout_s + 1)
+                return
         # The writer is stuck on a client that does not read. Its queued outcomes cannot
         # reach it; the error and the close frame go into the transport's buffer (no
         # drain), and the close handshake keeps reading what the client sends until its
@@ -245,7 +307,9 @@ class _Connection:
         with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
             await self.writer
         code = self.proto.close_code or 1011
-        for out in self.proto.data_to_send():
+        # What the cancelled writer had not reached yet (the error after the audio it was
+        # stuck on), then what was queued since.
+        for out in [*self._batch, *self.proto.data_to_send()]:
             if isinstance(out, SendText) and out.kind == "error":
                 with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
                     await asyncio.wait_for(self.ws.send_str(out.text), 0.5)
@@ -281,13 +345,17 @@ class _Connection:
             self._wake.clear()
             written = proto.next_out  # every outcome below is in this batch or sent
             audio: list[SendBytes] = []
-            for out in proto.data_to_send():
+            self._batch = batch = deque(proto.data_to_send())
+            while batch:
+                out = batch[0]
                 if isinstance(out, SendBytes):
+                    batch.popleft()
                     audio.append(out)  # consecutive audio goes out in one write
                     continue
                 if audio:
                     await self._send_audio(audio)
                     audio = []
+                batch.popleft()  # only now: stuck on the audio, the error stays for _force_close
                 if isinstance(out, SendText):
                     await self.ws.send_str(out.text)
                     proto.written(out.nbytes)
@@ -300,6 +368,7 @@ class _Connection:
                     if self.request is not None:
                         _edge.closing(self.request)
                     await self._stop_reading()
+                    self.handshaking = True
                     await self.ws.close(code=out.code, message=out.reason.encode())
                     return
             if audio:
@@ -307,6 +376,7 @@ class _Connection:
             if self.pipeline is not None:
                 self.pipeline.delivered(written)  # lets the journal trim a non-acking client
             self._rearm()
+            self._check_room()
 
     async def _send_audio(self, audio: list[SendBytes]) -> None:
         """Audio outcomes as frames of one socket write (``gateway/wsframes.py``)."""
@@ -860,6 +930,8 @@ class Gateway:
         while proto.state is not State.CLOSED:
             conn.receiving = True
             try:
+                if not await conn.wait_for_room():
+                    break  # the session closed meanwhile
                 msg = await ws.receive()
             finally:
                 conn.receiving = False
