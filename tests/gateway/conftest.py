@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -71,6 +72,14 @@ async def make_server(
 async def server(make_server: ServerFactory) -> AsyncIterator[Embedded]:
     async with make_server() as s:
         yield s
+
+
+async def read_json(ws: aiohttp.ClientWebSocketResponse) -> dict[str, object]:
+    """The next message, which must be a JSON text frame."""
+    msg = await ws.receive(timeout=30)
+    assert msg.type is aiohttp.WSMsgType.TEXT, msg
+    data: dict[str, object] = json.loads(msg.data)
+    return data
 
 
 async def expect_close(ws: aiohttp.ClientWebSocketResponse, code: int) -> None:

@@ -15,7 +15,7 @@ from audiostream.audio import AudioFormat, Encoding
 from audiostream.errors import ErrorCode
 from audiostream.gateway import GatewaySettings, create_key, revoke_key
 from audiostream.protocol import start_json
-from tests.gateway.conftest import TLS, ServerFactory, expect_close
+from tests.gateway.conftest import TLS, ServerFactory, expect_close, read_json
 
 pytestmark = pytest.mark.integration
 
@@ -23,11 +23,6 @@ FMT = AudioFormat(Encoding.PCM_S16LE, 16000, 1)
 CHUNK = b"\x01\x00" * 320
 
 
-async def read_json(ws: aiohttp.ClientWebSocketResponse) -> dict[str, object]:
-    msg = await ws.receive(timeout=10)
-    assert msg.type is aiohttp.WSMsgType.TEXT, msg
-    data: dict[str, object] = json.loads(msg.data)
-    return data
 
 
 async def test_tls_12_client_is_refused_and_13_accepted(

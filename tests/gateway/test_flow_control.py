@@ -34,7 +34,7 @@ from audiostream.protocol import (
 from audiostream.testing import Embedded, eventually
 from audiostream.topology import Topology
 from tests.conftest import unique_prefix
-from tests.gateway.conftest import TLS, ServerFactory
+from tests.gateway.conftest import TLS, ServerFactory, read_json
 
 pytestmark = pytest.mark.integration
 
@@ -46,11 +46,6 @@ def chunks(n: int, seed: int = 0) -> list[bytes]:
     return [(rng.standard_normal(320) * 3000).astype(np.int16).tobytes() for _ in range(n)]
 
 
-async def read_json(ws: aiohttp.ClientWebSocketResponse) -> dict[str, object]:
-    msg = await ws.receive(timeout=30)
-    assert msg.type is aiohttp.WSMsgType.TEXT, msg
-    data: dict[str, object] = json.loads(msg.data)
-    return data
 
 
 class Run:

@@ -20,7 +20,7 @@ from audiostream.audio import AudioFormat, Encoding
 from audiostream.errors import ErrorCode
 from audiostream.gateway import GatewaySettings, create_key
 from audiostream.protocol import MAX_PRE_START_TEXT, ResumeRequest, start_json
-from tests.gateway.conftest import TLS, ServerFactory, expect_close
+from tests.gateway.conftest import TLS, ServerFactory, expect_close, read_json
 from tests.security.conftest import start_victim
 
 pytestmark = pytest.mark.integration
@@ -29,11 +29,6 @@ FMT = AudioFormat(Encoding.PCM_S16LE, 16000, 1)
 CHUNK = b"\x01\x00" * 320
 
 
-async def read_json(ws: aiohttp.ClientWebSocketResponse) -> dict[str, object]:
-    msg = await ws.receive(timeout=10)
-    assert msg.type is aiohttp.WSMsgType.TEXT, msg
-    data: dict[str, object] = json.loads(msg.data)
-    return data
 
 
 async def closed_with(ws: aiohttp.ClientWebSocketResponse, within: float) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -25,6 +26,7 @@ from tests.gateway.conftest import (
     ServerFactory,
     expect_close,
     make_server,  # noqa: F401  (the two-transport fixture)
+    read_json,
 )
 from tests.security.conftest import FMT
 
@@ -33,10 +35,38 @@ CHUNK = b"\x01\x00" * 320
 SECRET = b"one-secret-both-gateways-share-0123456789"
 
 
-async def read_json(ws: aiohttp.ClientWebSocketResponse) -> dict[str, object]:
-    msg = await ws.receive(timeout=15)
-    assert msg.type is aiohttp.WSMsgType.TEXT, msg
-    return dict(json.loads(msg.data))
+def two_gateways(make_server: ServerFactory, keys: Path) -> tuple[Any, Any]:  # noqa: F811
+    """Two gateway contexts on one broker, with one token secret and an hour's takeover."""
+    common = dict(keys_file=keys, token_secret=SECRET, memory_broker=MemoryBroker(),
+                  gateway_settings=GatewaySettings(chunk_rate=None, takeover_s=3600.0))
+    return make_server(**common), make_server(**common)
+
+
+async def resumed_once(http: aiohttp.ClientSession, url: str, tls: TLS, key: str
+                       ) -> tuple[str, str, aiohttp.ClientWebSocketResponse]:
+    """Generation 0 started and dropped, then resumed on ``url``: (generation 0's token,
+    generation 1's token, the generation-1 connection)."""
+    ws = await http.ws_connect(url, ssl=tls.client)
+    await ws.send_str(start_json(key, FMT, ["passthrough"]))
+    old_token = str((await read_json(ws))["token"])
+    await ws.close()
+    holder = await http.ws_connect(url, ssl=tls.client)
+    await holder.send_str(start_json(key, FMT, ["passthrough"],
+                                     resume=ResumeRequest(old_token, 0)))
+    ready = await read_json(holder)
+    assert ready["type"] == "ready", ready
+    return old_token, str(ready["token"]), holder
+
+
+async def assert_refused(http: aiohttp.ClientSession, url: str, tls: TLS, key: str,
+                         token: str, received: int) -> None:
+    """Resuming with ``token`` on ``url`` gets resume_failed and its close."""
+    async with http.ws_connect(url, ssl=tls.client) as ws:
+        await ws.send_str(start_json(key, FMT, ["passthrough"],
+                                     resume=ResumeRequest(token, received)))
+        err = await read_json(ws)
+        assert err["type"] == "error" and err["code"] == ErrorCode.RESUME_FAILED, err
+        await expect_close(ws, ErrorCode.RESUME_FAILED)
 
 
 async def test_an_older_token_on_another_gateway_cannot_displace_a_newer_holder(
@@ -44,31 +74,13 @@ async def test_an_older_token_on_another_gateway_cannot_displace_a_newer_holder(
 ) -> None:
     keys = tmp_path / "keys.json"
     key, _ = create_key(keys, "tenant")
-    broker = MemoryBroker()  # used by the memory transport only
-    settings = GatewaySettings(chunk_rate=None, takeover_s=3600.0)
-    common = dict(keys_file=keys, token_secret=SECRET, memory_broker=broker,
-                  gateway_settings=settings)
-    async with make_server(**common) as gw_a, make_server(**common) as gw_b, \
-            aiohttp.ClientSession() as http:
+    a, b = two_gateways(make_server, keys)
+    async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
         # Generation 0 on A; the client resumes it on A: generation 1 holds it there.
-        ws = await http.ws_connect(gw_a.url, ssl=tls.client)
-        await ws.send_str(start_json(key, FMT, ["passthrough"]))
-        old_token = str((await read_json(ws))["token"])
-        await ws.close()
-        holder = await http.ws_connect(gw_a.url, ssl=tls.client)
-        await holder.send_str(start_json(key, FMT, ["passthrough"],
-                                         resume=ResumeRequest(old_token, 0)))
-        ready = await read_json(holder)
-        assert ready["type"] == "ready"
-        new_token = str(ready["token"])
+        old_token, new_token, holder = await resumed_once(http, gw_a.url, tls, key)
         # A stale copy of the generation-0 token, presented to gateway B: refused, and
         # the holder on A keeps the session.
-        async with http.ws_connect(gw_b.url, ssl=tls.client) as stale:
-            await stale.send_str(start_json(key, FMT, ["passthrough"],
-                                            resume=ResumeRequest(old_token, 0)))
-            err = await read_json(stale)
-            assert err["type"] == "error" and err["code"] == ErrorCode.RESUME_FAILED
-            await expect_close(stale, ErrorCode.RESUME_FAILED)
+        await assert_refused(http, gw_b.url, tls, key, old_token, 0)
         await holder.send_bytes(CHUNK)
         msg = await holder.receive(timeout=10)
         assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == CHUNK
@@ -90,12 +102,7 @@ async def test_an_older_token_on_another_gateway_cannot_displace_a_newer_holder(
             while (await read_json(mover))["type"] != "summary":
                 pass
             await expect_close(mover, 1000)
-        async with http.ws_connect(gw_b.url, ssl=tls.client) as late:
-            await late.send_str(start_json(key, FMT, ["passthrough"],
-                                           resume=ResumeRequest(new_token, 1)))
-            err = await read_json(late)
-            assert err["type"] == "error" and err["code"] == ErrorCode.RESUME_FAILED
-            await expect_close(late, ErrorCode.RESUME_FAILED)
+        await assert_refused(http, gw_b.url, tls, key, new_token, 1)
         await holder.close()
 
 
@@ -107,32 +114,14 @@ async def test_an_older_token_cannot_take_a_detached_session_on_another_gateway(
     on B, and generation 1's still resumes there with the audio A answered."""
     keys = tmp_path / "keys.json"
     key, _ = create_key(keys, "tenant")
-    broker = MemoryBroker()
-    settings = GatewaySettings(chunk_rate=None, takeover_s=3600.0)
-    common = dict(keys_file=keys, token_secret=SECRET, memory_broker=broker,
-                  gateway_settings=settings)
-    async with make_server(**common) as gw_a, make_server(**common) as gw_b, \
-            aiohttp.ClientSession() as http:
-        ws = await http.ws_connect(gw_a.url, ssl=tls.client)
-        await ws.send_str(start_json(key, FMT, ["passthrough"]))
-        old_token = str((await read_json(ws))["token"])
-        await ws.close()
-        holder = await http.ws_connect(gw_a.url, ssl=tls.client)
-        await holder.send_str(start_json(key, FMT, ["passthrough"],
-                                         resume=ResumeRequest(old_token, 0)))
-        ready = await read_json(holder)
-        assert ready["type"] == "ready"
-        new_token = str(ready["token"])
+    a, b = two_gateways(make_server, keys)
+    async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
+        old_token, new_token, holder = await resumed_once(http, gw_a.url, tls, key)
         await holder.send_bytes(CHUNK)
         msg = await holder.receive(timeout=10)
         assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == CHUNK
         await holder.close()  # no stop: the session stays resumable, detached
-        async with http.ws_connect(gw_b.url, ssl=tls.client) as stale:
-            await stale.send_str(start_json(key, FMT, ["passthrough"],
-                                            resume=ResumeRequest(old_token, 0)))
-            err = await read_json(stale)
-            assert err["type"] == "error" and err["code"] == ErrorCode.RESUME_FAILED, err
-            await expect_close(stale, ErrorCode.RESUME_FAILED)
+        await assert_refused(http, gw_b.url, tls, key, old_token, 0)
         async with http.ws_connect(gw_b.url, ssl=tls.client) as mover:
             await mover.send_str(start_json(key, FMT, ["passthrough"],
                                             resume=ResumeRequest(new_token, 1)))
