@@ -95,6 +95,13 @@ class GatewayMetrics:
             "audiostream_gateway_reads_paused_total",
             "Times a connection stopped being read because its session held more than "
             "max_queued_bytes (back-pressure)", registry=registry)
+        self.opus_decode_cpu = Counter(
+            "audiostream_gateway_opus_decode_cpu_seconds_total",
+            "CPU seconds the event loop spent decoding Opus uploads", registry=registry)
+        self.opus_decode_paused = Counter(
+            "audiostream_gateway_opus_decode_paused_total",
+            "Times an Opus session's socket was left unread because its decoding was over "
+            "its CPU budget or the gateway's", registry=registry)
         self.messages_published = Counter(
             "audiostream_gateway_messages_published_total",
             "Work messages published (one carries one or more coalesced chunks)",

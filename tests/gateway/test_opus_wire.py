@@ -11,6 +11,7 @@ input), and a corrupt chunk is one ``invalid_audio`` notice in a session that go
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -142,3 +143,116 @@ async def test_a_corrupt_chunk_is_one_notice_and_the_session_goes_on(
         local.decode(c)
     after = b"".join(i.data for i in items[at + 1:] if isinstance(i, Audio))
     assert after == b"".join(local.decode(c) for c in chunks[at:])
+
+
+# --- a client flooding maximal Opus frames next to a PCM session -----------------------------
+
+#: The flood's budget in the test: small, so the bound is far below what the flood would
+#: cost the loop unbounded (decoding one of its chunks is a few ms).
+FLOOD_SHARE = 0.05
+FLOOD_CHUNKS = 80
+#: The PCM session streams alongside: up to this many 20 ms chunks per flood outcome.
+VICTIM_PER_FLOOD_OUTCOME = 50
+
+
+@pytest.fixture(params=["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+async def budgeted(request: pytest.FixtureRequest) -> AsyncIterator[Embedded]:
+    topo = Topology(processing_types=("passthrough", "gain"), prefix=unique_prefix())
+    url = request.getfixturevalue("rabbitmq_url") if request.param == "rabbitmq" else None
+    settings = GatewaySettings(opus_cpu_share=FLOOD_SHARE, opus_cpu_share_total=FLOOD_SHARE)
+    try:
+        async with embedded_server(broker_url=url, topology=topo,
+                                   gateway_settings=settings) as s:
+            yield s
+    finally:
+        if url is not None:
+            await delete_prefixed(url, topo)
+
+
+def maximal_opus_chunks() -> list[bytes]:
+    """Frames as costly as the protocol allows per byte of credit: 48 kHz stereo at
+    libopus's top bit rate, 50 packets of 10 ms each (decoding is per packet as much as
+    per second of audio). Ten distinct frames, sent over and over: a valid stream."""
+    rng = np.random.default_rng(7)
+    enc = OpusPacketEncoder(48000, 2, bitrate=510_000, frame_ms=10)
+    x = (rng.standard_normal((48000 * 5, 2)) * 6000).astype(np.int16)
+    packets = enc.encode(x)
+    return [frame_opus_packets(packets[i:i + 50]) for i in range(0, 500, 50)]
+
+
+async def test_an_opus_flood_is_held_to_its_cpu_budget_and_a_pcm_session_keeps_its_audio(
+    budgeted: Embedded,
+) -> None:
+    """One client sends maximal Opus frames as fast as its credit allows; a PCM session
+    streams beside it for as long as the flood lasts. The flood's decoding stays within
+    its CPU budget (its socket is left unread meanwhile, so it only slows: every chunk
+    still comes back as audio), and the PCM session gets every chunk back as its own
+    audio, in order."""
+    srv = budgeted
+    client = AudioStreamClient(srv.url, api_key=srv.api_key)
+    frames = maximal_opus_chunks()
+    flood_items: list[Audio | Notice] = []
+    victim_items: list[Audio | Notice] = []
+    first_outcome, flood_done, progress = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    victim_sent: list[bytes] = []
+    loop = asyncio.get_running_loop()
+    cpu = "audiostream_gateway_opus_decode_cpu_seconds_total"
+
+    def flood_item(it: object) -> None:
+        if isinstance(it, Audio | Notice):
+            flood_items.append(it)
+            first_outcome.set()
+            progress.set()
+
+    async def flood() -> float:
+        async with client.session(["passthrough"], format=AudioFormat.pcm16(48000, 2),
+                                  codec=Codec.OPUS, iterate=False,
+                                  deadline_ms=30_000) as s:
+            s.on_item(flood_item)
+            t0 = loop.time()
+            for k in range(FLOOD_CHUNKS):
+                await s.send(frames[k % len(frames)])
+            await s.finish()
+            wall = loop.time() - t0
+        flood_done.set()
+        progress.set()
+        return wall
+
+    async def victim() -> None:
+        rng = np.random.default_rng(3)
+        await first_outcome.wait()  # the flood is under way
+        async with client.session(["passthrough"], format=AudioFormat.pcm16(16000),
+                                  iterate=False, deadline_ms=10_000) as s:
+            s.on_item(lambda it: victim_items.append(it)
+                      if isinstance(it, Audio | Notice) else None)
+            while not flood_done.is_set():
+                if len(victim_sent) >= VICTIM_PER_FLOOD_OUTCOME * (len(flood_items) + 1):
+                    progress.clear()  # ahead of the flood: wait for its next outcome
+                    await progress.wait()
+                    continue
+                chunk = (rng.standard_normal(320) * 3000).astype("<i2").tobytes()
+                victim_sent.append(chunk)
+                await s.send(chunk)
+            await s.finish()
+
+    wall, _ = await asyncio.gather(flood(), victim())
+    spent = srv.gateway.metrics_registry.get_sample_value(cpu)
+    paused = srv.gateway.metrics_registry.get_sample_value(
+        "audiostream_gateway_opus_decode_paused_total")
+    per_chunk = spent / FLOOD_CHUNKS
+    print(f"flood: {FLOOD_CHUNKS} chunks, {spent:.3f} CPU-s of decoding in {wall:.2f} s "
+          f"({per_chunk * 1e3:.2f} ms a chunk), paused {paused:g} times; "
+          f"victim: {len(victim_sent)} chunks")
+    # Unbounded, the flood decodes as fast as the loop goes (a few ms a chunk, several
+    # times FLOOD_SHARE of the loop); bounded, its CPU is its share of the wall time plus
+    # the one-second burst plus the one chunk whose cost is known only afterwards.
+    assert spent <= FLOOD_SHARE * (wall + 1.0) + 2 * per_chunk
+    assert spent > 3 * FLOOD_SHARE  # the flood did cost more than the burst: it was held
+    assert paused >= 1
+    assert [type(i) for i in flood_items] == [Audio] * FLOOD_CHUNKS
+    # the victim: every chunk back, in order, as its own audio (passthrough)
+    assert len(victim_sent) >= 2
+    assert [i.seq for i in victim_items] == list(range(len(victim_sent)))
+    assert all(isinstance(i, Audio) for i in victim_items), [
+        (i.seq, i.code) for i in victim_items if isinstance(i, Notice)]
+    assert [i.data for i in victim_items if isinstance(i, Audio)] == victim_sent

@@ -23,7 +23,6 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from audiostream.audio import Codec
-from audiostream.audiofile import OpusPacketDecoder
 from audiostream.bundler import WorkBundler
 from audiostream.envelope import Step
 from audiostream.errors import (
@@ -38,6 +37,7 @@ from audiostream.gateway import edge as _edge
 from audiostream.gateway.budget import BudgetPolicy, LoadBudget
 from audiostream.gateway.keys import KeyRecord, KeyStore
 from audiostream.gateway.load import LoadMonitor
+from audiostream.gateway.opusdecode import BudgetedDecoder, CpuBucket
 from audiostream.gateway.pipeline import Outcome, SessionPipeline, reply_outcomes
 from audiostream.gateway.revocation import KeyRevocation
 from audiostream.gateway.telephony import add_telephony_routes
@@ -70,6 +70,8 @@ CREDENTIAL_PARAMS = frozenset({"api_key", "apikey", "key", "token", "access_toke
 #: aiohttp's ceiling on one frame: the largest legal chunk plus headroom (the protocol
 #: applies a tighter, format-derived one per session).
 HARD_MAX_FRAME = MAX_WS_MESSAGE
+#: An Opus CPU budget holds this many seconds' worth of its share (a burst).
+OPUS_BURST_S = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,6 +146,12 @@ class GatewaySettings:
     """... refilled per second."""
     session_starts_per_minute: int | None = 600
     """New sessions one key may start per minute on this gateway (None: no cap)."""
+    opus_cpu_share: float = 0.1
+    """CPU seconds per second one Opus session's decoding may cost the event loop (a
+    second's worth may come at once); over it the gateway stops reading that session's
+    socket until it is back within (``gateway/opusdecode.py``) ..."""
+    opus_cpu_share_total: float = 0.5
+    """... and what all Opus sessions together may cost, so PCM sessions keep the rest."""
 
     def limits(self) -> Limits:
         """The per-connection limits the protocol core enforces."""
@@ -166,6 +174,8 @@ class GatewaySettings:
         if self.coalesce_above < 0 or self.loop_lag_high_ms < 0 or self.budget_sample_s <= 0:
             raise ConfigError("coalesce-above and loop lag must be >= 0, the budget sample "
                               "period > 0")
+        if self.opus_cpu_share <= 0 or self.opus_cpu_share_total <= 0:
+            raise ConfigError("the Opus CPU shares must be > 0")
         if self.max_queued_bytes <= self.max_outbound_bytes:
             raise ConfigError(
                 f"max_queued_bytes ({self.max_queued_bytes}) must exceed max_outbound_bytes "
@@ -196,8 +206,9 @@ class _Connection:
         self.loop = asyncio.get_running_loop()
         self.proto = ServerProtocol(clock=self.loop.time, limits=gateway.limits)
         self.pipeline: SessionPipeline | None = None
-        self.decoder: OpusPacketDecoder | None = None
-        """``format.encoding: "opus"``: the session's Opus decoder (its state spans chunks)."""
+        self.decoder: BudgetedDecoder | None = None
+        """``format.encoding: "opus"``: the session's Opus decoder (its state spans chunks)
+        and CPU budget. A resume gets a fresh one (see docs/protocol.md, *Resume*)."""
         self.key: KeyRecord | None = None
         self.slot = SlotPhase.NONE
         self.grant: SessionGrant | None = None
@@ -422,20 +433,34 @@ class _Connection:
         session's PCM first, or answered with an ``invalid_audio`` notice (the session
         goes on)."""
         assert self.pipeline is not None
-        if self.decoder is not None:
+        if (dec := self.decoder) is not None:
+            before = dec.cpu_s
             try:
-                data = self.decoder.decode(data)
+                data = dec.decode(data)
             except AudioStreamError as err:
                 self.proto.deliver_notice(seq, err.code, err.message)
                 return
+            finally:
+                self.gateway.metrics.opus_decode_cpu.inc(dec.cpu_s - before)
         self.pipeline.submit(seq, data, time.time())
+
+    async def wait_for_decode_budget(self) -> bool:
+        """An Opus session over its CPU budget (or the gateway's) is not read until it is
+        back within: its client's sends wait, nothing is refused. False: the session
+        closed meanwhile."""
+        dec = self.decoder
+        if dec is None or (wait := dec.wait_s()) <= 0:
+            return self.proto.state is not State.CLOSED
+        self.gateway.metrics.opus_decode_paused.inc()
+        while wait > 0 and self.proto.state is not State.CLOSED:
+            await asyncio.sleep(wait)
+            wait = dec.wait_s()
+        return self.proto.state is not State.CLOSED
 
     # -- starting -----------------------------------------------------------------
     async def start_session(self, start: StartMessage) -> None:
         gw = self.gateway
         pl: SessionPipeline | None = None
-        if start.codec is Codec.OPUS:
-            self.decoder = OpusPacketDecoder(start.format.sample_rate, start.format.channels)
         try:
             if gw.draining:
                 raise AudioStreamError("gateway is draining; reconnect elsewhere",
@@ -457,6 +482,7 @@ class _Connection:
                 generation=0,
                 expires_at=0.0,
             )
+            self._make_decoder(start)
             pl = self._make_pipeline(self.grant)
             await gw.watchdog.bounded(pl.open(), cleanup=lambda: pl.close(finished=True))
         except AudioStreamError as err:
@@ -517,6 +543,20 @@ class _Connection:
             self.gateway.release(self.key.id)
         self.slot = SlotPhase.RELEASED
 
+    def _make_decoder(self, start: StartMessage) -> None:
+        """An Opus session's decoder, at the session's own format (a resume's is the
+        token's): a fresh one on every connection, so a resumed session's first packets
+        decode without the previous connection's state."""
+        assert self.grant is not None
+        if start.codec is not Codec.OPUS:
+            self.decoder = None
+            return
+        gw, fmt = self.gateway, self.grant.format
+        share = gw.settings.opus_cpu_share
+        self.decoder = BudgetedDecoder(
+            fmt.sample_rate, fmt.channels, session=CpuBucket(share, share * OPUS_BURST_S),
+            shared=gw.opus_budget, clock=self.loop.time)
+
     def _make_pipeline(self, grant: SessionGrant) -> SessionPipeline:
         return SessionPipeline(
             session_id=grant.session_id,
@@ -560,6 +600,7 @@ class _Connection:
         gw.forget_detached(old.session_id)
         self._reserve(new=False)
         self.grant = replace(old, generation=old.generation + 1)
+        self._make_decoder(start)
         pl = self._make_pipeline(self.grant)
         history = await gw.watchdog.bounded(pl.take_over(settle_s=gw.settings.takeover_s),
                                             timed=False,
@@ -696,6 +737,9 @@ class Gateway:
         self.budget = LoadBudget(BudgetPolicy(coalesce_above=st.coalesce_above,
                                               lag_high_s=st.loop_lag_high_ms / 1000))
         self.limits = self.settings.limits()
+        total = st.opus_cpu_share_total
+        self.opus_budget = CpuBucket(total, total * OPUS_BURST_S)
+        """All Opus sessions' decoding together (``gateway/opusdecode.py``)."""
         self.connections: set[_Connection] = set()
         self.sessions_per_key: dict[str, int] = {}
         """Live, starting and detached (resumable) sessions per key."""
@@ -930,7 +974,7 @@ class Gateway:
         while proto.state is not State.CLOSED:
             conn.receiving = True
             try:
-                if not await conn.wait_for_room():
+                if not (await conn.wait_for_room() and await conn.wait_for_decode_budget()):
                     break  # the session closed meanwhile
                 msg = await ws.receive()
             finally:
