@@ -119,6 +119,39 @@ def test_write_round_trip(speech: Path, tmp_path: Path, suffix: str) -> None:
         assert out.stat().st_size < data.nbytes / 5  # ~32 kbit/s vs 384 kbit/s PCM
 
 
+@pytest.mark.parametrize("rate", [8000, 16000, 48000])
+def test_opus_output_is_aligned_and_as_long_as_the_input(tmp_path: Path, rate: int) -> None:
+    """An .opus output decodes (48 kHz, as Opus always does) to the input's duration to
+    the sample at 48 kHz, and in time with it: the Ogg muxer's pre-skip is the encoder's
+    look-ahead, so the decoded speech sits at lag 0 (a wrong pre-skip shifts it by the
+    look-ahead, 312 samples at 48 kHz)."""
+    data, src = soundfile.read(str(SPEECH16), dtype="int16", always_2d=True)
+    x = read_resampled(data, src, rate)
+    out = tmp_path / "out.opus"
+    write_audio(out, x, rate)
+    back, back_rate = decode(out)
+    assert back_rate == 48000 and back.shape[0] == round(len(x) * 48000 / rate)
+    y = read_resampled(back, 48000, rate)[:, 0].astype(np.float64)
+    a = x[:, 0].astype(np.float64)
+    assert len(y) == len(a)
+    n, lags = len(a), range(-200 * rate // 16000, 200 * rate // 16000 + 1)
+    corr = [float(np.dot(a[max(0, -k):n - max(0, k)], y[max(0, k):n - max(0, -k)]))
+            for k in lags]
+    assert lags[int(np.argmax(corr))] == 0
+    assert np.corrcoef(a, y)[0, 1] > 0.95
+
+
+def test_offline_cli_writes_opus(tmp_path: Path) -> None:
+    """`audiostream offline IN.wav OUT.opus`: the same duration, the same speech."""
+    out = tmp_path / "out.opus"
+    assert main(["offline", str(SPEECH16), str(out), "--pipeline", "passthrough"]) == 0
+    x, rate = soundfile.read(str(SPEECH16), dtype="int16", always_2d=True)
+    back, back_rate = decode(out)
+    assert back_rate == 48000 and back.shape[0] == round(len(x) * 48000 / rate)
+    y = read_resampled(back, 48000, rate)[:, 0].astype(np.float64)
+    assert np.corrcoef(x[:, 0].astype(np.float64), y)[0, 1] > 0.95
+
+
 def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     junk = tmp_path / "junk.mp3"
     junk.write_bytes(b"not audio at all" * 10)
