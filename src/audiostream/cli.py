@@ -295,6 +295,12 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
                    "several chunks per work message (fewer messages for the broker and "
                    "workers, up to ~45 ms added latency); below it, and when idle, each "
                    "chunk goes at once (default 1500; 0 disables)")
+    p.add_argument("--opus-cpu-share", type=float, default=0.1, metavar="SHARE",
+                   help="CPU seconds per second one Opus session's decoding may cost the "
+                   "gateway's event loop; over it its socket is left unread until back "
+                   "within (default 0.1)")
+    p.add_argument("--opus-cpu-share-total", type=float, default=0.5, metavar="SHARE",
+                   help="the same for all Opus sessions together (default 0.5)")
     p.add_argument("--loop-lag-high-ms", type=float, default=25.0,
                    help="event-loop lag that also raises the coalescing (default 25; "
                    "0 ignores lag)")
@@ -392,6 +398,8 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         coalesce_above=args.coalesce_above,
         coalesce_fraction=args.coalesce_fraction,
         loop_lag_high_ms=args.loop_lag_high_ms,
+        opus_cpu_share=args.opus_cpu_share,
+        opus_cpu_share_total=args.opus_cpu_share_total,
         edge=EdgeSettings(handshake_timeout_s=args.handshake_timeout_s,
                           max_pending=args.max_pending_sockets,
                           conn_rate_per_ip=args.max_conn_rate_per_ip or None,

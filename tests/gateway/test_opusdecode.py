@@ -3,11 +3,15 @@ injected CPU clock (no sockets, no timing)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from audiostream.audio import frame_opus_packets
 from audiostream.audiofile import OpusPacketDecoder, OpusPacketEncoder
+from audiostream.cli import main
 from audiostream.errors import ConfigError, ProtocolError
 from audiostream.gateway import GatewaySettings
 from audiostream.gateway.opusdecode import BudgetedDecoder, CpuBucket
@@ -99,3 +103,15 @@ def test_a_corrupt_chunk_is_charged_too() -> None:
         dec.decode(frame_opus_packets([bytes([0x0B, 0x02, 1, 2, 3])]))
     assert dec.cpu_s == pytest.approx(0.25)
     assert dec.session.level == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("flag", ["--opus-cpu-share", "--opus-cpu-share-total"])
+def test_the_cli_takes_the_shares_and_refuses_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": []}))
+    code = main(["gateway", "--broker", "amqp://127.0.0.1:1/", "--keys-file", str(keys),
+                 flag, "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "CONFIG_ERROR" in err and "Opus CPU shares" in err, err
