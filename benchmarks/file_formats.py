@@ -15,7 +15,7 @@ arrives: the client's peak RSS must not grow with the file).
 
     PYTHONPATH=src .venv/bin/python benchmarks/file_formats.py [--minutes 10]
         [--formats mp3,opus,flac] [--pipelines passthrough,denoise] [--encodings pcm,opus]
-        [--stdin]
+        [--stdin] [--serve-args "--opus-cpu-share 1e9 --opus-cpu-share-total 1e9"]
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import _common as c
 import av
 import numpy as np
 import soundfile
-from sdk_memory import serve
 
 from audiostream.audiofile import decode, resample
 from audiostream.testing import sample_wav
@@ -119,6 +118,27 @@ def run(*args: str, stdin: Path | None = None) -> tuple[float, dict[str, Any], i
     return wall, report, int(proc.returncode), tail, peak
 
 
+async def serve(extra: list[str]) -> tuple[asyncio.subprocess.Process, str, str]:
+    """``audiostream serve`` (one worker, in-memory broker) with ``extra`` arguments."""
+    proc = await asyncio.create_subprocess_exec(
+        *c.cli("serve", "--port", "0", "--workers", "1", "--log-level", "warning",
+               "--ops-port", str(c.free_port()), *extra),  # 9090 may be another process's
+        cwd=c.ROOT, env=c.env(), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL)
+    assert proc.stdout is not None
+    url = key = ""
+    while not key:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
+        if not line:
+            raise RuntimeError("serve exited before it was ready")
+        if line.startswith("audiostream serving "):
+            url = line.split()[2]
+        elif line.startswith("as_"):
+            key = line.strip()
+    asyncio.get_running_loop().create_task(c._drain(proc))
+    return proc, url, key
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0)
@@ -126,6 +146,9 @@ async def main() -> None:
     ap.add_argument("--pipelines", default="passthrough,denoise")
     ap.add_argument("--encodings", default="pcm", help="pcm, opus or both (wire encoding)")
     ap.add_argument("--stdin", action="store_true", help="pipe each file into `stream -`")
+    ap.add_argument("--serve-args", default="",
+                    help="extra `audiostream serve` arguments, e.g. \"--opus-cpu-share 1e9 "
+                    "--opus-cpu-share-total 1e9\" (no Opus decode budget) for an A/B")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="file-formats-"))
     speech, rate = soundfile.read(str(sample_wav()), dtype="int16")
@@ -144,7 +167,7 @@ async def main() -> None:
                 "bytes": path.stat().st_size, "decode_s": round(time.monotonic() - t0, 2)})
         files[name] = (path, decoded.shape[0], decoded_rate)
         del decoded
-    proc, url, key = await serve()
+    proc, url, key = await serve(args.serve_args.split())
     try:
         for name, (path, frames, decoded_rate) in files.items():
             for (pipeline, base), encoding in itertools.product(
@@ -172,7 +195,7 @@ async def main() -> None:
                             info is not None and info.samplerate == decoded_rate
                             and info.frames == frames),
                         **({"stderr": err} if code else {})})
-        c.emit({"machine": c.machine()})
+        c.emit({"machine": c.machine(), "serve_args": args.serve_args})
     finally:
         proc.terminate()
         await proc.wait()
