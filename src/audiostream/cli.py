@@ -299,8 +299,8 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
                    help="CPU seconds per second one Opus session's decoding may cost the "
                    "gateway's event loop; over it its socket is left unread until back "
                    "within (default 0.1)")
-    p.add_argument("--opus-cpu-share-total", type=float, default=0.5, metavar="SHARE",
-                   help="the same for all Opus sessions together (default 0.5)")
+    p.add_argument("--opus-cpu-share-total", type=float, default=0.25, metavar="SHARE",
+                   help="the same for all Opus sessions together (default 0.25)")
     p.add_argument("--loop-lag-high-ms", type=float, default=25.0,
                    help="event-loop lag that also raises the coalescing (default 25; "
                    "0 ignores lag)")

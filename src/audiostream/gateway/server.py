@@ -150,7 +150,7 @@ class GatewaySettings:
     """CPU seconds per second one Opus session's decoding may cost the event loop (a
     second's worth may come at once); over it the gateway stops reading that session's
     socket until it is back within (``gateway/opusdecode.py``) ..."""
-    opus_cpu_share_total: float = 0.5
+    opus_cpu_share_total: float = 0.25
     """... and what all Opus sessions together may cost, so PCM sessions keep the rest."""
 
     def limits(self) -> Limits:
