@@ -188,10 +188,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server.join(30)
             if server.is_alive():
                 server.kill()
+    from audiostream.gateway import GatewaySettings
+
+    eff = GatewaySettings(**json.loads(args.settings))
     ratio = under["p99_ms"] / base["p99_ms"] if base["p99_ms"] else float("nan")
     return {"broker": "rabbitmq" if args.broker else "memory", "victims": args.victims,
             "flooders": args.flooders, "seconds": args.seconds,
-            "settings": json.loads(args.settings), "baseline": base, "flood": under,
+            "settings": json.loads(args.settings), "opus_cpu_share": eff.opus_cpu_share,
+            "opus_cpu_share_total": eff.opus_cpu_share_total,
+            "baseline": base, "flood": under,
             "p99_ratio": round(ratio, 2), "flooder": stats,
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
