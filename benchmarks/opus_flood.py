@@ -14,10 +14,12 @@ One JSON line per run: the victims' p50/p99 round trip (client-measured, ms), dr
 chunks and bit-exact sessions in each phase, the p99 ratio flood/baseline, the
 gateway's CPU share in each phase, the flood's chunks per second, and the load average.
 ``--settings`` overrides GatewaySettings, e.g. '{"opus_cpu_share": 1e9,
-"opus_cpu_share_total": 1e9}' for a gateway with no Opus budget (the A/B).
+"opus_cpu_share_total": 1e9}' for a gateway with no Opus budget (the A/B);
+``--flood-codec pcm`` is the control: the same audio flooded as PCM (no decoding).
 
     PYTHONPATH=src python benchmarks/opus_flood.py
     PYTHONPATH=src python benchmarks/opus_flood.py --broker --flooders 4
+    PYTHONPATH=src python benchmarks/opus_flood.py --flood-codec pcm   # the control
 
 Figures live in docs/benchmarks.md ("Opus on the wire").
 """
@@ -87,7 +89,15 @@ def maximal_frames() -> list[bytes]:
     return [frame_opus_packets(packets[i:i + 50]) for i in range(0, 500, 50)]
 
 
-def _flood(url: str, key: str, n: int, go: Any, stop: Any, out: Any) -> None:
+def pcm_frames() -> list[bytes]:
+    """The control: the same audio as ``maximal_frames`` decoded, sent as PCM chunks."""
+    from audiostream.audiofile import OpusPacketDecoder
+
+    dec = OpusPacketDecoder(48000, 2)
+    return [dec.decode(f) for f in maximal_frames()]
+
+
+def _flood(url: str, key: str, n: int, codec: str, go: Any, stop: Any, out: Any) -> None:
     use_uvloop()
 
     async def one(frames: list[bytes], sent: list[int]) -> None:
@@ -95,7 +105,7 @@ def _flood(url: str, key: str, n: int, go: Any, stop: Any, out: Any) -> None:
 
         client = AudioStreamClient(url, api_key=key)
         async with client.session(["passthrough"], format=AudioFormat.pcm16(48000, 2),
-                                  codec=Codec.OPUS, iterate=False, deadline_ms=30_000) as s:
+                                  codec=Codec(codec), iterate=False, deadline_ms=30_000) as s:
             k = 0
             while not stop.is_set():
                 await s.send(frames[k % len(frames)])
@@ -104,7 +114,7 @@ def _flood(url: str, key: str, n: int, go: Any, stop: Any, out: Any) -> None:
             await s.finish()
 
     async def main() -> None:
-        frames = maximal_frames()
+        frames = maximal_frames() if codec == "opus" else pcm_frames()
         sent = [0]
         tasks = [asyncio.ensure_future(one(frames, sent)) for _ in range(n)]
         go.set()
@@ -170,7 +180,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             base = phase(url, victim_key, args, pid)
             go, fstop, out = ctx.Event(), ctx.Event(), ctx.Queue()
             flooder = ctx.Process(target=_flood, daemon=True,
-                                  args=(url, flood_key, args.flooders, go, fstop, out))
+                                  args=(url, flood_key, args.flooders, args.flood_codec, go,
+                                        fstop, out))
             flooder.start()
             go.wait(30)
             time.sleep(args.warmup)  # the flood reaches its steady state
@@ -193,7 +204,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eff = GatewaySettings(**json.loads(args.settings))
     ratio = under["p99_ms"] / base["p99_ms"] if base["p99_ms"] else float("nan")
     return {"broker": "rabbitmq" if args.broker else "memory", "victims": args.victims,
-            "flooders": args.flooders, "seconds": args.seconds,
+            "flooders": args.flooders, "flood_codec": args.flood_codec,
+            "seconds": args.seconds,
             "settings": json.loads(args.settings), "opus_cpu_share": eff.opus_cpu_share,
             "opus_cpu_share_total": eff.opus_cpu_share_total,
             "baseline": base, "flood": under,
@@ -205,6 +217,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--victims", type=int, default=5, help="PCM sessions (default 5)")
     p.add_argument("--flooders", type=int, default=1, help="Opus sessions flooding (default 1)")
+    p.add_argument("--flood-codec", choices=("opus", "pcm"), default="opus",
+                   help="pcm: the control, the same audio sent as PCM chunks (default opus)")
     p.add_argument("--seconds", type=float, default=10.0,
                    help="audio per victim session and phase (default 10)")
     p.add_argument("--warmup", type=float, default=1.5,
