@@ -521,6 +521,25 @@ def test_idle_timeout_counts_frames_only() -> None:
     assert closes(p.data_to_send())[-1].code == ErrorCode.IDLE_TIMEOUT
 
 
+def test_the_idle_clock_stops_while_the_gateway_does_not_read() -> None:
+    """Back-pressure is the gateway's silence, not the client's: no idle timeout for it."""
+    clock = Clock()
+    p = ServerProtocol(clock=clock, limits=Limits(idle_timeout_s=5))
+    p.receive_text(start_json("as_x_y", FMT, ["passthrough"]))
+    p.accept("s", FMT)
+    p.pause_reading()
+    assert p.next_deadline() is None
+    clock.now += 60
+    p.poll(clock.now)
+    assert p.state is State.STREAMING
+    p.resume_reading()
+    assert p.next_deadline() == clock.now + 5
+    p.poll(clock.now + 4.9)
+    assert p.state is State.STREAMING
+    p.poll(clock.now + 5)
+    assert closes(p.data_to_send())[-1].code == ErrorCode.IDLE_TIMEOUT
+
+
 def test_text_frames_are_capped_before_and_after_start() -> None:
     p = ServerProtocol()
     p.receive_text('{"type":"keepalive","x":"' + "a" * 9000 + '"}')

@@ -786,6 +786,7 @@ class ServerProtocol:
         """v1.1: the bound last granted (the client may send seq < credit)."""
         self._auth_deadline = now + limits.auth_timeout_s
         self._last_activity = now
+        self._reading_paused = False
         # Outbound accounting: bytes handed to the adapter, bytes it wrote, and for every
         # output that completes outcomes, the byte offset at which it is written.
         self._handed = 0
@@ -950,11 +951,25 @@ class ServerProtocol:
         due: list[float] = []
         if self.state is State.AWAITING_START:
             due.append(self._auth_deadline)
-        elif self.state in (State.STREAMING, State.STOPPING, State.DRAINING):
+        elif self._idle_clock_runs():
             due.append(self._last_activity + self.limits.idle_timeout_s)
         if self._over_since is not None and self.state is not State.CLOSED:
             due.append(self._over_since + self.limits.slow_consumer_grace_s)
         return min(due) if due else None
+
+    def _idle_clock_runs(self) -> bool:
+        return (not self._reading_paused
+                and self.state in (State.STREAMING, State.STOPPING, State.DRAINING))
+
+    def pause_reading(self) -> None:
+        """The adapter stopped reading the socket (back-pressure). Silence from the client
+        is then ours, not theirs: the idle clock stops until ``resume_reading``."""
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        """Reading again: the client gets a whole idle timeout from now."""
+        self._reading_paused = False
+        self._last_activity = self._clock()
 
     def poll(self, now: float) -> None:
         """Fire whatever deadline has passed at ``now``."""
@@ -965,7 +980,7 @@ class ServerProtocol:
         elif (self._over_since is not None
               and now >= self._over_since + self.limits.slow_consumer_grace_s):
             self.fail(self._slow_consumer())
-        elif self.state in (State.STREAMING, State.STOPPING, State.DRAINING) and (
+        elif self._idle_clock_runs() and (
                 now >= self._last_activity + self.limits.idle_timeout_s):
             self.fail(AudioStreamError(
                 f"nothing received for {self.limits.idle_timeout_s:g} s",

@@ -252,6 +252,7 @@ class _Connection:
         closed meanwhile, nothing more to read."""
         if not self._has_room():
             self.reading_paused = True
+            self.proto.pause_reading()
             self.gateway.metrics.reads_paused.inc()
             try:
                 while not self._has_room():
@@ -259,6 +260,8 @@ class _Connection:
                     await self._room.wait()
             finally:
                 self.reading_paused = False
+                self.proto.resume_reading()
+                self._rearm()
         return self.proto.state is not State.CLOSED
 
     def _check_room(self) -> None:
