@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
+from aiohttp import web
 
 from audiostream.gateway import GatewaySettings
 from audiostream.gateway.journal import MAX_JOURNAL
@@ -161,6 +162,39 @@ async def test_two_thousand_sessions_leave_nothing_behind() -> None:
         assert broker.queue_count == queues
         assert alive(SessionPipeline) == 0
         assert not srv.gateway.connections
+
+
+def uncollected(kind: type) -> int:
+    """Objects of ``kind`` the heap still holds, reachable or merely awaiting the cyclic GC."""
+    return sum(1 for o in gc.get_objects() if isinstance(o, kind))
+
+
+async def test_ended_sessions_are_freed_at_once_without_the_cyclic_gc() -> None:
+    """With the cyclic GC off, nothing of an ended session lives on: no reference
+    cycle (handler <-> subscription, socket protocol <-> WebSocket response) and no
+    heartbeat timer re-armed on a closed WebSocket holds its connection, so a busy
+    embedded server's memory does not wait for a GC pass (or a heartbeat period)."""
+    broker = MemoryBroker()
+    topo = Topology(processing_types=("passthrough",), prefix=unique_prefix())
+    payload = b"\x01\x02" * 320
+    was_enabled = gc.isenabled()
+    async with embedded_server(topology=topo, memory_broker=broker,
+                               gateway_settings=GatewaySettings(
+                                   chunk_rate=None, session_starts_per_minute=None)) as srv:
+        async with aiohttp.ClientSession() as http:
+            await one_session(http, srv, payload)  # imports and first-use caches
+            assert await eventually(lambda: not srv.gateway.connections)
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(20):
+                    await one_session(http, srv, payload)
+                assert await eventually(lambda: not srv.gateway.connections)
+                left = uncollected(web.WebSocketResponse)
+            finally:
+                if was_enabled:
+                    gc.enable()
+    assert left == 0, f"{left} WebSocketResponse objects outlived their sessions"
 
 
 async def test_publish_failures_are_logged_once_per_outage(

@@ -31,6 +31,7 @@ import logging
 import re
 import ssl
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -378,6 +379,10 @@ class _EdgeHandler(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.request_arrived()
         super().connection_lost(exc)
+        # aiohttp drops the parser here but keeps the data callback, which (through the
+        # WebSocket response and its request) leads back to this protocol: a cycle that
+        # only the cyclic GC would free.
+        self._data_received_cb = None
 
     def request_arrived(self) -> None:
         """The request head is complete: the socket leaves the handshake phase."""
@@ -427,7 +432,31 @@ class _EdgeHandler(RequestHandler):
                    ) -> None:
         # Every WebSocket byte now passes the frame guard before aiohttp's reader.
         # (aiohttp only calls feed_data/feed_eof on it; its annotation names the class)
+        if data_received_cb is not None:
+            data_received_cb = _while_open(data_received_cb)
         super().set_parser(FrameGuard(parser, self), data_received_cb)  # type: ignore[arg-type]
+
+
+def _while_open(callback: Callable[[], None]) -> Callable[[], None]:
+    """The WebSocket response's data callback (its heartbeat reset), held weakly and
+    skipped once the response is closed.
+
+    aiohttp (3.14) calls it for every read, also for the client's close frame after
+    ours: it then re-arms the heartbeat timer of a closed response, and the event loop
+    keeps the ended connection alive for a whole heartbeat period. Held strongly, it
+    also makes a protocol -> response -> request -> protocol cycle."""
+    owner = getattr(callback, "__self__", None)
+    if not isinstance(owner, web.WebSocketResponse):
+        return callback
+    method = weakref.WeakMethod(callback)
+    response = weakref.ref(owner)
+
+    def on_data() -> None:
+        bound, ws = method(), response()
+        if bound is not None and ws is not None and not ws.closed:
+            bound()
+
+    return on_data
 
 
 # --- WebSocket frames ------------------------------------------------------------------------

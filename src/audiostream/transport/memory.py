@@ -103,6 +103,20 @@ class _MemoryDelivery:
             self._consumer.owner.broker._dispatch(self._consumer.queue)
 
 
+async def _cancelled_handler(delivery: object) -> None:
+    """Stands in for the handler of a cancelled consumer, which gets no more deliveries."""
+
+
+def _retire(c: _Consumer) -> None:
+    """Mark ``c`` cancelled and let go of its handler at once.
+
+    The handler is usually a bound method of the session that also holds the
+    subscription: that cycle would otherwise keep every finished session alive until
+    the cyclic GC runs (in the embedded server, for a long while)."""
+    c.cancelled = True
+    c.handler = _cancelled_handler
+
+
 class _MemorySubscription:
     def __init__(self, owner: MemoryTransport, consumers: list[_Consumer]) -> None:
         self._owner = owner
@@ -111,9 +125,10 @@ class _MemorySubscription:
     async def cancel(self) -> None:
         # As basic.cancel: no new deliveries; handed-out ones stay settleable and go
         # back to their queue if still unsettled when the transport closes.
-        for c in self._consumers:
+        consumers, self._consumers = self._consumers, []
+        for c in consumers:
             self._owner.broker._detach_consumer(c)
-            c.cancelled = True
+            _retire(c)
             if not c.unacked:
                 self._owner._forget(c)
 
@@ -182,7 +197,7 @@ class MemoryBroker:
             q.expiry_handle.cancel()
         for c in list(q.consumers):
             c.active = False
-            c.cancelled = True
+            _retire(c)
             if not c.unacked:
                 c.owner._forget(c)
         q.consumers.clear()
