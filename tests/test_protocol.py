@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from pathlib import Path
 
@@ -385,6 +386,26 @@ def test_credit_rises_as_outcomes_are_written_not_when_queued() -> None:
         p.written(o.nbytes)
     credit = [t for t in texts(p.data_to_send()) if t["type"] == "credit"]
     assert credit[-1]["credit"] == 16 and p.credit == 16
+
+
+def test_chunks_answered_one_by_one_get_credit_only_every_quarter_window() -> None:
+    """At idle each chunk is answered before the next is sent; a grant per answer
+    would double the messages to the client. Credit rises in quarter-window steps
+    only, and the client never runs out of it."""
+    p = started11(Clock(), credit_window=64)
+    write_all(p)
+    grants: list[tuple[int, int]] = []  # (chunks answered so far, new credit)
+    for seq in range(256):
+        assert seq < p.credit  # the client always has credit for its next chunk
+        [ev] = p.receive_bytes(b"\x00\x00")
+        p.deliver_audio(ev.seq, b"a")  # type: ignore[union-attr]
+        grants += [(seq + 1, t["credit"]) for t in texts(write_all(p))
+                   if t["type"] == "credit"]
+    # The write of the 16th answer queues the grant; it leaves with the next output.
+    assert grants[:3] == [(17, 80), (33, 96), (49, 112)]
+    assert len(grants) == 256 // 16 - 1
+    credits = [c for _, c in grants]
+    assert all(b - a == 16 for a, b in itertools.pairwise(credits))
 
 
 def test_a_grant_queued_by_the_last_write_is_announced_by_has_output() -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from audiostream.envelope import Reply, ReplyStatus, encode_reply
 from audiostream.gateway import GatewaySettings
 from audiostream.gateway.journal import MAX_JOURNAL
 from audiostream.gateway.pipeline import SessionPipeline
@@ -107,6 +108,62 @@ async def test_client_that_never_acks_streams_past_the_old_wall(
         summary = json.loads((await ws.receive(timeout=10)).data)
         assert summary["type"] == "summary" and summary["dropped"] == 0, summary
         assert (await ws.receive(timeout=10)).type is aiohttp.WSMsgType.CLOSE
+        await ws.close()
+
+
+class _Handed:
+    """A delivery handed straight to the pipeline's reply handler (a transport calls
+    it the same way); its ack is settled at once, as the memory transport's."""
+
+    redelivered = False
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.acks = 0
+
+    def ack(self) -> asyncio.Future[None]:
+        self.acks += 1
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def reject(self) -> None:
+        raise AssertionError("not expected")
+
+    async def release(self) -> None:
+        raise AssertionError("not expected")
+
+
+async def test_replies_are_handled_inline_without_a_task(
+    make_server: ServerFactory, tls: TLS
+) -> None:
+    """The reply path runs once per reply message: the handler turns a reply into audio
+    on the socket and returns None (no task, nothing to wait for); a duplicate is acked
+    the same way."""
+    async with make_server(processing=["gain"]) as srv, aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(srv.url, ssl=tls.client)
+        await ws.send_str(start(srv.api_key, ["passthrough"]))  # no passthrough worker
+        ready = json.loads((await ws.receive(timeout=10)).data)
+        assert ready["type"] == "ready", ready
+        [conn] = srv.gateway.connections
+        pipe = conn.pipeline
+        assert pipe is not None
+        chunk = np.arange(320, dtype=np.int16).tobytes()
+        await ws.send_bytes(chunk)
+        await eventually(lambda: pipe.coalescer.in_flight is not None)
+        flight = pipe.coalescer.in_flight
+        assert flight is not None
+        reply = encode_reply(Reply(pipe.session_id, flight.msg_id, flight.chunks[0].seq,
+                                   ReplyStatus.OK, (320,), pipe.format, audio=chunk))
+
+        answer, duplicate = _Handed(reply), _Handed(reply)
+        before = asyncio.all_tasks()
+        assert pipe._on_reply(answer) is None
+        assert pipe._on_reply(duplicate) is None
+        assert asyncio.all_tasks() - before == set()
+        out = await ws.receive(timeout=10)
+        assert out.type is aiohttp.WSMsgType.BINARY and out.data == chunk
+        assert (answer.acks, duplicate.acks) == (0, 1)  # the answer waits in the journal
         await ws.close()
 
 

@@ -412,6 +412,63 @@ async def test_prefetch_bounds_unacked_deliveries_per_shard_queue(
     assert await pub.work_queue_depth(C) == 5
 
 
+async def test_a_synchronous_handler_gets_deliveries_in_order_within_prefetch(
+    transport_factory: TransportFactory,
+) -> None:
+    """A handler may be a plain function (no task per delivery): it is called in order,
+    and an ack it asks for without awaiting is still written."""
+    pub = await declared(transport_factory)
+    bodies = [f"m{i:02d}".encode() for i in range(8)]
+    for body in bodies:
+        await pub.publish_work(C, 0, body, ttl=LONG_TTL)
+    worker = await transport_factory()
+    got: list[Delivery] = []
+    arrived = asyncio.Event()
+
+    def handler(delivery: Delivery) -> None:
+        got.append(delivery)
+        arrived.set()
+
+    await worker.consume_work(C, handler, prefetch=2)
+    for seen in range(0, len(bodies), 2):
+        async with asyncio.timeout(5):
+            while len(got) < seen + 2:
+                arrived.clear()
+                await arrived.wait()
+        # Two unacked: the broker holds the rest back.
+        assert await pub.work_queue_depth(C) == len(bodies) - seen - 2
+        assert len(got) == seen + 2
+        for delivery in got[seen:]:
+            delivery.ack()  # not awaited: asked for, the transport writes it
+    assert [d.body for d in got] == bodies
+
+
+async def test_acks_asked_for_just_before_close_are_not_lost(
+    transport_factory: TransportFactory, topology: Topology
+) -> None:
+    gateway = await transport_factory()
+    name = reply_name(topology)
+    await gateway.declare_reply_queue(name)
+    held = Inbox(ack=False)
+    await gateway.consume_replies(name, held)
+    worker = await transport_factory()
+    replies = [(name, f"r{i}".encode()) for i in range(10)]
+    assert await worker.publish_replies(replies) == [True] * 10
+    deliveries = await held.wait_for(10)
+
+    acks = [d.ack() for d in deliveries]  # asked for now, awaited only after the close
+    await gateway.close()
+    await asyncio.gather(*acks)
+
+    # Nothing comes back: the marker published after the close is the first delivery.
+    other = await transport_factory()
+    again = Inbox(ack=False)
+    await other.consume_replies(name, again)
+    assert await worker.publish_reply(name, b"marker")
+    await again.wait_for(1)
+    assert again.bodies[0] == b"marker"
+
+
 # -- reply queues ----------------------------------------------------------------------
 
 

@@ -194,26 +194,46 @@ async def _held_replies(
     return deliveries, channel
 
 
+def _count_writes(channel: aiormq.Channel) -> tuple[list[bytes], Callable[[], None]]:
+    """Record what is handed to the channel's writer; returns the record and an undo."""
+    writes: list[bytes] = []
+    queue = channel.write_queue
+    put, put_nowait = queue.put, queue.put_nowait
+
+    async def counting_put(frame: Any) -> None:
+        writes.append(frame.payload)
+        await put(frame)
+
+    def counting_put_nowait(frame: Any) -> None:
+        writes.append(frame.payload)
+        put_nowait(frame)
+
+    queue.put = counting_put  # type: ignore[method-assign]
+    queue.put_nowait = counting_put_nowait  # type: ignore[method-assign]
+
+    def undo() -> None:
+        queue.put, queue.put_nowait = put, put_nowait  # type: ignore[method-assign]
+
+    return writes, undo
+
+
+BASIC_ACK = bytes.fromhex("003c0050")  # class 60, method 80
+
+
 async def test_acks_asked_for_together_go_out_in_one_write_and_settle_every_delivery(
     rabbit: RabbitFactory, topology: Topology
 ) -> None:
     t = await rabbit()
     name = topology.reply_queue(uuid.uuid4().hex)
     deliveries, channel = await _held_replies(t, name, 20)
-    writes: list[bytes] = []
-    put = channel.write_queue.put
-
-    async def counting_put(frame: Any) -> None:
-        writes.append(frame.payload)
-        await put(frame)
-
-    channel.write_queue.put = counting_put  # type: ignore[method-assign, assignment]
+    writes, undo = _count_writes(channel)
     try:
         await asyncio.gather(*(d.ack() for d in deliveries))
     finally:
-        channel.write_queue.put = put  # type: ignore[method-assign]
-    assert len(writes) == 1  # twenty Basic.Ack frames, one socket write
-    assert writes[0].count(bytes.fromhex("003c0050")) == 20  # basic.ack = class 60, method 80
+        undo()
+    # Every delivery of the channel is settled: one multiple=True ack, one socket write.
+    assert len(writes) == 1
+    assert writes[0].count(BASIC_ACK) == 1
     with pytest.raises(TransportError, match="already settled"):
         await deliveries[0].ack()
     # Closing the channel would have returned any unacked delivery to the queue.
@@ -222,21 +242,38 @@ async def test_acks_asked_for_together_go_out_in_one_write_and_settle_every_deli
     assert await other.reply_queue_stats(name) == (0, 0)
 
 
+async def test_acks_with_an_earlier_delivery_unsettled_go_out_tag_by_tag(
+    rabbit: RabbitFactory, topology: Topology
+) -> None:
+    """A multiple=True ack would also settle the delivery still held: not allowed."""
+    t = await rabbit()
+    name = topology.reply_queue(uuid.uuid4().hex)
+    (held, *rest), channel = await _held_replies(t, name, 5)
+    writes, undo = _count_writes(channel)
+    try:
+        await asyncio.gather(*(d.ack() for d in rest))
+    finally:
+        undo()
+    assert len(writes) == 1
+    assert writes[0].count(BASIC_ACK) == 4
+    await t.close()  # the held one goes back, alone
+    other = await rabbit()
+    again = Inbox(ack=False)
+    await other.consume_replies(name, again)
+    (back,) = await again.wait_for(1)
+    assert back.body == held.body
+
+
 async def test_a_cancelled_ack_caller_does_not_cancel_the_acks_sent_with_it(
     rabbit: RabbitFactory, topology: Topology
 ) -> None:
     t = await rabbit()
     name = topology.reply_queue(uuid.uuid4().hex)
-    (first, second), channel = await _held_replies(t, name, 2)
+    (first, second), _channel = await _held_replies(t, name, 2)
     cancelled = asyncio.ensure_future(first.ack())
     kept = asyncio.ensure_future(second.ack())
 
-    async def both_in_one_batch() -> bool:
-        batch = t._acks.get(channel)
-        return batch is not None and len(batch._tags) == 2
-
-    await eventually(both_in_one_batch, interval=0)
-    cancelled.cancel()
+    cancelled.cancel()  # in the same turn as both acks were asked for
     await kept
     with pytest.raises(asyncio.CancelledError):
         await cancelled

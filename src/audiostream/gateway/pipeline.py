@@ -22,7 +22,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from enum import Enum
 from typing import Any
 
@@ -111,6 +111,10 @@ def reply_outcomes(reply: Reply, seqs: list[int]) -> list[Outcome]:
         if reply.error_step:
             message = f"{reply.error_step}: {message}"
     return [Outcome(seq, code=code, message=message) for seq in seqs]
+
+
+async def _gather_quietly(waits: list[Awaitable[None]]) -> None:
+    await asyncio.gather(*waits, return_exceptions=True)
 
 
 class _Outage:
@@ -345,9 +349,24 @@ class SessionPipeline:
         if acks:
             await asyncio.gather(*acks, return_exceptions=True)
 
+    def _ack_now(self, deliveries: Iterable[Delivery]) -> None:
+        """Ask for acks without waiting: the transport writes them at the end of this
+        turn (together with the turn's other acks). Only a delivery whose ack is not
+        a future (a transport that acks in a coroutine) costs an owned task."""
+        waits: list[Awaitable[None]] = []
+        for d in deliveries:
+            try:
+                ack = d.ack()
+            except AudioStreamError:
+                continue  # already settled, or the channel is gone: nothing to do
+            if not isinstance(ack, asyncio.Future):
+                waits.append(ack)
+        if waits:
+            self._spawn(_gather_quietly(waits))
+
     def _settle(self, entries: list[JournalEntry]) -> None:
         if entries:
-            self._spawn(self._ack([e.delivery for e in entries]))
+            self._ack_now([e.delivery for e in entries])
 
     # -- from the connection -------------------------------------------------------------
     def confirm(self, received: int) -> None:
@@ -482,22 +501,28 @@ class SessionPipeline:
             self.metrics.stages["gateway_to_broker"].observe(time.time() - started)
 
     # -- receiving -----------------------------------------------------------------------
-    async def _on_reply(self, delivery: Delivery) -> None:
+    def _on_reply(self, delivery: Delivery) -> Awaitable[None] | None:
+        """The reply queue's handler, called inline by the transport for every reply.
+
+        The common path (a reply turned into outcomes, a control message) waits for
+        nothing and returns None, so no task is made per reply; only handing a reply
+        back after the close and refusing a stale taker wait on the broker, and those
+        return their awaitable for the transport to run as a task it owns.
+        """
         if self.phase is SessionPhase.CLOSED:
             # Closing without finishing: whatever still arrives belongs to whoever
             # resumes the session, so it goes back to the queue.
-            await self._hand_back(delivery)
-            return
+            return self._hand_back(delivery)
         try:
             msg = decode_reply_queue_message(delivery.body)
         except AudioStreamError as err:
             flight = self.coalescer.in_flight
             log.error("session=%s seq=%d stage=reply: undecodable reply: %s", self.session_id,
                       flight.chunks[0].seq if flight is not None else -1, err)
-            await self._ack([delivery])
-            return
+            self._ack_now([delivery])
+            return None
         if isinstance(msg, Control):
-            await self._ack([delivery])
+            self._ack_now([delivery])
             if self.phase is SessionPhase.TAKING_OVER:
                 if msg.command == DISPLACE and msg.nonce == self.nonce:
                     self._seen_own_displace.set()
@@ -513,22 +538,22 @@ class SessionPipeline:
                     log.info("session=%s stage=resume: refused a takeover by generation "
                              "%d (this holder has %d)", self.session_id, msg.generation,
                              self.generation)
-                    await self._refuse(msg)
-                    return
+                    return self._refuse(msg)
                 log.info("session=%s stage=resume: taken over by another connection",
                          self.session_id)
                 if self.on_displaced is not None:
                     self.on_displaced()
-            return
+            return None
         if self.phase is SessionPhase.TAKING_OVER:
             self._history.append(JournalEntry(msg, delivery))
-            return
+            return None
         if not self.handle_reply(msg):
-            await self._ack([delivery])
-            return
+            self._ack_now([delivery])
+            return None
         trimmed = self.journal.append(JournalEntry(msg, delivery))
         if trimmed:
-            await self._ack([e.delivery for e in trimmed])
+            self._ack_now([e.delivery for e in trimmed])
+        return None
 
     async def _refuse(self, displace: Control) -> None:
         # Only an inbox named after this session's queue: nothing else is written to.

@@ -13,7 +13,9 @@ conformance suite (``tests/transport/test_conformance.py``):
 * publishes return only once the broker has taken responsibility (confirms);
 * reply queues are per session and vanish ``reply_expires_ms`` after their last
   consumer leaves;
-* ``close()`` cancels every consumer and task the transport owns;
+* ``close()`` cancels every consumer and task the transport owns, and writes the acks
+  already asked for before it closes;
+* handlers are called inline, one delivery after another (see ``Handler``);
 * ``progress`` grows with every answer from the broker.
 """
 
@@ -35,7 +37,10 @@ class Delivery(Protocol):
     @property
     def redelivered(self) -> bool: ...
 
-    async def ack(self) -> None: ...
+    def ack(self) -> Awaitable[None]:
+        """Settle the delivery; the ack is requested now (so ``close()`` right after
+        does not lose it) and the awaitable resolves once it is written."""
+        ...
 
     async def reject(self) -> None:
         """Refuse the message for good: it is dead-lettered, not requeued."""
@@ -46,7 +51,10 @@ class Delivery(Protocol):
         ...
 
 
-Handler = Callable[[Delivery], Awaitable[None]]
+Handler = Callable[[Delivery], Awaitable[None] | None]
+"""Called inline for each delivery, in order. A handler that has to wait returns an
+awaitable, which the transport runs as a task it owns (cancelled on ``close()``);
+one that returns None costs no task at all."""
 
 
 class Subscription(Protocol):

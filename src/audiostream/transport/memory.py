@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from audiostream.errors import TransportError
 from audiostream.topology import Topology
 from audiostream.transport.base import Handler, Subscription
+
+log = logging.getLogger(__name__)
 
 #: Unacked replies one reply consumer may hold (RabbitMQ's reply channel uses the same
 #: default); the gateway's journal cap must stay below it.
@@ -86,9 +89,13 @@ class _MemoryDelivery:
             consumer.owner._forget(consumer)
         return msg
 
-    async def ack(self) -> None:
+    def ack(self) -> asyncio.Future[None]:
+        """Settled at once (there is no wire to wait for): a done future."""
         if self._settle() is not None:
             self._consumer.owner.broker._dispatch(self._consumer.queue)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     async def reject(self) -> None:
         msg = self._settle()
@@ -245,7 +252,9 @@ class MemoryBroker:
             tag = next(self._tags)
             consumer.unacked[tag] = msg
             consumer.owner.progress += 1
-            consumer.owner._spawn(consumer.handler(_MemoryDelivery(consumer, tag, msg)))
+            # As RabbitMQ's dispatch: the handler runs inline, in a later turn.
+            asyncio.get_running_loop().call_soon(
+                consumer.owner._deliver, consumer, _MemoryDelivery(consumer, tag, msg))
             # Rotate so equal-load consumers take turns.
             q.consumers.remove(consumer)
             q.consumers.append(consumer)
@@ -291,7 +300,7 @@ class MemoryTransport:
         self._connected = False
         self._consumers: set[_Consumer] = set()
         """Consumers that may still deliver or hold unsettled deliveries."""
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
         self.progress = 0
         """Broker answers so far (publishes taken, deliveries, queue statistics)."""
 
@@ -327,10 +336,24 @@ class MemoryTransport:
         if not self._connected:
             raise TransportError("memory transport is not connected")
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _deliver(self, consumer: _Consumer, delivery: _MemoryDelivery) -> None:
+        if not consumer.active:
+            return  # the connection closed meanwhile: the message went back already
+        try:
+            result = consumer.handler(delivery)
+        except Exception:
+            log.exception("handler for %s failed; its delivery stays unsettled",
+                          consumer.queue.name)
+            return
+        if result is not None:
+            task = asyncio.ensure_future(result)
+            self._tasks.add(task)
+            task.add_done_callback(self._handler_done)
+
+    def _handler_done(self, task: asyncio.Future[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a delivery handler failed; its delivery stays unsettled", exc_info=exc)
 
     async def declare(self) -> None:
         self._check()

@@ -36,8 +36,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -105,11 +106,14 @@ class _RabbitDelivery:
     CPU at 25 sessions, for fields this transport never reads.
     """
 
-    __slots__ = ("_message", "_settled", "_subscription")
+    __slots__ = ("_dispatch", "_message", "_settled", "_subscription")
 
-    def __init__(self, message: DeliveredMessage, subscription: _Subscription) -> None:
+    def __init__(
+        self, message: DeliveredMessage, subscription: _Subscription, dispatch: _Dispatch
+    ) -> None:
         self._message = message
         self._subscription = subscription
+        self._dispatch = dispatch
         self._settled = False
 
     @property
@@ -128,12 +132,17 @@ class _RabbitDelivery:
         again = isinstance(delivery, aiormq.spec.Basic.Deliver) and bool(delivery.redelivered)
         return again or self.delivery_count > 0
 
-    async def ack(self) -> None:
-        await self._settle("ack")
+    def ack(self) -> asyncio.Future[None]:
+        """Joins this turn's ack write (``_Dispatch``); the future resolves once written."""
+        tag = self._claim()
+        try:
+            return self._dispatch.ack(tag)
+        finally:
+            self._subscription.settled(self)
 
     async def reject(self) -> None:
         """Reject without requeue: the queue's dead-letter exchange receives it."""
-        await self._settle("reject")
+        await self._settle(requeue=False)
 
     async def release(self) -> None:
         """``basic.nack(requeue=True)``: back to the head of its queue.
@@ -141,84 +150,203 @@ class _RabbitDelivery:
         On a quorum queue this counts as a delivery attempt (``x-delivery-limit``).
         Like every settlement it is not confirmed by the broker.
         """
-        await self._settle("release")
+        await self._settle(requeue=True)
 
-    async def _settle(self, how: str) -> None:
+    def _claim(self) -> int:
         if self._settled:
             raise TransportError("delivery already settled")
         self._settled = True
-        message = self._message
+        tag = self._message.delivery_tag
+        if tag is None:
+            self._subscription.settled(self)
+            raise TransportError("the delivery has no delivery tag")
+        return tag
+
+    async def _settle(self, *, requeue: bool) -> None:
+        tag = self._claim()
+        how = "release" if requeue else "reject"
         try:
-            tag = message.delivery_tag
-            if tag is None:
-                raise TransportError("the delivery has no delivery tag")
-            if how == "ack":
-                await self._subscription.acks_for(message).ack(tag)
-            elif how == "reject":
-                await message.channel.basic_reject(tag, requeue=False)
-            else:
-                await message.channel.basic_nack(tag, requeue=True)
+            await self._dispatch.refuse(tag, requeue=requeue)
         except _BROKER_ERRORS as exc:
             raise TransportError(
                 f"could not {how} a delivery ({_reason(exc)}); the broker will redeliver it"
             ) from exc
         finally:
-            await self._subscription.settled(self)
+            self._subscription.settled(self)
 
 
-class _Acks:
-    """The acks asked for on one channel in one event-loop turn, sent in one write.
+class _Dispatch:
+    """Deliveries and acks of one aiormq channel.
 
-    aiormq writes every ack as its own ``send()``. A gateway acks every reply it has
-    passed on, many in the same turn (a client's confirm settles a whole journal
-    prefix): one write for all of them. (Its CPU effect was within this machine's
-    noise; the system calls it saves are not.)
+    aiormq starts a task per delivery and writes each ack as its own ``send()``; at one
+    reply per chunk that is most of a gateway's per-reply overhead. Here the channel's
+    deliver hook calls the consumer inline (a handler that needs to wait returns an
+    awaitable, which becomes a task the transport owns), and the acks asked for in one
+    event-loop turn leave in one write from one end-of-turn callback: a single
+    ``multiple=True`` ack when every earlier delivery of the channel is settled, one
+    frame per tag otherwise. ``drain`` writes what is pending before a channel closes,
+    so an ack asked for just before ``close()`` is not lost.
+
+    This replaces aiormq 7's ``Channel._on_deliver_frame`` on one channel instance and
+    reads content with its ``_read_content``/``__get_content_header`` (pinned
+    ``aiormq>=7.2,<8``; the RabbitMQ tests cover it).
     """
 
-    __slots__ = ("_channel", "_sent", "_tags", "_tasks")
+    __slots__ = ("__weakref__", "_acks", "_channel", "_scheduled", "_sent", "_transport",
+                 "_unsettled", "_writes", "consumers")
 
-    def __init__(self, channel: aiormq.Channel, tasks: set[asyncio.Task[Any]]) -> None:
+    def __init__(self, channel: aiormq.Channel, transport: RabbitTransport) -> None:
         self._channel = channel
-        self._tasks = tasks
-        self._tags: list[int] = []
-        self._sent: asyncio.Future[None] | None = None
+        self._transport = transport
+        self.consumers: dict[str, Callable[[DeliveredMessage], None]] = {}
+        self._unsettled: dict[int, None] = {}
+        """Delivery tags handed out and not yet settled on the wire, in delivery order."""
+        self._acks: list[int] = []
+        self._sent: list[asyncio.Future[None]] = []
+        self._scheduled = False
+        self._writes: set[asyncio.Task[None]] = set()
+        channel._on_deliver_frame = self._on_deliver_frame  # type: ignore[method-assign]
+        transport._dispatches.add(self)
 
-    async def ack(self, delivery_tag: int | None) -> None:
-        if delivery_tag is None:
-            raise TransportError("the delivery has no delivery tag")
-        sent = self._sent
-        if sent is None:
-            loop = asyncio.get_running_loop()
-            sent = self._sent = loop.create_future()
-            sent.add_done_callback(_retrieve)
+    @classmethod
+    def of(cls, channel: aiormq.Channel, transport: RabbitTransport) -> _Dispatch:
+        """The channel's dispatch (the reply channel is shared by many subscriptions)."""
+        hook = getattr(channel._on_deliver_frame, "__self__", None)
+        return hook if isinstance(hook, _Dispatch) else cls(channel, transport)
+
+    async def _on_deliver_frame(self, frame: aiormq.spec.Basic.Deliver) -> None:
+        channel = self._channel
+        header = await _read_header(channel)
+        message = await channel._read_content(frame, header)
+        tag = frame.delivery_tag
+        if tag is None:
+            log.warning("delivery %r has no delivery tag", frame)
+            return
+        self._unsettled[tag] = None
+        consumer = self.consumers.get(frame.consumer_tag or "")
+        if consumer is None:  # its consumer is gone: give it back untouched
+            self._transport.progress += 1
+            self._spawn_write(self.refuse(tag, requeue=True))
+            return
+        consumer(message)
+
+    # -- acks ----------------------------------------------------------------------
+    def ack(self, tag: int) -> asyncio.Future[None]:
+        """One future per caller: cancelling one does not cancel its batch."""
+        sent: asyncio.Future[None] = self._channel.loop.create_future()
+        sent.add_done_callback(_retrieve)
+        self._sent.append(sent)
+        self._acks.append(tag)
+        if not self._scheduled:
+            self._scheduled = True
             # Runs after what is ready in this turn, so their acks join this write.
-            task = loop.create_task(self._flush())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        self._tags.append(delivery_tag)
-        await asyncio.shield(sent)  # a cancelled caller must not cancel the others' acks
+            self._channel.loop.call_soon(self.flush)
+        return sent
 
-    async def _flush(self) -> None:
-        sent, tags = self._sent, self._tags
-        self._sent, self._tags = None, []
-        assert sent is not None
+    def flush(self) -> None:
+        """Write the pending acks (the end-of-turn callback, and ``drain``)."""
+        self._scheduled = False
+        tags, sent = self._acks, self._sent
+        if not tags:
+            return
+        self._acks, self._sent = [], []
         channel = self._channel
         try:
             if channel.is_closed:
                 raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-            number = channel.number
-            payload = b"".join(
-                pamqp.frame.marshal(aiormq.spec.Basic.Ack(delivery_tag=tag), number)
-                for tag in tags)
-            await (await _queue_write(channel, payload))
-        except asyncio.CancelledError:
-            sent.set_exception(aiormq.exceptions.ChannelInvalidStateError(
-                "the transport closed before the acks were sent"))
-            raise
-        except BaseException as exc:
-            sent.set_exception(exc)
-        else:
-            sent.set_result(None)
+            payload = self._marshal_acks(tags)
+            drained = channel.create_future()
+            frame = ChannelFrame(payload=payload, should_close=False, drain_future=drained)
+            try:
+                channel.write_queue.put_nowait(frame)
+            except asyncio.QueueFull:  # the writer is behind: queue it in order
+                self._spawn_write(channel.write_queue.put(frame))
+        except _BROKER_ERRORS as exc:
+            _chain_failure(sent, exc)
+            return
+        drained.add_done_callback(lambda done: _chain(done, sent))
+
+    def _marshal_acks(self, tags: list[int]) -> bytes:
+        unsettled = self._unsettled
+        for tag in tags:
+            unsettled.pop(tag, None)
+        last = max(tags)
+        number = self._channel.number
+        if not unsettled or next(iter(unsettled)) > last:
+            # Every earlier delivery is settled: one frame acks them all.
+            return pamqp.frame.marshal(
+                aiormq.spec.Basic.Ack(delivery_tag=last, multiple=True), number)
+        return b"".join(pamqp.frame.marshal(aiormq.spec.Basic.Ack(delivery_tag=tag), number)
+                        for tag in tags)
+
+    async def refuse(self, tag: int, *, requeue: bool) -> None:
+        """Reject or release one delivery, after this turn's acks (their order on the
+        wire is what lets an ack be ``multiple``)."""
+        self.flush()
+        channel = self._channel
+        try:
+            if requeue:
+                await channel.basic_nack(tag, requeue=True)
+            else:
+                await channel.basic_reject(tag, requeue=False)
+        finally:
+            self._unsettled.pop(tag, None)
+
+    def _spawn_write(self, write: Coroutine[Any, Any, Any]) -> None:
+        task = self._channel.loop.create_task(_quietly(write))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def drain(self) -> None:
+        """Write what is pending before the channel closes."""
+        self.flush()
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+
+    # -- handlers ------------------------------------------------------------------
+    def own(self, result: Awaitable[None], queues: list[str]) -> None:
+        """Run a handler's awaitable as a task the transport owns (cancelled on close)."""
+        task = asyncio.ensure_future(result)
+        tasks = self._transport._handler_tasks
+        tasks.add(task)
+
+        def done(task: asyncio.Future[None]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("handler for %s failed; its delivery stays unsettled", queues,
+                          exc_info=task.exception())
+
+        task.add_done_callback(done)
+
+
+#: aiormq 7's private reader of a delivery's content header (name-mangled).
+_read_header: Final[Callable[[aiormq.Channel], Awaitable[ContentHeader]]] = getattr(  # noqa: B009
+    aiormq.Channel, "_Channel__get_content_header")
+
+
+async def _quietly(write: Awaitable[Any]) -> None:
+    with contextlib.suppress(*_BROKER_ERRORS):
+        await write
+
+
+def _chain(done: asyncio.Future[Any], sent: list[asyncio.Future[None]]) -> None:
+    """Pass a write's outcome to every ack waiting on it."""
+    if done.cancelled():
+        _chain_failure(sent, aiormq.exceptions.ChannelInvalidStateError(
+            "the channel closed before the acks were written"))
+    elif (exc := done.exception()) is not None:
+        _chain_failure(sent, exc)
+    else:
+        for waiter in sent:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+def _chain_failure(sent: list[asyncio.Future[None]], exc: BaseException) -> None:
+    for waiter in sent:
+        if not waiter.done():
+            waiter.set_exception(TransportError(
+                f"could not ack a delivery ({_reason(exc)}); the broker will redeliver it"))
 
 
 async def _queue_write(channel: aiormq.Channel, payload: bytes) -> asyncio.Future[Any]:
@@ -228,6 +356,10 @@ async def _queue_write(channel: aiormq.Channel, payload: bytes) -> asyncio.Futur
     await channel.write_queue.put(
         ChannelFrame(payload=payload, should_close=False, drain_future=drained))
     return drained
+
+
+async def _unused_consumer(_message: DeliveredMessage) -> None:
+    """aiormq wants a callback per consumer; ``_Dispatch`` delivers instead."""
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -258,6 +390,8 @@ class _Subscription:
         self.channel: AbstractChannel | None = None
         self._consumers: list[tuple[aiormq.abc.AbstractChannel, str]] = []
         self._unsettled: set[_RabbitDelivery] = set()
+        self._dispatch: _Dispatch | None = None
+        self._closing_task: asyncio.Task[None] | None = None
         self.cancelled = False
         self._cancelled_by_broker = False
 
@@ -293,12 +427,18 @@ class _Subscription:
         self.channel = channel
         try:
             underlay = await channel.get_underlay_channel()
+            if not isinstance(underlay, aiormq.Channel):  # what aio-pika 10 hands out
+                raise TransportError(f"unexpected AMQP channel type {type(underlay)!r}")
+            dispatch = self._dispatch = _Dispatch.of(underlay, t)
             for name in self.queues:
+                tag = f"ctag{underlay.number}.{uuid.uuid4().hex}"
+                dispatch.consumers[tag] = self._on_message
+                self._consumers.append((underlay, tag))
                 ok = await underlay.basic_consume(
-                    name, self._on_message, no_ack=False, timeout=t.op_timeout)
-                if ok.consumer_tag is None:
-                    raise TransportError(f"the broker gave no consumer tag for {name!r}")
-                self._consumers.append((underlay, ok.consumer_tag))
+                    name, _unused_consumer, consumer_tag=tag, no_ack=False,
+                    timeout=t.op_timeout)
+                if ok.consumer_tag != tag:
+                    raise TransportError(f"the broker gave another consumer tag for {name!r}")
         except BaseException:
             if self._prefetch is not None:
                 await _close_quietly(channel)
@@ -325,55 +465,52 @@ class _Subscription:
             self._cancelled_by_broker = True
             self._transport._schedule_restore()
 
-    async def _on_message(self, message: DeliveredMessage) -> None:
-        """Runs as its own task (aiormq makes one per delivery); the transport owns it."""
+    def _on_message(self, message: DeliveredMessage) -> None:
+        """Called inline by the channel's ``_Dispatch``: no task unless the handler
+        returns an awaitable."""
+        dispatch = self._dispatch
+        tag = message.delivery_tag
+        assert dispatch is not None and tag is not None
         self._transport.progress += 1
         if self.cancelled or self._transport._closing:
             # Sent by the broker before it processed our cancel: give it back untouched.
-            if message.delivery_tag is not None:
-                with contextlib.suppress(*_BROKER_ERRORS):
-                    await message.channel.basic_nack(message.delivery_tag, requeue=True)
+            dispatch._spawn_write(dispatch.refuse(tag, requeue=True))
             return
-        tasks = self._transport._handler_tasks
-        task = asyncio.current_task()
-        if task is not None:
-            tasks.add(task)
-        delivery = _RabbitDelivery(message, self)
+        delivery = _RabbitDelivery(message, self, dispatch)
         self._unsettled.add(delivery)
         try:
-            await self._handler(delivery)
+            result = self._handler(delivery)
         except Exception:
             log.exception("handler for %s failed; its delivery stays unsettled", self.queues)
-        finally:
-            if task is not None:
-                tasks.discard(task)
+            return
+        if result is not None:
+            dispatch.own(result, self.queues)
 
-    def acks_for(self, message: DeliveredMessage) -> _Acks:
-        """The ack batch of the channel ``message`` came on (acks are per channel; the
-        reply channel is shared by every session's subscription)."""
-        channel = message.channel
-        if not isinstance(channel, aiormq.Channel):
-            raise TransportError(f"unexpected AMQP channel type {type(channel)!r}")
-        known = self._transport._acks
-        acks = known.get(channel)
-        if acks is None:
-            acks = known[channel] = _Acks(channel, self._transport._handler_tasks)
-        return acks
-
-    async def settled(self, delivery: _RabbitDelivery) -> None:
+    def settled(self, delivery: _RabbitDelivery) -> None:
         self._unsettled.discard(delivery)
-        if self.cancelled and not self._unsettled and not self.is_reply:
-            await self._close_channel()
+        # Closing waits for the pending acks to be written (``_close_channel``).
+        if (self.cancelled and not self._unsettled and not self.is_reply
+                and self._closing_task is None):
+            task = asyncio.get_running_loop().create_task(self._close_channel())
+            self._closing_task = task
+            tasks = self._transport._closing_tasks
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     async def _cancel_consumers(self) -> None:
         consumers, self._consumers = self._consumers, []
         for underlay, tag in consumers:
             with contextlib.suppress(*_BROKER_ERRORS):
                 await underlay.basic_cancel(tag, timeout=self._transport.op_timeout)
+            # Deliveries still in flight for this tag are refused by the dispatch.
+            if self._dispatch is not None:
+                self._dispatch.consumers.pop(tag, None)
 
     async def _close_channel(self) -> None:
         channel, self.channel = self.channel, None
         if channel is not None:
+            if self._dispatch is not None:
+                await self._dispatch.drain()
             await _close_quietly(channel)
 
     async def cancel(self) -> None:
@@ -447,9 +584,9 @@ class RabbitTransport:
         self._channel_lock = asyncio.Lock()
         self._channels: weakref.WeakSet[AbstractChannel] = weakref.WeakSet()
         self._subscriptions: set[_Subscription] = set()
-        self._handler_tasks: set[asyncio.Task[Any]] = set()
-        self._acks: weakref.WeakKeyDictionary[aiormq.Channel, _Acks] = (
-            weakref.WeakKeyDictionary())
+        self._handler_tasks: set[asyncio.Future[Any]] = set()
+        self._closing_tasks: set[asyncio.Task[None]] = set()
+        self._dispatches: weakref.WeakSet[_Dispatch] = weakref.WeakSet()
         self._restore_task: asyncio.Task[None] | None = None
         self._closing = False
         self.progress = 0
@@ -500,6 +637,9 @@ class RabbitTransport:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._handler_tasks.clear()
+        # Acks asked for up to now are written before their channels close.
+        await asyncio.gather(*(d.drain() for d in list(self._dispatches)))
+        await asyncio.gather(*self._closing_tasks, return_exceptions=True)
         # Channels closed one by one finish their close callbacks before we return
         # (a connection close would leave them running); unacked deliveries go back.
         await asyncio.gather(*(_close_quietly(c) for c in list(self._channels)))
