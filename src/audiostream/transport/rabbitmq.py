@@ -59,7 +59,7 @@ from yarl import URL
 
 from audiostream.errors import ConfigError, TransportError
 from audiostream.topology import Topology
-from audiostream.transport.base import Handler, Subscription
+from audiostream.transport.base import Delivery, Handler, Subscription
 
 __all__ = ["QueueProbe", "RabbitTransport", "TopologyProbe", "declare_topology",
            "probe_topology"]
@@ -522,10 +522,18 @@ class _Subscription:
         if self.cancelled:
             return
         self.cancelled = True
+        # Drop the handler (a session's bound method): the ack bookkeeping of a closed
+        # channel can outlive the subscription, and must not keep the session alive.
+        self._handler = _no_handler
         self._transport._subscriptions.discard(self)
         await self._cancel_consumers()
         if not self.is_reply and not self._unsettled:
             await self._close_channel()
+
+
+async def _no_handler(_delivery: Delivery) -> None:
+    """A cancelled subscription's handler: deliveries after a cancel are nacked before
+    they would reach it (``_on_message``)."""
 
 
 async def _close_quietly(channel: AbstractChannel) -> None:
