@@ -243,3 +243,42 @@ async def test_an_older_token_cannot_displace_the_holder_of_a_newer_one(
         await holder.send_bytes(CHUNK)
         assert (await holder.receive(timeout=10)).data == CHUNK
         await holder.close()
+
+
+async def test_a_failed_resume_leaves_the_detached_session_counted_once(
+    make_server: ServerFactory, tls: TLS, tmp_path: Path
+) -> None:
+    """Hole 5 through a resume: a resume of a detached session takes over its count
+    (``claim_detached``) and gives it back when it fails. Before, the count went with
+    the failed resume, so a key capped at one session could start another beside a
+    session that was still resumable."""
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "capped", max_sessions=1)
+    async with make_server(keys_file=keys) as srv, aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(srv.url, ssl=tls.client)
+        await ws.send_str(start_json(key, FMT, ["passthrough"]))
+        token = str((await read_json(ws))["token"])
+        await ws.send_bytes(CHUNK)
+        assert (await ws.receive(timeout=10)).data == CHUNK
+        await ws.close()  # detached: resumable, and counted
+        from audiostream.testing import eventually
+        assert await eventually(lambda: not srv.gateway.holders)
+        async with http.ws_connect(srv.url, ssl=tls.client) as liar:  # claims too much
+            await liar.send_str(start_json(key, FMT, ["passthrough"],
+                                           resume=ResumeRequest(token, 5)))
+            assert (await read_json(liar))["code"] == ErrorCode.RESUME_FAILED
+            await expect_close(liar, ErrorCode.RESUME_FAILED)
+        assert list(srv.gateway.sessions_per_key.values()) == [1]  # counted once, still
+        async with http.ws_connect(srv.url, ssl=tls.client) as other:
+            await other.send_str(start_json(key, FMT, ["passthrough"]))
+            err = await read_json(other)
+            assert err["code"] == ErrorCode.TOO_MANY_SESSIONS, err
+        async with http.ws_connect(srv.url, ssl=tls.client) as honest:  # still resumable
+            await honest.send_str(start_json(key, FMT, ["passthrough"],
+                                             resume=ResumeRequest(token, 1)))
+            ready = await read_json(honest)
+            assert ready["type"] == "ready" and ready["resume_from"] == 1, ready
+            await honest.send_str('{"type":"stop"}')
+            assert (await read_json(honest))["type"] == "summary"
+            await expect_close(honest, 1000)
+        assert await eventually(lambda: not srv.gateway.sessions_per_key)

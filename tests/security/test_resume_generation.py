@@ -10,7 +10,9 @@ arrived because the holder or the journal refused, not because the wait ran out.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ import pytest
 from audiostream.errors import ErrorCode
 from audiostream.gateway import GatewaySettings, create_key
 from audiostream.protocol import ResumeRequest, start_json
+from audiostream.testing import eventually
+from audiostream.transport.base import Transport
 from audiostream.transport.memory import MemoryBroker
 from tests.gateway.conftest import (
     TLS,
@@ -35,10 +39,12 @@ CHUNK = b"\x01\x00" * 320
 SECRET = b"one-secret-both-gateways-share-0123456789"
 
 
-def two_gateways(make_server: ServerFactory, keys: Path) -> tuple[Any, Any]:  # noqa: F811
+def two_gateways(make_server: ServerFactory, keys: Path, **settings: Any  # noqa: F811
+                 ) -> tuple[Any, Any]:
     """Two gateway contexts on one broker, with one token secret and an hour's takeover."""
     common = dict(keys_file=keys, token_secret=SECRET, memory_broker=MemoryBroker(),
-                  gateway_settings=GatewaySettings(chunk_rate=None, takeover_s=3600.0))
+                  gateway_settings=GatewaySettings(chunk_rate=None, takeover_s=3600.0,
+                                                   **settings))
     return make_server(**common), make_server(**common)
 
 
@@ -130,3 +136,133 @@ async def test_an_older_token_cannot_take_a_detached_session_on_another_gateway(
             await mover.send_bytes(CHUNK)
             msg = await mover.receive(timeout=10)
             assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == CHUNK
+
+
+async def stopped(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """Send ``stop`` and read up to the summary (not the close frame after it)."""
+    await ws.send_str(json.dumps({"type": "stop"}))
+    while (await read_json(ws))["type"] != "summary":
+        pass
+
+
+async def test_a_dead_holders_generation_outlives_it(
+    make_server: ServerFactory, tls: TLS, tmp_path: Path  # noqa: F811
+) -> None:
+    """The generation-1 holder on A dies before publishing any work: A's broker
+    connection drops without a word (no "released" marker), and the journal it held goes
+    back to the queue with the generation-0 replies only. Its held mark, kept unacked,
+    goes back with them: the stale generation-0 token is refused on B (which hands the
+    journal back), and the newer token then resumes on B with the outcomes the client
+    never read. (Before, the stale token took the session.)"""
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "tenant")
+    a, b = two_gateways(make_server, keys)
+    async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(gw_a.url, ssl=tls.client)
+        await ws.send_str(start_json(key, FMT, ["passthrough"]))
+        old_token = str((await read_json(ws))["token"])
+        for _ in range(2):
+            await ws.send_bytes(CHUNK)
+        for _ in range(2):  # answered (no ack: the journal keeps both replies)
+            assert (await ws.receive(timeout=10)).data == CHUNK
+        await ws.close()
+        holder = await http.ws_connect(gw_a.url, ssl=tls.client)
+        await holder.send_str(start_json(key, FMT, ["passthrough"],
+                                         resume=ResumeRequest(old_token, 0)))
+        ready = await read_json(holder)
+        assert ready["type"] == "ready" and ready["resume_from"] == 2, ready
+        new_token = str(ready["token"])
+        await gw_a.gateway.transport.close()  # A dies: the broker takes back what it held
+        await assert_refused(http, gw_b.url, tls, key, old_token, 0)
+        async with http.ws_connect(gw_b.url, ssl=tls.client) as mover:
+            await mover.send_str(start_json(key, FMT, ["passthrough"],
+                                            resume=ResumeRequest(new_token, 0)))
+            ready = await read_json(mover)
+            assert ready["type"] == "ready" and ready["resume_from"] == 2, ready
+            for _ in range(2):  # the journal survived the stale takeover
+                msg = await mover.receive(timeout=10)
+                assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == CHUNK
+            await mover.send_bytes(CHUNK)
+            msg = await mover.receive(timeout=10)
+            assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == CHUNK
+        await holder.close()
+
+
+async def test_a_session_whose_summary_exists_refuses_takeovers(
+    make_server: ServerFactory, tls: TLS, tmp_path: Path  # noqa: F811
+) -> None:
+    """The client sent ``stop`` and has the summary, but has not answered the close
+    frame yet: A still holds the session (its close handshake may last an hour here).
+    A resume of it on B is refused at once with resume_failed, the takeover wait being
+    an hour too; before, the holder ignored the displace and the resume hung until the
+    session was gone, then found its queue empty or deleted. The session then ends
+    cleanly, and its token stays refused."""
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "tenant")
+    a, b = two_gateways(make_server, keys, close_timeout_s=3600.0,
+                        slow_consumer_grace_s=3600.0)
+    async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
+        holder = await http.ws_connect(gw_a.url, ssl=tls.client, autoclose=False)
+        await holder.send_str(start_json(key, FMT, ["passthrough"]))
+        token = str((await read_json(holder))["token"])
+        await holder.send_bytes(CHUNK)
+        assert (await holder.receive(timeout=10)).data == CHUNK
+        await stopped(holder)
+        assert gw_a.gateway.holders  # still held: the close handshake is not over
+        await assert_refused(http, gw_b.url, tls, key, token, 1)
+        msg = await holder.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1000, msg
+        await holder.close()
+        assert await eventually(lambda: not gw_a.gateway.holders)
+        await assert_refused(http, gw_b.url, tls, key, token, 1)
+
+
+class HeldDeletes:
+    """The gateway's own transport, with reply-queue deletes held until ``go`` is set:
+    the moment a finishing session deletes its queue can then be examined."""
+
+    def __init__(self, inner: Transport) -> None:
+        self._inner = inner
+        self.deleting = asyncio.Event()
+        self.go = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def delete_reply_queue(self, name: str) -> None:
+        self.deleting.set()
+        await self.go.wait()
+        await self._inner.delete_reply_queue(name)
+
+
+async def test_a_finishing_session_is_never_found_unconsumed(
+    make_server: ServerFactory, tls: TLS, tmp_path: Path,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A finished session acks its journal and deletes its reply queue while it still
+    consumes it, and answers a takeover meanwhile that the session ended. Before, it
+    stopped consuming first: a resume in that window found a queue with no consumer,
+    read it, and got ``ready`` for a session that had ended. (The broker's cancel of the
+    deleted queue's consumer is expected and costs no warning.)"""
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "tenant")
+    a, b = two_gateways(make_server, keys)
+    async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
+        gate = HeldDeletes(gw_a.gateway.transport)
+        gw_a.gateway.transport = gate  # type: ignore[assignment]
+        async with http.ws_connect(gw_a.url, ssl=tls.client) as ws:
+            await ws.send_str(start_json(key, FMT, ["passthrough"]))
+            token = str((await read_json(ws))["token"])
+            await ws.send_bytes(CHUNK)
+            assert (await ws.receive(timeout=10)).data == CHUNK
+            await stopped(ws)
+            await expect_close(ws, 1000)
+        await gate.deleting.wait()  # A's finished close is deleting the reply queue
+        try:
+            await assert_refused(http, gw_b.url, tls, key, token, 1)
+        finally:
+            gate.go.set()
+        assert await eventually(lambda: not gw_a.gateway.holders)
+        await assert_refused(http, gw_b.url, tls, key, token, 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+                and r.name.startswith("aiormq")], caplog.text

@@ -73,6 +73,11 @@ GEN_SHIFT = 32
 DISPLACE = "displace"
 RELEASED = "released"
 REFUSED = "refused"
+#: The holder's answer to a takeover once the session's summary exists: it is ending.
+ENDED = "ended"
+#: A holder's mark in its own reply queue, kept unacked while it holds the session: if
+#: the holder dies, the broker hands it to the next taker with its generation.
+HELD = "held"
 #: After our displace message comes back, how long to wait for a closing holder's
 #: "released" (a holder that died never sends one).
 RELEASE_GRACE_S = 0.5
@@ -158,6 +163,7 @@ class SessionPipeline:
         generation: int = 0,
         state: Mapping[str, bytes] | None = None,
         on_displaced: Callable[[], None] | None = None,
+        ending: Callable[[], bool] | None = None,
         bundler: WorkBundler,
         linger_s: float = 0.0,
         coalesce_fraction: float = 0.5,
@@ -186,6 +192,9 @@ class SessionPipeline:
         self.state: dict[str, bytes] = dict(state or {})
         self.generation = generation
         self.on_displaced = on_displaced
+        self.ending = ending
+        """True once the session's summary exists: a takeover is refused (``ENDED``),
+        never half served from a journal about to be deleted."""
         self.nonce = uuid.uuid4().hex
         self.journal = Journal(journal_cap)
         self.phase = SessionPhase.NEW
@@ -193,6 +202,13 @@ class SessionPipeline:
         self._seen_own_displace = asyncio.Event()
         self._seen_released = asyncio.Event()
         self._refused = asyncio.Event()
+        self._ended = False
+        """A takeover was refused because the session is ending (``ENDED``)."""
+        self._held: Delivery | None = None
+        """Our ``HELD`` mark, unacked while we hold the session (``mark_held``)."""
+        self._held_arrived = asyncio.Event()
+        self._finishing = False
+        """``close(finished=True)`` runs: the reply queue is about to be deleted."""
         self._newest_seen = 0
         """The newest generation known to have held the session: what a takeover saw in
         the journal (released markers, reply message ids; one not older than ours means
@@ -290,7 +306,8 @@ class SessionPipeline:
             deadline = loop.time() + settle_s
             while True:
                 if self._refused.is_set():
-                    raise AuthError("a newer resume token holds this session",
+                    raise AuthError("the session has ended" if self._ended
+                                    else "a newer resume token holds this session",
                                     ErrorCode.RESUME_FAILED)
                 stats = await t.reply_queue_stats(self.reply_queue)
                 if stats is None:
@@ -317,9 +334,25 @@ class SessionPipeline:
             msg = decode_reply_queue_message(delivery.body)
         except AudioStreamError:
             return
-        if isinstance(msg, Control) and msg.command == REFUSED and msg.nonce == self.nonce:
+        if (isinstance(msg, Control) and msg.command in (REFUSED, ENDED)
+                and msg.nonce == self.nonce):
             self._newest_seen = max(self._newest_seen, msg.generation)
+            self._ended = msg.command == ENDED
             self._refused.set()
+
+    async def mark_held(self) -> None:
+        """Leave our generation in the journal while we hold the session: a ``HELD`` mark
+        that we keep unacked. If this gateway dies, the broker returns it to the queue
+        with the journal, so the next taker sees our generation and an older token is
+        refused (a holder that closes acks it and leaves "released" instead). Only once
+        the takeover is sure to succeed: the mark raises the bar for older tokens.
+        Generation 0 needs none: no token is older."""
+        if self.generation == 0 or self._held is not None:
+            return
+        self._held_arrived.clear()
+        await self.transport.publish_reply(self.reply_queue, encode_control(Control(
+            self.session_id, HELD, self.nonce, generation=self.generation)))
+        await self._held_arrived.wait()  # on our own subscription: one broker round trip
 
     def issued(self) -> None:
         """A token of this generation went to the client: from now on the journal's
@@ -510,9 +543,7 @@ class SessionPipeline:
         return their awaitable for the transport to run as a task it owns.
         """
         if self.phase is SessionPhase.CLOSED:
-            # Closing without finishing: whatever still arrives belongs to whoever
-            # resumes the session, so it goes back to the queue.
-            return self._hand_back(delivery)
+            return self._on_reply_closed(delivery)
         try:
             msg = decode_reply_queue_message(delivery.body)
         except AudioStreamError as err:
@@ -522,14 +553,25 @@ class SessionPipeline:
             self._ack_now([delivery])
             return None
         if isinstance(msg, Control):
+            if msg.command == HELD and msg.nonce == self.nonce:
+                self._held = delivery  # unacked while we hold the session
+                self._held_arrived.set()
+                return None
             self._ack_now([delivery])
-            if self.phase is SessionPhase.TAKING_OVER:
+            if msg.command == HELD:
+                # A holder that died left it (a live one keeps its own unacked).
+                self._newest_seen = max(self._newest_seen, msg.generation)
+            elif self.phase is SessionPhase.TAKING_OVER:
                 if msg.command == DISPLACE and msg.nonce == self.nonce:
                     self._seen_own_displace.set()
                 elif msg.command == RELEASED and msg.nonce != self.nonce:
                     self._newest_seen = max(self._newest_seen, msg.generation)
                     self._seen_released.set()
             elif msg.command == DISPLACE and msg.nonce != self.nonce:
+                if self.ending is not None and self.ending():
+                    log.info("session=%s stage=resume: refused a takeover by generation %d: "
+                             "the session is ending", self.session_id, msg.generation)
+                    return self._refuse(msg, ENDED)
                 if 0 < msg.generation <= self.generation:
                     # A taker holding an older resume token than ours (on any gateway):
                     # we keep the session and tell it so in its inbox, so it fails with
@@ -538,7 +580,7 @@ class SessionPipeline:
                     log.info("session=%s stage=resume: refused a takeover by generation "
                              "%d (this holder has %d)", self.session_id, msg.generation,
                              self.generation)
-                    return self._refuse(msg)
+                    return self._refuse(msg, REFUSED)
                 log.info("session=%s stage=resume: taken over by another connection",
                          self.session_id)
                 if self.on_displaced is not None:
@@ -555,11 +597,30 @@ class SessionPipeline:
             self._ack_now([e.delivery for e in trimmed])
         return None
 
-    async def _refuse(self, displace: Control) -> None:
+    async def _on_reply_closed(self, delivery: Delivery) -> None:
+        """What arrives while closing. Finishing: nothing is handed on (the queue is being
+        deleted) and a takeover is told the session ended. Otherwise everything goes back
+        to the queue for whoever resumes the session, except our own ``HELD`` mark."""
+        try:
+            msg: Reply | Control | None = decode_reply_queue_message(delivery.body)
+        except AudioStreamError:
+            msg = None
+        if self._finishing:
+            await self._ack([delivery])
+            if isinstance(msg, Control) and msg.command == DISPLACE and msg.nonce != self.nonce:
+                await self._refuse(msg, ENDED)
+            return
+        if isinstance(msg, Control) and msg.command == HELD and msg.nonce == self.nonce:
+            await self._ack([delivery])
+            return
+        await self._hand_back(delivery)
+
+    async def _refuse(self, displace: Control, command: str) -> None:
+        """Answer a takeover we do not yield to (``REFUSED`` or ``ENDED``) in its inbox."""
         # Only an inbox named after this session's queue: nothing else is written to.
         if not displace.reply_to.startswith(self.reply_queue + "."):
             return
-        refusal = Control(self.session_id, REFUSED, displace.nonce, generation=self.generation)
+        refusal = Control(self.session_id, command, displace.nonce, generation=self.generation)
         with contextlib.suppress(AudioStreamError):
             await self.transport.publish_reply(displace.reply_to, encode_control(refusal))
 
@@ -604,18 +665,35 @@ class SessionPipeline:
     async def close(self, *, finished: bool) -> None:
         """Stop consuming and cancel owned tasks.
 
-        ``finished`` (a clean stop): the journal is acked and the reply queue deleted.
-        Otherwise the journal goes back to the queue for whoever resumes the session,
-        and the queue is left to expire.
+        ``finished`` (a clean stop): the journal is acked and the reply queue deleted
+        while we still consume it, so no taker ever finds it without a consumer and
+        half-reads it (a takeover meanwhile is answered ``ENDED``). Otherwise the
+        journal goes back to the queue for whoever resumes the session, and the queue
+        is left to expire.
         """
         if self.phase is SessionPhase.CLOSED:
             return
         self.phase = SessionPhase.CLOSED
+        self._finishing = finished
         self.coalescer.close()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._outage.ended(self.session_id, "session closed")
+        held, self._held = self._held, None
+        if finished:
+            await self._ack([e.delivery for e in self.journal.drain()]
+                            + ([held] if held is not None else []))
+            with contextlib.suppress(AudioStreamError):
+                await self.transport.delete_reply_queue(self.reply_queue)
+        await self._stop_consuming()
+        if not finished:
+            await self._release_journal([e.delivery for e in self.journal.drain()])
+            if held is not None:  # "released" now carries our generation
+                await self._ack([held])
+        self._idle.set()
+
+    async def _stop_consuming(self) -> None:
         if self._subscription is not None:
             with contextlib.suppress(AudioStreamError):
                 await self._subscription.cancel()
@@ -624,14 +702,6 @@ class SessionPipeline:
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        journal = [e.delivery for e in self.journal.drain()]
-        if finished:
-            await self._ack(journal)
-            with contextlib.suppress(AudioStreamError):
-                await self.transport.delete_reply_queue(self.reply_queue)
-        else:
-            await self._release_journal(journal)
-        self._idle.set()
 
     async def _release_journal(self, journal: list[Delivery]) -> None:
         """Hand the journal to whoever resumes the session: a copy of every reply, then

@@ -49,6 +49,7 @@ from audiostream.processors import ProcessorRegistry, registry
 from audiostream.processors.pipeline import delay_frames, plan_raw
 from audiostream.protocol import (
     MAX_WS_MESSAGE,
+    NORMAL_CLOSURE,
     AckReceived,
     ChunkReceived,
     Limits,
@@ -189,8 +190,22 @@ class SlotPhase(Enum):
     NONE = "none"
     RESERVED = "reserved"
     """Counted before any await, so concurrent starts cannot overshoot the cap."""
+    CLAIMED = "claimed"
+    """A resume took over the count of the detached session it resumes (one session,
+    counted once); a failed resume gives it back (``Gateway.restore_detached``)."""
     LIVE = "live"
     RELEASED = "released"
+
+
+@dataclass(frozen=True, slots=True)
+class Detached:
+    """A resumable session whose connection here dropped: it counts against its key
+    until ``expires_at`` (loop time), the end of its resume window."""
+
+    key_id: str
+    answered: int
+    """Outcomes its last connection answered: the bound on a resume's ``received``."""
+    expires_at: float
 
 
 class _Connection:
@@ -211,6 +226,8 @@ class _Connection:
         and CPU budget. A resume gets a fresh one (see docs/protocol.md, *Resume*)."""
         self.key: KeyRecord | None = None
         self.slot = SlotPhase.NONE
+        self._claimed: tuple[str, Detached] | None = None
+        """The detached session this connection's resume claimed (``SlotPhase.CLAIMED``)."""
         self.grant: SessionGrant | None = None
         self._refresh: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -542,8 +559,12 @@ class _Connection:
         self.slot = SlotPhase.RESERVED
 
     def _release(self) -> None:
-        if self.slot in (SlotPhase.RESERVED, SlotPhase.LIVE) and self.key is not None:
+        if self.slot is SlotPhase.CLAIMED and self._claimed is not None:
+            # The resume failed: the session is still detached and resumable.
+            self.gateway.restore_detached(*self._claimed)
+        elif self.slot in (SlotPhase.RESERVED, SlotPhase.LIVE) and self.key is not None:
             self.gateway.release(self.key.id)
+        self._claimed = None
         self.slot = SlotPhase.RELEASED
 
     def _make_decoder(self, start: StartMessage) -> None:
@@ -571,6 +592,7 @@ class _Connection:
             metrics=self.gateway.metrics,
             generation=grant.generation,
             on_displaced=self.on_displaced,
+            ending=self.ending,
             bundler=self.gateway.bundler,
             linger_s=self.gateway.settings.linger_ms / 1000,
             coalesce_fraction=self.gateway.settings.coalesce_fraction,
@@ -581,6 +603,7 @@ class _Connection:
         assert self.grant is not None
         self.pipeline = pl
         self.slot = SlotPhase.LIVE
+        self._claimed = None
         self.gateway.holders[self.grant.session_id] = self
         self.gateway.metrics.sessions_total.labels(result=result).inc()
         self._arm_refresh()
@@ -599,9 +622,14 @@ class _Connection:
             raise AuthError("a newer resume token holds this session",
                             ErrorCode.RESUME_FAILED)
         self._check_steps(old.pipeline)
-        answered = gw.answered_by(old.session_id)
-        gw.forget_detached(old.session_id)
-        self._reserve(new=False)
+        claimed = gw.claim_detached(old.session_id)
+        if claimed is not None:  # detached here: this resume takes over its count
+            answered: int | None = claimed.answered
+            self._claimed = (old.session_id, claimed)
+            self.slot = SlotPhase.CLAIMED
+        else:
+            answered = gw.answered_by(old.session_id)
+            self._reserve(new=False)
         self.grant = replace(old, generation=old.generation + 1)
         self._make_decoder(start)
         pl = self._make_pipeline(self.grant)
@@ -614,6 +642,8 @@ class _Connection:
         except AudioStreamError:
             await pl.close(finished=False)
             raise
+        # Our generation goes into the journal before any token of it does.
+        await gw.watchdog.bounded(pl.mark_held(), cleanup=lambda: pl.close(finished=False))
         if await self._closed_meanwhile(pl):
             return
         self._started(pl, "resumed")
@@ -632,6 +662,10 @@ class _Connection:
         with self.proto.replaying():  # bounded by the journal, not by the outbound caps
             self.on_outcomes(sorted(replay, key=lambda o: o.seq))
         pl.confirm(plan.delivered)
+
+    def ending(self) -> bool:
+        """The summary exists: the session is ending, and no resume may take it."""
+        return self.proto.close_code == NORMAL_CLOSURE
 
     def on_displaced(self) -> None:
         self.proto.displace()
@@ -748,8 +782,8 @@ class Gateway:
         """Live, starting and detached (resumable) sessions per key."""
         self.holders: dict[str, _Connection] = {}
         """Session id -> the connection holding it here."""
-        self._detached: dict[str, tuple[str, asyncio.TimerHandle, int]] = {}
-        """Session id -> (key id, expiry timer, outcomes its last connection answered)."""
+        self._detached: dict[str, tuple[Detached, asyncio.TimerHandle]] = {}
+        """Session id -> the detached session and its expiry timer."""
         self._starts: dict[str, deque[float]] = {}
         self.draining = False
         self._changed = asyncio.Event()
@@ -793,9 +827,32 @@ class Gateway:
     def detach(self, session_id: str, key_id: str, answered: int) -> None:
         """A resumable session lost its connection: it keeps counting against its key
         until its resume window ends (or it is resumed here)."""
-        timer = asyncio.get_running_loop().call_later(
-            self.settings.resume_window_s, self.forget_detached, session_id)
-        self._detached[session_id] = (key_id, timer, answered)
+        loop = asyncio.get_running_loop()
+        self._keep_detached(session_id, Detached(
+            key_id, answered, loop.time() + self.settings.resume_window_s))
+
+    def _keep_detached(self, session_id: str, detached: Detached) -> None:
+        timer = asyncio.get_running_loop().call_at(
+            detached.expires_at, self.forget_detached, session_id)
+        self._detached[session_id] = (detached, timer)
+
+    def claim_detached(self, session_id: str) -> Detached | None:
+        """A resume takes the detached session's place against its key's cap (no second
+        count): it is no longer listed, and still counted."""
+        entry = self._detached.pop(session_id, None)
+        if entry is None:
+            return None
+        entry[1].cancel()
+        return entry[0]
+
+    def restore_detached(self, session_id: str, detached: Detached) -> None:
+        """A resume that claimed the session failed: it is detached again, for what is
+        left of its window (released at once if nothing is)."""
+        expired = detached.expires_at <= asyncio.get_running_loop().time()
+        if expired or session_id in self._detached:  # (detached again meanwhile: counted)
+            self.release(detached.key_id)
+        else:
+            self._keep_detached(session_id, detached)
 
     def answered_by(self, session_id: str) -> int | None:
         """How many outcomes the session's connection here answered, if it was here."""
@@ -803,13 +860,13 @@ class Gateway:
         if holder is not None:
             return holder.proto.next_out
         entry = self._detached.get(session_id)
-        return entry[2] if entry is not None else None
+        return entry[0].answered if entry is not None else None
 
     def forget_detached(self, session_id: str) -> None:
         entry = self._detached.pop(session_id, None)
         if entry is not None:
             entry[1].cancel()
-            self.release(entry[0])
+            self.release(entry[0].key_id)
 
     # -- aiohttp wiring -------------------------------------------------------------------
     def app(self) -> web.Application:

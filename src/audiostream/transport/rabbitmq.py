@@ -36,9 +36,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -531,6 +532,33 @@ class _Subscription:
             await self._close_channel()
 
 
+class _ExpectedCancels(logging.Filter):
+    """aiormq logs a WARNING whenever the broker cancels a consumer. When we deleted the
+    consumed queue ourselves (``delete_reply_queue``) that is expected, and a warning per
+    finished session would bury real ones: those records are dropped, by consumer tag."""
+
+    _MSG = "Consumer %r cancelled by the broker on %r"
+    _KEEP_S = 60.0  # a tag whose cancel never came is forgotten after this
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tags: dict[str, float] = {}
+
+    def expect(self, tags: Iterable[str]) -> None:
+        now = time.monotonic()
+        self._tags = {t: at for t, at in self._tags.items() if at > now}
+        self._tags.update((t, now + self._KEEP_S) for t in tags)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self._MSG or not isinstance(record.args, tuple) or not record.args:
+            return True
+        return self._tags.pop(str(record.args[0]), None) is None
+
+
+_EXPECTED_CANCELS = _ExpectedCancels()
+logging.getLogger("aiormq.channel").addFilter(_EXPECTED_CANCELS)
+
+
 async def _no_handler(_delivery: Delivery) -> None:
     """A cancelled subscription's handler: deliveries after a cancel are nacked before
     they would reach it (``_on_message``)."""
@@ -789,6 +817,10 @@ class RabbitTransport:
             )
 
     async def delete_reply_queue(self, name: str) -> None:
+        """Delete it, even while we consume it (a finished session does, so a taker never
+        finds it unconsumed): the broker then cancels our consumer, as expected."""
+        _EXPECTED_CANCELS.expect(tag for s in self._subscriptions if s.is_reply
+                                 and name in s.queues for _, tag in s._consumers)
         async with self._throwaway(f"deleting reply queue {name!r}") as ch:
             await ch.queue_delete(name, timeout=self.op_timeout)
 
