@@ -123,11 +123,14 @@ class AudioFormat:
         """Parse a client- or broker-supplied format, raising coded errors."""
         if not isinstance(data, dict):
             raise ProtocolError("format must be an object", ErrorCode.UNSUPPORTED_FORMAT)
+        raw = data.get("encoding", Encoding.PCM_S16LE)
         try:
-            encoding = Encoding(data.get("encoding", Encoding.PCM_S16LE))
+            encoding = Encoding(raw)
         except ValueError:
+            # Client input is quoted only as a short string (no Python reprs of others).
+            shown = repr(raw[:32]) if isinstance(raw, str) else "of another JSON type"
             raise ConfigError(
-                f"unknown encoding {data.get('encoding')!r}; use one of "
+                f"unknown encoding {shown}; use one of "
                 f"{', '.join(e.value for e in Encoding)}",
                 ErrorCode.UNSUPPORTED_FORMAT,
             ) from None

@@ -227,6 +227,19 @@ def _parse_version(value: Any) -> float:
                         ErrorCode.UNSUPPORTED_VERSION)
 
 
+def json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words (never a Python type name)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def parse_client_message(text: str) -> ClientMessage:
     """Parse one JSON text frame from a client; raises ``ProtocolError`` with a code.
 
@@ -247,8 +260,10 @@ def parse_client_message(text: str) -> ClientMessage:
                  "ack needs a non-negative integer 'received'")
         return AckMessage(received)
     if kind != "start":
-        shown = kind[:32] if isinstance(kind, str) else type(kind).__name__
-        raise ProtocolError(f"unknown message type {shown!r}", ErrorCode.UNEXPECTED_MESSAGE)
+        if not isinstance(kind, str):
+            raise ProtocolError(f"'type' must be a string, not {json_kind(kind)}",
+                                ErrorCode.UNEXPECTED_MESSAGE)
+        raise ProtocolError(f"unknown message type {kind[:32]!r}", ErrorCode.UNEXPECTED_MESSAGE)
     version = _parse_version(data.get("version"))
     api_key = data.get("api_key")
     _require(isinstance(api_key, str) and api_key != "", "start needs an api_key",
