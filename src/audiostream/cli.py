@@ -257,6 +257,11 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pending-sockets", type=int, default=512,
                    help="sockets without a whole request yet; above it the oldest is "
                    "closed (default 512)")
+    p.add_argument("--max-pending-per-ip", type=int, default=0,
+                   help="sockets one client address may hold without a whole request, "
+                   "counted from accept (TLS handshake included); over it a new one is "
+                   "closed at accept (default 0: off; leave off behind a proxy that hides "
+                   "client addresses)")
     p.add_argument("--max-conn-rate-per-ip", type=float, default=50.0,
                    help="new connections per second one client address may open, burst "
                    "4x that; over it a socket gets 429 before its request is read "
@@ -402,6 +407,7 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         opus_cpu_share_total=args.opus_cpu_share_total,
         edge=EdgeSettings(handshake_timeout_s=args.handshake_timeout_s,
                           max_pending=args.max_pending_sockets,
+                          max_pending_per_ip=args.max_pending_per_ip or None,
                           conn_rate_per_ip=args.max_conn_rate_per_ip or None,
                           conn_burst_per_ip=max(1.0, 4 * args.max_conn_rate_per_ip),
                           ops_host=args.ops_host, ops_port=args.ops_port),

@@ -125,3 +125,49 @@ async def test_one_request_per_connection_before_the_upgrade(
         assert data.count(b"HTTP/1.1 404") == 1
         assert b"connection: close" in data.lower()
         writer.close()
+
+
+async def test_sockets_per_address_are_capped_from_accept_before_tls(
+    edge_server: EdgeServer, tls: TLS, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One address may hold ``max_pending_per_ip`` sockets without a complete request,
+    counted from accept: three silent TCP sockets from 127.0.0.2 (not even a TLS
+    ClientHello) fill its share, and a fourth is closed at accept with a log line, while
+    sessions from another address run (the gate does their TLS handshake). When one of
+    the three leaves, 127.0.0.2 gets a place back and completes a whole session."""
+    from audiostream.gateway.edge import EDGE_KEY
+    from audiostream.protocol import start_json
+    from audiostream.testing import eventually
+    from tests.gateway.conftest import read_json
+    from tests.security.conftest import FMT
+
+    settings = GatewaySettings(chunk_rate=None, edge=EdgeSettings(
+        max_pending_per_ip=3, handshake_timeout_s=60.0))
+    async with edge_server(settings) as srv:
+        guard = srv.runner.app[EDGE_KEY]
+        victim = start_victim(srv, tls)
+        host, port = host_port(srv)
+        silent = [await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0))
+                  for _ in range(3)]
+        assert await eventually(lambda: guard.per_address.get("127.0.0.2") == 3)
+        reader, writer = await asyncio.open_connection(host, port,
+                                                       local_addr=("127.0.0.2", 0))
+        assert await closed_by_server(reader)
+        writer.close()
+        assert refused(srv, "address_pending_cap") == 1
+        assert "the cap per address" in caplog.text
+        silent[0][1].close()
+        assert await eventually(lambda: guard.per_address.get("127.0.0.2") == 2)
+        assert srv.api_key is not None
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                local_addr=("127.0.0.2", 0))) as http, \
+                http.ws_connect(srv.url, ssl=tls.client) as ws:
+            await ws.send_str(start_json(srv.api_key, FMT, ["passthrough"]))
+            assert (await read_json(ws))["type"] == "ready"
+            assert guard.per_address.get("127.0.0.2") == 2  # upgraded: no longer counted
+            await ws.send_bytes(b"\x01\x00" * 320)
+            assert (await ws.receive(timeout=10)).data == b"\x01\x00" * 320
+        await victim.assert_intact()
+        for _, w in silent[1:]:
+            w.close()
+        assert await eventually(lambda: not guard.per_address)

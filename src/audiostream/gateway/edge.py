@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -88,12 +89,20 @@ class EdgeSettings:
     conn_burst_per_ip: float = 200.0
     """... and at once. Over it, the socket gets a canned ``429`` and is closed before
     aiohttp builds anything for it: a reconnect loop costs the gateway next to nothing."""
+    max_pending_per_ip: int | None = None
+    """Sockets one client address may hold open before their request head is complete,
+    counted from accept (the TLS handshake included). Over it, a new socket from that
+    address is closed at accept, before any TLS or HTTP parsing, with a log line, so one
+    address cannot fill ``max_pending``. None: no cap (the default, for proxies that hide
+    client addresses)."""
 
     def __post_init__(self) -> None:
         if self.handshake_timeout_s <= 0:
             raise ConfigError("the handshake timeout must be > 0 s")
         if self.max_pending < 1:
             raise ConfigError("max pending sockets must be >= 1")
+        if self.max_pending_per_ip is not None and self.max_pending_per_ip < 1:
+            raise ConfigError("max pending sockets per address must be >= 1")
         if self.control_rate <= 0 or self.control_burst < 1:
             raise ConfigError("the control frame rate must be > 0 with a burst >= 1")
         if self.conn_rate_per_ip is not None and (
@@ -273,6 +282,32 @@ class EdgeGuard:
         self.ops_port: int | None = None
         self.rate = (AddressRate(settings.conn_rate_per_ip, settings.conn_burst_per_ip)
                      if settings.conn_rate_per_ip is not None else None)
+        self.per_address: dict[str, int] = {}
+        """Sockets per client address not yet past their request head."""
+        self.tasks: set[asyncio.Task[None]] = set()
+        """TLS handshakes the gate runs (``_Gate``); each ends within its timeout."""
+
+    def enter(self, address: str) -> bool:
+        """Count one more socket before its request for ``address``, or refuse it."""
+        cap = self.settings.max_pending_per_ip
+        if cap is None:
+            return True
+        held = self.per_address.get(address, 0)
+        if held >= cap:
+            self.refused("address_pending_cap",
+                         "edge: %s already holds %d sockets without a complete request "
+                         "(the cap per address); closed a new one at accept",
+                         escape(address, 64), cap)
+            return False
+        self.per_address[address] = held + 1
+        return True
+
+    def exit(self, address: str) -> None:
+        left = self.per_address.get(address, 0) - 1
+        if left > 0:
+            self.per_address[address] = left
+        else:
+            self.per_address.pop(address, None)
 
     @property
     def ops_url(self) -> str | None:
@@ -303,40 +338,104 @@ class EdgeGuard:
 
 
 class _Gate(asyncio.Protocol):
-    """Every accepted socket starts here: over its address's connection rate it gets a
-    canned ``429`` and is closed, having cost an accept, a write and a close; otherwise
-    the real handler is built and takes the transport over (``set_protocol``)."""
+    """Every accepted socket starts here. With a cap per address (``max_pending_per_ip``)
+    it is counted at accept and refused there, before TLS or HTTP, when its address holds
+    too many sockets without a request; the gate then runs the TLS handshake itself
+    (``tls``), so sockets in their handshake count too. Over its address's connection
+    rate a socket gets a canned ``429`` and is closed, having cost an accept, a write and
+    a close; otherwise the real handler is built and takes the transport over
+    (``set_protocol``)."""
 
-    __slots__ = ("_guard", "_make")
+    __slots__ = ("_address", "_counted", "_early", "_eof", "_guard", "_lost", "_make",
+                 "_tls", "_tls_timeout_s")
 
-    def __init__(self, guard: EdgeGuard, make: Callable[[], _EdgeHandler]) -> None:
+    def __init__(self, guard: EdgeGuard, make: Callable[[], _EdgeHandler],
+                 tls: ssl.SSLContext | None = None, tls_timeout_s: float = 10.0) -> None:
         self._guard = guard
         self._make = make
+        self._tls = tls
+        self._tls_timeout_s = tls_timeout_s
+        self._address = "-"
+        self._counted = False
+        self._early: list[bytes] = []
+        """Bytes that arrived between the end of the TLS handshake and the handler."""
+        self._eof = False
+        self._lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        rate = self._guard.rate
-        if rate is not None:
-            peer = transport.get_extra_info("peername")
-            address = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
-            if not rate.allow(address):
-                self._guard.refused(
-                    "connection_rate", "edge: %s opens connections faster than %g/s "
-                    "(burst %g); answered 429", escape(address, 64), rate.rate, rate.burst)
-                cast(asyncio.WriteTransport, transport).write(TOO_MANY_CONNECTIONS)
+        if self._counted:  # start_tls hands us the TLS transport: _handshake goes on
+            return
+        peer = transport.get_extra_info("peername")
+        self._address = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
+        if self._guard.settings.max_pending_per_ip is not None:
+            if not self._guard.enter(self._address):
                 transport.close()
                 return
+            self._counted = True
+        if self._tls is not None:
+            cast(asyncio.ReadTransport, transport).pause_reading()  # start_tls resumes
+            task = asyncio.get_running_loop().create_task(self._handshake(transport))
+            self._guard.tasks.add(task)
+            task.add_done_callback(self._guard.tasks.discard)
+            return
+        self._proceed(transport)
+
+    async def _handshake(self, raw: asyncio.BaseTransport) -> None:
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                cast(asyncio.WriteTransport, raw), self, cast(ssl.SSLContext, self._tls),
+                server_side=True, ssl_handshake_timeout=self._tls_timeout_s)
+        except Exception as exc:  # any failed handshake: the count goes back
+            log.debug("edge: TLS handshake from %s failed: %s", escape(self._address, 64),
+                      type(exc).__name__)
+            tls = None  # start_tls closed the socket
+        if tls is None or self._lost or tls.is_closing():
+            self._release()
+            if tls is not None:
+                tls.close()
+            return
+        self._proceed(tls)
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._guard.exit(self._address)
+
+    def _proceed(self, transport: asyncio.BaseTransport) -> None:
+        rate = self._guard.rate
+        if rate is not None and not rate.allow(self._address):
+            self._guard.refused(
+                "connection_rate", "edge: %s opens connections faster than %g/s "
+                "(burst %g); answered 429", escape(self._address, 64), rate.rate, rate.burst)
+            self._release()
+            cast(asyncio.WriteTransport, transport).write(TOO_MANY_CONNECTIONS)
+            transport.close()
+            return
         handler = self._make()
+        if self._counted:  # the handler gives the count back with its request head
+            self._counted = False
+            handler.on_request = functools.partial(self._guard.exit, self._address)
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if self._early:
+            handler.data_received(b"".join(self._early))
+            self._early = []
+        if self._eof:
+            handler.eof_received()
 
     def data_received(self, data: bytes) -> None:
-        """Bytes of a refused socket that arrived before it closed: dropped."""
+        """Bytes of a refused socket are dropped; those after the TLS handshake and before
+        the handler took over are kept for it."""
+        if self._counted:
+            self._early.append(data)
 
     def eof_received(self) -> bool | None:
+        self._eof = True
         return None
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        pass
+        self._lost = True
+        self._release()
 
 
 class _EdgeHandler(RequestHandler):
@@ -354,6 +453,9 @@ class _EdgeHandler(RequestHandler):
         self.hard_cap: int | None = None
         self.closing = False
         """The server sent its close frame: data frames are dropped unread."""
+        self.on_request: Callable[[], None] | None = None
+        """Gives the socket's count per address back (``_Gate``) when its request head is
+        complete or it closes."""
         # aiohttp 3.14's parser turns "CONNECT \r\n\r\n" into a request whose url is
         # None, and building the request then raises inside the connection task, which
         # dies with the socket left open (found by tests/security/test_fuzz_edge.py).
@@ -390,6 +492,9 @@ class _EdgeHandler(RequestHandler):
             self._deadline.cancel()
             self._deadline = None
         self.guard.leave(self)
+        done, self.on_request = self.on_request, None
+        if done is not None:
+            done()
 
     def _handshake_expired(self) -> None:
         self._deadline = None
@@ -779,14 +884,21 @@ class EdgeSite(web.BaseSite):
                 max_headers=s.max_headers, lingering_time=1.0,
             )
 
+        # With a cap per address the gate counts sockets from accept and runs TLS itself,
+        # so a socket is refused before its handshake costs anything.
+        gated_tls = self._ssl_context if s.max_pending_per_ip is not None else None
+
         def factory() -> asyncio.Protocol:
-            return _Gate(guard, handler) if guard.rate is not None else handler()
+            if guard.rate is None and s.max_pending_per_ip is None:
+                return handler()
+            return _Gate(guard, handler, gated_tls, s.handshake_timeout_s)
 
         extra: dict[str, Any] = {}
-        if self._ssl_context is not None:
+        site_tls = self._ssl_context if gated_tls is None else None
+        if site_tls is not None:
             extra["ssl_handshake_timeout"] = s.handshake_timeout_s
         self._server = await loop.create_server(
-            factory, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            factory, self._host, self._port, ssl=site_tls, backlog=self._backlog,
             **extra)
         if self._server.sockets:
             self._port = int(self._server.sockets[0].getsockname()[1])
