@@ -49,6 +49,49 @@ def test_messages_carry_at_most_max_chunks() -> None:
     assert sizes == [3, 3, 1]
 
 
+BIG = b"\0" * 384_000  # 1 s of 48 kHz stereo float32: the largest legal chunk
+
+
+def test_messages_carry_at_most_max_message_bytes_and_nothing_is_lost() -> None:
+    """Ten of the largest chunks at once: messages of at most 2 MiB (five chunks), the
+    rest waits for the next message, every chunk goes out once, in order."""
+    c = Coalescer(deadline_s=30.0, policy=OFF)
+    assert OFF.max_message_bytes == 2 * 1024 * 1024
+    for s in range(10):
+        assert c.add(s, BIG, 0.0) == []
+    seqs: list[int] = []
+    while (m := c.take(0.0)) is not None:
+        assert m.nbytes <= OFF.max_message_bytes and len(m.chunks) == 5, m.nbytes
+        seqs += [ch.seq for ch in m.chunks]
+        c.answered(m.msg_id, 0.0)
+    assert seqs == list(range(10)) and c.outstanding == 0 and c.queued_bytes == 0
+
+
+def test_a_chunk_over_the_message_cap_goes_alone() -> None:
+    c = Coalescer(deadline_s=1.0, policy=CoalescePolicy(max_message_bytes=1000,
+                                                        budget_fraction=0))
+    c.add(0, b"\0" * 1500, 0.0)
+    c.add(1, PCM, 0.0)
+    m = c.take(0.0)
+    assert m is not None and [ch.seq for ch in m.chunks] == [0] and m.nbytes == 1500
+    c.answered(m.msg_id, 0.0)
+    m = c.take(0.0)
+    assert m is not None and [ch.seq for ch in m.chunks] == [1]
+
+
+def test_a_full_message_by_bytes_is_not_held() -> None:
+    """A hold waits for more chunks; once the waiting ones fill a message by bytes,
+    waiting longer cannot make it bigger."""
+    c = Coalescer(deadline_s=1.0, policy=CoalescePolicy(linger_s=0.2, max_message_bytes=1280,
+                                                        budget_fraction=0))
+    c.add(0, PCM, 0.0)
+    assert c.take(0.0) is None and c.due_at() == pytest.approx(0.2)  # held
+    c.add(1, PCM, 0.01)
+    assert c.due_at() == 0.0  # full: due now
+    m = c.take(0.01)
+    assert m is not None and [ch.seq for ch in m.chunks] == [0, 1]
+
+
 def test_backlog_cap_refuses_as_overloaded() -> None:
     c = Coalescer(deadline_s=1.0, policy=CoalescePolicy(max_backlog=2, budget_fraction=0))
     assert c.add(0, PCM, 0.0) == []

@@ -7,7 +7,7 @@ import pytest
 
 from audiostream.audio import AudioFormat, Encoding
 from audiostream.envelope import Reply, ReplyStatus
-from audiostream.gateway.journal import MAX_JOURNAL, Journal, JournalEntry
+from audiostream.gateway.journal import MAX_JOURNAL, MAX_JOURNAL_BYTES, Journal, JournalEntry
 from audiostream.transport.memory import REPLY_PREFETCH
 from audiostream.transport.rabbitmq import DEFAULT_REPLY_PREFETCH
 
@@ -29,9 +29,12 @@ class Tag:
     async def release(self) -> None: ...
 
 
-def entry(seq: int, chunks: int = 1) -> JournalEntry:
-    reply = Reply("s", seq, seq, ReplyStatus.OK, (320,) * chunks, FMT)
+def entry(seq: int, chunks: int = 1, audio: bytes = b"") -> JournalEntry:
+    reply = Reply("s", seq, seq, ReplyStatus.OK, (320,) * chunks, FMT, audio)
     return JournalEntry(reply, Tag(seq))
+
+
+BIG = b"\0" * 384_000  # one reply of the largest legal chunk
 
 
 def seqs(entries: list[JournalEntry]) -> list[int]:
@@ -76,6 +79,40 @@ def test_unwritten_outcomes_are_kept_past_the_cap() -> None:
     assert seqs(j.delivered(4)) == [0, 1, 2, 3]
     assert seqs(j.delivered(10)) == [4, 5, 6]
     assert len(j) == 3
+
+
+def test_over_the_byte_cap_written_outcomes_count_as_delivered() -> None:
+    """Replies of the largest chunks: the journal's audio stays within 8 MiB (plus the
+    newest reply) for a client that reads and never acks, long before 256 replies."""
+    j = Journal()
+    assert j.max_bytes == MAX_JOURNAL_BYTES == 8 * 1024 * 1024
+    trimmed: list[JournalEntry] = []
+    for s in range(100):
+        trimmed += j.append(entry(s, audio=BIG))
+        trimmed += j.delivered(s + 1)
+        assert j.nbytes <= MAX_JOURNAL_BYTES
+    assert len(j) == MAX_JOURNAL_BYTES // len(BIG) < MAX_JOURNAL
+    assert seqs(trimmed) == list(range(100 - len(j)))
+    assert j.nbytes == len(j) * len(BIG)
+    assert j.drain() and j.nbytes == 0
+
+
+def test_unwritten_outcomes_are_kept_past_the_byte_cap() -> None:
+    """Nothing the client was not sent is dropped for bytes either: the slow-consumer
+    rule closes such a connection (4023) and a resume replays it."""
+    j = Journal(max_bytes=3 * len(BIG))
+    for s in range(10):
+        j.append(entry(s, audio=BIG))
+    assert len(j) == 10 and j.nbytes == 10 * len(BIG)
+    assert seqs(j.delivered(4)) == [0, 1, 2, 3]
+    assert seqs(j.delivered(10)) == [4, 5, 6]
+    assert j.nbytes == 3 * len(BIG)
+
+
+def test_acks_keep_the_byte_count() -> None:
+    j = Journal(entries=[entry(0, audio=BIG), entry(1, audio=BIG)])
+    assert j.nbytes == 2 * len(BIG)
+    assert seqs(j.confirm(1)) == [0] and j.nbytes == len(BIG)
 
 
 def test_trimming_is_amortised_constant() -> None:

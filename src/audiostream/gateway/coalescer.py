@@ -10,6 +10,11 @@ changed (a chunk, a reply, its one timer at ``due_at()``), and ``answered`` /
   meanwhile wait here and go out together in the next message.
 * **Deadlines.** A chunk not answered by its deadline gets an ``expired`` outcome,
   whether it is still queued here or in flight (a late reply is then discarded).
+* **Message size cap.** A message carries at most ``max_message_bytes`` of audio (one
+  chunk alone may be larger): the gateway, the broker and the worker each hold a
+  whole message at once, several copies of it. Chunks past the cap wait for the next
+  message (nothing is refused for it; a chunk that waits past its deadline gets
+  ``expired``, as any queued chunk does).
 * **Backlog cap.** Past ``max_backlog`` waiting chunks, new ones are refused as
   ``overloaded`` rather than queued without bound. The bytes held (``queued_bytes``:
   waiting and in flight) are bounded by the connection, which stops reading its
@@ -86,6 +91,8 @@ class Message:
 class CoalescePolicy:
     max_chunks: int = 50
     """Most chunks carried by one message."""
+    max_message_bytes: int = 2 * 1024 * 1024
+    """Most audio bytes carried by one message, unless its first chunk alone is larger."""
     max_backlog: int = 1000
     """Most chunks waiting for a session before new ones are refused as overloaded."""
     linger_s: float = 0.0
@@ -98,8 +105,8 @@ class CoalescePolicy:
     100 ms latency goal, so a held chunk still has room for the round trip."""
 
     def __post_init__(self) -> None:
-        if self.max_chunks < 1 or self.max_backlog < 1:
-            raise ValueError("max_chunks and max_backlog must be >= 1")
+        if self.max_chunks < 1 or self.max_backlog < 1 or self.max_message_bytes < 1:
+            raise ValueError("max_chunks, max_backlog and max_message_bytes must be >= 1")
         if self.linger_s < 0 or self.budget_fraction < 0 or self.max_hold_s < 0:
             raise ValueError("linger_s, budget_fraction and max_hold_s must be >= 0")
 
@@ -225,8 +232,14 @@ class Coalescer:
             self.target = self.floor = 1
             self._quiet_until = now + MISS_BACKOFF_S
         n = min(self.policy.max_chunks, len(backlog))
-        chunks = tuple(backlog.popleft() for _ in range(n))
-        nbytes = sum(len(c.data) for c in chunks)
+        cap = self.policy.max_message_bytes
+        first = backlog.popleft()
+        taken, nbytes = [first], len(first.data)
+        while len(taken) < n and nbytes + len(backlog[0].data) <= cap:
+            c = backlog.popleft()
+            taken.append(c)
+            nbytes += len(c.data)
+        chunks = tuple(taken)
         self._backlog_bytes -= nbytes
         msg = Message(self._next_id, chunks, now, min(c.deadline for c in chunks), nbytes)
         self._next_id += 1
@@ -300,8 +313,9 @@ class Coalescer:
 
     def _release_at(self) -> float | None:
         """When the waiting chunks must go even if the message is not full (None: now)."""
-        if len(self._backlog) >= self._fill():
-            return None
+        if (len(self._backlog) >= self._fill()
+                or self._backlog_bytes >= self.policy.max_message_bytes):
+            return None  # the next message is full
         hold = self._hold()
         return self._backlog[0].received_at + hold if hold > 0 else None
 

@@ -15,6 +15,8 @@ How it is bounded:
   prefetch (the broker stops delivering to a consumer holding ``prefetch`` unacked
   replies, which would stall the session), so it is checked against both transports'
   prefetch in the tests;
+* the same once the journal's audio passes ``max_bytes`` (a client of the largest
+  chunks reaches it long before ``cap`` replies);
 * the newest reply always stays: it carries the session's state for a resume.
 
 Replies whose outcomes were not written yet (a client that stopped reading) are
@@ -35,6 +37,8 @@ from audiostream.transport.base import Delivery
 #: Each reply holds at least one chunk, so this is at least four times the largest
 #: credit window (64 chunks) a client can have in flight when a connection breaks.
 MAX_JOURNAL = 256
+#: Most reply audio bytes kept for such a client, whatever the chunk size.
+MAX_JOURNAL_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +58,17 @@ class Journal:
     """Replies in seq order; ``append``/``confirm``/``delivered`` return the entries that
     left (the caller acks their deliveries)."""
 
-    __slots__ = ("_entries", "cap", "confirmed", "written")
+    __slots__ = ("_entries", "cap", "confirmed", "max_bytes", "nbytes", "written")
 
-    def __init__(self, cap: int = MAX_JOURNAL, entries: Iterable[JournalEntry] = ()) -> None:
-        if cap < 1:
-            raise ValueError("the journal cap must be >= 1")
+    def __init__(self, cap: int = MAX_JOURNAL, entries: Iterable[JournalEntry] = (), *,
+                 max_bytes: int = MAX_JOURNAL_BYTES) -> None:
+        if cap < 1 or max_bytes < 1:
+            raise ValueError("the journal caps must be >= 1")
         self.cap = cap
+        self.max_bytes = max_bytes
         self._entries: deque[JournalEntry] = deque(sorted(entries, key=lambda e: e.reply.seq))
+        self.nbytes = sum(len(e.reply.audio) for e in self._entries)
+        """Reply audio bytes held."""
         self.confirmed = 0
         """Outcomes the client said it holds (seqs below)."""
         self.written = 0
@@ -79,6 +87,7 @@ class Journal:
     def append(self, entry: JournalEntry) -> list[JournalEntry]:
         """Add the newest reply (replies arrive in seq order: one message in flight)."""
         self._entries.append(entry)
+        self.nbytes += len(entry.reply.audio)
         return self._trim()
 
     def confirm(self, received: int) -> list[JournalEntry]:
@@ -94,13 +103,17 @@ class Journal:
         if written <= self.written:
             return []
         self.written = written
-        return self._trim() if len(self._entries) > self.cap else []
+        return self._trim() if self._over() else []
 
     def drain(self) -> list[JournalEntry]:
         """Take every entry (the session closes)."""
         out = list(self._entries)
         self._entries.clear()
+        self.nbytes = 0
         return out
+
+    def _over(self) -> bool:
+        return len(self._entries) > self.cap or self.nbytes > self.max_bytes
 
     def _trim(self) -> list[JournalEntry]:
         entries = self._entries
@@ -108,8 +121,9 @@ class Journal:
         while len(entries) > 1:
             head = entries[0]
             end = head.end
-            if end <= self.confirmed or (len(entries) > self.cap and end <= self.written):
+            if end <= self.confirmed or (end <= self.written and self._over()):
                 out.append(entries.popleft())
+                self.nbytes -= len(head.reply.audio)
             else:
                 break
         return out

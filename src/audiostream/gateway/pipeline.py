@@ -278,7 +278,8 @@ class SessionPipeline:
             seen.add(entry.reply.msg_id)
             entries.append(entry)
         await self._ack(stray)
-        self.journal = Journal(self.journal.cap, entries)  # handed back by close() if refused
+        # handed back by close() if refused
+        self.journal = Journal(self.journal.cap, entries, max_bytes=self.journal.max_bytes)
         newest = max([self._newest_seen, *(e.reply.msg_id >> GEN_SHIFT for e in entries)])
         self._newest_seen = newest
         if newest >= self.generation:

@@ -317,18 +317,18 @@ class _Connection:
         self.kick()
 
     async def _force_close(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.writer), 1.0)
+        # asyncio.wait, not wait_for(shield(...)): it only watches the writer (no extra
+        # task, nothing cancelled when the timeout and the writer's end race) and never
+        # raises the writer's own exception here.
+        if await self._writer_done_within(1.0):
             return
-        if self.handshaking:
-            # The writer is not stuck: its close frame is out and aiohttp's close() waits
-            # for the client's (within the close timeout). Cancelling it there would drop
-            # the socket with the client's input unread; the kernel would then reset the
-            # connection and the client lose our last frames (1006 instead of the code).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.writer),
-                                       self.gateway.settings.close_timeout_s + 1)
-                return
+        # Handshaking, the writer is not stuck: its close frame is out and aiohttp's
+        # close() waits for the client's (within the close timeout). Cancelling it there
+        # would drop the socket with the client's input unread; the kernel would then
+        # reset the connection and the client lose our last frames (1006, not the code).
+        if self.handshaking and await self._writer_done_within(
+                self.gateway.settings.close_timeout_s + 1):
+            return
         # The writer is stuck on a client that does not read. Its queued outcomes cannot
         # reach it; the error and the close frame go into the transport's buffer (no
         # drain), and the close handshake keeps reading what the client sends until its
@@ -352,6 +352,11 @@ class _Connection:
                                    self.gateway.settings.close_timeout_s + 1)
         if self.reader is not None:
             self.reader.cancel()
+
+    async def _writer_done_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the writer to end, leaving it running if not."""
+        done, _ = await asyncio.wait({self.writer}, timeout=seconds)
+        return bool(done)
 
     # -- writing ------------------------------------------------------------------
     async def _stop_reading(self) -> None:
@@ -696,8 +701,7 @@ class _Connection:
         while not self.writer.done():
             before = self.proto.unwritten_bytes, self.proto.delivered
             self.kick()
-            with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
-                await asyncio.wait_for(asyncio.shield(self.writer), grace)
+            await self._writer_done_within(grace)
             if (self.proto.unwritten_bytes, self.proto.delivered) == before:
                 break
 
