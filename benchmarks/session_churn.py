@@ -5,7 +5,7 @@ this process and ``--sessions`` raw WebSocket sessions (``--concurrency`` at a t
 each: start, one chunk, its audio, stop, summary, close. RSS is read before the
 first session (the start), after ``--warmup`` sessions (allocator and import
 warm-up), at the end after a ``gc.collect()``, and once more one WebSocket heartbeat
-period later (aiohttp keeps a closed connection referenced until then, see below).
+period later (older trees' aiohttp kept a closed connection referenced until then).
 Growth is reported against both the start and the warm-up. ``gc`` counts the live
 objects a session leaves behind if it leaks: the gateway's connections
 (``_Connection``, aiohttp ``WebSocketResponse``), ``SessionPipeline``s and the
@@ -148,8 +148,9 @@ async def main(args: argparse.Namespace) -> None:
         gc.collect()
         rss1 = c.rss_bytes(pid)
         # aiohttp (3.14) re-arms a closed WebSocketResponse's heartbeat timer when the
-        # client's close frame arrives after the server's: each ended connection stays
-        # referenced by the event loop for one heartbeat period, then is freed.
+        # client's close frame arrives after the server's: on trees before the edge's
+        # guard (gateway/edge.py, _while_open) each ended connection stayed referenced
+        # by the event loop for one heartbeat period. Kept to compare such trees.
         await asyncio.sleep(2 * gw.settings.heartbeat_s + 2)
         gc.collect()
         rss2 = c.rss_bytes(pid)
