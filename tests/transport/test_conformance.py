@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -543,6 +544,34 @@ async def test_consuming_a_missing_reply_queue_raises(
     await gateway.consume_replies(name, inbox)
     assert await gateway.publish_reply(name, b"ok")
     await inbox.wait_for(1)
+
+
+async def test_a_delivery_racing_a_cancel_is_handled_or_goes_back(
+    transport_factory: TransportFactory, topology: Topology
+) -> None:
+    """A reply already on its way when its consumer is cancelled is either handed to
+    that consumer's handler or returned to the queue for the next one: never held."""
+    gateway = await transport_factory()
+    name = reply_name(topology)
+    await gateway.declare_reply_queue(name)
+    got: list[tuple[str, bytes]] = []
+    arrived = asyncio.Event()
+
+    def handler(who: str) -> Callable[[Delivery], None]:
+        def handle(delivery: Delivery) -> None:
+            delivery.ack()
+            got.append((who, delivery.body))
+            arrived.set()
+        return handle
+
+    sub = await gateway.consume_replies(name, handler("first"))
+    assert await gateway.publish_reply(name, b"r")
+    await sub.cancel()  # in the turn of the publish: the delivery is not handled yet
+    await gateway.consume_replies(name, handler("second"))
+    async with asyncio.timeout(5):
+        await arrived.wait()
+    assert [body for _, body in got] == [b"r"]
+    assert await gateway.reply_queue_stats(name) == (0, 1)
 
 
 async def test_unsettled_replies_of_a_cancelled_subscription_return_on_close(

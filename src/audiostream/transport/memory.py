@@ -339,6 +339,14 @@ class MemoryTransport:
     def _deliver(self, consumer: _Consumer, delivery: _MemoryDelivery) -> None:
         if not consumer.active:
             return  # the connection closed meanwhile: the message went back already
+        if consumer.cancelled:
+            # Cancelled after this delivery was scheduled (its handler is retired): back
+            # to its queue, as the RabbitMQ transport nacks one that races basic.cancel.
+            msg = delivery._settle()
+            if msg is not None:
+                self.broker._requeue(consumer.queue, msg)
+                self.broker._dispatch(consumer.queue)
+            return
         try:
             result = consumer.handler(delivery)
         except Exception:
