@@ -23,8 +23,10 @@ from audiostream.errors import ErrorCode
 from audiostream.gateway import GatewaySettings, create_key
 from audiostream.protocol import ResumeRequest, start_json
 from audiostream.testing import eventually
+from audiostream.topology import Topology
 from audiostream.transport.base import Transport
 from audiostream.transport.memory import MemoryBroker
+from tests.conftest import TEST_TYPES, unique_prefix
 from tests.gateway.conftest import (
     TLS,
     ServerFactory,
@@ -41,8 +43,15 @@ SECRET = b"one-secret-both-gateways-share-0123456789"
 
 def two_gateways(make_server: ServerFactory, keys: Path, **settings: Any  # noqa: F811
                  ) -> tuple[Any, Any]:
-    """Two gateway contexts on one broker, with one token secret and an hour's takeover."""
+    """Two gateway contexts on one broker, with one token secret and an hour's takeover.
+
+    Reply queues outlive a minute unconsumed (the suite's default is 1.5 s): a detached
+    session's queue must not expire between a refused stale taker and the honest resume
+    on a loaded machine; these tests are about generations, not the resume window."""
+    topology = Topology(processing_types=TEST_TYPES, prefix=unique_prefix(),
+                        reply_expires_ms=60_000)
     common = dict(keys_file=keys, token_secret=SECRET, memory_broker=MemoryBroker(),
+                  topology=topology, processing=topology.processing_types,
                   gateway_settings=GatewaySettings(chunk_rate=None, takeover_s=3600.0,
                                                    **settings))
     return make_server(**common), make_server(**common)
@@ -266,3 +275,36 @@ async def test_a_finishing_session_is_never_found_unconsumed(
         await assert_refused(http, gw_b.url, tls, key, token, 1)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING
                 and r.name.startswith("aiormq")], caplog.text
+
+
+class ExpiresOnConsume:
+    """The gateway's own transport, where the reply queue's lease runs out between the
+    taker's probe and its consume (the broker's x-expires firing in that window)."""
+
+    def __init__(self, inner: Transport) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def consume_replies(self, name: str, handler: Any) -> Any:
+        await self._inner.delete_reply_queue(name)
+        return await self._inner.consume_replies(name, handler)
+
+
+async def test_a_session_expiring_during_a_resume_is_resume_failed(
+    make_server: ServerFactory, tls: TLS, tmp_path: Path,  # noqa: F811
+) -> None:
+    """A reply queue that expires between the taker's probe and its consume is an
+    expired session (resume_failed, 4040), not a broker fault: before, the resume was
+    answered broker_unavailable (4091), which tells the client to retry in vain."""
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "tenant")
+    a, b = two_gateways(make_server, keys)
+    async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
+        async with http.ws_connect(gw_a.url, ssl=tls.client) as ws:
+            await ws.send_str(start_json(key, FMT, ["passthrough"]))
+            token = str((await read_json(ws))["token"])
+        assert await eventually(lambda: not gw_a.gateway.holders)
+        gw_b.gateway.transport = ExpiresOnConsume(gw_b.gateway.transport)  # type: ignore[assignment]
+        await assert_refused(http, gw_b.url, tls, key, token, 0)

@@ -247,7 +247,15 @@ class SessionPipeline:
         # (the broker requeued its replies when its connection dropped).
         self.phase = SessionPhase.TAKING_OVER
         self._history = []
-        self._subscription = await t.consume_replies(self.reply_queue, self._on_reply)
+        try:
+            self._subscription = await t.consume_replies(self.reply_queue, self._on_reply)
+        except TransportError:
+            # The queue's x-expires lease can run out after the probe above: that is
+            # an expired session, not a broker fault.
+            if await t.reply_queue_stats(self.reply_queue) is None:
+                raise AuthError("the session has expired (its reply queue is gone)",
+                                ErrorCode.RESUME_FAILED) from None
+            raise
         try:
             released = asyncio.ensure_future(self._seen_released.wait())
             own = asyncio.ensure_future(self._seen_own_displace.wait())
