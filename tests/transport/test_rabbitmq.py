@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 import subprocess
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 
 from audiostream.errors import ConfigError, ErrorCode, TransportError
 from audiostream.topology import Topology
-from audiostream.transport import Delivery
+from audiostream.transport import Delivery, Subscription
 from audiostream.transport.rabbitmq import RabbitTransport, declare_topology
 from tests.conftest import delete_prefixed
 from tests.transport.helpers import Inbox, eventually
@@ -285,6 +287,53 @@ async def test_a_cancelled_ack_caller_does_not_cancel_the_acks_sent_with_it(
     await other.publish_replies([(name, b"marker")])
     (marker,) = await again.wait_for(1)
     assert marker.body == b"marker"
+
+
+class _Session:
+    """Like the gateway's pipeline: holds its subscription, handles with a bound method."""
+
+    def __init__(self) -> None:
+        self.subscription: Subscription | None = None
+        self.handled = asyncio.Event()
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        delivery.ack()
+        self.handled.set()
+
+
+@pytest.mark.parametrize("kind", ["work", "replies"])
+async def test_a_cancelled_subscription_does_not_keep_its_handlers_owner_alive(
+    rabbit: RabbitFactory, topology: Topology, kind: str
+) -> None:
+    """A work subscription's closed channel (and its dispatch) can outlive the
+    subscription: aiormq keeps the channel's callbacks, which reach the subscription.
+    And a session holds its subscription, whose handler is the session's bound method:
+    a cycle only the garbage collector could break. Once cancelled, neither may keep
+    the session alive, with the collector off and the transport's per-channel
+    bookkeeping kept."""
+    t = await rabbit()
+    await t.declare()
+    session = _Session()
+    if kind == "work":
+        session.subscription = await t.consume_work(A, session.on_delivery, prefetch=4)
+        await t.publish_work(A, 0, b"x", ttl=5)
+    else:
+        name = topology.reply_queue(uuid.uuid4().hex)
+        await t.declare_reply_queue(name)
+        session.subscription = await t.consume_replies(name, session.on_delivery)
+        assert await t.publish_reply(name, b"x")
+    await asyncio.wait_for(session.handled.wait(), 5)
+    await session.subscription.cancel()  # closes a work subscription's channel
+    bookkeeping = list(t._dispatches)  # the transport's per-channel dispatch and acks
+    assert bookkeeping
+    alive = weakref.ref(session)
+    gc.disable()
+    try:
+        del session
+        assert alive() is None
+    finally:
+        gc.enable()
+    del bookkeeping
 
 
 # -- connecting ------------------------------------------------------------------------

@@ -559,9 +559,10 @@ _EXPECTED_CANCELS = _ExpectedCancels()
 logging.getLogger("aiormq.channel").addFilter(_EXPECTED_CANCELS)
 
 
-async def _no_handler(_delivery: Delivery) -> None:
+def _no_handler(_delivery: Delivery) -> None:
     """A cancelled subscription's handler: deliveries after a cancel are nacked before
-    they would reach it (``_on_message``)."""
+    they would reach it (``_on_message``), so it never runs; plain, since a handler may
+    return None."""
 
 
 async def _close_quietly(channel: AbstractChannel) -> None:
