@@ -11,12 +11,19 @@ The victims run in this process, the attacker in a third one, so neither's CPU i
 charged to the gateway's event loop. One JSON line per attack on stdout:
 victims' p50/p99 round-trip latency (client-measured, ms) and dropped chunks in each
 phase, the p99 ratio attack/baseline, what the attacker achieved (connections, codes
-it got), and the machine's load average.
+it got), what the gateway's edge refused (``edge_refused``, by reason, from its
+metrics), and the machine's load average.
+
+``--tls`` serves ``wss://`` (a throwaway trustme CA): the attacker and the victims then
+pay the TLS handshake too, and with ``max_pending_per_ip`` in ``--edge`` the edge runs
+that handshake itself (its gate), so sockets over the cap are refused before it.
 
     PYTHONPATH=src python benchmarks/attack_victims.py                 # all attacks
     PYTHONPATH=src python benchmarks/attack_victims.py --attack chunk_flood --broker
     PYTHONPATH=src python benchmarks/attack_victims.py --attack oversized_params \
         --attack oversized_params_wide --attack reconnect_elsewhere
+    PYTHONPATH=src python benchmarks/attack_victims.py --tls --attack slowloris \
+        --edge '{"conn_rate_per_ip": 50, "conn_burst_per_ip": 200, "max_pending_per_ip": 32}'
 
 A ratio near 1 means the attack does not reach the victims; the figures live in
 docs/benchmarks.md ("Victim latency under attack").
@@ -32,6 +39,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import ssl
 import sys
 import tempfile
 import time
@@ -63,15 +71,35 @@ class ServerSpec:
     broker: str | None
     settings: dict[str, Any] = field(default_factory=dict)
     edge: dict[str, Any] = field(default_factory=dict)
+    tls: tuple[str, str] | None = None
+    """Certificate chain and key files: serve wss://."""
 
 
-def _serve(spec: ServerSpec, ready: Any, stop: Any) -> None:
+def _tls_files(tmp: Path) -> tuple[str, str, str]:
+    """A throwaway CA and a certificate for 127.0.0.1: (ca, chain, key) files."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca_file, chain, key = tmp / "ca.pem", tmp / "server.pem", tmp / "server.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.private_key_pem.write_to_path(str(key))
+    chain.write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+    return str(ca_file), str(chain), str(key)
+
+
+def _client_tls(ca_file: str | None) -> ssl.SSLContext | None:
+    return None if ca_file is None else ssl.create_default_context(cafile=ca_file)
+
+
+def _serve(spec: ServerSpec, ready: Any, stop: Any, report: Any) -> None:
     use_uvloop()
     raise_nofile()
 
     async def main() -> None:
         from audiostream.gateway import GatewaySettings
         from audiostream.gateway.edge import EdgeSettings
+        from audiostream.gateway.server import server_ssl_context
         from audiostream.testing import embedded_server
         from audiostream.topology import Topology
 
@@ -79,13 +107,20 @@ def _serve(spec: ServerSpec, ready: Any, stop: Any) -> None:
                         prefix=f"bench-attack-{os.getpid()}", reply_expires_ms=1500)
         settings = GatewaySettings(edge=EdgeSettings(ops_port=None, **spec.edge),
                                    **spec.settings)
+        tls = None if spec.tls is None else server_ssl_context(*map(Path, spec.tls))
         async with embedded_server(broker_url=spec.broker, topology=topo,
                                    processing=("passthrough",),
                                    keys_file=Path(spec.keys_file),
-                                   gateway_settings=settings) as srv:
+                                   gateway_settings=settings, ssl_context=tls) as srv:
             ready.put(srv.url)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, stop.wait)
+            refused: dict[str, int] = {}
+            for metric in srv.gateway.metrics_registry.collect():
+                for sample in metric.samples:
+                    if sample.name == "audiostream_gateway_edge_refused_total":
+                        refused[sample.labels["reason"]] = int(sample.value)
+            report.put(refused)
 
     asyncio.run(main())
 
@@ -139,8 +174,7 @@ class Raw:
     @classmethod
     async def upgrade(cls, c: Ctx) -> Raw | None:
         host, stats = c.host, c.stats
-        reader, writer = await asyncio.open_connection(host, c.port,
-                                                       local_addr=(c.source, 0))
+        reader, writer = await c.connect()
         stats["connections"] += 1
         key = base64.b64encode(os.urandom(16)).decode()
         writer.write((f"GET /v1/stream HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
@@ -215,6 +249,12 @@ class Ctx:
     keys_file: str
     stats: Counter[str]
     source: str
+    tls: ssl.SSLContext | None = None
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A socket from the attacker's address (through a TLS handshake with ``--tls``)."""
+        return await asyncio.open_connection(self.host, self.port, ssl=self.tls,
+                                             local_addr=(self.source, 0))
 
 
 async def ping_flood(c: Ctx) -> None:
@@ -238,7 +278,7 @@ async def keepalive_before_start(c: Ctx) -> None:
 
 
 async def slowloris(c: Ctx) -> None:
-    reader, writer = await asyncio.open_connection(c.host, c.port, local_addr=(c.source, 0))
+    reader, writer = await c.connect()
     c.stats["connections"] += 1
     head = b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100_000
     for b in head:
@@ -369,14 +409,15 @@ ATTACKS: dict[str, Attack] = {
 
 
 def _attack(name: str, url: str, keys: dict[str, str], keys_file: str, source: str,
-            go: Any, stop: Any, out: Any) -> None:
+            ca_file: str | None, go: Any, stop: Any, out: Any) -> None:
     use_uvloop()
     raise_nofile()
     spec = ATTACKS[name]
     hostport = url.split("://", 1)[1].split("/", 1)[0]
     host, port = hostport.rsplit(":", 1)
     stats: Counter[str] = Counter()
-    ctx = Ctx(host, int(port), keys[spec.key], keys_file, stats, source)
+    tls = _client_tls(ca_file) if url.startswith("wss:") else None
+    ctx = Ctx(host, int(port), keys[spec.key], keys_file, stats, source, tls)
 
     async def loop() -> None:
         while True:
@@ -410,7 +451,8 @@ def _attack(name: str, url: str, keys: dict[str, str], keys_file: str, source: s
 # --- victims ----------------------------------------------------------------------------------
 
 
-async def victims(url: str, key: str, n: int, seconds: float) -> dict[str, Any]:
+async def victims(url: str, key: str, n: int, seconds: float,
+                  ca_file: str | None = None) -> dict[str, Any]:
     from audiostream.client import AudioStreamClient
 
     rng = np.random.default_rng(7)
@@ -418,7 +460,7 @@ async def victims(url: str, key: str, n: int, seconds: float) -> dict[str, Any]:
 
     async def one() -> Any:
         client = AudioStreamClient(url, api_key=key, pipeline=["passthrough"], format=FMT,
-                                   deadline_ms=1000)
+                                   deadline_ms=1000, ssl_context=_client_tls(ca_file))
         return await client.stream(x, rate=1.0)
 
     results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
@@ -447,10 +489,16 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         keys_file = Path(tmp) / "keys.json"
         keys = {who: create_key(keys_file, who, max_sessions=cap)[0]
                 for who, cap in (("victim", None), ("attacker", 50), ("revokee", 50))}
+        ca_file = None
+        tls = None
+        if args.tls:
+            ca_file, chain, key = _tls_files(Path(tmp))
+            tls = (chain, key)
         spec = ServerSpec(str(keys_file), BROKER if args.broker else None,
-                          settings=json.loads(args.settings), edge=json.loads(args.edge))
-        ready, stop = ctx.Queue(), ctx.Event()
-        server = ctx.Process(target=_serve, args=(spec, ready, stop), daemon=True)
+                          settings=json.loads(args.settings), edge=json.loads(args.edge),
+                          tls=tls)
+        ready, stop, report = ctx.Queue(), ctx.Event(), ctx.Queue()
+        server = ctx.Process(target=_serve, args=(spec, ready, stop, report), daemon=True)
         sinks: list[Any] = []
         server.start()
         try:
@@ -460,15 +508,17 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 sinks.append(sink := ctx.Process(target=_sink, args=(ready, stop), daemon=True))
                 sink.start()
                 target = ready.get(timeout=60)
-            base = asyncio.run(victims(url, keys["victim"], args.victims, args.seconds))
+            base = asyncio.run(victims(url, keys["victim"], args.victims, args.seconds,
+                                       ca_file))
             go, astop, out = ctx.Event(), ctx.Event(), ctx.Queue()
             attacker = ctx.Process(target=_attack, daemon=True,
-                                   args=(name, target, keys, str(keys_file), args.source, go,
-                                         astop, out))
+                                   args=(name, target, keys, str(keys_file), args.source,
+                                         ca_file, go, astop, out))
             attacker.start()
             go.wait(30)
             time.sleep(args.warmup)  # the attack reaches its steady state
-            under = asyncio.run(victims(url, keys["victim"], args.victims, args.seconds))
+            under = asyncio.run(victims(url, keys["victim"], args.victims, args.seconds,
+                                        ca_file))
             astop.set()
             try:
                 stats = out.get(timeout=30)
@@ -479,6 +529,10 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 attacker.kill()
         finally:
             stop.set()
+            try:
+                refused = report.get(timeout=30)
+            except queue.Empty:
+                refused = {"unreported": 1}
             for p in sinks:
                 p.join(10)
             server.join(30)
@@ -487,8 +541,10 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     ratio = under["p99_ms"] / base["p99_ms"] if base["p99_ms"] else float("nan")
     return {"attack": name, "broker": "rabbitmq" if args.broker else "memory",
             "victims": args.victims, "seconds": args.seconds,
+            "tls": bool(args.tls), "edge": json.loads(args.edge),
             "baseline": base, "under_attack": under, "p99_ratio": round(ratio, 2),
-            "attacker": stats, "loadavg_1m": round(os.getloadavg()[0], 2)}
+            "attacker": stats, "edge_refused": refused,
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
@@ -505,6 +561,8 @@ def main() -> None:
                    help="the attacker's source address (default 127.0.0.2; the victims "
                    "use 127.0.0.1, as tenants behind other addresses would)")
     p.add_argument("--broker", action="store_true", help="real RabbitMQ (default in-memory)")
+    p.add_argument("--tls", action="store_true",
+                   help="serve wss:// with a throwaway CA; attacker and victims use TLS")
     p.add_argument("--settings", default="{}",
                    help='GatewaySettings overrides as JSON, e.g. \'{"flood_burst": 1000}\'')
     p.add_argument("--edge", default='{"conn_rate_per_ip": 50, "conn_burst_per_ip": 200}',
