@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -141,3 +142,16 @@ class TcpProxy:
         self.cut()
         if self._server is not None:
             self._server.close()
+
+
+def rabbit_unacked(queue: str) -> int:
+    """``messages_unacknowledged`` of ``queue`` as RabbitMQ itself reports it."""
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "--no-table-headers", "name",
+         "messages_unacknowledged"],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == queue:
+            return int(parts[1])
+    raise AssertionError(f"queue {queue} not listed")

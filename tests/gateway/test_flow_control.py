@@ -23,6 +23,7 @@ from audiostream.gateway import GatewaySettings
 from audiostream.processors import ProcessorRegistry, StepInput, StepOutput
 from audiostream.processors import registry as builtin
 from audiostream.protocol import (
+    LARGEST_CHUNK_BYTES,
     V1_1,
     ClientProtocol,
     Credit,
@@ -33,8 +34,9 @@ from audiostream.protocol import (
 )
 from audiostream.testing import Embedded, eventually
 from audiostream.topology import Topology
+from audiostream.transport import MemoryBroker
 from tests.conftest import unique_prefix
-from tests.gateway.conftest import TLS, ServerFactory, read_json
+from tests.gateway.conftest import TLS, ServerFactory, rabbit_unacked, read_json
 
 pytestmark = pytest.mark.integration
 
@@ -561,3 +563,81 @@ async def test_non_readers_at_the_largest_chunk_read_the_4023_close_frame(
             codes.append(await non_reader_close(srv, tls, http, fmt, big, extra=8))
     # Every one of them: a forced close that ends in a reset (1006) is a lost close code.
     assert codes == [ErrorCode.SLOW_CONSUMER] * 10, codes
+
+
+#: Reply audio a non-acking client's journal keeps (docs/protocol.md; the gateway's
+#: ``journal.MAX_JOURNAL_BYTES``).
+JOURNAL_BYTES = 8 * 1024 * 1024
+
+
+async def test_a_reader_that_never_acks_the_largest_chunks_keeps_its_audio_in_8_mib(
+    make_server: ServerFactory, tls: TLS, transport_kind: str, memory_broker: MemoryBroker
+) -> None:
+    """Issue #12 (acks and the journal): a raw v1 client that reads everything but never
+    acks, streaming 1 s chunks of 48 kHz stereo float32 (384,000 B, the largest legal),
+    gets every chunk back as audio, bit-exact and in order, while the gateway's journal
+    keeps at most ``JOURNAL_BYTES`` of replies already written to the socket (and
+    at most the client's window more that are not) and the reply queue's unacked count
+    follows the journal, far from the prefetch. Before the byte cap the journal kept
+    every one of these replies (up to 256 of them, ~98 MB) unacked at the broker."""
+    n, window = 80, 4  # 30.7 MB each way; four times the byte cap
+    fmt = AudioFormat(Encoding.PCM_F32LE, 48000, 2)
+    assert fmt.bytes_for_ms(1000) == LARGEST_CHUNK_BYTES
+    rng = np.random.default_rng(12)
+    data = [rng.standard_normal(LARGEST_CHUNK_BYTES // 4).astype(np.float32).tobytes()
+            for _ in range(n)]
+    kw: dict[str, object] = {"memory_broker": memory_broker} if transport_kind == "memory" else {}
+    async with make_server(**kw) as srv, aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(srv.url, ssl=tls.client, max_msg_size=1 << 20)
+        # v1, no ack; a long deadline, so a loaded machine cannot pass for a stall.
+        await ws.send_str(start_json(srv.api_key, fmt, ["passthrough"], deadline_ms=30_000))
+        assert (await read_json(ws))["type"] == "ready"
+        [conn] = list(srv.gateway.connections)
+        pipe = conn.pipeline
+        assert pipe is not None
+        peak_written = peak_total = longest = 0
+
+        def sample() -> None:
+            """Journal bytes: replies already written, and all of them."""
+            nonlocal peak_written, peak_total, longest
+            journal = pipe.journal
+            held = [(e.end <= journal.written, len(e.reply.audio)) for e in journal]
+            peak_written = max(peak_written, sum(b for w, b in held if w))
+            peak_total = max(peak_total, sum(b for _, b in held))
+            longest = max(longest, len(held))
+
+        got: list[bytes] = []
+        others: list[object] = []
+        sent = 0
+        while len(got) < n:
+            while sent < n and sent - len(got) < window:
+                await ws.send_bytes(data[sent])
+                sent += 1
+                sample()
+            msg = await ws.receive(timeout=60)
+            if msg.type is aiohttp.WSMsgType.BINARY:
+                got.append(msg.data)  # v1: the audio itself
+            elif msg.type is aiohttp.WSMsgType.TEXT:
+                kind = json.loads(msg.data)["type"]
+                if kind != "token":  # a refreshed resume token is expected; nothing else
+                    others.append(json.loads(msg.data))
+            else:
+                pytest.fail(f"closed after {len(got)} chunks: {msg}")
+            sample()
+        if transport_kind == "memory":
+            unacked = memory_broker.unacked(pipe.reply_queue)
+        else:
+            unacked = await asyncio.to_thread(rabbit_unacked, pipe.reply_queue)
+        in_journal = len(pipe.journal)
+        await ws.send_str('{"type":"stop"}')
+        summary = await read_json(ws)
+        assert (await ws.receive(timeout=30)).type is aiohttp.WSMsgType.CLOSE
+        await ws.close()
+    print(f"journal peak: {peak_written} B written + unwritten = {peak_total} B, "
+          f"{longest} replies; reply queue unacked {unacked} at the end")
+    assert others == []  # no notice: nothing expired, nothing dropped
+    assert got == data  # bit-exact passthrough, in order
+    assert summary["type"] == "summary" and summary["dropped"] == 0, summary
+    assert peak_written <= JOURNAL_BYTES, peak_written
+    assert peak_total <= JOURNAL_BYTES + window * LARGEST_CHUNK_BYTES, peak_total
+    assert unacked <= in_journal + window, (unacked, in_journal)

@@ -9,7 +9,6 @@ import gc
 import json
 import logging
 import re
-import subprocess
 from typing import Any
 
 import aiohttp
@@ -25,7 +24,7 @@ from audiostream.testing import Embedded, embedded_server, eventually
 from audiostream.topology import Topology
 from audiostream.transport import MemoryBroker, MemoryTransport
 from tests.conftest import unique_prefix
-from tests.gateway.conftest import TLS, ServerFactory
+from tests.gateway.conftest import TLS, ServerFactory, rabbit_unacked
 
 pytestmark = pytest.mark.integration
 
@@ -36,19 +35,6 @@ def start(key: str, pipeline: list[str]) -> str:
     """A raw v1 client's ``start`` (docs/protocol.md), written by hand on purpose."""
     return json.dumps({"type": "start", "version": 1, "api_key": key, "format": FORMAT,
                        "pipeline": pipeline})
-
-
-def rabbit_unacked(queue: str) -> int:
-    """``messages_unacknowledged`` of ``queue`` as RabbitMQ itself reports it."""
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "--no-table-headers", "name",
-         "messages_unacknowledged"],
-        capture_output=True, text=True, timeout=60, check=True).stdout
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0] == queue:
-            return int(parts[1])
-    raise AssertionError(f"queue {queue} not listed")
 
 
 async def test_client_that_never_acks_streams_past_the_old_wall(
