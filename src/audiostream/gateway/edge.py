@@ -33,10 +33,10 @@ import re
 import ssl
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 from urllib.parse import unquote_plus
 
 from aiohttp import hdrs, web
@@ -50,6 +50,7 @@ from audiostream.errors import ConfigError, ErrorCode
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("audiostream.access")
+T = TypeVar("T")
 
 #: What every response says in its ``Server`` header (no versions to fingerprint).
 SERVER_NAME = "audiostream"
@@ -337,6 +338,39 @@ class EdgeGuard:
             self.metrics.pending.set(len(self.pending))
 
 
+class _Started(Generic[T]):
+    """A coroutine run to its first suspension now, awaited to its end later: what 3.12's
+    eager tasks do (``_Gate`` needs it on 3.11). Its exception, if the first step raises,
+    is raised when it is awaited."""
+
+    __slots__ = ("_coro", "_done", "_error", "_first", "_value")
+
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+        self._coro = coro
+        self._first: Any = None
+        self._error: BaseException | None = None
+        self._done = False
+        self._value: T | None = None
+        try:
+            self._first = coro.send(None)
+        except StopIteration as stop:
+            self._done, self._value = True, stop.value
+        except Exception as exc:
+            self._done, self._error = True, exc
+
+    def __await__(self) -> Generator[Any, None, T]:
+        if self._done:
+            if self._error is not None:
+                raise self._error
+            return cast(T, self._value)
+        try:
+            yield self._first  # the future the coroutine waits on: the task waits on it
+        except BaseException:
+            self._coro.close()  # cancelled: the coroutine's own cleanup runs
+            raise
+        return (yield from self._coro.__await__())
+
+
 class _Gate(asyncio.Protocol):
     """Every accepted socket starts here. With a cap per address (``max_pending_per_ip``)
     it is counted at accept and refused there, before TLS or HTTP, when its address holds
@@ -373,18 +407,26 @@ class _Gate(asyncio.Protocol):
                 return
             self._counted = True
         if self._tls is not None:
-            cast(asyncio.ReadTransport, transport).pause_reading()  # start_tls resumes
-            task = asyncio.get_running_loop().create_task(self._handshake(transport))
+            loop = asyncio.get_running_loop()
+            # start_tls's first step (it pauses reading and puts its SSL protocol on the
+            # transport) must run here, not in a task: uvloop starts reading as soon as
+            # connection_made returns, whatever pause_reading() said (asyncio too, before
+            # 3.12), and the ClientHello would reach this gate instead of the SSL protocol,
+            # leaving the handshake waiting for its timeout. SSL protocols keep the bytes
+            # that arrive before their connection_made for the handshake.
+            handshake = _Started(loop.start_tls(
+                cast(asyncio.WriteTransport, transport), self,
+                self._tls, server_side=True,
+                ssl_handshake_timeout=self._tls_timeout_s))
+            task = loop.create_task(self._handshake(handshake))
             self._guard.tasks.add(task)
             task.add_done_callback(self._guard.tasks.discard)
             return
         self._proceed(transport)
 
-    async def _handshake(self, raw: asyncio.BaseTransport) -> None:
+    async def _handshake(self, handshake: _Started[asyncio.Transport | None]) -> None:
         try:
-            tls = await asyncio.get_running_loop().start_tls(
-                cast(asyncio.WriteTransport, raw), self, cast(ssl.SSLContext, self._tls),
-                server_side=True, ssl_handshake_timeout=self._tls_timeout_s)
+            tls = await handshake
         except Exception as exc:  # any failed handshake: the count goes back
             log.debug("edge: TLS handshake from %s failed: %s", escape(self._address, 64),
                       type(exc).__name__)
