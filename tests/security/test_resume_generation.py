@@ -73,6 +73,15 @@ async def resumed_once(http: aiohttp.ClientSession, url: str, tls: TLS, key: str
     return old_token, str(ready["token"]), holder
 
 
+async def resumed_with(ws: aiohttp.ClientWebSocketResponse, key: str, token: str, *,
+                       received: int, resume_from: int) -> None:
+    """Resume with ``token`` on ``ws``: it must be ready, from ``resume_from``."""
+    await ws.send_str(start_json(key, FMT, ["passthrough"],
+                                 resume=ResumeRequest(token, received)))
+    ready = await read_json(ws)
+    assert ready["type"] == "ready" and ready["resume_from"] == resume_from, ready
+
+
 async def assert_refused(http: aiohttp.ClientSession, url: str, tls: TLS, key: str,
                          token: str, received: int) -> None:
     """Resuming with ``token`` on ``url`` gets resume_failed and its close."""
@@ -138,10 +147,7 @@ async def test_an_older_token_cannot_take_a_detached_session_on_another_gateway(
         await holder.close()  # no stop: the session stays resumable, detached
         await assert_refused(http, gw_b.url, tls, key, old_token, 0)
         async with http.ws_connect(gw_b.url, ssl=tls.client) as mover:
-            await mover.send_str(start_json(key, FMT, ["passthrough"],
-                                            resume=ResumeRequest(new_token, 1)))
-            ready = await read_json(mover)
-            assert ready["type"] == "ready" and ready["resume_from"] == 1, ready
+            await resumed_with(mover, key, new_token, received=1, resume_from=1)
             await mover.send_bytes(CHUNK)
             msg = await mover.receive(timeout=10)
             assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == CHUNK
@@ -184,10 +190,7 @@ async def test_a_dead_holders_generation_outlives_it(
         await gw_a.gateway.transport.close()  # A dies: the broker takes back what it held
         await assert_refused(http, gw_b.url, tls, key, old_token, 0)
         async with http.ws_connect(gw_b.url, ssl=tls.client) as mover:
-            await mover.send_str(start_json(key, FMT, ["passthrough"],
-                                            resume=ResumeRequest(new_token, 0)))
-            ready = await read_json(mover)
-            assert ready["type"] == "ready" and ready["resume_from"] == 2, ready
+            await resumed_with(mover, key, new_token, received=0, resume_from=2)
             for _ in range(2):  # the journal survived the stale takeover
                 msg = await mover.receive(timeout=10)
                 assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == CHUNK
