@@ -244,6 +244,8 @@ async def stack(processing: Sequence[str], *, broker: str = BROKER, workers: boo
                 "gateway", "--broker", broker, "--prefix", prefix, "--keys-file", str(keys),
                 "--host", "127.0.0.1", "--port", "0", "--drain-grace-s", "1",
                 "--ops-port", str(oport),
+                # Every load client is 127.0.0.1: the per-address cap is not measured here.
+                "--max-pending-per-ip", "0",
                 *gateway_args), "audiostream gateway on")
             procs.append(gateway)
             m = re.search(r"(ws://\S+)", gateway.info["line"])

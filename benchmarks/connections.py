@@ -131,7 +131,7 @@ async def memory_gateway(max_connections: int) -> Any:
         oport = c.free_port()
         proc = await c.start("serve", c.cli(
             "serve", "--keys-file", str(keys), "--host", "127.0.0.1", "--port", "0",
-            "--ops-port", str(oport),
+            "--ops-port", str(oport), "--max-pending-per-ip", "0",  # clients share 127.0.0.1
             "--max-connections", str(max_connections), "--drain-grace-s", "1"),
             "audiostream serving")
         try:

@@ -88,6 +88,30 @@ def test_bad_bundling_options_are_refused_with_a_config_error(
     assert code == 2 and "CONFIG_ERROR" in err and says in err, err
 
 
+@pytest.mark.parametrize("command", ["serve", "gateway"])
+def test_pending_sockets_per_address_are_capped_by_default_unless_behind_a_proxy(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gateway that sees client addresses caps each one's sockets before their request
+    (32, far above a normal client's handful); behind a proxy every client shares the
+    proxy's address, so the cap stays off unless given."""
+    from audiostream.cli import _gateway_settings
+
+    parser = build_parser()
+    base = [command, "--broker", "amqp://127.0.0.1:1/"]
+
+    def cap(*flags: str) -> int | None:
+        return _gateway_settings(parser.parse_args([*base, *flags])).edge.max_pending_per_ip
+
+    assert cap() == 32
+    assert cap("--behind-proxy") is None
+    assert cap("--behind-proxy", "--max-pending-per-ip", "8") == 8
+    assert cap("--max-pending-per-ip", "0") is None
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--help"])
+    assert "default 32" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.rabbitmq
 def test_topology_declare_is_idempotent(rabbitmq_url: str) -> None:
     prefix = unique_prefix()

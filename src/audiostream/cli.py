@@ -40,6 +40,10 @@ from audiostream.redact import redact_text, redact_url
 log = logging.getLogger("audiostream")
 
 DEFAULT_PORT = 8080
+#: Sockets one client address may hold before their request head (``serve``/``gateway``
+#: without ``--behind-proxy``): far above what clients open at once, far below the
+#: pending cap (512), so a slowloris needs many addresses. docs/security.md explains it.
+DEFAULT_MAX_PENDING_PER_IP = 32
 
 #: Exit codes (see the module docstring); 70 is ``EX_SOFTWARE`` from BSD's sysexits.h.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
@@ -257,11 +261,14 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pending-sockets", type=int, default=512,
                    help="sockets without a whole request yet; above it the oldest is "
                    "closed (default 512)")
-    p.add_argument("--max-pending-per-ip", type=int, default=0,
+    p.add_argument("--max-pending-per-ip", type=int, default=None,
                    help="sockets one client address may hold without a whole request, "
                    "counted from accept (TLS handshake included); over it a new one is "
-                   "closed at accept (default 0: off; leave off behind a proxy that hides "
-                   "client addresses)")
+                   f"closed at accept (default {DEFAULT_MAX_PENDING_PER_IP}: a browser or "
+                   "SDK client holds a handful for milliseconds, a NAT'd office a few "
+                   "more, while one address can fill at most 1/16 of "
+                   "--max-pending-sockets; with --behind-proxy the default is off, since "
+                   "the proxy's address is every client's; 0: off)")
     p.add_argument("--max-conn-rate-per-ip", type=float, default=50.0,
                    help="new connections per second one client address may open, burst "
                    "4x that; over it a socket gets 429 before its request is read "
@@ -407,11 +414,21 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         opus_cpu_share_total=args.opus_cpu_share_total,
         edge=EdgeSettings(handshake_timeout_s=args.handshake_timeout_s,
                           max_pending=args.max_pending_sockets,
-                          max_pending_per_ip=args.max_pending_per_ip or None,
+                          max_pending_per_ip=_max_pending_per_ip(args),
                           conn_rate_per_ip=args.max_conn_rate_per_ip or None,
                           conn_burst_per_ip=max(1.0, 4 * args.max_conn_rate_per_ip),
                           ops_host=args.ops_host, ops_port=args.ops_port),
     )
+
+
+def _max_pending_per_ip(args: argparse.Namespace) -> int | None:
+    """The cap per address unless set: on for a gateway that sees client addresses, off
+    behind a proxy, where one address is every client's and the cap would refuse them
+    all together."""
+    value: int | None = args.max_pending_per_ip
+    if value is None:
+        return None if args.behind_proxy else DEFAULT_MAX_PENDING_PER_IP
+    return value or None
 
 
 def _check_exposure(args: argparse.Namespace) -> None:

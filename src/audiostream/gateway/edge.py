@@ -94,8 +94,9 @@ class EdgeSettings:
     """Sockets one client address may hold open before their request head is complete,
     counted from accept (the TLS handshake included). Over it, a new socket from that
     address is closed at accept, before any TLS or HTTP parsing, with a log line, so one
-    address cannot fill ``max_pending``. None: no cap (the default, for proxies that hide
-    client addresses)."""
+    address cannot fill ``max_pending``. None: no cap (the library default, for tests and
+    proxies that hide client addresses; ``audiostream serve``/``gateway`` default to 32
+    unless ``--behind-proxy``)."""
 
     def __post_init__(self) -> None:
         if self.handshake_timeout_s <= 0:
