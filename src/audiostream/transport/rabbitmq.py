@@ -711,9 +711,20 @@ class RabbitTransport:
 
     @contextlib.asynccontextmanager
     async def _throwaway(self, what: str) -> AsyncIterator[AbstractChannel]:
-        """A channel for one declaration or probe; broker errors become TransportError."""
+        """A channel for one declaration or probe; broker errors become TransportError.
+
+        Its open and close are never cut short by a cancelled caller (a session closed
+        mid-probe): aiormq answers a cancelled ``channel.open`` or ``channel.close`` by
+        abandoning the channel half way, and the broker then closes the whole
+        connection (504 ``expected 'channel.open'``), failing every session on it. A
+        cancelled caller leaves the channel to an owned task that opens and closes it.
+        """
+        opening = asyncio.ensure_future(self._open_channel())
         try:
-            channel = await self._open_channel()
+            channel = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            self._own_closing(self._close_when_open(opening))
+            raise
         except _BROKER_ERRORS as exc:
             raise TransportError(f"{what}: cannot open a channel ({_reason(exc)})") from exc
         try:
@@ -721,7 +732,23 @@ class RabbitTransport:
         except _BROKER_ERRORS as exc:
             raise TransportError(f"{what}: {_reason(exc)}") from exc
         finally:
-            await _close_quietly(channel)
+            closing = asyncio.ensure_future(_close_quietly(channel))
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                self._own_closing(closing)
+                raise
+
+    def _own_closing(self, work: Awaitable[None]) -> None:
+        """Finish ``work`` in a task ``close()`` waits for."""
+        task = asyncio.ensure_future(work)
+        self._closing_tasks.add(task)
+        task.add_done_callback(self._closing_tasks.discard)
+
+    @staticmethod
+    async def _close_when_open(opening: asyncio.Future[AbstractChannel]) -> None:
+        with contextlib.suppress(*_BROKER_ERRORS):
+            await _close_quietly(await opening)
 
     async def _publish_channel(self) -> AbstractChannel:
         channel = self._publish
