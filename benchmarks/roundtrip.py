@@ -16,6 +16,7 @@ Prints one JSON object per line (one per measurement, then a summary with the
 pipeline/floor ratios). Talks to 127.0.0.1 only.
 
     .venv/bin/python benchmarks/roundtrip.py [--levels 1,10,25,50] [--duration 10]
+        [--rounds N [--skip-coalesced]]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import statistics
 import struct
 import sys
 import time
@@ -296,12 +298,53 @@ async def measure_pipeline(st: c.Stack, sessions: int, duration: float,
 # --- main ----------------------------------------------------------------------------------------
 
 
+_MODES = ("pipeline", "amqp_floor", "amqp_coalesced_floor", "ws_floor")
+
+
+async def _measure(mode: str, st: c.Stack, args: argparse.Namespace, n: int,
+                   pids: dict[str, int]) -> dict[str, Any]:
+    if mode == "pipeline":
+        return await measure_pipeline(st, n, args.duration, pids)
+    floor_pids = {k: v for k, v in pids.items() if k not in ("gateway", "worker")}
+    if mode == "ws_floor":
+        return await measure_ws(n, args.duration, floor_pids)
+    prefix = f"{st.prefix}f{uuid.uuid4().hex[:4]}"
+    return await measure_amqp(args.broker, prefix, n, args.duration, floor_pids,
+                              coalesce=mode == "amqp_coalesced_floor")
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b else None
+
+
+def _ratios(row: dict[str, Any]) -> dict[str, Any]:
+    """One round's figures and the pipeline's ratios to the floors measured beside it."""
+    p, a, w = (row[k]["latency_ms"] for k in ("pipeline", "amqp_floor", "ws_floor"))
+    out: dict[str, Any] = {
+        "pipeline_p50_ms": p["p50"], "pipeline_p99_ms": p["p99"],
+        "amqp_floor_p50_ms": a["p50"], "amqp_floor_p99_ms": a["p99"],
+        "ws_floor_p50_ms": w["p50"], "ws_floor_p99_ms": w["p99"],
+        "ratio_p50_vs_amqp": _ratio(p["p50"], a["p50"]),
+        "ratio_p99_vs_amqp": _ratio(p["p99"], a["p99"]),
+        "ratio_p50_vs_amqp_plus_ws": _ratio(p["p50"], a["p50"] + w["p50"]),
+        "ratio_p99_vs_amqp_plus_ws": _ratio(p["p99"], a["p99"] + w["p99"]),
+        "pipeline_dropped": row["pipeline"]["dropped"],
+    }
+    if "amqp_coalesced_floor" in row:
+        q = row["amqp_coalesced_floor"]["latency_ms"]
+        out.update({"amqp_coalesced_floor_p50_ms": q["p50"],
+                    "amqp_coalesced_floor_p99_ms": q["p99"],
+                    "ratio_p50_vs_amqp_coalesced": _ratio(p["p50"], q["p50"]),
+                    "ratio_p99_vs_amqp_coalesced": _ratio(p["p99"], q["p99"])})
+    return out
+
+
 async def main(args: argparse.Namespace) -> int:
     levels = [int(x) for x in args.levels.split(",")]
     c.emit({"bench": "roundtrip", "machine": c.machine(), "levels": levels,
             "duration_s": args.duration, "chunk_ms": CHUNK_MS}, args.out)
     rabbit = c.find_pid("beam.smp")
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[int, list[dict[str, Any]]] = {}
     async with c.stack(["passthrough"], broker=args.broker) as st:
         assert st.worker is not None
         pids = {"client": os.getpid(), "gateway": st.gateway.pid,
@@ -309,45 +352,36 @@ async def main(args: argparse.Namespace) -> int:
         if rabbit:
             pids["rabbitmq"] = rabbit
         for n in levels:
-            row: dict[str, Any] = {}
-            c.log(f"[roundtrip] {n} sessions: pipeline")
-            row["pipeline"] = await measure_pipeline(st, n, args.duration, pids)
-            floor_pids = {k: v for k, v in pids.items() if k not in ("gateway", "worker")}
-            c.log(f"[roundtrip] {n} sessions: amqp floor")
-            prefix = f"{st.prefix}f{uuid.uuid4().hex[:4]}"
-            row["amqp_floor"] = await measure_amqp(args.broker, prefix, n, args.duration,
-                                                   floor_pids)
-            c.log(f"[roundtrip] {n} sessions: amqp floor, coalescing like the gateway")
-            prefix = f"{st.prefix}g{uuid.uuid4().hex[:4]}"
-            row["amqp_coalesced_floor"] = await measure_amqp(
-                args.broker, prefix, n, args.duration, floor_pids, coalesce=True)
-            c.log(f"[roundtrip] {n} sessions: ws floor")
-            row["ws_floor"] = await measure_ws(n, args.duration, floor_pids)
-            for mode, data in row.items():
-                c.emit({"bench": "roundtrip", "mode": mode, "sessions": n, **data}, args.out)
-            results[n] = row
-
-    def ratio(a: float, b: float) -> float | None:
-        return round(a / b, 2) if b else None
+            for r in range(args.rounds):
+                # Alternate the order so neither side always runs in the later window.
+                order = _MODES if r % 2 == 0 else _MODES[1:] + _MODES[:1]
+                if args.skip_coalesced:
+                    order = tuple(m for m in order if m != "amqp_coalesced_floor")
+                row: dict[str, Any] = {}
+                for mode in order:
+                    c.log(f"[roundtrip] {n} sessions, round {r + 1}/{args.rounds}: {mode}")
+                    row[mode] = await _measure(mode, st, args, n, pids)
+                for mode, data in row.items():
+                    c.emit({"bench": "roundtrip", "mode": mode, "sessions": n, "round": r + 1,
+                            **data}, args.out)
+                results.setdefault(n, []).append(row)
 
     summary = []
-    for n, row in results.items():
-        p, a, w, q = (row[k]["latency_ms"] for k in ("pipeline", "amqp_floor", "ws_floor",
-                                                       "amqp_coalesced_floor"))
-        summary.append({
-            "sessions": n,
-            "pipeline_p50_ms": p["p50"], "pipeline_p99_ms": p["p99"],
-            "amqp_floor_p50_ms": a["p50"], "amqp_floor_p99_ms": a["p99"],
-            "ws_floor_p50_ms": w["p50"], "ws_floor_p99_ms": w["p99"],
-            "amqp_coalesced_floor_p50_ms": q["p50"], "amqp_coalesced_floor_p99_ms": q["p99"],
-            "ratio_p50_vs_amqp_coalesced": ratio(p["p50"], q["p50"]),
-            "ratio_p99_vs_amqp_coalesced": ratio(p["p99"], q["p99"]),
-            "ratio_p50_vs_amqp": ratio(p["p50"], a["p50"]),
-            "ratio_p99_vs_amqp": ratio(p["p99"], a["p99"]),
-            "ratio_p50_vs_amqp_plus_ws": ratio(p["p50"], a["p50"] + w["p50"]),
-            "ratio_p99_vs_amqp_plus_ws": ratio(p["p99"], a["p99"] + w["p99"]),
-            "pipeline_dropped": row["pipeline"]["dropped"],
-        })
+    for n, rows in results.items():
+        per_round = [_ratios(row) for row in rows]
+        entry: dict[str, Any] = {"sessions": n, "rounds": len(rows)}
+        if len(rows) == 1:
+            entry.update(per_round[0])
+        else:
+            entry["per_round"] = per_round
+        if len(rows) > 1:
+            # The median of ratios each measured in one round: robust to the machine's
+            # drift between rounds, which moves a floor by up to 1.7x here.
+            entry["median"] = {k: round(statistics.median(x[k] for x in per_round
+                                                          if x[k] is not None), 2)
+                               for k in per_round[0] if k.startswith("ratio")
+                               and any(x[k] is not None for x in per_round)}
+        summary.append(entry)
     c.emit({"bench": "roundtrip", "summary": summary}, args.out)
     return 0
 
@@ -359,6 +393,12 @@ def cli() -> int:
     ap.add_argument("--queue", default="")
     ap.add_argument("--levels", default="1,10,25,50")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure each level this many times, the pipeline and the floors "
+                         "back to back in alternating order; the summary adds the median "
+                         "of the per-round ratios")
+    ap.add_argument("--skip-coalesced", action="store_true",
+                    help="leave out the coalesced AMQP floor (shorter rounds)")
     ap.add_argument("--out", type=Path, default=None, help="also append JSON lines here")
     args = ap.parse_args()
     c.use_uvloop()
