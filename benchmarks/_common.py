@@ -102,10 +102,12 @@ class CpuMeter:
     pids: dict[str, int]
     start: dict[str, float] = field(default_factory=dict)
     t0: float = 0.0
+    stat0: list[int] = field(default_factory=list)
 
     def __enter__(self) -> CpuMeter:
         self.t0 = time.monotonic()
         self.start = {k: self._cpu(p) for k, p in self.pids.items()}
+        self.stat0 = _proc_stat()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -125,6 +127,31 @@ class CpuMeter:
         wall = time.monotonic() - self.t0
         return {k: round((self._cpu(p) - self.start[k]) / wall, 3)
                 for k, p in self.pids.items()}
+
+    def machine(self) -> dict[str, float]:
+        """The whole machine over the same interval, in cores (``/proc/stat``): says
+        whether a trial was CPU-bound (idle near 0) and how much went to the kernel's
+        network processing (softirq), which no process is charged for."""
+        now = _proc_stat()
+        if not now or not self.stat0:
+            return {}
+        delta = [b - a for a, b in zip(self.stat0, now, strict=False)]
+        total = sum(delta[:8])
+        cores = os.cpu_count() or 1
+        names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+        out = {n: round(cores * d / total, 3) for n, d in zip(names, delta, strict=False)
+               if total}
+        out["busy"] = round(cores - out.get("idle", 0.0) - out.get("iowait", 0.0), 3)
+        return out
+
+
+def _proc_stat() -> list[int]:
+    """The aggregate CPU line of ``/proc/stat`` in clock ticks (empty off Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return []
 
 
 # --- audiostream processes ---------------------------------------------------------------------

@@ -46,6 +46,7 @@ async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
     with c.CpuMeter(pids) as cpu:
         r = await run_bench(cfg)
         usage = cpu.read()
+        machine = cpu.machine()
     rt = r["round_trip_ms"]
     srv = r["server"] or {}
     ok = (rt["p99"] < P99_LIMIT_MS and r["chunks"]["dropped"] == 0 and not r["errors_by_code"]
@@ -60,6 +61,7 @@ async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
         "stage_means_ms": {k: v["mean_ms"] for k, v in srv.get("stages", {}).items()},
         "worker": srv.get("workers"),
         "cpu_cores": usage,
+        "machine_cpu_cores": machine,
     }
 
 
