@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import weakref
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -39,25 +40,38 @@ class _Subscriber:
         self.got.set()
 
 
-async def test_cancelled_consumer_frees_its_subscriber_without_the_cyclic_gc(
-    topology: Topology, no_cyclic_gc: None
-) -> None:
+@contextlib.asynccontextmanager
+async def _subscribed(topology: Topology, session: str
+                      ) -> AsyncIterator[tuple[MemoryTransport, str, _Subscriber]]:
+    """A connected transport, a reply queue, and a subscriber consuming it (held by
+    nothing here, so the tests see what else keeps it alive)."""
     transport = MemoryTransport(MemoryBroker(), topology)
     await transport.connect()
     try:
-        name = topology.reply_queue("churn")
+        name = topology.reply_queue(session)
         await transport.declare_reply_queue(name)
-        subscriber = _Subscriber()
-        subscriber.subscription = await transport.consume_replies(name, subscriber.handle)
-        alive = weakref.ref(subscriber)
+        yield transport, name, await _subscribe(transport, name)
+    finally:
+        await transport.close()
 
+
+async def _subscribe(transport: MemoryTransport, name: str) -> _Subscriber:
+    subscriber = _Subscriber()
+    subscriber.subscription = await transport.consume_replies(name, subscriber.handle)
+    return subscriber
+
+
+async def test_cancelled_consumer_frees_its_subscriber_without_the_cyclic_gc(
+    topology: Topology, no_cyclic_gc: None
+) -> None:
+    async with _subscribed(topology, "churn") as (transport, _, subscriber):
+        alive = weakref.ref(subscriber)
+        assert subscriber.subscription is not None
         await subscriber.subscription.cancel()
         del subscriber
 
         assert alive() is None, "the cancelled consumer still holds its handler's owner"
         assert transport.consumer_count == 0
-    finally:
-        await transport.close()
 
 
 async def test_cancelled_consumer_with_unsettled_deliveries_drops_its_handler(
@@ -65,19 +79,13 @@ async def test_cancelled_consumer_with_unsettled_deliveries_drops_its_handler(
 ) -> None:
     """A delivery still unsettled keeps the consumer (to requeue it on close), not the
     handler that no longer gets anything."""
-    transport = MemoryTransport(MemoryBroker(), topology)
-    await transport.connect()
-    try:
-        name = topology.reply_queue("held")
-        await transport.declare_reply_queue(name)
-        subscriber = _Subscriber()
-        subscriber.subscription = await transport.consume_replies(name, subscriber.handle)
+    async with _subscribed(topology, "held") as (transport, name, subscriber):
         await transport.publish_reply(name, b"one")
         async with asyncio.timeout(5):
             await subscriber.got.wait()
         delivery = subscriber.held.pop()
         alive = weakref.ref(subscriber)
-
+        assert subscriber.subscription is not None
         await subscriber.subscription.cancel()
         del subscriber
 
@@ -85,5 +93,3 @@ async def test_cancelled_consumer_with_unsettled_deliveries_drops_its_handler(
         assert transport.consumer_count == 1
         await delivery.ack()
         assert transport.consumer_count == 0
-    finally:
-        await transport.close()
