@@ -316,6 +316,10 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loop-lag-high-ms", type=float, default=25.0,
                    help="event-loop lag that also raises the coalescing (default 25; "
                    "0 ignores lag)")
+    p.add_argument("--max-message-kib", type=_int_at_least(1), default=2048, metavar="KIB",
+                   help="most audio one work message carries; a session's waiting chunks "
+                   "past it go in its next message (one chunk alone may be larger; "
+                   "default 2048)")
     p.add_argument("--bundle-max", type=int, default=64,
                    help="most sessions' work messages packed into one broker message "
                    "(default 64; 1 = one broker message per session message)")
@@ -406,6 +410,7 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         heartbeat_s=args.heartbeat_s,
         linger_ms=args.linger_ms,
         bundle_max=args.bundle_max,
+        max_message_bytes=args.max_message_kib * 1024,
         bundle_wait_ms=args.bundle_wait_ms,
         coalesce_above=args.coalesce_above,
         coalesce_fraction=args.coalesce_fraction,

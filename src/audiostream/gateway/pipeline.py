@@ -167,6 +167,7 @@ class SessionPipeline:
         bundler: WorkBundler,
         linger_s: float = 0.0,
         coalesce_fraction: float = 0.5,
+        max_message_bytes: int = 2 * 1024 * 1024,
         policy: CoalescePolicy | None = None,
         journal_cap: int = MAX_JOURNAL,
         budget: LoadBudget | None = None,
@@ -179,6 +180,7 @@ class SessionPipeline:
         self.deadline_s = deadline_s
         if policy is None:
             policy = CoalescePolicy(max_chunks=MAX_COALESCE, max_backlog=MAX_BACKLOG,
+                                    max_message_bytes=max_message_bytes,
                                     linger_s=max(0.0, linger_s),
                                     budget_fraction=max(0.0, coalesce_fraction))
         self.coalescer = Coalescer(deadline_s=deadline_s, policy=policy,
@@ -653,6 +655,11 @@ class SessionPipeline:
         if self.metrics is None:
             return
         now = time.time()
+        if log.isEnabledFor(logging.DEBUG):
+            # One message's trip, for tracing one session's tail (benchmarks/nonreader.py).
+            log.debug("session=%s msg=%d stage=trace: bytes=%d at=%.6f marks=%s",
+                      self.session_id, reply.msg_id, len(reply.audio), now,
+                      ",".join(f"{k}={v:.6f}" for k, v in reply.timings))
         marks = dict(reply.timings)
         publish = marks.get("gateway_publish")
         first_step = self.pipeline[0].name

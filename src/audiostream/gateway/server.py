@@ -105,6 +105,8 @@ class GatewaySettings:
     coalesce_fraction: float = 0.5
     """A session coalesces on its own once its replies take longer than this share of
     its chunk interval (0: never; ``CoalescePolicy.budget_fraction``)."""
+    max_message_bytes: int = 2 * 1024 * 1024
+    """Most audio bytes in one work message (``CoalescePolicy.max_message_bytes``)."""
     coalesce_above: float = 1500.0
     """Gateway-wide chunks per second above which every session coalesces (a floor of
     chunks per message that brings the message rate back to about this; 0: never).
@@ -604,6 +606,7 @@ class _Connection:
             bundler=self.gateway.bundler,
             linger_s=self.gateway.settings.linger_ms / 1000,
             coalesce_fraction=self.gateway.settings.coalesce_fraction,
+            max_message_bytes=self.gateway.settings.max_message_bytes,
             budget=self.gateway.budget,
         )
 
