@@ -22,7 +22,9 @@ reads. Reported:
   second from the non-reader's first chunk (with the non-reader's chunks sent in that
   second), the slowest victim chunks, and, from the gateway's ``/metrics``, how many
   work messages took more than 20 / 50 ms in each stage (``audiostream_stage_seconds``,
-  all sessions) and in the gateway's own round trip, before and during.
+  all sessions) and in the gateway's own round trip, before and during; per second, the
+  cores the gateway, the worker, RabbitMQ, the benchmark's processes and the whole
+  machine used.
 
 For an A/B, ``--gateway-args "..."`` passes options to the gateway (e.g.
 ``--gateway-args "--max-message-kib 256"``); ``--victims-process`` runs the victims in
@@ -160,10 +162,26 @@ def stage_delta(a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[st
             for k, v in b.items()}
 
 
+def machine_busy() -> float:
+    """CPU seconds all cores spent not idle so far (``/proc/stat``)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / c.CLK_TCK  # minus idle and iowait
+
+
+def cpu_sample(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each process in ``pids``, and of the whole machine."""
+    out = {"machine": machine_busy()}
+    for name, pid in pids.items():
+        out[name] = c.CpuMeter._cpu(pid)
+    return out
+
+
 def timeline(lat: list[tuple[float, float]], sends: list[float], t0: float, t1: float,
-             gauges: list[tuple[float, float, float]]) -> list[dict[str, Any]]:
+             gauges: list[tuple[float, float, float]],
+             cpu: list[tuple[float, dict[str, float]]]) -> list[dict[str, Any]]:
     """Per second from ``t0`` to ``t1``: victims' chunks, p50, max, over 20 ms; sends;
-    the gateway's highest coalescing floor and loop lag sampled in that second."""
+    the gateway's highest coalescing floor and loop lag sampled in that second; the
+    cores each process (and the whole machine) used in that second."""
     rows = []
     for i in range(int(t1 - t0) + 1):
         lo, hi = t0 + i, t0 + i + 1
@@ -175,8 +193,19 @@ def timeline(lat: list[tuple[float, float]], sends: list[float], t0: float, t1: 
                      "gateway_floor": max((f for t, f, _ in gauges if lo <= t < hi),
                                           default=None),
                      "gateway_lag_ms": max((round(1000 * g, 1) for t, _, g in gauges
-                                            if lo <= t < hi), default=None)})
+                                            if lo <= t < hi), default=None),
+                     "cores": cores(cpu, lo, hi)})
     return rows
+
+
+def cores(cpu: list[tuple[float, dict[str, float]]], lo: float, hi: float
+          ) -> dict[str, float] | None:
+    """Cores used between the samples nearest ``lo`` and ``hi``."""
+    inside = [(t, s) for t, s in cpu if lo <= t <= hi + 0.05]
+    if len(inside) < 2:
+        return None
+    (ta, a), (tb, b) = inside[0], inside[-1]
+    return {k: round((b[k] - a[k]) / (tb - ta), 2) for k in a} if tb > ta else None
 
 
 TRACE = re.compile(r"stage=trace: bytes=(\d+) at=(\S+) marks=(\S*)")
@@ -311,10 +340,20 @@ async def main(args: argparse.Namespace) -> None:
         peak, closed_after, closed_with = rss_before, None, None
         counts = counts0
         gauges: list[tuple[float, float, float]] = []
+        pids = {"gateway": pid, "client": os.getpid()}
+        if st.worker is not None:
+            pids["worker"] = st.worker.pid
+        if child is not None:
+            pids["victims"] = child.proc.pid
+        beam = c.find_pid("beam.smp")
+        if beam is not None:
+            pids["rabbitmq"] = beam
+        cpu = [(time.monotonic(), cpu_sample(pids))]
         while time.monotonic() - t_start < args.max_s:
             peak = max(peak, c.rss_bytes(pid))
             counts = await gateway_counts(http, st.gateway_metrics)
             gauges.append((time.monotonic(), counts["floor"], counts["lag"]))
+            cpu.append((time.monotonic(), cpu_sample(pids)))
             grew = [k for k in CLOSING if counts[k] > counts0[k]]
             if grew:
                 closed_after, closed_with = time.monotonic() - t_start, grew[0]
@@ -407,7 +446,7 @@ async def main(args: argparse.Namespace) -> None:
             "victim_notices": vict.notices, "victim_closes": vict.closes,
             "stages_before": stage_delta(stages0, stages1),
             "stages_during": stage_delta(stages1, stages2),
-            "victim_timeline": timeline(vict.latencies, sends, t_start, t_closed, gauges),
+            "victim_timeline": timeline(vict.latencies, sends, t_start, t_closed, gauges, cpu),
             "victim_trace_ms": trace,
             "victim_slowest": [{"s": round(at - t_start, 2), "ms": round(1000 * rt, 1)}
                                for rt, at in slowest],
