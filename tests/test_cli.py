@@ -114,14 +114,14 @@ def test_pending_sockets_per_address_are_capped_by_default_unless_behind_a_proxy
 
 def test_the_work_message_byte_cap_is_a_gateway_option() -> None:
     """``--max-message-kib`` reaches the sessions' coalescing policy (an A/B knob for
-    benchmarks/nonreader.py); the default is the policy's 2 MiB."""
+    benchmarks/nonreader.py); the default is the policy's 256 KiB."""
     from audiostream.cli import _gateway_settings
 
     parser = build_parser()
     base = ["gateway", "--broker", "amqp://127.0.0.1:1/"]
-    assert _gateway_settings(parser.parse_args(base)).max_message_bytes == 2 * 1024 * 1024
-    got = _gateway_settings(parser.parse_args([*base, "--max-message-kib", "256"]))
-    assert got.max_message_bytes == 256 * 1024
+    assert _gateway_settings(parser.parse_args(base)).max_message_bytes == 256 * 1024
+    got = _gateway_settings(parser.parse_args([*base, "--max-message-kib", "2048"]))
+    assert got.max_message_bytes == 2 * 1024 * 1024
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--max-message-kib", "0"])
 

@@ -316,10 +316,10 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loop-lag-high-ms", type=float, default=25.0,
                    help="event-loop lag that also raises the coalescing (default 25; "
                    "0 ignores lag)")
-    p.add_argument("--max-message-kib", type=_int_at_least(1), default=2048, metavar="KIB",
+    p.add_argument("--max-message-kib", type=_int_at_least(1), default=256, metavar="KIB",
                    help="most audio one work message carries; a session's waiting chunks "
-                   "past it go in its next message (one chunk alone may be larger; "
-                   "default 2048)")
+                   "past it go in its next message (one chunk alone may be larger). "
+                   "Other sessions' messages wait behind it on the broker (default 256)")
     p.add_argument("--bundle-max", type=int, default=64,
                    help="most sessions' work messages packed into one broker message "
                    "(default 64; 1 = one broker message per session message)")

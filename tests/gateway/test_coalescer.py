@@ -53,18 +53,47 @@ BIG = b"\0" * 384_000  # 1 s of 48 kHz stereo float32: the largest legal chunk
 
 
 def test_messages_carry_at_most_max_message_bytes_and_nothing_is_lost() -> None:
-    """Ten of the largest chunks at once: messages of at most 2 MiB (five chunks), the
-    rest waits for the next message, every chunk goes out once, in order."""
+    """Ten 200 ms chunks of 48 kHz stereo float32 (76,800 B) at once: by default messages
+    of at most 256 KiB (three chunks; other sessions' messages wait behind each one on
+    the broker), the rest waits for the next message, every chunk goes out once, in
+    order."""
+    chunk = b"\0" * 76_800
     c = Coalescer(deadline_s=30.0, policy=OFF)
-    assert OFF.max_message_bytes == 2 * 1024 * 1024
     for s in range(10):
-        assert c.add(s, BIG, 0.0) == []
+        assert c.add(s, chunk, 0.0) == []
     seqs: list[int] = []
+    sizes: list[int] = []
     while (m := c.take(0.0)) is not None:
-        assert m.nbytes <= OFF.max_message_bytes and len(m.chunks) == 5, m.nbytes
+        assert m.nbytes <= 256 * 1024, m.nbytes
+        sizes.append(len(m.chunks))
         seqs += [ch.seq for ch in m.chunks]
         c.answered(m.msg_id, 0.0)
+    assert sizes == [3, 3, 3, 1]
     assert seqs == list(range(10)) and c.outstanding == 0 and c.queued_bytes == 0
+
+
+def test_the_largest_chunks_go_one_per_message_by_default() -> None:
+    """A backlog of 1 s chunks of 48 kHz stereo float32 (384,000 B, the largest legal
+    chunk, over the default cap): one chunk per message, not five 2 MiB bundles that
+    every other session's messages would queue behind."""
+    c = Coalescer(deadline_s=30.0, policy=OFF)
+    for s in range(5):
+        c.add(s, BIG, 0.0)
+    sizes: list[int] = []
+    while (m := c.take(0.0)) is not None:
+        sizes.append(m.nbytes)
+        c.answered(m.msg_id, 0.0)
+    assert sizes == [len(BIG)] * 5
+
+
+def test_twenty_ms_chunks_still_fill_a_message_by_count() -> None:
+    """The byte cap does not cut small chunks' coalescing: 50 chunks of 20 ms at 48 kHz
+    stereo 16-bit (3,840 B) fit one message."""
+    c = Coalescer(deadline_s=30.0, policy=CoalescePolicy(max_chunks=50, budget_fraction=0))
+    for s in range(50):
+        c.add(s, b"\0" * 3_840, 0.0)
+    m = c.take(0.0)
+    assert m is not None and len(m.chunks) == 50
 
 
 def test_a_chunk_over_the_message_cap_goes_alone() -> None:

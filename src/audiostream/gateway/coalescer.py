@@ -14,7 +14,10 @@ changed (a chunk, a reply, its one timer at ``due_at()``), and ``answered`` /
   chunk alone may be larger): the gateway, the broker and the worker each hold a
   whole message at once, several copies of it. Chunks past the cap wait for the next
   message (nothing is refused for it; a chunk that waits past its deadline gets
-  ``expired``, as any queued chunk does).
+  ``expired``, as any queued chunk does). The cap is also what other sessions wait
+  behind: the broker moves a message whole, in order, on the queues, channels and
+  connections every session shares, so one session's big messages add their transfer
+  time to everyone's small ones (2 MiB messages: 10-36 ms per leg, ``MAX_MESSAGE_BYTES``).
 * **Backlog cap.** Past ``max_backlog`` waiting chunks, new ones are refused as
   ``overloaded`` rather than queued without bound. The bytes held (``queued_bytes``:
   waiting and in flight) are bounded by the connection, which stops reading its
@@ -51,6 +54,13 @@ from audiostream.errors import ErrorCode
 EWMA_WEIGHT = 0.2
 #: The target shrinks only once reply times fell below this share of what raised it.
 HYSTERESIS = 0.7
+#: Default cap on a message's audio. Small enough that another session's message waits
+#: behind one of them for a few ms on the broker (benchmarks/nonreader.py: with 2 MiB
+#: messages, 20 ms real-time sessions waited 10-36 ms more per leg while one session
+#: moved 26 MB; with this cap 5-10 ms), large enough that a message still carries 8
+#: one-second chunks of 16 kHz mono 16-bit audio, and 50 (``max_chunks`` at the
+#: gateway) 20 ms chunks of 16-bit audio up to 48 kHz stereo.
+MAX_MESSAGE_BYTES = 256 * 1024
 #: After a hold in which no second chunk arrived (a client that waits for each outcome
 #: before it sends the next), no proactive hold for this long.
 MISS_BACKOFF_S = 1.0
@@ -91,7 +101,7 @@ class Message:
 class CoalescePolicy:
     max_chunks: int = 50
     """Most chunks carried by one message."""
-    max_message_bytes: int = 2 * 1024 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     """Most audio bytes carried by one message, unless its first chunk alone is larger."""
     max_backlog: int = 1000
     """Most chunks waiting for a session before new ones are refused as overloaded."""

@@ -41,6 +41,7 @@ from audiostream.errors import AudioStreamError, AuthError, ErrorCode, Transport
 from audiostream.gateway.budget import BudgetPolicy, LoadBudget
 from audiostream.gateway.coalescer import (
     FLIGHT_EXPIRED,
+    MAX_MESSAGE_BYTES,
     CoalescePolicy,
     Coalescer,
     Message,
@@ -167,7 +168,7 @@ class SessionPipeline:
         bundler: WorkBundler,
         linger_s: float = 0.0,
         coalesce_fraction: float = 0.5,
-        max_message_bytes: int = 2 * 1024 * 1024,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         policy: CoalescePolicy | None = None,
         journal_cap: int = MAX_JOURNAL,
         budget: LoadBudget | None = None,

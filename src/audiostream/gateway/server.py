@@ -35,6 +35,7 @@ from audiostream.errors import (
 from audiostream.gateway import browser
 from audiostream.gateway import edge as _edge
 from audiostream.gateway.budget import BudgetPolicy, LoadBudget
+from audiostream.gateway.coalescer import MAX_MESSAGE_BYTES
 from audiostream.gateway.keys import KeyRecord, KeyStore
 from audiostream.gateway.load import LoadMonitor
 from audiostream.gateway.opusdecode import BudgetedDecoder, CpuBucket
@@ -105,7 +106,7 @@ class GatewaySettings:
     coalesce_fraction: float = 0.5
     """A session coalesces on its own once its replies take longer than this share of
     its chunk interval (0: never; ``CoalescePolicy.budget_fraction``)."""
-    max_message_bytes: int = 2 * 1024 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     """Most audio bytes in one work message (``CoalescePolicy.max_message_bytes``)."""
     coalesce_above: float = 1500.0
     """Gateway-wide chunks per second above which every session coalesces (a floor of
