@@ -27,9 +27,10 @@ reads. Reported:
   machine used.
 
 For an A/B, ``--gateway-args "..."`` passes options to the gateway (e.g.
-``--gateway-args "--max-message-kib 256"``); ``--victims-process`` runs the victims in
-a process of their own, so their timing does not share an event loop with the
-non-reader's 384,000 B sends. Run the variants alternately.
+``--gateway-args "--max-message-kib 2048"``, the cap before #12); ``--victims-process``
+runs the victims in a process of their own, so their timing does not share an event
+loop with the non-reader's 384,000 B sends; ``--trace`` says where the victims' work
+messages spent their time (``victim_trace_ms``). Run the variants alternately.
 
 Prints JSON.
 
