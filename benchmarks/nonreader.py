@@ -30,7 +30,8 @@ For an A/B, ``--gateway-args "..."`` passes options to the gateway (e.g.
 ``--gateway-args "--max-message-kib 2048"``, the cap before #12); ``--victims-process``
 runs the victims in a process of their own, so their timing does not share an event
 loop with the non-reader's 384,000 B sends; ``--trace`` says where the victims' work
-messages spent their time (``victim_trace_ms``). Run the variants alternately.
+messages spent their time (``victim_trace_ms``; the gateway's log is kept, ``trace_log``).
+Run the variants alternately.
 
 Prints JSON.
 
@@ -449,6 +450,7 @@ async def main(args: argparse.Namespace) -> None:
             "stages_during": stage_delta(stages1, stages2),
             "victim_timeline": timeline(vict.latencies, sends, t_start, t_closed, gauges, cpu),
             "victim_trace_ms": trace,
+            "trace_log": str(Path(trace_dir) / "gateway.log") if trace_dir else None,
             "victim_slowest": [{"s": round(at - t_start, 2), "ms": round(1000 * rt, 1)}
                                for rt, at in slowest],
             "machine": c.machine(),
