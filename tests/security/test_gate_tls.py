@@ -1,11 +1,16 @@
 """The gate's TLS path (``_Gate`` in gateway/edge.py) under attack, on asyncio and on
 uvloop (what the CLI serves on): a reconnect flood over the per-address rate is refused
-before its TLS handshake. Real TLS sockets."""
+before its TLS handshake, handshakes cut midway give their per-address count back, and a
+gateway that stops while handshakes are in flight cuts them. Real TLS sockets; each test
+counts what the loop's exception handler and the logs report."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import ssl
+import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -17,6 +22,7 @@ from audiostream.gateway.edge import EDGE_KEY, EdgeGuard, EdgeSettings
 from audiostream.testing import Embedded, embedded_server, eventually
 from tests.gateway.conftest import TLS
 from tests.security.conftest import (
+    closed_by_server,
     host_port,
     read_head,
     start_victim,
@@ -46,6 +52,41 @@ def counting_context(tls: TLS) -> tuple[ssl.SSLContext, list[int]]:
     ctx = server_ssl_context(tls.cert_file, tls.key_file)
     ctx.sslobject_class = Counting
     return ctx, started
+
+
+def client_hello(tls: TLS) -> bytes:
+    """The first flight of a real TLS client: its ClientHello record."""
+    obj = tls.client.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
+                              server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a client that crashes or aborts does."""
+    sock = writer.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+class Reports:
+    """What the loop's exception handler and the logs say while a test runs."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
+        self.handler_calls: list[dict[str, Any]] = []
+        self._caplog = caplog
+        caplog.set_level(logging.DEBUG, "asyncio")
+        caplog.set_level(logging.INFO, "aiohttp")
+        caplog.set_level(logging.INFO, "audiostream")
+
+    def install(self) -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: self.handler_calls.append(context))
+
+    def tracebacks(self) -> list[str]:
+        return [f"{r.name}: {r.getMessage()}" for r in self._caplog.records
+                if r.exc_info is not None or r.levelno >= logging.ERROR]
 
 
 def gateway(ctx: ssl.SSLContext, **edge: Any) -> Any:
@@ -103,3 +144,88 @@ def test_a_tls_reconnect_flood_over_the_rate_costs_no_handshakes(
     (before: each paid a full handshake, then got a 429 over TLS), counted as
     ``connection_rate``; a victim on another address keeps all its audio."""
     LOOPS[loop](_flood(tls, cap))
+
+
+# --- handshakes cut midway -----------------------------------------------------------------------
+
+CUT = 20
+
+
+async def _cut(tls: TLS, way: str, reports: Reports) -> None:
+    reports.install()
+    ctx, _started = counting_context(tls)
+    hello = client_hello(tls)
+    async with gateway(ctx, max_pending_per_ip=CUT + 1, handshake_timeout_s=3600.0) as srv:
+        guard: EdgeGuard = srv.runner.app[EDGE_KEY]
+        victim = start_victim(srv, tls)
+        host, port = host_port(srv)
+        sockets = [await asyncio.open_connection(host, port, local_addr=(ATTACKER, 0))
+                   for _ in range(CUT)]
+        for reader, writer in sockets:
+            if way == "after-server-hello":
+                writer.write(hello)
+                await reader.read(1)  # the server's first flight has begun
+            else:
+                writer.write(hello[:len(hello) // 2])
+            await writer.drain()
+        assert await eventually(lambda: guard.per_address.get(ATTACKER) == CUT
+                                and len(guard.tasks) == CUT)
+        for _reader, writer in sockets:
+            if way == "fin":
+                writer.close()
+            else:
+                reset(writer)
+        assert await eventually(lambda: not guard.per_address and not guard.tasks), (
+            guard.per_address, len(guard.tasks))
+        await victim.assert_intact()
+
+
+@pytest.mark.parametrize("way", ["fin", "reset", "after-server-hello"])
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_handshake_cut_midway_gives_its_count_back(
+        tls: TLS, loop: str, way: str, caplog: pytest.LogCaptureFixture) -> None:
+    """20 sockets from one address send half a ClientHello (or a whole one and read the
+    start of the server's answer), then close (FIN) or reset: the address's pending
+    count returns to zero and the gate's handshake tasks end, long before the handshake
+    timeout (an hour here); no exception reaches the loop's handler, nothing is logged
+    with a traceback, and a victim keeps its audio."""
+    reports = Reports(caplog)
+    LOOPS[loop](_cut(tls, way, reports))
+    assert reports.handler_calls == []
+    assert reports.tracebacks() == []
+
+
+async def _stop_midway(tls: TLS, reports: Reports) -> None:
+    reports.install()
+    ctx, _started = counting_context(tls)
+    hello = client_hello(tls)
+    async with gateway(ctx, max_pending_per_ip=CUT + 1, handshake_timeout_s=3600.0) as srv:
+        guard: EdgeGuard = srv.runner.app[EDGE_KEY]
+        host, port = host_port(srv)
+        sockets = [await asyncio.open_connection(host, port, local_addr=(ATTACKER, 0))
+                   for _ in range(CUT)]
+        for _reader, writer in sockets:
+            writer.write(hello[:len(hello) // 2])
+            await writer.drain()
+        assert await eventually(lambda: guard.per_address.get(ATTACKER) == CUT
+                                and len(guard.tasks) == CUT)
+        tasks = set(guard.tasks)
+    # The gateway has stopped: no handshake is left running, no count held, and every
+    # socket was closed by the server (the handshake timeout is an hour).
+    assert not guard.tasks and not guard.per_address, (len(guard.tasks), guard.per_address)
+    assert all(task.done() for task in tasks)
+    for reader, writer in sockets:
+        assert await closed_by_server(reader)
+        writer.close()
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_stopping_the_gateway_cuts_handshakes_in_flight(
+        tls: TLS, loop: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The gateway stops while 20 TLS handshakes wait for the rest of their ClientHello:
+    they are cut with it (before: the tasks ran on, holding their sockets and counts, until
+    the handshake timeout), with no exception in the loop's handler and no traceback."""
+    reports = Reports(caplog)
+    LOOPS[loop](_stop_midway(tls, reports))
+    assert reports.handler_calls == []
+    assert reports.tracebacks() == []

@@ -289,7 +289,16 @@ class EdgeGuard:
         self.per_address: dict[str, int] = {}
         """Sockets per client address not yet past their request head."""
         self.tasks: set[asyncio.Task[None]] = set()
-        """TLS handshakes the gate runs (``_Gate``); each ends within its timeout."""
+        """TLS handshakes the gate runs (``_Gate``); each ends within its timeout, or when
+        the site stops (``stop_handshakes``)."""
+
+    async def stop_handshakes(self) -> None:
+        """The site stops: handshakes still running are cut (their sockets closed, their
+        counts given back) instead of holding sockets open until their timeout."""
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def enter(self, address: str) -> bool:
         """Count one more socket before its request for ``address``, or refuse it."""
@@ -373,6 +382,11 @@ class _Started(Generic[T]):
             raise
         return (yield from self._coro.__await__())
 
+    def close(self) -> None:
+        """Never to be awaited (its task was cancelled before it began): the coroutine's
+        own cleanup runs now, not whenever the garbage collector gets to it."""
+        self._coro.close()
+
 
 class _Gate(asyncio.Protocol):
     """Every accepted socket starts here, and is judged at accept, before TLS or HTTP.
@@ -432,9 +446,16 @@ class _Gate(asyncio.Protocol):
                 ssl_handshake_timeout=self._tls_timeout_s))
             task = loop.create_task(self._handshake(handshake))
             self._guard.tasks.add(task)
-            task.add_done_callback(self._guard.tasks.discard)
+            task.add_done_callback(functools.partial(self._handshake_done, handshake))
             return
         self._proceed(transport)
+
+    def _handshake_done(self, handshake: _Started[asyncio.Transport | None],
+                        task: asyncio.Task[None]) -> None:
+        self._guard.tasks.discard(task)
+        if task.cancelled():  # the site stops (EdgeSite.stop), maybe before it began
+            handshake.close()  # start_tls closes the socket
+            self._release()
 
     async def _handshake(self, handshake: _Started[asyncio.Transport | None]) -> None:
         try:
@@ -926,6 +947,10 @@ class EdgeSite(web.BaseSite):
     @property
     def port(self) -> int:
         return self._port
+
+    async def stop(self) -> None:
+        await super().stop()  # no new sockets
+        await self.guard.stop_handshakes()
 
     async def start(self) -> None:
         await super().start()
