@@ -271,9 +271,9 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
                    "the proxy's address is every client's; 0: off)")
     p.add_argument("--max-conn-rate-per-ip", type=float, default=50.0,
                    help="new connections per second one client address may open, burst "
-                   "4x that; over it a socket gets 429 before its request is read "
-                   "(default 50; 0 disables, e.g. behind a proxy that hides client "
-                   "addresses)")
+                   "4x that; over it a socket is refused at accept: 429 without TLS, "
+                   "closed before its TLS handshake with --tls-cert (default 50; 0 "
+                   "disables, e.g. behind a proxy that hides client addresses)")
     p.add_argument("--resume-window-s", type=float, default=60.0,
                    help="how long a dropped session can be resumed (default 60)")
     p.add_argument("--allowed-origin", dest="allowed_origins", action="append", default=[],

@@ -88,8 +88,9 @@ class EdgeSettings:
     None: no limit (the library default, for tests and proxies that hide client
     addresses; ``audiostream serve``/``gateway`` default to 50)."""
     conn_burst_per_ip: float = 200.0
-    """... and at once. Over it, the socket gets a canned ``429`` and is closed before
-    aiohttp builds anything for it: a reconnect loop costs the gateway next to nothing."""
+    """... and at once. Over it, the socket is refused at accept, before aiohttp builds
+    anything for it: without TLS it gets a canned ``429``; with TLS it is closed before
+    its handshake (a TLS handshake is what a reconnect loop would otherwise cost)."""
     max_pending_per_ip: int | None = None
     """Sockets one client address may hold open before their request head is complete,
     counted from accept (the TLS handshake included). Over it, a new socket from that
@@ -227,7 +228,8 @@ _REDACT = _RedactSubprotocols()
 
 # --- the socket before its request ------------------------------------------------------------
 
-#: What a socket over its address's connection rate gets, before its request is read.
+#: What a socket over its address's connection rate gets, before its request is read
+#: (without TLS; with TLS it is closed before its handshake, see ``_Gate``).
 TOO_MANY_CONNECTIONS = (b"HTTP/1.1 429 Too Many Requests\r\nServer: " + SERVER_NAME.encode()
                         + b"\r\nRetry-After: 1\r\nContent-Type: text/plain\r\n"
                         b"Content-Length: 38\r\nConnection: close\r\n\r\n"
@@ -287,7 +289,16 @@ class EdgeGuard:
         self.per_address: dict[str, int] = {}
         """Sockets per client address not yet past their request head."""
         self.tasks: set[asyncio.Task[None]] = set()
-        """TLS handshakes the gate runs (``_Gate``); each ends within its timeout."""
+        """TLS handshakes the gate runs (``_Gate``); each ends within its timeout, or when
+        the site stops (``stop_handshakes``)."""
+
+    async def stop_handshakes(self) -> None:
+        """The site stops: handshakes still running are cut (their sockets closed, their
+        counts given back) instead of holding sockets open until their timeout."""
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def enter(self, address: str) -> bool:
         """Count one more socket before its request for ``address``, or refuse it."""
@@ -371,18 +382,24 @@ class _Started(Generic[T]):
             raise
         return (yield from self._coro.__await__())
 
+    def close(self) -> None:
+        """Never to be awaited (its task was cancelled before it began): the coroutine's
+        own cleanup runs now, not whenever the garbage collector gets to it."""
+        self._coro.close()
+
 
 class _Gate(asyncio.Protocol):
-    """Every accepted socket starts here. With a cap per address (``max_pending_per_ip``)
-    it is counted at accept and refused there, before TLS or HTTP, when its address holds
-    too many sockets without a request; the gate then runs the TLS handshake itself
-    (``tls``), so sockets in their handshake count too. Over its address's connection
-    rate a socket gets a canned ``429`` and is closed, having cost an accept, a write and
-    a close; otherwise the real handler is built and takes the transport over
-    (``set_protocol``)."""
+    """Every accepted socket starts here, and is judged at accept, before TLS or HTTP.
+    Over its address's connection rate it is refused: without TLS it gets a canned
+    ``429``; with TLS it is closed before its handshake, the expensive part (no HTTP
+    answer can reach it without one). With a cap per address (``max_pending_per_ip``) it
+    is counted and refused when its address holds too many sockets without a request.
+    The gate runs the TLS handshake itself (``tls``), so that both decisions come before
+    it and sockets in their handshake count too; then the real handler is built and takes
+    the transport over (``set_protocol``)."""
 
-    __slots__ = ("_address", "_counted", "_early", "_eof", "_guard", "_lost", "_make",
-                 "_tls", "_tls_timeout_s")
+    __slots__ = ("_address", "_counted", "_early", "_eof", "_guard", "_judged", "_lost",
+                 "_make", "_refused", "_tls", "_tls_timeout_s")
 
     def __init__(self, guard: EdgeGuard, make: Callable[[], _EdgeHandler],
                  tls: ssl.SSLContext | None = None, tls_timeout_s: float = 10.0) -> None:
@@ -392,18 +409,26 @@ class _Gate(asyncio.Protocol):
         self._tls_timeout_s = tls_timeout_s
         self._address = "-"
         self._counted = False
+        self._judged = False
+        self._refused = False
         self._early: list[bytes] = []
         """Bytes that arrived between the end of the TLS handshake and the handler."""
         self._eof = False
         self._lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._counted:  # start_tls hands us the TLS transport: _handshake goes on
+        if self._judged:  # start_tls hands us the TLS transport: _handshake goes on
             return
+        self._judged = True
         peer = transport.get_extra_info("peername")
         self._address = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
+        rate = self._guard.rate
+        if rate is not None and not rate.allow(self._address):
+            self._refuse_rate(transport)
+            return
         if self._guard.settings.max_pending_per_ip is not None:
             if not self._guard.enter(self._address):
+                self._refused = True
                 transport.close()
                 return
             self._counted = True
@@ -421,9 +446,16 @@ class _Gate(asyncio.Protocol):
                 ssl_handshake_timeout=self._tls_timeout_s))
             task = loop.create_task(self._handshake(handshake))
             self._guard.tasks.add(task)
-            task.add_done_callback(self._guard.tasks.discard)
+            task.add_done_callback(functools.partial(self._handshake_done, handshake))
             return
         self._proceed(transport)
+
+    def _handshake_done(self, handshake: _Started[asyncio.Transport | None],
+                        task: asyncio.Task[None]) -> None:
+        self._guard.tasks.discard(task)
+        if task.cancelled():  # the site stops (EdgeSite.stop), maybe before it began
+            handshake.close()  # start_tls closes the socket
+            self._release()
 
     async def _handshake(self, handshake: _Started[asyncio.Transport | None]) -> None:
         try:
@@ -444,16 +476,23 @@ class _Gate(asyncio.Protocol):
             self._counted = False
             self._guard.exit(self._address)
 
-    def _proceed(self, transport: asyncio.BaseTransport) -> None:
+    def _refuse_rate(self, transport: asyncio.BaseTransport) -> None:
+        """Over the rate: a canned 429 without TLS; with TLS the socket is just closed,
+        before its handshake. A TLS alert could not say "too many connections" (clients
+        would report a TLS failure, the SDK a ``TlsError``); a cut connection reads as
+        the transient failure it is, and clients retry it with their backoff."""
         rate = self._guard.rate
-        if rate is not None and not rate.allow(self._address):
-            self._guard.refused(
-                "connection_rate", "edge: %s opens connections faster than %g/s "
-                "(burst %g); answered 429", escape(self._address, 64), rate.rate, rate.burst)
-            self._release()
+        assert rate is not None
+        answer = "closed before TLS" if self._tls is not None else "answered 429"
+        self._refused = True
+        self._guard.refused(
+            "connection_rate", "edge: %s opens connections faster than %g/s (burst %g); %s",
+            escape(self._address, 64), rate.rate, rate.burst, answer)
+        if self._tls is None:
             cast(asyncio.WriteTransport, transport).write(TOO_MANY_CONNECTIONS)
-            transport.close()
-            return
+        transport.close()
+
+    def _proceed(self, transport: asyncio.BaseTransport) -> None:
         handler = self._make()
         if self._counted:  # the handler gives the count back with its request head
             self._counted = False
@@ -469,7 +508,7 @@ class _Gate(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Bytes of a refused socket are dropped; those after the TLS handshake and before
         the handler took over are kept for it."""
-        if self._counted:
+        if not self._refused:
             self._early.append(data)
 
     def eof_received(self) -> bool | None:
@@ -909,6 +948,10 @@ class EdgeSite(web.BaseSite):
     def port(self) -> int:
         return self._port
 
+    async def stop(self) -> None:
+        await super().stop()  # no new sockets
+        await self.guard.stop_handshakes()
+
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
@@ -927,12 +970,13 @@ class EdgeSite(web.BaseSite):
                 max_headers=s.max_headers, lingering_time=1.0,
             )
 
-        # With a cap per address the gate counts sockets from accept and runs TLS itself,
-        # so a socket is refused before its handshake costs anything.
-        gated_tls = self._ssl_context if s.max_pending_per_ip is not None else None
+        # With a rate or a cap per address the gate judges sockets at accept and runs TLS
+        # itself, so a socket is refused before its handshake costs anything.
+        gated = guard.rate is not None or s.max_pending_per_ip is not None
+        gated_tls = self._ssl_context if gated else None
 
         def factory() -> asyncio.Protocol:
-            if guard.rate is None and s.max_pending_per_ip is None:
+            if not gated:
                 return handler()
             return _Gate(guard, handler, gated_tls, s.handshake_timeout_s)
 
