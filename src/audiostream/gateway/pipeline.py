@@ -73,6 +73,8 @@ MAX_BACKLOG = 1000
 GEN_SHIFT = 32
 DISPLACE = "displace"
 RELEASED = "released"
+#: Why a takeover with a token that is not newer than the holder's fails.
+HELD_BY_NEWER = "this session is held with this resume token or a newer one"
 REFUSED = "refused"
 #: The holder's answer to a takeover once the session's summary exists: it is ending.
 ENDED = "ended"
@@ -82,6 +84,8 @@ HELD = "held"
 #: After our displace message comes back, how long to wait for a closing holder's
 #: "released" (a holder that died never sends one).
 RELEASE_GRACE_S = 0.5
+#: How often a taker asks again for a session's takeover lock that another one holds.
+LOCK_POLL_S = 0.02
 
 
 OutcomeSink = Callable[[list[Outcome]], None]
@@ -232,7 +236,34 @@ class SessionPipeline:
 
     async def take_over(self, *, settle_s: float = 5.0) -> list[Reply]:
         """Become the reply queue's only consumer and read the journal a previous
-        holder left: returns its replies (deduplicated, by seq) and keeps them unacked."""
+        holder left: returns its replies (deduplicated, by seq) and keeps them unacked.
+
+        One taker at a time, on any gateway: two that read the journal at once would
+        each get part of it (the broker shares a queue's messages among its consumers).
+        The session's takeover lock (``Transport.try_lock``, an exclusive queue on
+        RabbitMQ) serialises them; the next taker then finds the winner holding the
+        session and is refused by the generation rule like any other (a same-token
+        twin is not newer). The lock dies with a gateway that dies."""
+        t = self.transport
+        lock = f"{self.reply_queue}.lock"
+        await self._take_lock(lock, settle_s)
+        try:
+            return await self._take_over(settle_s)
+        finally:
+            await t.unlock(lock)
+
+    async def _take_lock(self, lock: str, settle_s: float) -> None:
+        """Wait (up to ``settle_s``) while another taker holds the session's lock."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settle_s
+        while not await self.transport.try_lock(lock):
+            if loop.time() >= deadline:
+                raise AudioStreamError("another connection is resuming this session",
+                                       ErrorCode.RESUME_FAILED)
+            # Polling the broker: nothing announces that another connection's lock is gone.
+            await asyncio.sleep(LOCK_POLL_S)
+
+    async def _take_over(self, settle_s: float) -> list[Reply]:
         t = self.transport
         stats = await t.reply_queue_stats(self.reply_queue)
         if stats is None:
@@ -297,7 +328,7 @@ class SessionPipeline:
             # A detached session last held with a newer token than ours.
             log.info("session=%s stage=resume: refused a takeover by generation %d (the "
                      "journal has %d)", self.session_id, self.generation, newest)
-            raise AuthError("a newer resume token holds this session", ErrorCode.RESUME_FAILED)
+            raise AuthError(HELD_BY_NEWER, ErrorCode.RESUME_FAILED)
         if entries:
             self.state = dict(entries[-1].reply.state)
         return [e.reply for e in entries]
@@ -319,7 +350,7 @@ class SessionPipeline:
             while True:
                 if self._refused.is_set():
                     raise AuthError("the session has ended" if self._ended
-                                    else "a newer resume token holds this session",
+                                    else HELD_BY_NEWER,
                                     ErrorCode.RESUME_FAILED)
                 stats = await t.reply_queue_stats(self.reply_queue)
                 if stats is None:

@@ -1,0 +1,145 @@
+"""Resume races across gateways (issue 13, open items on resume), on both transports.
+
+1. Two takers with one token at once: before, both read the journal (the broker shares a
+   queue's messages among its consumers, so each got part of it, or one got it all and
+   the other waited out its takeover) and both were ``ready``. Now a takeover lock
+   serialises them: exactly one wins with the whole journal, the other gets
+   ``resume_failed``.
+
+A gateway's transport is wrapped to hold a step (``Overlapping``): the point of the race
+is reached by waiting on events, never on time."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from audiostream.errors import ErrorCode
+from audiostream.gateway import GatewaySettings, create_key
+from audiostream.protocol import ResumeRequest, start_json
+from audiostream.testing import Embedded, eventually
+from audiostream.topology import Topology
+from audiostream.transport.base import Handler, Subscription, Transport
+from audiostream.transport.memory import MemoryBroker
+from tests.conftest import TEST_TYPES, unique_prefix
+from tests.gateway.conftest import (
+    TLS,
+    ServerFactory,
+    expect_close,
+    make_server,  # noqa: F401  (the two-transport fixture)
+    read_json,
+)
+from tests.security.conftest import FMT
+
+pytestmark = pytest.mark.integration
+SECRET = b"one-secret-both-gateways-share-0123456789"
+N = 5
+
+
+def chunk(i: int) -> bytes:
+    return bytes([i + 1, 0]) * 320
+
+
+def two_gateways(make_server: ServerFactory, keys: Path) -> tuple[Any, Any]:  # noqa: F811
+    """Two gateways on one broker with one token secret. The takeover wait is 10 s: long
+    enough never to decide these tests on a loaded machine, short enough that the old
+    code's loser (which waited it out and then said ``ready``) fails by assertion."""
+    topology = Topology(processing_types=TEST_TYPES, prefix=unique_prefix(),
+                        reply_expires_ms=60_000)
+    common = dict(keys_file=keys, token_secret=SECRET, memory_broker=MemoryBroker(),
+                  topology=topology, processing=topology.processing_types,
+                  gateway_settings=GatewaySettings(chunk_rate=None, takeover_s=10.0))
+    return make_server(**common), make_server(**common)
+
+
+async def detached_with_journal(http: aiohttp.ClientSession, gw: Embedded, tls: TLS,
+                                key: str) -> tuple[str, str]:
+    """A session on ``gw`` answered N chunks that the client never acked, then its link
+    dropped: (session id, generation 0's token)."""
+    ws = await http.ws_connect(gw.url, ssl=tls.client)
+    await ws.send_str(start_json(key, FMT, ["passthrough"]))
+    ready = await read_json(ws)
+    for i in range(N):
+        await ws.send_bytes(chunk(i))
+    for i in range(N):
+        msg = await ws.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(i)
+    await ws.close()
+    assert await eventually(lambda: not gw.gateway.holders)  # the journal is back
+    return str(ready["session_id"]), str(ready["token"])
+
+
+class Overlapping:
+    """A gateway's transport that holds its consume of the session's reply queue (its
+    reading of the journal) until the other gateway has begun its own takeover (asked its
+    transport anything about the session), so that the two takeovers overlap."""
+
+    def __init__(self, inner: Transport, queue: str, began: asyncio.Event,
+                 other_began: asyncio.Event) -> None:
+        self._inner = inner
+        self._queue = queue
+        self._began = began
+        self._other_began = other_began
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not asyncio.iscoroutinefunction(attr):
+            return attr
+
+        async def call(*args: Any, **kw: Any) -> Any:
+            if args and isinstance(args[0], str) and args[0].startswith(self._queue):
+                self._began.set()
+            return await attr(*args, **kw)
+
+        return call
+
+    async def consume_replies(self, name: str, handler: Handler) -> Subscription:
+        if name == self._queue:
+            self._began.set()
+            await self._other_began.wait()
+        return await self._inner.consume_replies(name, handler)
+
+
+async def first_answer(ws: aiohttp.ClientWebSocketResponse, key: str, token: str
+                       ) -> dict[str, object]:
+    await ws.send_str(start_json(key, FMT, ["passthrough"], resume=ResumeRequest(token, 0)))
+    return await read_json(ws)
+
+
+async def test_two_takers_with_one_token_at_once_one_wins_with_the_whole_journal(
+    make_server: ServerFactory, tls: TLS, tmp_path: Path  # noqa: F811
+) -> None:
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "tenant")
+    a, b = two_gateways(make_server, keys)
+    async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
+        session_id, token = await detached_with_journal(http, gw_a, tls, key)
+        queue = gw_a.gateway.transport.topology.reply_queue(session_id)
+        began_a, began_b = asyncio.Event(), asyncio.Event()
+        gw_a.gateway.transport = Overlapping(  # type: ignore[assignment]
+            gw_a.gateway.transport, queue, began_a, began_b)
+        gw_b.gateway.transport = Overlapping(  # type: ignore[assignment]
+            gw_b.gateway.transport, queue, began_b, began_a)
+        ws_a = await http.ws_connect(gw_a.url, ssl=tls.client)
+        ws_b = await http.ws_connect(gw_b.url, ssl=tls.client)
+        answers = await asyncio.gather(first_answer(ws_a, key, token),
+                                       first_answer(ws_b, key, token))
+        kinds = sorted(str(m["type"]) for m in answers)
+        assert kinds == ["error", "ready"], answers
+        (winner, ready), (loser, error) = sorted(zip((ws_a, ws_b), answers, strict=True),
+                                                 key=lambda p: p[1]["type"] != "ready")
+        assert error["code"] == ErrorCode.RESUME_FAILED, error
+        await expect_close(loser, ErrorCode.RESUME_FAILED)
+        # The winner replays every outcome of the journal: none went to the loser.
+        assert ready["resume_from"] == N, ready
+        for i in range(N):
+            msg = await winner.receive(timeout=10)
+            assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(i), (i, msg)
+        await winner.send_bytes(chunk(N))
+        msg = await winner.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(N)
+        await winner.close()
