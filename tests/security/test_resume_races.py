@@ -5,9 +5,14 @@
    the other waited out its takeover) and both were ``ready``. Now a takeover lock
    serialises them: exactly one wins with the whole journal, the other gets
    ``resume_failed``.
+2. A gateway that dies after its ``HELD`` mark and before its ``ready``: the broker
+   returns the mark with the journal, and the client, which never got the new token,
+   resumes with the one it has. Before, the mark carried the generation of a token
+   nobody received, and that resume was refused (4040) for good.
 
-A gateway's transport is wrapped to hold a step (``Overlapping``): the point of the race
-is reached by waiting on events, never on time."""
+A gateway's transport is wrapped to hold a step (``Overlapping``) or to drop its broker
+connection at a step (``DiesAfterMark``): the point of each race is reached by waiting on
+events, never on time."""
 
 from __future__ import annotations
 
@@ -18,8 +23,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from audiostream.errors import ErrorCode
+from audiostream.envelope import Control, decode_reply_queue_message
+from audiostream.errors import ErrorCode, TransportError
 from audiostream.gateway import GatewaySettings, create_key
+from audiostream.gateway.pipeline import HELD
 from audiostream.protocol import ResumeRequest, start_json
 from audiostream.testing import Embedded, eventually
 from audiostream.topology import Topology
@@ -143,3 +150,51 @@ async def test_two_takers_with_one_token_at_once_one_wins_with_the_whole_journal
         msg = await winner.receive(timeout=10)
         assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(N)
         await winner.close()
+
+
+class DiesAfterMark:
+    """A gateway's transport whose broker connection drops (as when the gateway dies)
+    right after its resumed session's ``HELD`` mark reached the journal, before the
+    session's ``ready``: the broker takes back the journal and the unacked mark."""
+
+    def __init__(self, inner: Transport) -> None:
+        self._inner = inner
+        self.died = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def publish_reply(self, queue: str, body: bytes) -> bool:
+        ok = await self._inner.publish_reply(queue, body)
+        msg = decode_reply_queue_message(body)
+        if isinstance(msg, Control) and msg.command == HELD and not self.died.is_set():
+            await self._inner.close()
+            self.died.set()
+            raise TransportError("the gateway died")
+        return ok
+
+
+async def test_a_gateway_dying_between_its_held_mark_and_ready_leaves_the_token_valid(
+    make_server: ServerFactory, tls: TLS, tmp_path: Path  # noqa: F811
+) -> None:
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "tenant")
+    a, b = two_gateways(make_server, keys)
+    async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
+        _, token = await detached_with_journal(http, gw_a, tls, key)
+        dying = DiesAfterMark(gw_a.gateway.transport)
+        gw_a.gateway.transport = dying  # type: ignore[assignment]
+        async with http.ws_connect(gw_a.url, ssl=tls.client) as ws:
+            answer = await first_answer(ws, key, token)
+            assert answer["type"] == "error", answer  # no ready: no new token
+        assert dying.died.is_set()
+        # The client resumes elsewhere with the only token it has, and gets the journal.
+        async with http.ws_connect(gw_b.url, ssl=tls.client) as ws:
+            ready = await first_answer(ws, key, token)
+            assert ready["type"] == "ready" and ready["resume_from"] == N, ready
+            for i in range(N):
+                msg = await ws.receive(timeout=10)
+                assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(i), (i, msg)
+            await ws.send_bytes(chunk(N))
+            msg = await ws.receive(timeout=10)
+            assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(N)

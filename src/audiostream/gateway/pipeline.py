@@ -213,6 +213,8 @@ class SessionPipeline:
         """A takeover was refused because the session is ending (``ENDED``)."""
         self._held: Delivery | None = None
         """Our ``HELD`` mark, unacked while we hold the session (``mark_held``)."""
+        self._held_generation = -1
+        """The generation our ``HELD`` mark carries (-1: none)."""
         self._held_arrived = asyncio.Event()
         self._finishing = False
         """``close(finished=True)`` runs: the reply queue is about to be deleted."""
@@ -384,24 +386,63 @@ class SessionPipeline:
             self._refused.set()
 
     async def mark_held(self) -> None:
-        """Leave our generation in the journal while we hold the session: a ``HELD`` mark
+        """Leave a generation in the journal while we hold the session: a ``HELD`` mark
         that we keep unacked. If this gateway dies, the broker returns it to the queue
-        with the journal, so the next taker sees our generation and an older token is
-        refused (a holder that closes acks it and leaves "released" instead). Only once
-        the takeover is sure to succeed: the mark raises the bar for older tokens.
-        Generation 0 needs none: no token is older."""
-        if self.generation == 0 or self._held is not None:
+        with the journal, and the next taker refuses tokens older than the mark (a holder
+        that closes acks it and leaves "released" instead). Only once the takeover is
+        sure to succeed: the mark raises the bar for older tokens.
+
+        A mark says which generation was *issued* to the client. Before our ``ready``
+        goes out, that is the token we were given (generation - 1), not ours: a gateway
+        that dies between the mark and the ``ready`` leaves a client holding only that
+        token, which must still resume. ``issued`` then replaces it with a mark of our
+        generation. Generation 0 needs none: no token is older."""
+        if self.generation == 0:
             return
-        self._held_arrived.clear()
+        await self._mark(self.generation - 1)
+
+    async def _mark(self, generation: int) -> None:
+        """Publish a ``HELD`` mark of ``generation`` and wait until it is ours (on our own
+        subscription: one broker round trip); the older mark it replaces is acked then."""
+        if self._held is not None and self._held_generation >= generation:
+            return
         await self.transport.publish_reply(self.reply_queue, encode_control(Control(
-            self.session_id, HELD, self.nonce, generation=self.generation)))
-        await self._held_arrived.wait()  # on our own subscription: one broker round trip
+            self.session_id, HELD, self.nonce, generation=generation)))
+        while self._held is None or self._held_generation < generation:
+            self._held_arrived.clear()
+            await self._held_arrived.wait()
+
+    async def _mark_issued(self) -> None:
+        try:
+            await self._mark(self.generation)
+        except AudioStreamError as err:
+            log.warning("session=%s stage=resume: could not mark generation %d in the "
+                        "journal (%s); until it is, a gateway death lets its previous "
+                        "token resume the session", self.session_id, self.generation, err)
+
+    def _on_own_mark(self, delivery: Delivery, generation: int) -> None:
+        """Keep our newest mark unacked, ack any other (the one it replaces, or one the
+        broker handed back after a reconnect)."""
+        if self._held is None or generation >= self._held_generation:
+            old, self._held, self._held_generation = self._held, delivery, generation
+            self._held_arrived.set()
+        else:
+            old = delivery
+        if old is not None:
+            self._ack_now([old])
+
+    @property
+    def marked(self) -> int:
+        """The generation our ``HELD`` mark in the journal carries (-1: none)."""
+        return self._held_generation if self._held is not None else -1
 
     def issued(self) -> None:
         """A token of this generation went to the client: from now on the journal's
-        "released" marker names it. (A takeover that fails before, e.g. on a bad
-        ``received``, must not raise the bar for the token it was given.)"""
+        "released" marker and ``HELD`` mark name it. (A takeover that fails before, e.g.
+        on a bad ``received``, must not raise the bar for the token it was given.)"""
         self._newest_seen = max(self._newest_seen, self.generation)
+        if self.generation and self.phase is SessionPhase.LIVE:
+            self._spawn(self._mark_issued())
 
     async def _hand_back(self, delivery: Delivery) -> None:
         """Put a reply back for the next holder: a confirmed copy, then ack the original.
@@ -597,8 +638,7 @@ class SessionPipeline:
             return None
         if isinstance(msg, Control):
             if msg.command == HELD and msg.nonce == self.nonce:
-                self._held = delivery  # unacked while we hold the session
-                self._held_arrived.set()
+                self._on_own_mark(delivery, msg.generation)  # unacked while we hold it
                 return None
             self._ack_now([delivery])
             if msg.command == HELD:

@@ -658,7 +658,8 @@ class _Connection:
         except AudioStreamError:
             await pl.close(finished=False)
             raise
-        # Our generation goes into the journal before any token of it does.
+        # The token we were given goes into the journal as the newest issued before our
+        # ready does, and our own generation once its token is out (``issued``).
         await gw.watchdog.bounded(pl.mark_held(), cleanup=lambda: pl.close(finished=False))
         if await self._closed_meanwhile(pl):
             return
