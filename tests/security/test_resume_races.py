@@ -8,7 +8,9 @@
 2. A gateway that dies after its ``HELD`` mark and before its ``ready``: the broker
    returns the mark with the journal, and the client, which never got the new token,
    resumes with the one it has. Before, the mark carried the generation of a token
-   nobody received, and that resume was refused (4040) for good.
+   nobody received, and that resume was refused (4040) for good. The mark before
+   ``ready`` still carries the token it was given, so older tokens stay out even when
+   the journal's other evidence of it was acked by the dead taker.
 
 A gateway's transport is wrapped to hold a step (``Overlapping``) or to drop its broker
 connection at a step (``DiesAfterMark``): the point of each race is reached by waiting on
@@ -51,8 +53,9 @@ def chunk(i: int) -> bytes:
     return bytes([i + 1, 0]) * 320
 
 
-def two_gateways(make_server: ServerFactory, keys: Path) -> tuple[Any, Any]:  # noqa: F811
-    """Two gateways on one broker with one token secret. The takeover wait is 10 s: long
+def gateways(make_server: ServerFactory, keys: Path, count: int = 2  # noqa: F811
+             ) -> list[Any]:
+    """Gateways on one broker with one token secret. The takeover wait is 10 s: long
     enough never to decide these tests on a loaded machine, short enough that the old
     code's loser (which waited it out and then said ``ready``) fails by assertion."""
     topology = Topology(processing_types=TEST_TYPES, prefix=unique_prefix(),
@@ -60,7 +63,7 @@ def two_gateways(make_server: ServerFactory, keys: Path) -> tuple[Any, Any]:  # 
     common = dict(keys_file=keys, token_secret=SECRET, memory_broker=MemoryBroker(),
                   topology=topology, processing=topology.processing_types,
                   gateway_settings=GatewaySettings(chunk_rate=None, takeover_s=10.0))
-    return make_server(**common), make_server(**common)
+    return [make_server(**common) for _ in range(count)]
 
 
 async def detached_with_journal(http: aiohttp.ClientSession, gw: Embedded, tls: TLS,
@@ -122,7 +125,7 @@ async def test_two_takers_with_one_token_at_once_one_wins_with_the_whole_journal
 ) -> None:
     keys = tmp_path / "keys.json"
     key, _ = create_key(keys, "tenant")
-    a, b = two_gateways(make_server, keys)
+    a, b = gateways(make_server, keys)
     async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
         session_id, token = await detached_with_journal(http, gw_a, tls, key)
         queue = gw_a.gateway.transport.topology.reply_queue(session_id)
@@ -179,7 +182,7 @@ async def test_a_gateway_dying_between_its_held_mark_and_ready_leaves_the_token_
 ) -> None:
     keys = tmp_path / "keys.json"
     key, _ = create_key(keys, "tenant")
-    a, b = two_gateways(make_server, keys)
+    a, b = gateways(make_server, keys)
     async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
         _, token = await detached_with_journal(http, gw_a, tls, key)
         dying = DiesAfterMark(gw_a.gateway.transport)
@@ -198,3 +201,45 @@ async def test_a_gateway_dying_between_its_held_mark_and_ready_leaves_the_token_
             await ws.send_bytes(chunk(N))
             msg = await ws.receive(timeout=10)
             assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(N)
+
+
+async def test_a_mark_before_ready_keeps_older_tokens_out_after_two_deaths(
+    make_server: ServerFactory, tls: TLS, tmp_path: Path  # noqa: F811
+) -> None:
+    """Why the mark before ``ready`` is not dropped: generation 1 holds the session on A,
+    A dies (its mark of generation 1 goes back to the queue); B takes the session over
+    with generation 1's token, acks that dead holder's mark, and dies after its own mark
+    and before ``ready``. The journal must still say that generation 1 was issued: the
+    stale generation-0 token is refused on C, and generation 1's token resumes there with
+    the whole journal."""
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "tenant")
+    a, b, c = gateways(make_server, keys, 3)
+    async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
+        session_id, old_token = await detached_with_journal(http, gw_a, tls, key)
+        holder = await http.ws_connect(gw_a.url, ssl=tls.client)
+        ready = await first_answer(holder, key, old_token)
+        assert ready["type"] == "ready" and ready["resume_from"] == N, ready
+        new_token = str(ready["token"])
+        pl = gw_a.gateway.holders[session_id].pipeline
+        assert pl is not None
+        assert await eventually(lambda: pl.marked == 1)
+        await gw_a.gateway.transport.close()  # A dies
+        dying = DiesAfterMark(gw_b.gateway.transport)
+        gw_b.gateway.transport = dying  # type: ignore[assignment]
+        async with http.ws_connect(gw_b.url, ssl=tls.client) as ws:
+            answer = await first_answer(ws, key, new_token)
+            assert answer["type"] == "error", answer
+        assert dying.died.is_set()  # B died after its mark, before its ready
+        async with c as gw_c:
+            async with http.ws_connect(gw_c.url, ssl=tls.client) as ws:
+                refused = await first_answer(ws, key, old_token)
+                assert refused["type"] == "error", refused
+                assert refused["code"] == ErrorCode.RESUME_FAILED, refused
+            async with http.ws_connect(gw_c.url, ssl=tls.client) as ws:
+                ready = await first_answer(ws, key, new_token)
+                assert ready["type"] == "ready" and ready["resume_from"] == N, ready
+                for i in range(N):
+                    msg = await ws.receive(timeout=10)
+                    assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(i)
+        await holder.close()
