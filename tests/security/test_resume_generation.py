@@ -165,10 +165,11 @@ async def test_a_dead_holders_generation_outlives_it(
 ) -> None:
     """The generation-1 holder on A dies before publishing any work: A's broker
     connection drops without a word (no "released" marker), and the journal it held goes
-    back to the queue with the generation-0 replies only. Its held mark, kept unacked,
-    goes back with them: the stale generation-0 token is refused on B (which hands the
-    journal back), and the newer token then resumes on B with the outcomes the client
-    never read. (Before, the stale token took the session.)"""
+    back to the queue with the generation-0 replies only. Its held mark (of generation
+    1 once the token was out), kept unacked, goes back with them: the stale generation-0
+    token is refused on B (which hands the journal back), and the newer token then
+    resumes on B with the outcomes the client never read. (Before, the stale token took
+    the session.)"""
     keys = tmp_path / "keys.json"
     key, _ = create_key(keys, "tenant")
     a, b = two_gateways(make_server, keys)
@@ -187,6 +188,11 @@ async def test_a_dead_holders_generation_outlives_it(
         ready = await read_json(holder)
         assert ready["type"] == "ready" and ready["resume_from"] == 2, ready
         new_token = str(ready["token"])
+        # Generation 1's mark replaces generation 0's once its token is out (a gateway
+        # dying before that leaves generation 0's token valid: test_resume_races.py).
+        pl = gw_a.gateway.holders[str(ready["session_id"])].pipeline
+        assert pl is not None
+        assert await eventually(lambda: pl.marked == 1)
         await gw_a.gateway.transport.close()  # A dies: the broker takes back what it held
         await assert_refused(http, gw_b.url, tls, key, old_token, 0)
         async with http.ws_connect(gw_b.url, ssl=tls.client) as mover:

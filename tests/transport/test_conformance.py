@@ -687,6 +687,70 @@ async def test_delete_reply_queue(transport_factory: TransportFactory, topology:
     await gateway.delete_reply_queue(name)  # deleting a missing queue is a no-op
 
 
+# -- locks -----------------------------------------------------------------------------
+
+
+async def test_a_lock_is_held_by_one_connection_at_a_time(
+    transport_factory: TransportFactory, topology: Topology
+) -> None:
+    """One taker of a session at a time, across gateways and within one: of two
+    attempts at once exactly one wins, and the lock is refused while held, to other
+    connections and to the holder's own."""
+    a, b = await transport_factory(), await transport_factory()
+    name = reply_name(topology) + ".lock"
+    got = await asyncio.gather(a.try_lock(name), b.try_lock(name))
+    assert sorted(got) == [False, True]
+    holder, other = (a, b) if got[0] else (b, a)
+    assert await holder.try_lock(name) is False  # not twice within one connection either
+    assert await other.try_lock(name) is False
+    await other.unlock(name)  # not its lock: nothing happens
+    assert await other.try_lock(name) is False
+    await holder.unlock(name)
+    assert await other.try_lock(name) is True
+    assert await holder.try_lock(name) is False
+    await other.unlock(name)
+    await other.unlock(name)  # twice: a no-op
+    assert await holder.try_lock(name) is True
+    assert await a.try_lock(name + "2") is True  # locks are independent
+
+
+async def test_a_lock_dies_with_its_connection(
+    transport_factory: TransportFactory, topology: Topology
+) -> None:
+    """A gateway that dies while taking a session over leaves no lock behind."""
+    dying, other = await transport_factory(), await transport_factory()
+    name = reply_name(topology) + ".lock"
+    assert await dying.try_lock(name) is True
+    assert await other.try_lock(name) is False
+    await dying.close()
+    assert await other.try_lock(name) is True
+
+
+async def test_a_refused_lock_disturbs_nothing_else_on_the_connection(
+    transport_factory: TransportFactory, topology: Topology
+) -> None:
+    """The refusal (RabbitMQ: RESOURCE_LOCKED, a channel error) closes nothing the
+    connection's sessions use: a reply consumer keeps its unacked deliveries and gets
+    the next reply."""
+    holder, gateway = await transport_factory(), await transport_factory()
+    lock = reply_name(topology) + ".lock"
+    name = reply_name(topology)
+    await gateway.declare_reply_queue(name)
+    inbox = Inbox(ack=False)
+    await gateway.consume_replies(name, inbox)
+    assert await gateway.publish_reply(name, b"r0")
+    await inbox.wait_for(1)
+    assert await holder.try_lock(lock) is True
+    for _ in range(3):
+        assert await gateway.try_lock(lock) is False
+    assert await gateway.publish_reply(name, b"r1")
+    await inbox.wait_for(2)
+    assert inbox.bodies == [b"r0", b"r1"]
+    assert not any(d.redelivered for d in inbox.deliveries)  # nothing went back
+    await asyncio.gather(*(d.ack() for d in inbox.deliveries))
+    assert await gateway.reply_queue_stats(name) == (0, 1)
+
+
 # -- lifecycle -------------------------------------------------------------------------
 
 

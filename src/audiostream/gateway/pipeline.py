@@ -73,6 +73,8 @@ MAX_BACKLOG = 1000
 GEN_SHIFT = 32
 DISPLACE = "displace"
 RELEASED = "released"
+#: Why a takeover with a token that is not newer than the holder's fails.
+HELD_BY_NEWER = "this session is held with this resume token or a newer one"
 REFUSED = "refused"
 #: The holder's answer to a takeover once the session's summary exists: it is ending.
 ENDED = "ended"
@@ -82,6 +84,8 @@ HELD = "held"
 #: After our displace message comes back, how long to wait for a closing holder's
 #: "released" (a holder that died never sends one).
 RELEASE_GRACE_S = 0.5
+#: How often a taker asks again for a session's takeover lock that another one holds.
+LOCK_POLL_S = 0.02
 
 
 OutcomeSink = Callable[[list[Outcome]], None]
@@ -209,6 +213,8 @@ class SessionPipeline:
         """A takeover was refused because the session is ending (``ENDED``)."""
         self._held: Delivery | None = None
         """Our ``HELD`` mark, unacked while we hold the session (``mark_held``)."""
+        self._held_generation = -1
+        """The generation our ``HELD`` mark carries (-1: none)."""
         self._held_arrived = asyncio.Event()
         self._finishing = False
         """``close(finished=True)`` runs: the reply queue is about to be deleted."""
@@ -232,7 +238,34 @@ class SessionPipeline:
 
     async def take_over(self, *, settle_s: float = 5.0) -> list[Reply]:
         """Become the reply queue's only consumer and read the journal a previous
-        holder left: returns its replies (deduplicated, by seq) and keeps them unacked."""
+        holder left: returns its replies (deduplicated, by seq) and keeps them unacked.
+
+        One taker at a time, on any gateway: two that read the journal at once would
+        each get part of it (the broker shares a queue's messages among its consumers).
+        The session's takeover lock (``Transport.try_lock``, an exclusive queue on
+        RabbitMQ) serialises them; the next taker then finds the winner holding the
+        session and is refused by the generation rule like any other (a same-token
+        twin is not newer). The lock dies with a gateway that dies."""
+        t = self.transport
+        lock = f"{self.reply_queue}.lock"
+        await self._take_lock(lock, settle_s)
+        try:
+            return await self._take_over(settle_s)
+        finally:
+            await t.unlock(lock)
+
+    async def _take_lock(self, lock: str, settle_s: float) -> None:
+        """Wait (up to ``settle_s``) while another taker holds the session's lock."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settle_s
+        while not await self.transport.try_lock(lock):
+            if loop.time() >= deadline:
+                raise AudioStreamError("another connection is resuming this session",
+                                       ErrorCode.RESUME_FAILED)
+            # Polling the broker: nothing announces that another connection's lock is gone.
+            await asyncio.sleep(LOCK_POLL_S)
+
+    async def _take_over(self, settle_s: float) -> list[Reply]:
         t = self.transport
         stats = await t.reply_queue_stats(self.reply_queue)
         if stats is None:
@@ -297,7 +330,7 @@ class SessionPipeline:
             # A detached session last held with a newer token than ours.
             log.info("session=%s stage=resume: refused a takeover by generation %d (the "
                      "journal has %d)", self.session_id, self.generation, newest)
-            raise AuthError("a newer resume token holds this session", ErrorCode.RESUME_FAILED)
+            raise AuthError(HELD_BY_NEWER, ErrorCode.RESUME_FAILED)
         if entries:
             self.state = dict(entries[-1].reply.state)
         return [e.reply for e in entries]
@@ -319,7 +352,7 @@ class SessionPipeline:
             while True:
                 if self._refused.is_set():
                     raise AuthError("the session has ended" if self._ended
-                                    else "a newer resume token holds this session",
+                                    else HELD_BY_NEWER,
                                     ErrorCode.RESUME_FAILED)
                 stats = await t.reply_queue_stats(self.reply_queue)
                 if stats is None:
@@ -353,24 +386,63 @@ class SessionPipeline:
             self._refused.set()
 
     async def mark_held(self) -> None:
-        """Leave our generation in the journal while we hold the session: a ``HELD`` mark
+        """Leave a generation in the journal while we hold the session: a ``HELD`` mark
         that we keep unacked. If this gateway dies, the broker returns it to the queue
-        with the journal, so the next taker sees our generation and an older token is
-        refused (a holder that closes acks it and leaves "released" instead). Only once
-        the takeover is sure to succeed: the mark raises the bar for older tokens.
-        Generation 0 needs none: no token is older."""
-        if self.generation == 0 or self._held is not None:
+        with the journal, and the next taker refuses tokens older than the mark (a holder
+        that closes acks it and leaves "released" instead). Only once the takeover is
+        sure to succeed: the mark raises the bar for older tokens.
+
+        A mark says which generation was *issued* to the client. Before our ``ready``
+        goes out, that is the token we were given (generation - 1), not ours: a gateway
+        that dies between the mark and the ``ready`` leaves a client holding only that
+        token, which must still resume. ``issued`` then replaces it with a mark of our
+        generation. Generation 0 needs none: no token is older."""
+        if self.generation == 0:
             return
-        self._held_arrived.clear()
+        await self._mark(self.generation - 1)
+
+    async def _mark(self, generation: int) -> None:
+        """Publish a ``HELD`` mark of ``generation`` and wait until it is ours (on our own
+        subscription: one broker round trip); the older mark it replaces is acked then."""
+        if self._held is not None and self._held_generation >= generation:
+            return
         await self.transport.publish_reply(self.reply_queue, encode_control(Control(
-            self.session_id, HELD, self.nonce, generation=self.generation)))
-        await self._held_arrived.wait()  # on our own subscription: one broker round trip
+            self.session_id, HELD, self.nonce, generation=generation)))
+        while self._held is None or self._held_generation < generation:
+            self._held_arrived.clear()
+            await self._held_arrived.wait()
+
+    async def _mark_issued(self) -> None:
+        try:
+            await self._mark(self.generation)
+        except AudioStreamError as err:
+            log.warning("session=%s stage=resume: could not mark generation %d in the "
+                        "journal (%s); until it is, a gateway death lets its previous "
+                        "token resume the session", self.session_id, self.generation, err)
+
+    def _on_own_mark(self, delivery: Delivery, generation: int) -> None:
+        """Keep our newest mark unacked, ack any other (the one it replaces, or one the
+        broker handed back after a reconnect)."""
+        if self._held is None or generation >= self._held_generation:
+            old, self._held, self._held_generation = self._held, delivery, generation
+            self._held_arrived.set()
+        else:
+            old = delivery
+        if old is not None:
+            self._ack_now([old])
+
+    @property
+    def marked(self) -> int:
+        """The generation our ``HELD`` mark in the journal carries (-1: none)."""
+        return self._held_generation if self._held is not None else -1
 
     def issued(self) -> None:
         """A token of this generation went to the client: from now on the journal's
-        "released" marker names it. (A takeover that fails before, e.g. on a bad
-        ``received``, must not raise the bar for the token it was given.)"""
+        "released" marker and ``HELD`` mark name it. (A takeover that fails before, e.g.
+        on a bad ``received``, must not raise the bar for the token it was given.)"""
         self._newest_seen = max(self._newest_seen, self.generation)
+        if self.generation and self.phase is SessionPhase.LIVE:
+            self._spawn(self._mark_issued())
 
     async def _hand_back(self, delivery: Delivery) -> None:
         """Put a reply back for the next holder: a confirmed copy, then ack the original.
@@ -566,8 +638,7 @@ class SessionPipeline:
             return None
         if isinstance(msg, Control):
             if msg.command == HELD and msg.nonce == self.nonce:
-                self._held = delivery  # unacked while we hold the session
-                self._held_arrived.set()
+                self._on_own_mark(delivery, msg.generation)  # unacked while we hold it
                 return None
             self._ack_now([delivery])
             if msg.command == HELD:

@@ -39,7 +39,12 @@ from audiostream.gateway.coalescer import MAX_MESSAGE_BYTES
 from audiostream.gateway.keys import KeyRecord, KeyStore
 from audiostream.gateway.load import LoadMonitor
 from audiostream.gateway.opusdecode import BudgetedDecoder, CpuBucket
-from audiostream.gateway.pipeline import Outcome, SessionPipeline, reply_outcomes
+from audiostream.gateway.pipeline import (
+    HELD_BY_NEWER,
+    Outcome,
+    SessionPipeline,
+    reply_outcomes,
+)
 from audiostream.gateway.revocation import KeyRevocation
 from audiostream.gateway.telephony import add_telephony_routes
 from audiostream.gateway.tokens import SessionGrant, TokenSigner
@@ -631,8 +636,7 @@ class _Connection:
         holder = gw.holders.get(old.session_id)
         if holder is not None and holder.grant is not None and (
                 holder.grant.generation > old.generation):
-            raise AuthError("a newer resume token holds this session",
-                            ErrorCode.RESUME_FAILED)
+            raise AuthError(HELD_BY_NEWER, ErrorCode.RESUME_FAILED)
         self._check_steps(old.pipeline)
         claimed = gw.claim_detached(old.session_id)
         if claimed is not None:  # detached here: this resume takes over its count
@@ -654,7 +658,8 @@ class _Connection:
         except AudioStreamError:
             await pl.close(finished=False)
             raise
-        # Our generation goes into the journal before any token of it does.
+        # The token we were given goes into the journal as the newest issued before our
+        # ready does, and our own generation once its token is out (``issued``).
         await gw.watchdog.bounded(pl.mark_held(), cleanup=lambda: pl.close(finished=False))
         if await self._closed_meanwhile(pl):
             return

@@ -16,7 +16,9 @@ conformance suite (``tests/transport/test_conformance.py``):
 * ``close()`` cancels every consumer and task the transport owns, and writes the acks
   already asked for before it closes;
 * handlers are called inline, one delivery after another (see ``Handler``);
-* ``progress`` grows with every answer from the broker.
+* ``progress`` grows with every answer from the broker;
+* a lock (``try_lock``) is held by one connection at a time, and only once within it;
+  it is let go by ``unlock`` or when its connection closes or dies.
 """
 
 from __future__ import annotations
@@ -139,6 +141,19 @@ class Transport(Protocol):
 
     async def work_queue_depth(self, processing: str) -> int:
         """Ready (not unacked) messages over all shards of ``processing``."""
+        ...
+
+    async def try_lock(self, name: str) -> bool:
+        """Take the lock ``name`` if no connection holds it, this one included: True
+        when taken, False at once when held. The broker enforces it across connections
+        (gateways); it is held until ``unlock`` or until this connection closes, so a
+        gateway that dies holds none. A refused attempt disturbs nothing else on the
+        connection."""
+        ...
+
+    async def unlock(self, name: str) -> None:
+        """Let go of a lock taken with ``try_lock`` (nothing if it is not held here).
+        A cancelled caller does not cut it short."""
         ...
 
 @runtime_checkable

@@ -149,6 +149,8 @@ class MemoryBroker:
         self._queues: dict[str, _Queue] = {}
         self._bindings: dict[tuple[str, str], str] = {}  # (exchange, routing key) -> queue
         self._tags = itertools.count(1)
+        self._locks: dict[str, MemoryTransport] = {}
+        """Lock name -> the connection holding it (``try_lock``)."""
         self.dead_letters: deque[tuple[str, bytes]] = deque(maxlen=10_000)
 
     @classmethod
@@ -322,6 +324,9 @@ class MemoryTransport:
 
     async def close(self) -> None:
         self._connected = False
+        locks = self.broker._locks
+        for name in [n for n, owner in locks.items() if owner is self]:
+            del locks[name]  # as RabbitMQ deletes a dead connection's exclusive queues
         for c in self._consumers:
             self.broker._remove_consumer(c, requeue=True)
         self._consumers.clear()
@@ -457,3 +462,15 @@ class MemoryTransport:
                 total += len(q.messages)
         self.progress += 1
         return total
+
+    async def try_lock(self, name: str) -> bool:
+        self._check()
+        self.progress += 1
+        if name in self.broker._locks:
+            return False
+        self.broker._locks[name] = self
+        return True
+
+    async def unlock(self, name: str) -> None:
+        if self.broker._locks.get(name) is self:
+            del self.broker._locks[name]

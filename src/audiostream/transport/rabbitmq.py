@@ -625,6 +625,10 @@ class RabbitTransport:
         self._closing_tasks: set[asyncio.Task[None]] = set()
         self._dispatches: weakref.WeakSet[_Dispatch] = weakref.WeakSet()
         self._restore_task: asyncio.Task[None] | None = None
+        self._locks: set[str] = set()
+        """Locks this connection holds (``try_lock``): the broker lets the owner of an
+        exclusive queue declare it again, so the exclusion within one connection is ours."""
+        self._unlocking: dict[str, asyncio.Task[None]] = {}
         self._closing = False
         self.progress = 0
         """Answers from the broker so far: publish confirms (and returns or nacks),
@@ -681,6 +685,7 @@ class RabbitTransport:
         # (a connection close would leave them running); unacked deliveries go back.
         await asyncio.gather(*(_close_quietly(c) for c in list(self._channels)))
         self._publish = self._replies = None
+        self._locks.clear()  # the broker deletes the exclusive queues with the connection
         conn, self._connection = self._connection, None
         if conn is not None:
             with contextlib.suppress(*_BROKER_ERRORS):
@@ -873,6 +878,67 @@ class RabbitTransport:
 
     async def reply_queue_stats(self, name: str) -> tuple[int, int] | None:
         return await self._queue_stats(name)
+
+    async def try_lock(self, name: str) -> bool:
+        """An exclusive queue named ``name``, declared on a throwaway channel: the broker
+        lets one connection have it (another gets RESOURCE_LOCKED, which closes only
+        that channel) and deletes it when the connection closes or drops."""
+        pending = self._unlocking.get(name)
+        if pending is not None:  # our own unlock of it still deleting the queue
+            await asyncio.shield(pending)
+        if name in self._locks:
+            return False
+        self._locks.add(name)
+        answered = False
+        try:
+            async with self._throwaway(f"taking lock {name!r}") as ch:
+                try:
+                    await ch.declare_queue(name, durable=False, exclusive=True,
+                                           auto_delete=False, timeout=self.op_timeout)
+                except aiormq.exceptions.ChannelLockedResource:
+                    answered = True
+                    self._locks.discard(name)
+                    self.progress += 1
+                    return False
+            answered = True
+            self.progress += 1
+            return True
+        finally:
+            if not answered:
+                self._locks.discard(name)
+                # A cancelled or failed declare may still have made the queue: never
+                # leave it to lock other gateways out until this connection closes.
+                # (Deleting another connection's exclusive queue is refused.)
+                self._start_unlock(name)
+
+    async def unlock(self, name: str) -> None:
+        if name not in self._locks:
+            return
+        self._locks.discard(name)
+        await asyncio.shield(self._start_unlock(name))
+
+    def _start_unlock(self, name: str) -> asyncio.Task[None]:
+        """Delete lock ``name`` in a task ``close()`` waits for."""
+        task = self._unlocking.get(name)
+        if task is None:
+            task = asyncio.ensure_future(self._drop_lock(name))
+            self._unlocking[name] = task
+            self._closing_tasks.add(task)
+            task.add_done_callback(self._closing_tasks.discard)
+        return task
+
+    async def _drop_lock(self, name: str) -> None:
+        try:
+            async with self._throwaway(f"releasing lock {name!r}") as ch:
+                with contextlib.suppress(aiormq.exceptions.ChannelLockedResource,
+                                         aiormq.exceptions.ChannelNotFoundEntity):
+                    await ch.queue_delete(name, timeout=self.op_timeout)
+        except TransportError as exc:
+            if self._connection is not None and not self._closing:
+                log.warning("could not release lock %s (%s); the broker releases it when "
+                            "this connection closes", name, exc)
+        finally:
+            self._unlocking.pop(name, None)
 
     async def work_queue_depth(self, processing: str) -> int:
         stats = await asyncio.gather(

@@ -1,0 +1,267 @@
+"""Resume races across gateways (issue 13, open items on resume), on both transports.
+
+1. Two takers with one token at once, on two gateways or one: before, both read the
+   journal (the broker shares a queue's messages among its consumers, so each got part
+   of it, or one got it all and the other waited out its takeover) and both were
+   ``ready``, or neither was. Now a takeover lock serialises them: exactly one wins
+   with the whole journal, the other gets ``resume_failed``.
+2. A gateway that dies after its ``HELD`` mark and before its ``ready``: the broker
+   returns the mark with the journal, and the client, which never got the new token,
+   resumes with the one it has. Before, the mark carried the generation of a token
+   nobody received, and that resume was refused (4040) for good. The mark before
+   ``ready`` still carries the token it was given, so older tokens stay out even when
+   the journal's other evidence of it was acked by the dead taker.
+
+A gateway's transport is wrapped to hold a step (``Overlapping``) or to drop its broker
+connection at a step (``DiesAfterMark``): the point of each race is reached by waiting on
+events, never on time."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from audiostream.envelope import Control, decode_reply_queue_message
+from audiostream.errors import ErrorCode, TransportError
+from audiostream.gateway import GatewaySettings, create_key
+from audiostream.gateway.pipeline import HELD
+from audiostream.protocol import ResumeRequest, start_json
+from audiostream.testing import Embedded, eventually
+from audiostream.topology import Topology
+from audiostream.transport.base import Handler, Subscription, Transport
+from audiostream.transport.memory import MemoryBroker
+from tests.conftest import TEST_TYPES, unique_prefix
+from tests.gateway.conftest import (
+    TLS,
+    ServerFactory,
+    expect_close,
+    make_server,  # noqa: F401  (the two-transport fixture)
+    read_json,
+)
+from tests.security.conftest import FMT
+
+pytestmark = pytest.mark.integration
+SECRET = b"one-secret-both-gateways-share-0123456789"
+N = 5
+
+
+def chunk(i: int) -> bytes:
+    return bytes([i + 1, 0]) * 320
+
+
+def gateways(make_server: ServerFactory, keys: Path, count: int = 2  # noqa: F811
+             ) -> list[Any]:
+    """Gateways on one broker with one token secret. The takeover wait is 10 s: long
+    enough never to decide these tests on a loaded machine, short enough that the old
+    code's loser (which waited it out and then said ``ready``) fails by assertion."""
+    topology = Topology(processing_types=TEST_TYPES, prefix=unique_prefix(),
+                        reply_expires_ms=60_000)
+    common = dict(keys_file=keys, token_secret=SECRET, memory_broker=MemoryBroker(),
+                  topology=topology, processing=topology.processing_types,
+                  gateway_settings=GatewaySettings(chunk_rate=None, takeover_s=10.0))
+    return [make_server(**common) for _ in range(count)]
+
+
+async def detached_with_journal(http: aiohttp.ClientSession, gw: Embedded, tls: TLS,
+                                key: str) -> tuple[str, str]:
+    """A session on ``gw`` answered N chunks that the client never acked, then its link
+    dropped: (session id, generation 0's token)."""
+    ws = await http.ws_connect(gw.url, ssl=tls.client)
+    await ws.send_str(start_json(key, FMT, ["passthrough"]))
+    ready = await read_json(ws)
+    for i in range(N):
+        await ws.send_bytes(chunk(i))
+    for i in range(N):
+        msg = await ws.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(i)
+    await ws.close()
+    assert await eventually(lambda: not gw.gateway.holders)  # the journal is back
+    return str(ready["session_id"]), str(ready["token"])
+
+
+class Takers:
+    """The takeovers of one session seen so far, each known by its task (a gateway runs
+    every takeover in a task of its own)."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        # Weak: a finished takeover's task (its exception's traceback) must not keep the
+        # session's objects alive past the test (test_pipeline.py counts them).
+        self._tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        self._count = 0
+        self._changed = asyncio.Event()
+
+    def began(self) -> None:
+        task = asyncio.current_task()
+        if task is not None and task not in self._tasks:
+            self._tasks.add(task)
+            self._count += 1
+            self._changed.set()
+
+    async def two_began(self) -> None:
+        while self._count < 2:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+class Overlapping:
+    """A gateway's transport that holds a takeover's consume of the session's reply queue
+    (its reading of the journal) until two takeovers have begun (asked a transport
+    anything about the session), so that they overlap."""
+
+    def __init__(self, inner: Transport, takers: Takers) -> None:
+        self._inner = inner
+        self._takers = takers
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not asyncio.iscoroutinefunction(attr):
+            return attr
+
+        async def call(*args: Any, **kw: Any) -> Any:
+            if args and isinstance(args[0], str) and args[0].startswith(self._takers.queue):
+                self._takers.began()
+            return await attr(*args, **kw)
+
+        return call
+
+    async def consume_replies(self, name: str, handler: Handler) -> Subscription:
+        if name == self._takers.queue:
+            self._takers.began()
+            await self._takers.two_began()
+        return await self._inner.consume_replies(name, handler)
+
+
+async def first_answer(ws: aiohttp.ClientWebSocketResponse, key: str, token: str
+                       ) -> dict[str, object]:
+    await ws.send_str(start_json(key, FMT, ["passthrough"], resume=ResumeRequest(token, 0)))
+    return await read_json(ws)
+
+
+@pytest.mark.parametrize("where", ["two gateways", "one gateway"])
+async def test_two_takers_with_one_token_at_once_one_wins_with_the_whole_journal(
+    make_server: ServerFactory, tls: TLS, tmp_path: Path, where: str  # noqa: F811
+) -> None:
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "tenant")
+    a, b = gateways(make_server, keys)
+    async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
+        session_id, token = await detached_with_journal(http, gw_a, tls, key)
+        takers = Takers(gw_a.gateway.transport.topology.reply_queue(session_id))
+        for gw in (gw_a, gw_b):
+            gw.gateway.transport = Overlapping(gw.gateway.transport, takers)  # type: ignore[assignment]
+        second = gw_b if where == "two gateways" else gw_a
+        ws_a = await http.ws_connect(gw_a.url, ssl=tls.client)
+        ws_b = await http.ws_connect(second.url, ssl=tls.client)
+        answers = await asyncio.gather(first_answer(ws_a, key, token),
+                                       first_answer(ws_b, key, token))
+        kinds = sorted(str(m["type"]) for m in answers)
+        assert kinds == ["error", "ready"], answers
+        (winner, ready), (loser, error) = sorted(zip((ws_a, ws_b), answers, strict=True),
+                                                 key=lambda p: p[1]["type"] != "ready")
+        assert error["code"] == ErrorCode.RESUME_FAILED, error
+        await expect_close(loser, ErrorCode.RESUME_FAILED)
+        # The winner replays every outcome of the journal: none went to the loser.
+        assert ready["resume_from"] == N, ready
+        for i in range(N):
+            msg = await winner.receive(timeout=10)
+            assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(i), (i, msg)
+        await winner.send_bytes(chunk(N))
+        msg = await winner.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(N)
+        await winner.close()
+
+
+class DiesAfterMark:
+    """A gateway's transport whose broker connection drops (as when the gateway dies)
+    right after its resumed session's ``HELD`` mark reached the journal, before the
+    session's ``ready``: the broker takes back the journal and the unacked mark."""
+
+    def __init__(self, inner: Transport) -> None:
+        self._inner = inner
+        self.died = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def publish_reply(self, queue: str, body: bytes) -> bool:
+        ok = await self._inner.publish_reply(queue, body)
+        msg = decode_reply_queue_message(body)
+        if isinstance(msg, Control) and msg.command == HELD and not self.died.is_set():
+            await self._inner.close()
+            self.died.set()
+            raise TransportError("the gateway died")
+        return ok
+
+
+async def test_a_gateway_dying_between_its_held_mark_and_ready_leaves_the_token_valid(
+    make_server: ServerFactory, tls: TLS, tmp_path: Path  # noqa: F811
+) -> None:
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "tenant")
+    a, b = gateways(make_server, keys)
+    async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
+        _, token = await detached_with_journal(http, gw_a, tls, key)
+        dying = DiesAfterMark(gw_a.gateway.transport)
+        gw_a.gateway.transport = dying  # type: ignore[assignment]
+        async with http.ws_connect(gw_a.url, ssl=tls.client) as ws:
+            answer = await first_answer(ws, key, token)
+            assert answer["type"] == "error", answer  # no ready: no new token
+        assert dying.died.is_set()
+        # The client resumes elsewhere with the only token it has, and gets the journal.
+        async with http.ws_connect(gw_b.url, ssl=tls.client) as ws:
+            ready = await first_answer(ws, key, token)
+            assert ready["type"] == "ready" and ready["resume_from"] == N, ready
+            for i in range(N):
+                msg = await ws.receive(timeout=10)
+                assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(i), (i, msg)
+            await ws.send_bytes(chunk(N))
+            msg = await ws.receive(timeout=10)
+            assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(N)
+
+
+async def test_a_mark_before_ready_keeps_older_tokens_out_after_two_deaths(
+    make_server: ServerFactory, tls: TLS, tmp_path: Path  # noqa: F811
+) -> None:
+    """Why the mark before ``ready`` is not dropped: generation 1 holds the session on A,
+    A dies (its mark of generation 1 goes back to the queue); B takes the session over
+    with generation 1's token, acks that dead holder's mark, and dies after its own mark
+    and before ``ready``. The journal must still say that generation 1 was issued: the
+    stale generation-0 token is refused on C, and generation 1's token resumes there with
+    the whole journal."""
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "tenant")
+    a, b, c = gateways(make_server, keys, 3)
+    async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
+        session_id, old_token = await detached_with_journal(http, gw_a, tls, key)
+        holder = await http.ws_connect(gw_a.url, ssl=tls.client)
+        ready = await first_answer(holder, key, old_token)
+        assert ready["type"] == "ready" and ready["resume_from"] == N, ready
+        new_token = str(ready["token"])
+        pl = gw_a.gateway.holders[session_id].pipeline
+        assert pl is not None
+        assert await eventually(lambda: pl.marked == 1)
+        await gw_a.gateway.transport.close()  # A dies
+        dying = DiesAfterMark(gw_b.gateway.transport)
+        gw_b.gateway.transport = dying  # type: ignore[assignment]
+        async with http.ws_connect(gw_b.url, ssl=tls.client) as ws:
+            answer = await first_answer(ws, key, new_token)
+            assert answer["type"] == "error", answer
+        assert dying.died.is_set()  # B died after its mark, before its ready
+        async with c as gw_c:
+            async with http.ws_connect(gw_c.url, ssl=tls.client) as ws:
+                refused = await first_answer(ws, key, old_token)
+                assert refused["type"] == "error", refused
+                assert refused["code"] == ErrorCode.RESUME_FAILED, refused
+            async with http.ws_connect(gw_c.url, ssl=tls.client) as ws:
+                ready = await first_answer(ws, key, new_token)
+                assert ready["type"] == "ready" and ready["resume_from"] == N, ready
+                for i in range(N):
+                    msg = await ws.receive(timeout=10)
+                    assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(i)
+        await holder.close()
