@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 from pesq import pesq
 
+from audiostream.errors import ErrorCode
+from audiostream.gateway import create_key
 from audiostream.gateway.telephony import TELEPHONY_KEY, TelephonySettings, twilio_signature
 from audiostream.testing import Embedded, embedded_server
+from audiostream.topology import Topology
+from tests.conftest import delete_prefixed
 from tests.telephony.conftest import distinct_frames, from_mulaw, mulaw_frames, noisy
 from tests.telephony.simulator import MediaStreamSim
 
@@ -290,3 +296,59 @@ async def test_calls_count_in_the_queue_age_gauges(srv: Embedded) -> None:
         call = next(iter(tel.calls))
         assert call.pipeline in list(srv.gateway.load.sessions())
         await sim.stop()
+
+
+async def _until_closed(sims: list[MediaStreamSim], n: int, within: float = 30) -> None:
+    """Until ``n`` of the calls were closed by the gateway."""
+    closed = [s.closed for s in sims if s.closed is not None]
+    async with asyncio.timeout(within):
+        while sum(f.done() for f in closed) < n:
+            await asyncio.wait([f for f in closed if not f.done()],
+                               return_when=asyncio.FIRST_COMPLETED)
+
+
+async def test_concurrent_calls_on_a_capped_key_start_only_its_cap(
+    tmp_path: Path, transport_kind: str, topology: Topology, request: pytest.FixtureRequest
+) -> None:
+    """The per-key session cap holds for calls started at once: it used to be checked
+    before the pipeline opened (with RabbitMQ: a reply queue declared, a consumer
+    started) and counted after, so every concurrent call passed it (the hole the
+    WebSocket path closed). A call that ends gives its slot back."""
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "capped", max_sessions=2)
+    frames = distinct_frames(5, seed=7)
+    url = request.getfixturevalue("rabbitmq_url") if transport_kind == "rabbitmq" else None
+    server = embedded_server(keys_file=keys, broker_url=url, topology=topology,
+                             processing=topology.processing_types)
+    try:
+        async with server as srv, contextlib.AsyncExitStack() as stack:
+            await _calls_on_a_capped_key(srv, stack, key, frames)
+    finally:
+        if url is not None:
+            await delete_prefixed(url, topology)
+
+
+async def _calls_on_a_capped_key(srv: Embedded, stack: contextlib.AsyncExitStack, key: str,
+                                 frames: list[bytes]) -> None:
+    """Twelve calls on a key capped at 2: ten refused 4021, two carry audio; one ends and
+    a new call fits in its slot."""
+    call = {"api_key": key, "pipeline": "passthrough", **STEADY}
+    sims = [await stack.enter_async_context(MediaStreamSim(url(srv, "twilio"), params=call))
+            for _ in range(12)]
+    await asyncio.gather(*(s.start() for s in sims))
+    await _until_closed(sims, 10)
+    refused = [s for s in sims if s.closed is not None and s.closed.done()]
+    assert {s.closed.result() for s in refused if s.closed} == {
+        ErrorCode.TOO_MANY_SESSIONS}
+    live = [s for s in sims if s.closed is not None and not s.closed.done()]
+    assert len(live) == 2
+    for sim in live:  # the two that started carry audio
+        await sim.play_call(frames)
+        assert await sim.wait_until(lambda sim=sim: sim.media_messages >= len(frames))
+    await live[0].stop()
+    await _until_closed(sims, 11)
+    async with MediaStreamSim(url(srv, "twilio"), params=call) as again:
+        await again.start()
+        await again.play_call(frames)
+        assert await again.wait_until(lambda: again.media_messages >= len(frames))
+        assert again.closed is not None and not again.closed.done()

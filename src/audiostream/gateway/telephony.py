@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import WSMsgType, web
 
-from audiostream.errors import AudioStreamError, AuthError, ConfigError, ErrorCode, LimitError
+from audiostream.errors import AudioStreamError, AuthError, ConfigError, ErrorCode
 from audiostream.gateway.keys import KeyRecord
 from audiostream.gateway.pipeline import Outcome, SessionPipeline
 from audiostream.processors.pipeline import plan_raw
@@ -349,6 +349,7 @@ class _Call:
         self.session.started(ev)
         params = ev.params
         credential = params.get("token") or params.get("api_key") or self.header_key
+        reserved: str | None = None
         try:
             if gw.draining:
                 raise AudioStreamError("gateway is draining", ErrorCode.SERVER_DRAINING)
@@ -365,10 +366,10 @@ class _Call:
             if denied:
                 raise AuthError(f"this credential may not use {', '.join(denied)}",
                                 ErrorCode.FORBIDDEN)
-            if key.max_sessions is not None and \
-                    gw.sessions_per_key.get(key.id, 0) >= key.max_sessions:
-                raise LimitError(f"key {key.id} already has {key.max_sessions} sessions",
-                                 ErrorCode.TOO_MANY_SESSIONS)
+            # Counted here, before any await: checked here and counted after the open
+            # below, concurrent calls all passed the cap (and skipped the start rate).
+            gw.reserve(key, new=True)
+            reserved = key.id
             deadline_ms = int(params.get("deadline_ms") or self.tel.settings.deadline_ms)
             if not MIN_DEADLINE_MS <= deadline_ms <= MAX_DEADLINE_MS:
                 raise ConfigError(f"deadline_ms must be {MIN_DEADLINE_MS}..{MAX_DEADLINE_MS}",
@@ -385,14 +386,19 @@ class _Call:
             )
             await pl.open()
         except (AudioStreamError, ValueError) as err:
+            if reserved is not None:
+                gw.release(reserved)
             code = err.code if isinstance(err, AudioStreamError) else ErrorCode.INVALID_OPTION
             gw.metrics.sessions_total.labels(result=code.name.lower()).inc()
             log.warning("call=%s dialect=%s stage=start: refused: %s", self.id,
                         self.spec.dialect, err)
             raise AudioStreamError(str(err), code) from None
+        except BaseException:  # cancelled mid-open (the peer hung up): give the slot back
+            if reserved is not None:
+                gw.release(reserved)
+            raise
         self.key = key
         self.pipeline = pl
-        gw.sessions_per_key[key.id] = gw.sessions_per_key.get(key.id, 0) + 1
         gw.metrics.sessions_total.labels(result="started").inc()
         log.info("call=%s dialect=%s stream=%s call_id=%s stage=start: %s", self.id,
                  self.spec.dialect, ev.stream_id, ev.call_id, [s.name for s in steps])
@@ -413,7 +419,7 @@ class _Call:
         if self.pipeline is not None:
             await self.pipeline.close(finished=True)
             if self.key is not None:
-                self.gw.sessions_per_key[self.key.id] -= 1
+                self.gw.release(self.key.id)
         self.writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
             await self.writer
