@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from pesq import pesq
 
 from audiostream.errors import ErrorCode
 from audiostream.gateway import create_key
+from audiostream.gateway.keys import revoke_key
 from audiostream.gateway.telephony import TELEPHONY_KEY, TelephonySettings, twilio_signature
 from audiostream.testing import Embedded, embedded_server
 from audiostream.topology import Topology
@@ -317,12 +319,20 @@ async def test_concurrent_calls_on_a_capped_key_start_only_its_cap(
     keys = tmp_path / "keys.json"
     key, _ = create_key(keys, "capped", max_sessions=2)
     frames = distinct_frames(5, seed=7)
+    async with _keyed_server(keys, transport_kind, topology, request) as srv, \
+            contextlib.AsyncExitStack() as stack:
+        await _calls_on_a_capped_key(srv, stack, key, frames)
+
+
+@contextlib.asynccontextmanager
+async def _keyed_server(keys: Path, transport_kind: str, topology: Topology,
+                        request: pytest.FixtureRequest) -> AsyncIterator[Embedded]:
+    """An embedded server with a keys file, on the transport under test."""
     url = request.getfixturevalue("rabbitmq_url") if transport_kind == "rabbitmq" else None
-    server = embedded_server(keys_file=keys, broker_url=url, topology=topology,
-                             processing=topology.processing_types)
     try:
-        async with server as srv, contextlib.AsyncExitStack() as stack:
-            await _calls_on_a_capped_key(srv, stack, key, frames)
+        async with embedded_server(keys_file=keys, broker_url=url, topology=topology,
+                                   processing=topology.processing_types) as srv:
+            yield srv
     finally:
         if url is not None:
             await delete_prefixed(url, topology)
@@ -352,3 +362,34 @@ async def _calls_on_a_capped_key(srv: Embedded, stack: contextlib.AsyncExitStack
         await again.play_call(frames)
         assert await again.wait_until(lambda: again.media_messages >= len(frames))
         assert again.closed is not None and not again.closed.done()
+
+
+async def test_revoking_a_key_ends_its_calls_not_others(
+    tmp_path: Path, transport_kind: str, topology: Topology, request: pytest.FixtureRequest
+) -> None:
+    """A revoked key's calls end with key_revoked (4014) at the next re-check, as its
+    WebSocket sessions do; they used to run on. Another key's call keeps its audio."""
+    keys = tmp_path / "keys.json"
+    leaked, record = create_key(keys, "leaked")
+    good, _ = create_key(keys, "victim")
+    frames = distinct_frames(10, seed=9)
+    def call(key: str) -> dict[str, str]:
+        return {"api_key": key, "pipeline": "passthrough", **STEADY}
+
+    async with _keyed_server(keys, transport_kind, topology, request) as srv, \
+            MediaStreamSim(url(srv, "twilio"), params=call(leaked)) as bad, \
+            MediaStreamSim(url(srv, "twilio"), params=call(good)) as victim:
+        for sim in (bad, victim):
+            await sim.start()
+            await sim.play_call(frames[:5])
+            assert await sim.wait_until(lambda sim=sim: sim.media_messages >= 5)
+        revoke_key(keys, record.id)
+        st = keys.stat()  # an mtime that surely moves on coarse clocks
+        os.utime(keys, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        assert srv.gateway.revocation.sweep() == 1
+        assert bad.closed is not None
+        assert await asyncio.wait_for(bad.closed, 10) == ErrorCode.KEY_REVOKED
+        await victim.play_call(frames[5:])
+        assert await victim.wait_until(lambda: victim.media_messages >= len(frames))
+        assert victim.media() == frames
+        assert victim.closed is not None and not victim.closed.done()

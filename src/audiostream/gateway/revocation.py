@@ -43,6 +43,17 @@ class LiveSession(Protocol):
     def kick(self) -> None: ...
 
 
+class RevocableCall(Protocol):
+    """What the watcher needs of a telephony call (``gateway/telephony.py``)."""
+
+    @property
+    def key(self) -> KeyRecord | None: ...
+
+    def revoke(self, err: AuthError) -> bool:
+        """End the call with ``err``'s code; False if it was not live."""
+        ...
+
+
 class KeyRevocation:
     """Owns the re-check task; ``sweep`` and ``allows`` are also callable directly."""
 
@@ -55,6 +66,9 @@ class KeyRevocation:
     ) -> None:
         self.keys = keys
         self.sessions = sessions
+        self.calls: Callable[[], Iterable[RevocableCall]] = tuple
+        """Telephony calls, which the telephony routes plug in: a revoked key ends them
+        too (they are sessions on another wire)."""
         self.interval_s = interval_s
         self.ended = 0
         """Sessions ended because their key was revoked (for tests and logs)."""
@@ -118,6 +132,12 @@ class KeyRevocation:
                 continue
             if self.revoked(key, current):
                 self._end(session, key)
+                ended[key.id] = ended.get(key.id, 0) + 1
+        for call in list(self.calls()):
+            key = call.key
+            if key is not None and self.revoked(key, current) and call.revoke(AuthError(
+                    f"API key {key.id} was revoked; the call ends", ErrorCode.KEY_REVOKED)):
+                self.ended += 1
                 ended[key.id] = ended.get(key.id, 0) + 1
         for key_id, n in ended.items():
             log.warning("stage=keys key=%s: key revoked; ended %d live session(s) with %d",

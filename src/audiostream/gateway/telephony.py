@@ -194,6 +194,8 @@ class Peer(Protocol):
 
     async def send(self, item: Outbound) -> None: ...
 
+    async def close(self, code: int, message: str) -> None: ...
+
 
 class _WsPeer:
     def __init__(self, ws: web.WebSocketResponse) -> None:
@@ -208,6 +210,10 @@ class _WsPeer:
             await self.ws.send_bytes(item)
         else:
             await self.ws.send_str(item)
+
+    async def close(self, code: int, message: str) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.close(code=code, message=message[:120].encode())
 
 
 class _TcpPeer:
@@ -224,6 +230,10 @@ class _TcpPeer:
         if isinstance(item, bytes):
             self.writer.write(audiosocket_frame(AS_AUDIO, item))
             await self.writer.drain()
+
+    async def close(self, code: int, message: str) -> None:
+        """AudioSocket has no close code: the TCP stream ends (the gateway logs why)."""
+        self.writer.close()
 
 
 class _Hangup(Exception):
@@ -249,6 +259,16 @@ class _Call:
         self._loop = asyncio.get_running_loop()
         self.writer = self._loop.create_task(self._write_loop(), name=f"call-{self.id}")
         self.started_at = time.monotonic()
+        self._revoking: asyncio.Task[None] | None = None
+
+    def revoke(self, err: AudioStreamError) -> bool:
+        """Its key was revoked (``gateway/revocation.py``): drop what is queued and close
+        the peer with the code; the call's serve loop then ends it as a hang-up."""
+        if self.pipeline is None or self._revoking is not None or self.peer.closed:
+            return False
+        self.session.abandon(err.code.name.lower(), err.message)
+        self._revoking = self._loop.create_task(self.peer.close(int(err.code), err.message))
+        return True
 
     def kick(self) -> None:
         self._wake.set()
@@ -416,6 +436,9 @@ class _Call:
         s.abandon("call_ended", "the call ended before this audio could be played")
 
     async def close(self) -> None:
+        if self._revoking is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._revoking
         if self.pipeline is not None:
             await self.pipeline.close(finished=True)
             if self.key is not None:
@@ -665,6 +688,7 @@ def add_telephony_routes(app: web.Application, gateway: Gateway,
     app.cleanup_ctx.append(tel.audiosocket_ctx)
     # Calls load the workers like /v1/stream sessions do: the queue-age gauges (what
     # KEDA scales workers on) must see them too.
+    gateway.revocation.calls = lambda: list(tel.calls)  # a revoked key ends its calls too
     streams = gateway.load.sessions
     gateway.load.sessions = lambda: [
         *streams(), *(c.pipeline for c in tel.calls if c.pipeline is not None)]
