@@ -10,6 +10,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,10 +21,30 @@ from audiostream.client import AudioStreamClient, StreamResult
 from audiostream.gateway import GatewaySettings
 from audiostream.testing import Embedded, embedded_server
 from audiostream.topology import Topology
-from tests.conftest import delete_prefixed, unique_prefix
+from audiostream.transport.memory import MemoryBroker
+from tests.conftest import TEST_TYPES, delete_prefixed, unique_prefix
 from tests.gateway.conftest import TLS, tls  # noqa: F401  (the session's TLS fixture)
 
 FMT = AudioFormat(Encoding.PCM_S16LE, 16000, 1)
+SECRET = b"one-secret-both-gateways-share-0123456789"
+
+
+def shared_gateways(make: Callable[..., AbstractAsyncContextManager[Embedded]], keys: Path,
+                    *, takeover_s: float, count: int = 2, **settings: Any
+                    ) -> list[AbstractAsyncContextManager[Embedded]]:
+    """Gateway contexts on one broker (one memory broker, or one RabbitMQ prefix) with one
+    token secret, so a session started on one can be resumed on another.
+
+    Reply queues outlive a minute unconsumed (the suite's default is 1.5 s): a detached
+    session's queue must not expire between a refused taker and the honest resume on a
+    loaded machine; these tests are about takeovers, not the resume window."""
+    topology = Topology(processing_types=TEST_TYPES, prefix=unique_prefix(),
+                        reply_expires_ms=60_000)
+    common = dict(keys_file=keys, token_secret=SECRET, memory_broker=MemoryBroker(),
+                  topology=topology, processing=topology.processing_types,
+                  gateway_settings=GatewaySettings(chunk_rate=None, takeover_s=takeover_s,
+                                                   **settings))
+    return [make(**common) for _ in range(count)]
 EdgeServer = Callable[..., AbstractAsyncContextManager[Embedded]]
 
 

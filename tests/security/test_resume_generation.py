@@ -20,13 +20,10 @@ import aiohttp
 import pytest
 
 from audiostream.errors import ErrorCode
-from audiostream.gateway import GatewaySettings, create_key
+from audiostream.gateway import create_key
 from audiostream.protocol import ResumeRequest, start_json
 from audiostream.testing import eventually
-from audiostream.topology import Topology
 from audiostream.transport.base import Transport
-from audiostream.transport.memory import MemoryBroker
-from tests.conftest import TEST_TYPES, unique_prefix
 from tests.gateway.conftest import (
     TLS,
     ServerFactory,
@@ -34,27 +31,17 @@ from tests.gateway.conftest import (
     make_server,  # noqa: F401  (the two-transport fixture)
     read_json,
 )
-from tests.security.conftest import FMT
+from tests.security.conftest import FMT, shared_gateways
 
 pytestmark = pytest.mark.integration
 CHUNK = b"\x01\x00" * 320
-SECRET = b"one-secret-both-gateways-share-0123456789"
 
 
 def two_gateways(make_server: ServerFactory, keys: Path, **settings: Any  # noqa: F811
                  ) -> tuple[Any, Any]:
-    """Two gateway contexts on one broker, with one token secret and an hour's takeover.
-
-    Reply queues outlive a minute unconsumed (the suite's default is 1.5 s): a detached
-    session's queue must not expire between a refused stale taker and the honest resume
-    on a loaded machine; these tests are about generations, not the resume window."""
-    topology = Topology(processing_types=TEST_TYPES, prefix=unique_prefix(),
-                        reply_expires_ms=60_000)
-    common = dict(keys_file=keys, token_secret=SECRET, memory_broker=MemoryBroker(),
-                  topology=topology, processing=topology.processing_types,
-                  gateway_settings=GatewaySettings(chunk_rate=None, takeover_s=3600.0,
-                                                   **settings))
-    return make_server(**common), make_server(**common)
+    """Two gateways sharing a broker and a token secret, with an hour's takeover wait."""
+    a, b = shared_gateways(make_server, keys, takeover_s=3600.0, **settings)
+    return a, b
 
 
 async def resumed_once(http: aiohttp.ClientSession, url: str, tls: TLS, key: str

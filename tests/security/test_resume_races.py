@@ -28,14 +28,11 @@ import pytest
 
 from audiostream.envelope import Control, decode_reply_queue_message
 from audiostream.errors import ErrorCode, TransportError
-from audiostream.gateway import GatewaySettings, create_key
+from audiostream.gateway import create_key
 from audiostream.gateway.pipeline import HELD
 from audiostream.protocol import ResumeRequest, start_json
 from audiostream.testing import Embedded, eventually
-from audiostream.topology import Topology
 from audiostream.transport.base import Handler, Subscription, Transport
-from audiostream.transport.memory import MemoryBroker
-from tests.conftest import TEST_TYPES, unique_prefix
 from tests.gateway.conftest import (
     TLS,
     ServerFactory,
@@ -43,10 +40,9 @@ from tests.gateway.conftest import (
     make_server,  # noqa: F401  (the two-transport fixture)
     read_json,
 )
-from tests.security.conftest import FMT
+from tests.security.conftest import FMT, shared_gateways
 
 pytestmark = pytest.mark.integration
-SECRET = b"one-secret-both-gateways-share-0123456789"
 N = 5
 
 
@@ -56,15 +52,10 @@ def chunk(i: int) -> bytes:
 
 def gateways(make_server: ServerFactory, keys: Path, count: int = 2  # noqa: F811
              ) -> list[Any]:
-    """Gateways on one broker with one token secret. The takeover wait is 10 s: long
+    """Gateways sharing a broker and a token secret. The takeover wait is 10 s: long
     enough never to decide these tests on a loaded machine, short enough that the old
     code's loser (which waited it out and then said ``ready``) fails by assertion."""
-    topology = Topology(processing_types=TEST_TYPES, prefix=unique_prefix(),
-                        reply_expires_ms=60_000)
-    common = dict(keys_file=keys, token_secret=SECRET, memory_broker=MemoryBroker(),
-                  topology=topology, processing=topology.processing_types,
-                  gateway_settings=GatewaySettings(chunk_rate=None, takeover_s=10.0))
-    return [make_server(**common) for _ in range(count)]
+    return shared_gateways(make_server, keys, takeover_s=10.0, count=count)
 
 
 async def detached_with_journal(http: aiohttp.ClientSession, gw: Embedded, tls: TLS,
