@@ -238,6 +238,16 @@ TOO_MANY_CONNECTIONS = (b"HTTP/1.1 429 Too Many Requests\r\nServer: " + SERVER_N
 MAX_TRACKED_ADDRESSES = 65_536
 
 
+def count_down(counts: dict[str, int], key: str) -> None:
+    """One fewer for ``key``; the entry goes at zero, so counters of many addresses or
+    keys do not keep an entry per one ever seen."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
 class AddressRate:
     """A token bucket of new connections per client address (no I/O, clock injected).
 
@@ -316,11 +326,7 @@ class EdgeGuard:
         return True
 
     def exit(self, address: str) -> None:
-        left = self.per_address.get(address, 0) - 1
-        if left > 0:
-            self.per_address[address] = left
-        else:
-            self.per_address.pop(address, None)
+        count_down(self.per_address, address)
 
     @property
     def ops_url(self) -> str | None:

@@ -834,11 +834,7 @@ class Gateway:
         self.sessions_per_key[key.id] = count + 1
 
     def release(self, key_id: str) -> None:
-        left = self.sessions_per_key.get(key_id, 0) - 1
-        if left > 0:
-            self.sessions_per_key[key_id] = left
-        else:
-            self.sessions_per_key.pop(key_id, None)
+        _edge.count_down(self.sessions_per_key, key_id)
 
     def detach(self, session_id: str, key_id: str, answered: int) -> None:
         """A resumable session lost its connection: it keeps counting against its key
