@@ -11,7 +11,7 @@ import uvloop
 
 from audiostream.gateway import GatewaySettings
 from audiostream.gateway.edge import EDGE_KEY, EdgeSettings
-from audiostream.protocol import start_json
+from audiostream.protocol import MAX_DEADLINE_MS, start_json
 from audiostream.testing import embedded_server, eventually
 from tests.gateway.conftest import TLS, read_json
 from tests.security.conftest import FMT, closed_by_server, host_port
@@ -26,10 +26,13 @@ async def _session(url: str, key: str, tls: TLS, address: str) -> None:
     """One TLS WebSocket session from ``address``: ready, and one chunk echoed."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
             local_addr=(address, 0))) as http, http.ws_connect(url, ssl=tls.client) as ws:
-        await ws.send_str(start_json(key, FMT, ["passthrough"]))
+        # The longest deadline: clients, gateway and worker share this one loop with up to
+        # 100 handshakes in flight, and this test is about the handshakes, not deadlines
+        # (at the default, a chunk sent during the wave could expire: seen once in CI).
+        await ws.send_str(start_json(key, FMT, ["passthrough"], deadline_ms=MAX_DEADLINE_MS))
         assert (await read_json(ws))["type"] == "ready"
         await ws.send_bytes(b"\x01\x00" * 320)
-        assert (await ws.receive(timeout=10)).data == b"\x01\x00" * 320
+        assert (await ws.receive(timeout=WAVE_S)).data == b"\x01\x00" * 320
 
 
 async def _gate_with_tls(tls: TLS) -> None:
