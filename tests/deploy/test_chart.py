@@ -301,10 +301,10 @@ def test_gateway_hpa_scales_on_streaming_sessions_not_connections() -> None:
     # Sessions actually streaming (prometheus-adapter rule in the chart), not connections.
     assert metric["pods"]["metric"]["name"] == "audiostream_gateway_streaming_sessions"
     target = float(metric["pods"]["target"]["averageValue"])
-    # Default cluster tolerance 10 %: scale-up starts at 20 streaming sessions per pod
-    # (~85 % of the requested core at the measured ~42 ms CPU per session-second).
-    assert _hpa_desired(4, 20, target, 0.1, 0.1) > 4
-    assert _hpa_desired(4, 19.5, target, 0.1, 0.1) == 4
+    # Default cluster tolerance 10 %: scale-up starts at 28 streaming sessions per pod
+    # (~85 % of the requested core at the measured <= 30 ms CPU per session-second).
+    assert _hpa_desired(4, 28, target, 0.1, 0.1) > 4
+    assert _hpa_desired(4, 27, target, 0.1, 0.1) == 4
     # The old rule (7,000 connections) would have let a pod take 350x its streaming load.
     assert _hpa_desired(4, 100, target, 0.1, 0.1) > 4
     # Stabilisation against oscillation: slow, long-windowed scale-down.
@@ -314,17 +314,23 @@ def test_gateway_hpa_scales_on_streaming_sessions_not_connections() -> None:
     assert "tolerance" not in spec["behavior"]["scaleUp"]
 
 
-def test_gateway_hpa_per_direction_tolerance_gives_the_exact_band() -> None:
-    values = {"gateway": {"autoscaling": {"perDirectionTolerance": True}}}
+@pytest.mark.parametrize(("band", "above", "below"), [
+    ({}, 28, 12),  # the chart's defaults
+    ({"scaleUpAbove": 28, "scaleDownBelow": 11}, 28, 11),  # odd sum: the midpoint rounds down
+], ids=["defaults", "odd sum"])
+def test_gateway_hpa_per_direction_tolerance_gives_the_exact_band(
+        band: dict[str, int], above: int, below: int) -> None:
+    values = {"gateway": {"autoscaling": {"perDirectionTolerance": True, **band}}}
     hpa = render(values).get("HorizontalPodAutoscaler", f"{FULLNAME}-gateway")
     spec = hpa["spec"]
     target = float(spec["metrics"][0]["pods"]["target"]["averageValue"])
     up = float(spec["behavior"]["scaleUp"]["tolerance"])
     down = float(spec["behavior"]["scaleDown"]["tolerance"])
-    assert _hpa_desired(4, 20.01, target, up, down) > 4
-    assert _hpa_desired(4, 19.99, target, up, down) == 4
-    assert _hpa_desired(4, 8.01, target, up, down) == 4
-    assert _hpa_desired(4, 7.99, target, up, down) < 4
+    # The triggers sit on the band's edges even when the midpoint target is rounded.
+    assert _hpa_desired(4, above + 0.01, target, up, down) > 4
+    assert _hpa_desired(4, above - 0.01, target, up, down) == 4
+    assert _hpa_desired(4, below + 0.01, target, up, down) == 4
+    assert _hpa_desired(4, below - 0.01, target, up, down) < 4
     # The field exists from Kubernetes 1.33 (alpha gate): 1.29 rejects it, as documented.
     kubernetes_validate.validate(hpa, "1.33", strict=True)
     with pytest.raises(kubernetes_validate.ValidationError):
