@@ -8,7 +8,8 @@ gateways (HPA on streaming sessions per pod). The load curve
 
 * a worker pod serves ``--worker-capacity`` real-time sessions at p99 < 100 ms (120: fp32
   NSNet2 per worker core under a CFS quota, docs/benchmarks.md 2026-12-04); a gateway pod
-  ``--gateway-capacity`` (24: 0.42 cores at 10 sessions, docs/benchmarks.md run C);
+  ``--gateway-capacity`` (33: its requested core at the gateway's light-load 27-30 ms of
+  CPU per session-second, docs/benchmarks.md "Capacity"; the chart scales up at ~85 % of it);
 * below capacity the oldest chunk's age rises steeply near saturation (0.01 s idle, 0.1 s at
   capacity); above it a backlog builds at (load / capacity - 1) seconds per second, capped
   by the 1 s deadline (chunks past it expire);
@@ -42,6 +43,7 @@ CURVE = ROOT / "benchmarks" / "data" / "load_curve.csv"
 HPA_SYNC_S = 15  # kube-controller-manager --horizontal-pod-autoscaler-sync-period
 HPA_TOLERANCE = 0.1  # the cluster's default tolerance
 DEADLINE_S = 1.0  # gateway.deadlineMs
+GATEWAY_CAPACITY = 33  # sessions per gateway pod (its requested core; see the docstring)
 
 
 def seconds(duration: str) -> int:
@@ -195,8 +197,9 @@ def interpolate(curve: Sequence[tuple[int, float]], t: int) -> float:
 
 
 def simulate(rules: Rules, curve: Sequence[tuple[int, float]], *, worker_capacity: float = 120,
-             gateway_capacity: float = 24, worker_start: int = 30, gateway_start: int = 10,
-             worker_max: int = 200, gateway_max: int = 1000) -> dict[str, list[float]]:
+             gateway_capacity: float = GATEWAY_CAPACITY, worker_start: int = 30,
+             gateway_start: int = 10, worker_max: int = 200,
+             gateway_max: int = 1000) -> dict[str, list[float]]:
     first = curve[0][1]
     workers = Pool(worker_capacity, worker_start)
     gateways = Pool(gateway_capacity, gateway_start)
@@ -305,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--values", type=Path, default=VALUES)
     ap.add_argument("--curve", type=Path, default=CURVE)
     ap.add_argument("--worker-capacity", type=float, default=120)
-    ap.add_argument("--gateway-capacity", type=float, default=24)
+    ap.add_argument("--gateway-capacity", type=float, default=GATEWAY_CAPACITY)
     ap.add_argument("--worker-start", type=int, default=30)
     ap.add_argument("--gateway-start", type=int, default=10)
     ap.add_argument("--worker-max", type=int, default=200,

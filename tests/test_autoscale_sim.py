@@ -44,6 +44,14 @@ def test_rules_come_from_the_chart_values() -> None:
     assert rules.gateway_scale_up_above == values["gateway"]["autoscaling"]["scaleUpAbove"]
 
 
+def test_gateways_scale_up_before_the_simulated_pod_is_full() -> None:
+    # values.yaml derives scaleUpAbove as ~85 % of what the requested core carries; the
+    # simulation's pod capacity is that same core, so the two must not drift apart.
+    rules = sim.Rules.from_values()
+    assert 0.8 * sim.GATEWAY_CAPACITY <= rules.gateway_scale_up_above <= 0.9 * sim.GATEWAY_CAPACITY
+    assert rules.gateway_target < rules.gateway_scale_up_above
+
+
 def test_replicas_do_not_oscillate(run: tuple[Any, dict[str, list[float]]]) -> None:
     _, s = run
     # Ramp, spike, drop: up, then down; one reversal each, a little slack for noise.
