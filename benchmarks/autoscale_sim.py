@@ -8,8 +8,8 @@ gateways (HPA on streaming sessions per pod). The load curve
 
 * a worker pod serves ``--worker-capacity`` real-time sessions at p99 < 100 ms (120: fp32
   NSNet2 per worker core under a CFS quota, docs/benchmarks.md 2026-12-04); a gateway pod
-  ``--gateway-capacity`` (33: its requested core at the gateway's light-load 27-30 ms of
-  CPU per session-second, docs/benchmarks.md "Capacity"; the chart scales up at ~85 % of it);
+  ``--gateway-capacity`` (33: below the 40 sessions a one-core quota held at p99 68 ms,
+  docs/benchmarks.md "Capacity"; the chart scales up at ~85 % of it);
 * below capacity the oldest chunk's age rises steeply near saturation (0.01 s idle, 0.1 s at
   capacity); above it a backlog builds at (load / capacity - 1) seconds per second, capped
   by the 1 s deadline (chunks past it expire);
