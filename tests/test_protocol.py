@@ -141,6 +141,20 @@ def test_seq_is_implicit_and_outcomes_leave_in_order() -> None:
     assert [o.data for o in out if isinstance(o, SendBytes)] == [b"b", b"c"]
 
 
+def test_audio_only_out_says_whether_the_outbox_holds_nothing_but_audio() -> None:
+    """An adapter writes plain audio at once and leaves the rest (text, closes) to its
+    writer, so the outbox must tell them apart without being drained."""
+    p = started()
+    p.receive_bytes(b"\x00\x00" * 160)
+    p.receive_bytes(b"\x00\x00" * 160)
+    p.deliver_audio(0, b"a")
+    assert p.audio_only_out and p.has_output
+    p.deliver_notice(1, ErrorCode.EXPIRED, "late")
+    assert not p.audio_only_out
+    assert [type(o) for o in p.data_to_send()] == [SendBytes, SendText]
+    assert p.audio_only_out and not p.has_output  # empty: nothing but audio
+
+
 def test_duplicate_outcomes_are_ignored() -> None:
     p = started()
     p.receive_bytes(b"\x00\x00" * 10)

@@ -886,6 +886,11 @@ class ServerProtocol:
         return bool(self._out)
 
     @property
+    def audio_only_out(self) -> bool:
+        """Everything queued to write is audio (an adapter may then write it at once)."""
+        return all(type(item) is SendBytes for item in self._out)
+
+    @property
     def finished(self) -> bool:
         """The summary was written to the socket: the session ended cleanly."""
         return self._summary_end is not None and self._written >= self._summary_end

@@ -102,3 +102,43 @@ async def test_inline_steps_run_on_the_event_loop_and_others_on_the_executor() -
     finally:
         await worker.stop()
         await transport.close()
+
+
+class _Delivery:
+    """Just what the handler reads; settled later by the flusher, or refused."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.redelivered = 0
+        self.outcome: str | None = None
+
+    async def ack(self) -> None:
+        self.outcome = "ack"
+
+    async def reject(self) -> None:
+        self.outcome = "reject"
+
+
+async def test_a_delivery_joins_its_batch_within_the_handler_call() -> None:
+    """No task per delivery (a task switch on every round trip): a good message is in the
+    lane's batch when the handler returns, with nothing to await; a message with nothing
+    decodable returns its refusal to be awaited."""
+    transport = MemoryTransport(MemoryBroker(), Topology(processing_types=("passthrough",)))
+    await transport.connect()
+    worker = Worker(transport, WorkerSettings(processing=("passthrough",)))
+    await worker.start()
+    try:
+        lane = worker._lanes["passthrough"]
+        handle = worker._handler(lane)
+        good = _Delivery(encode_work_bundle([envelope(transport, "s", (Step("passthrough"),))]))
+        assert handle(good) is None
+        assert len(lane.batcher) == 1
+        bad = _Delivery(b"\x00 not a bundle")
+        refusal = handle(bad)
+        assert refusal is not None and bad.outcome is None
+        await refusal
+        assert bad.outcome == "reject"
+    finally:
+        await worker.stop()
+        await transport.close()
+    assert good.outcome == "ack"

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
+from typing import cast
 
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -241,6 +242,8 @@ class _Connection:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._wake = asyncio.Event()
+        self._parked = False
+        """The writer waits for output, with no batch of its own in hand."""
         self._batch: deque[Output] = deque()
         """The writer's current batch: taken from the core, not yet written."""
         self.writer = self.loop.create_task(self._write_loop())
@@ -297,7 +300,7 @@ class _Connection:
         """Something may be in the outbox, or the next deadline moved. The writer is woken
         only for output: every received chunk kicks, and waking it for nothing cost a
         task switch per chunk (it re-checks ``has_output`` before it waits again)."""
-        if self.proto.has_output:
+        if self.proto.has_output and not self._write_now():
             self._wake.set()
         self._rearm()
         self._check_room()
@@ -388,7 +391,11 @@ class _Connection:
         proto = self.proto
         while True:
             if not proto.has_output:  # a write may have queued a credit grant itself
-                await self._wake.wait()
+                self._parked = True
+                try:
+                    await self._wake.wait()
+                finally:
+                    self._parked = False
             self._wake.clear()
             written = proto.next_out  # every outcome below is in this batch or sent
             audio: list[SendBytes] = []
@@ -425,6 +432,25 @@ class _Connection:
             self._rearm()
             self._check_room()
 
+    def _write_now(self) -> bool:
+        """Write queued audio in this turn, without waking the writer task: the reply that
+        just arrived reaches the socket one task switch sooner (a tenth of a millisecond of
+        a lone session's round trip). Only when the writer is parked with no batch of its
+        own (order), the outbox holds audio only and the socket takes it without waiting
+        (flow control stays the writer's); otherwise False and the writer does it."""
+        proto = self.proto
+        frames = self.frames
+        if (not self._parked or frames is None or not proto.audio_only_out
+                or not frames.writable(self.ws)):
+            return False
+        written = proto.next_out
+        audio = cast(list[SendBytes], proto.data_to_send())
+        frames.write([out.data for out in audio])
+        self._audio_written(audio)
+        if self.pipeline is not None:
+            self.pipeline.delivered(written)
+        return not proto.has_output  # a credit grant: the writer sends it
+
     async def _send_audio(self, audio: list[SendBytes]) -> None:
         """Audio outcomes as frames of one socket write (``gateway/wsframes.py``)."""
         if self.frames is None or len(audio) == 1:
@@ -432,6 +458,9 @@ class _Connection:
                 await self.ws.send_bytes(out.data)
         else:
             await self.frames.send(self.ws, [out.data for out in audio])
+        self._audio_written(audio)
+
+    def _audio_written(self, audio: list[SendBytes]) -> None:
         metrics = self.gateway.metrics
         now = self.loop.time()
         nbytes = 0

@@ -50,6 +50,19 @@ class FrameWriter:
     def __init__(self, request: web.BaseRequest) -> None:
         self._request = request
 
+    def writable(self, ws: web.WebSocketResponse) -> bool:
+        """The transport takes a write now without waiting: open, below its high-water
+        mark. Lets a reply go to the socket in the turn it arrived (``write``)."""
+        transport = self._request.transport
+        return not (transport is None or transport.is_closing() or ws.closed
+                    or self._request.protocol.writing_paused)
+
+    def write(self, payloads: Sequence[bytes]) -> None:
+        """Write ``payloads`` as binary frames; only after ``writable`` said yes."""
+        transport = self._request.transport
+        assert transport is not None
+        transport.write(binary_frames(payloads))
+
     async def send(self, ws: web.WebSocketResponse, payloads: Sequence[bytes]) -> None:
         """Send ``payloads`` as binary frames, in order; returns once the transport took
         them (raises ``ConnectionError`` if it is gone, like ``send_bytes``)."""

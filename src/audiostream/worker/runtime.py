@@ -15,7 +15,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +167,9 @@ class Worker:
                 self.metrics.provider.labels(processing=name, provider=str(p)).set(1)
 
     def _handler(self, lane: _Lane) -> Any:
-        async def handle(delivery: Delivery) -> None:
+        def handle(delivery: Delivery) -> Awaitable[None] | None:
+            """Synchronous: a delivery goes to the batcher in the reader's own turn, with
+            no task of its own (only a refusal returns something to await)."""
             received = time.time()
             bad: list[AudioStreamError] = []
             try:
@@ -190,8 +192,7 @@ class Worker:
                     self.metrics.errors.labels(processing=lane.name, kind="bad_message").inc(
                         len(bad))
             if not envelopes:
-                await delivery.reject()
-                return
+                return delivery.reject()
             if self.metrics is not None:
                 self.metrics.bundle_size.labels(processing=lane.name).observe(len(envelopes))
             held = _Held(delivery, len(envelopes))
@@ -199,6 +200,7 @@ class Worker:
             for env in envelopes:
                 lane.batcher.add(_Item(held, env, received), now)
             lane.wake.set()
+            return None
 
         return handle
 
@@ -302,7 +304,10 @@ class Worker:
                 else:  # False: the session's queue is gone, nobody is waiting
                     succeeded(i, str(reply.status))
 
-        await asyncio.gather(reply_all(), *(forward(i, env) for i, env in forwards))
+        if forwards:
+            await asyncio.gather(reply_all(), *(forward(i, env) for i, env in forwards))
+        else:  # the usual last step: no task per batch before the replies leave
+            await reply_all()
         if self.metrics is not None:  # once per batch, not per message: it adds up
             for status, count in settled.items():
                 self.metrics.messages.labels(processing=lane.name, status=status).inc(count)
