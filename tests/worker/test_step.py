@@ -55,6 +55,28 @@ def test_first_of_two_steps_forwards_float_audio_and_state() -> None:
     assert any(stage == "highpass:processed" for stage, _ in nxt.timings)
 
 
+def test_every_result_carries_the_batch_marks_in_order() -> None:
+    """Receive, batch start and processed marks feed the per-stage latency metrics; a
+    reply, a forward and a failure each keep them (a failure has no processed mark)."""
+    data = pcm([1000] * 320)
+    ok = envelope(data, [Step("passthrough")])
+    fwd = envelope(data, [Step("highpass"), Step("gain", {"db": 0})])
+    for f, env, last in ((fn("passthrough"), ok, "passthrough:processed"),
+                         (fn("highpass"), fwd, "highpass:processed")):
+        [out] = run_step(f, [env], now=2.0, received=[1.0]).results
+        step = env.step.name
+        assert out.timings[-3:] == ((f"{step}:worker_rx", 1.0), (f"{step}:batch_start", 2.0),
+                                    (last, out.timings[-1][1]))
+
+    def boom(items: Sequence[StepInput]) -> list[StepOutput]:
+        raise ProcessingError("no")
+
+    [failed] = run_step(boom, [ok], now=2.0, received=[1.0]).results
+    assert isinstance(failed, Reply) and failed.status is ReplyStatus.FAILED
+    assert failed.timings[-2:] == (("passthrough:worker_rx", 1.0),
+                                   ("passthrough:batch_start", 2.0))
+
+
 def test_expired_envelope_is_not_processed() -> None:
     calls = []
 
