@@ -95,19 +95,38 @@ def find_pid(comm: str) -> int | None:
     return None
 
 
+def thread_waits(pid: int) -> dict[int, tuple[int, int]]:
+    """Per thread of ``pid``: nanoseconds spent runnable but waiting for a CPU (field 2
+    of ``/proc/PID/task/TID/schedstat``, kept even without CONFIG_SCHEDSTATS) and
+    involuntary context switches (preempted while it still had work). Empty off Linux."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                delay = int((task / "schedstat").read_text().split()[1])
+                status = (task / "status").read_text()
+                m = re.search(r"nonvoluntary_ctxt_switches:\s+(\d+)", status)
+                out[int(task.name)] = (delay, int(m.group(1)) if m else 0)
+    return out
+
+
 @dataclass
 class CpuMeter:
-    """CPU use of named processes over an interval, in cores (1.0 = one core busy)."""
+    """CPU use of named processes over an interval, in cores (1.0 = one core busy), and
+    (``waits``) how long they were runnable without a CPU: the cost of running more busy
+    processes than there are cores, which CPU time and idle time do not show."""
 
     pids: dict[str, int]
     start: dict[str, float] = field(default_factory=dict)
     t0: float = 0.0
     stat0: list[int] = field(default_factory=list)
+    waits0: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
 
     def __enter__(self) -> CpuMeter:
         self.t0 = time.monotonic()
         self.start = {k: self._cpu(p) for k, p in self.pids.items()}
         self.stat0 = _proc_stat()
+        self.waits0 = {k: thread_waits(p) for k, p in self.pids.items()}
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -127,6 +146,24 @@ class CpuMeter:
         wall = time.monotonic() - self.t0
         return {k: round((self._cpu(p) - self.start[k]) / wall, 3)
                 for k, p in self.pids.items()}
+
+    def waits(self) -> dict[str, dict[str, float]]:
+        """Per process over the interval: ``runqueue_wait_ms_per_s``, milliseconds its
+        threads together spent runnable but not running per second of wall time (1000 =
+        one thread always waiting), and ``involuntary_switches_per_s``. Summed over the
+        threads alive at the end: a thread that exited during the interval is missing
+        (its wait is lost with it), one started during it counts from its start."""
+        wall = time.monotonic() - self.t0
+        delay: dict[str, float] = {}
+        switches: dict[str, float] = {}
+        for k, p in self.pids.items():
+            before = self.waits0.get(k, {})
+            now = thread_waits(p)
+            d = sum(v[0] - before.get(t, (0, 0))[0] for t, v in now.items())
+            n = sum(v[1] - before.get(t, (0, 0))[1] for t, v in now.items())
+            delay[k] = round(d / 1e6 / wall, 1)
+            switches[k] = round(n / wall, 1)
+        return {"runqueue_wait_ms_per_s": delay, "involuntary_switches_per_s": switches}
 
     def machine(self) -> dict[str, float]:
         """The whole machine over the same interval, in cores (``/proc/stat``): says
