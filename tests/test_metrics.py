@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -179,6 +180,20 @@ async def test_protocol_level_notices_and_errors_are_counted() -> None:
     assert value(s, "audiostream_chunks_out_total") == 1
     assert value(s, "audiostream_chunks_dropped_total", reason="invalid_audio") == 1
     assert value(s, "audiostream_gateway_errors_total", code="invalid_json") == 1
+
+
+async def test_garbage_collections_are_exported_by_generation() -> None:
+    """Gateway and worker share the embedded server's registry: exported once, and a full
+    collection shows as generation 2."""
+    async with embedded_server() as srv:
+        url = srv.ops_url + "/metrics"
+        before = await scrape(url)
+        gc.collect()
+        after = await scrape(url)
+    for gen in ("0", "1", "2"):
+        assert ("python_gc_collections_total", (("generation", gen),)) in before
+    full = "python_gc_collections_total"
+    assert value(after, full, generation="2") >= value(before, full, generation="2") + 1
 
 
 async def test_queue_depth_rises_without_workers_memory() -> None:
