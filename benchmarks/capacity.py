@@ -13,7 +13,16 @@ run: each variant gets its own gateway and worker (all started together, the idl
 ones cost next to nothing), and at every level from ``--start`` to ``--max`` by
 ``--step`` the variants take turns, ``--rounds`` times, so background load hits
 them alike; e.g. ``--gateway-args "" --gateway-args "--coalesce-above 0"`` for the
-load budget on/off.
+load budget on/off. ``--every-level`` does the same for one variant: the curve
+rather than the limit.
+
+Besides latency and CPU, each trial reports why a process might be late: per process
+``runqueue_wait_ms_per_s`` (its threads' time runnable but without a CPU, from
+``/proc/PID/task/*/schedstat``; 1000 = one thread always waiting) and
+``involuntary_switches_per_s``; the gateway's event-loop lag as its own gauge reports
+it, scraped every 0.25 s (``gateway_loop_lag_ms``), and its garbage collections per
+generation (``gateway_gc_collections``); and this load generator's own loop lag
+(``client_loop_lag_ms``).
 """
 
 from __future__ import annotations
@@ -33,6 +42,54 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 
 P99_LIMIT_MS = 100.0
+LAG = "audiostream_gateway_loop_lag_seconds"
+GC = "python_gc_collections_total"
+PROBE_S = 0.25  # the gateway samples its loop lag every 0.25 s (budget_sample_s)
+
+
+async def scrape_gateway(url: str, into: list[dict[Any, float]]) -> None:
+    """Scrape the gateway's /metrics every PROBE_S until cancelled: its loop-lag gauge
+    holds only the latest sample, so a trial's distribution needs the series."""
+    import aiohttp
+
+    from audiostream.bench import scrape
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, OSError, ValueError):
+                into.append(await scrape(http, url, None))
+            await asyncio.sleep(PROBE_S)
+
+
+async def client_lag(into: list[float]) -> None:
+    """How late this load generator's own loop wakes from a PROBE_S sleep, in ms: a late
+    client inflates the round trips it times."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + PROBE_S
+        await asyncio.sleep(PROBE_S)
+        into.append((loop.time() - due) * 1000)
+
+
+def lag_summary(ms: list[float]) -> dict[str, float]:
+    if not ms:
+        return {}
+    ms = sorted(ms)
+    return {"samples": len(ms), "p50": round(ms[len(ms) // 2], 1),
+            "p90": round(ms[int(len(ms) * 0.9)], 1), "max": round(ms[-1], 1),
+            "over_25ms": sum(v > 25 for v in ms)}
+
+
+def gateway_view(scrapes: list[dict[Any, float]]) -> dict[str, Any]:
+    """Loop-lag samples (ms) and garbage collections per generation over the trial."""
+    lags = [v * 1000 for sc in scrapes for (n, _), v in sc.items() if n == LAG]
+    gc_runs: dict[str, int] = {}
+    if len(scrapes) >= 2:
+        for (name, labels), v in scrapes[-1].items():
+            if name == GC:
+                gen = dict(labels).get("generation", "?")
+                gc_runs[gen] = int(v - scrapes[0].get((name, labels), 0.0))
+    return {"gateway_loop_lag_ms": lag_summary(lags), "gateway_gc_collections": gc_runs}
 
 
 async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
@@ -43,10 +100,21 @@ async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
                       pipeline=(ptype,), ramp_s=min(3.0, 0.05 * sessions),
                       metrics_urls=tuple(u for u in (st.gateway_metrics, st.worker_metrics)
                                          if u))
-    with c.CpuMeter(pids) as cpu:
-        r = await run_bench(cfg)
-        usage = cpu.read()
-        machine = cpu.machine()
+    scrapes: list[dict[Any, float]] = []
+    own_lag: list[float] = []
+    loop = asyncio.get_running_loop()
+    probes = [loop.create_task(scrape_gateway(st.gateway_metrics, scrapes)),
+              loop.create_task(client_lag(own_lag))]
+    try:
+        with c.CpuMeter(pids) as cpu:
+            r = await run_bench(cfg)
+            usage = cpu.read()
+            machine = cpu.machine()
+            waits = cpu.waits()
+    finally:
+        for t in probes:
+            t.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
     rt = r["round_trip_ms"]
     srv = r["server"] or {}
     ok = (rt["p99"] < P99_LIMIT_MS and r["chunks"]["dropped"] == 0 and not r["errors_by_code"]
@@ -62,6 +130,9 @@ async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
         "worker": srv.get("workers"),
         "cpu_cores": usage,
         "machine_cpu_cores": machine,
+        **waits,
+        **gateway_view(scrapes),
+        "client_loop_lag_ms": lag_summary(own_lag),
     }
 
 
@@ -132,7 +203,8 @@ async def ab(args: argparse.Namespace, ptype: str, variants: list[str]) -> dict[
                      "p50_ms": [t["latency_ms"]["p50"] for t in ts],
                      "p99_ms": [t["latency_ms"]["p99"] for t in ts],
                      "chunks_per_message": [t["chunks_per_message"] for t in ts],
-                     "cpu_cores": [t["cpu_cores"] for t in ts]}
+                     "cpu_cores": [t["cpu_cores"] for t in ts],
+                     "runqueue_wait_ms_per_s": [t["runqueue_wait_ms_per_s"] for t in ts]}
             for n, ts in by_n.items()}
         for v, by_n in results.items()}, "criterion": f"p99 < {P99_LIMIT_MS:g} ms, no drops"}
 
@@ -146,8 +218,8 @@ async def main(args: argparse.Namespace) -> int:
             c.emit({"bench": "capacity", "processing": ptype,
                     "unavailable": "not registered"}, args.out)
             continue
-        if len(args.gateway_args) > 1:
-            c.emit(await ab(args, ptype, args.gateway_args), args.out)
+        if len(args.gateway_args) > 1 or args.every_level:
+            c.emit(await ab(args, ptype, args.gateway_args or [""]), args.out)
         else:
             c.emit(await sweep(args, ptype, "".join(args.gateway_args)), args.out)
     return 0
@@ -162,6 +234,9 @@ def cli() -> int:
                     "variants take turns at each level, no bisection)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="A/B only: trials per variant and level (default 1)")
+    ap.add_argument("--every-level", action="store_true",
+                    help="one variant too: every level from --start to --max, no stop at "
+                    "the first failure and no bisection (the curve, not the limit)")
     c.sweep_options(ap, start=10, step=10, maximum=300, resolution=2)
     args = ap.parse_args()
     c.use_uvloop()
