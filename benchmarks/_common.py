@@ -95,18 +95,19 @@ def find_pid(comm: str) -> int | None:
     return None
 
 
-def thread_waits(pid: int) -> dict[int, tuple[int, int]]:
-    """Per thread of ``pid``: nanoseconds spent runnable but waiting for a CPU (field 2
-    of ``/proc/PID/task/TID/schedstat``, kept even without CONFIG_SCHEDSTATS) and
-    involuntary context switches (preempted while it still had work). Empty off Linux."""
+def thread_waits(pid: int) -> dict[int, tuple[int, int, int]]:
+    """Per thread of ``pid``: nanoseconds spent runnable but waiting for a CPU and times
+    it got one (fields 2 and 3 of ``/proc/PID/task/TID/schedstat``, there even without
+    CONFIG_SCHEDSTATS), and involuntary context switches (preempted while it still had
+    work). Empty off Linux."""
     out = {}
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():
             with contextlib.suppress(OSError, ValueError, IndexError):
-                delay = int((task / "schedstat").read_text().split()[1])
+                _, delay, runs = (task / "schedstat").read_text().split()[:3]
                 status = (task / "status").read_text()
                 m = re.search(r"nonvoluntary_ctxt_switches:\s+(\d+)", status)
-                out[int(task.name)] = (delay, int(m.group(1)) if m else 0)
+                out[int(task.name)] = (int(delay), int(runs), int(m.group(1)) if m else 0)
     return out
 
 
@@ -120,7 +121,7 @@ class CpuMeter:
     start: dict[str, float] = field(default_factory=dict)
     t0: float = 0.0
     stat0: list[int] = field(default_factory=list)
-    waits0: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
+    waits0: dict[str, dict[int, tuple[int, int, int]]] = field(default_factory=dict)
 
     def __enter__(self) -> CpuMeter:
         self.t0 = time.monotonic()
@@ -150,20 +151,24 @@ class CpuMeter:
     def waits(self) -> dict[str, dict[str, float]]:
         """Per process over the interval: ``runqueue_wait_ms_per_s``, milliseconds its
         threads together spent runnable but not running per second of wall time (1000 =
-        one thread always waiting), and ``involuntary_switches_per_s``. Summed over the
-        threads alive at the end: a thread that exited during the interval is missing
-        (its wait is lost with it), one started during it counts from its start."""
+        one thread always waiting); ``runqueue_wait_per_run_us``, that wait per time a
+        thread got a CPU; ``involuntary_switches_per_s``. Summed over the threads alive
+        at the end: a thread that exited during the interval is missing (its wait is
+        lost with it), one started during it counts from its start."""
         wall = time.monotonic() - self.t0
         delay: dict[str, float] = {}
+        per_run: dict[str, float] = {}
         switches: dict[str, float] = {}
         for k, p in self.pids.items():
             before = self.waits0.get(k, {})
-            now = thread_waits(p)
-            d = sum(v[0] - before.get(t, (0, 0))[0] for t, v in now.items())
-            n = sum(v[1] - before.get(t, (0, 0))[1] for t, v in now.items())
-            delay[k] = round(d / 1e6 / wall, 1)
-            switches[k] = round(n / wall, 1)
-        return {"runqueue_wait_ms_per_s": delay, "involuntary_switches_per_s": switches}
+            d = [tuple(a - b for a, b in zip(v, before.get(t, (0, 0, 0)), strict=True))
+                 for t, v in thread_waits(p).items()]
+            ns, runs, inv = (sum(x[i] for x in d) for i in range(3))
+            delay[k] = round(ns / 1e6 / wall, 1)
+            per_run[k] = round(ns / 1e3 / runs, 1) if runs else 0.0
+            switches[k] = round(inv / wall, 1)
+        return {"runqueue_wait_ms_per_s": delay, "runqueue_wait_per_run_us": per_run,
+                "involuntary_switches_per_s": switches}
 
     def machine(self) -> dict[str, float]:
         """The whole machine over the same interval, in cores (``/proc/stat``): says
