@@ -292,9 +292,12 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def stack(processing: Sequence[str], *, broker: str = BROKER, workers: bool = True,
-                gateway_args: Sequence[str] = (), worker_args: Sequence[str] = ()
-                ) -> AsyncIterator[Stack]:
+                gateway_args: Sequence[str] = (), worker_args: Sequence[str] = (),
+                nice: int = 0) -> AsyncIterator[Stack]:
+    """``nice``: the gateway's and worker's niceness (negative needs root), to see what
+    their latency owes to waiting for a core behind the broker and the load generator."""
     prefix = f"bench{uuid.uuid4().hex[:8]}"
+    niced = ["nice", "-n", str(nice)] if nice else []
     with tempfile.TemporaryDirectory() as tmp:
         keys = Path(tmp) / "keys.json"
         key = create_key(keys)
@@ -303,13 +306,13 @@ async def stack(processing: Sequence[str], *, broker: str = BROKER, workers: boo
             worker = None
             wport = free_port()
             if workers:
-                worker = await start("worker", cli(
+                worker = await start("worker", niced + cli(
                     "worker", "--broker", broker, "--prefix", prefix,
                     "--processing", ",".join(processing), "--metrics-port", str(wport),
                     "--metrics-host", "127.0.0.1", *worker_args), "consuming")
                 procs.append(worker)
             oport = free_port()
-            gateway = await start("gateway", cli(
+            gateway = await start("gateway", niced + cli(
                 "gateway", "--broker", broker, "--prefix", prefix, "--keys-file", str(keys),
                 "--host", "127.0.0.1", "--port", "0", "--drain-grace-s", "1",
                 "--ops-port", str(oport),

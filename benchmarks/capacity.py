@@ -127,6 +127,7 @@ async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
         "errors": r["errors_by_code"],
         "chunks_per_message": srv.get("chunks_per_message"),
         "stage_means_ms": {k: v["mean_ms"] for k, v in srv.get("stages", {}).items()},
+        "stage_p99_ms_est": {k: v["p99_ms_est"] for k, v in srv.get("stages", {}).items()},
         "worker": srv.get("workers"),
         "cpu_cores": usage,
         "machine_cpu_cores": machine,
@@ -139,7 +140,7 @@ async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
 async def sweep(args: argparse.Namespace, ptype: str, variant: str) -> dict[str, Any]:
     rabbit = c.find_pid("beam.smp")
     try:
-        async with c.stack([ptype], broker=args.broker,
+        async with c.stack([ptype], broker=args.broker, nice=args.nice_server,
                            gateway_args=shlex.split(variant)) as st:
             assert st.worker is not None
             pids = {"client": os.getpid(), "gateway": st.gateway.pid, "worker": st.worker.pid}
@@ -184,7 +185,8 @@ async def ab(args: argparse.Namespace, ptype: str, variants: list[str]) -> dict[
     results: dict[str, dict[int, list[dict[str, Any]]]] = {v: {} for v in variants}
     async with contextlib.AsyncExitStack() as stack:
         stacks = {v: await stack.enter_async_context(
-            c.stack([ptype], broker=args.broker, gateway_args=shlex.split(v)))
+            c.stack([ptype], broker=args.broker, gateway_args=shlex.split(v),
+                    nice=args.nice_server))
             for v in variants}
         for n in range(args.start, args.max + 1, args.step):
             for r in range(args.rounds):
@@ -237,6 +239,9 @@ def cli() -> int:
     ap.add_argument("--every-level", action="store_true",
                     help="one variant too: every level from --start to --max, no stop at "
                     "the first failure and no bisection (the curve, not the limit)")
+    ap.add_argument("--nice-server", type=int, default=0, metavar="N",
+                    help="run the gateway and the worker at niceness N (e.g. -5, needs root): "
+                    "an experiment on their run-queue wait, not a deployment setting")
     c.sweep_options(ap, start=10, step=10, maximum=300, resolution=2)
     args = ap.parse_args()
     c.use_uvloop()
