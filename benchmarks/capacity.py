@@ -22,7 +22,8 @@ Besides latency and CPU, each trial reports why a process might be late: per pro
 ``involuntary_switches_per_s``; the gateway's event-loop lag as its own gauge reports
 it, scraped every 0.25 s (``gateway_loop_lag_ms``), and its garbage collections per
 generation (``gateway_gc_collections``); and this load generator's own loop lag
-(``client_loop_lag_ms``).
+(``client_loop_lag_ms``). ``--nice-server N`` runs the gateway and the worker at
+niceness N: an experiment on that wait (docs/benchmarks.md, Capacity), not a setting.
 """
 
 from __future__ import annotations
