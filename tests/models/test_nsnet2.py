@@ -215,7 +215,9 @@ def test_int8_streams_consistently_and_stays_close(engines: Engines, rate: int) 
     assert np.array_equal(y[d:], off[: len(x) - d])
     ref = engines[rate, "fp32"].offline(x)
     snr = 10 * np.log10(np.sum(ref**2) / np.sum((off - ref) ** 2))
-    assert snr > 45  # measured 57.2 dB at 16 kHz, 51.2 dB at 48 kHz
+    # 54.4 / 50.3 dB on an AVX2-only EPYC, where 8-bit activation codes saturated
+    # (42.6 / 35.5 dB; see ACTIVATION_CODES in models/prepare.py)
+    assert snr > 45
 
 
 def _run_with_neighbours(

@@ -54,7 +54,7 @@ from audiostream.models import files
 log = logging.getLogger(__name__)
 
 #: Bump when the derivation changes: an older model dir is then rebuilt.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 NSNET2_RATES = (16000, 48000)
 VARIANTS = ("fp32", "int8", "fp16")
@@ -285,6 +285,17 @@ _LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Ident
 _MS_DOMAIN = "com.microsoft"
 
 
+#: Largest uint8 code an activation gets: 7 bits, not 8. x86 CPUs without VNNI (AVX2,
+#: plain AVX-512) multiply uint8 activations by int8 weights in pairs summed into int16
+#: (``vpmaddubsw``), which saturates once 2 x code x |w| passes 32,767: with codes up to
+#: 255 the int8 model lost 9-16 dB against fp32 on an AVX2-only EPYC (42.6 dB at 16 kHz,
+#: 35.5 at 48 kHz) while it had 57.2 / 51.2 dB on a VNNI CPU. Codes up to 127 cannot
+#: saturate (2 x 127 x 127 = 32,258): 54.4 / 50.3 dB on that EPYC, one model file for
+#: every CPU. (7-bit weights, ORT's ``reduce_range``, also avoid it but cost more here:
+#: 50.5 / 42.7 dB.)
+ACTIVATION_CODES = 127
+
+
 def _int8_weights(w: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """Symmetric int8 per output column: ``w ~= q * scale[None, :]``."""
     amax = np.abs(w).max(axis=0)
@@ -308,8 +319,9 @@ def _row_quantized_matmul(
     ORT's CPU ``MatMulInteger`` takes only a scalar ``a_zero_point`` (the ONNX
     spec allows one per row; ORT refuses it), so only the *scale* is per row and
     the zero point is a constant: after a ReLU the row is quantised on
-    ``[0, max]`` (zero point 0, 255 steps), otherwise symmetrically on
-    ``[-max|x|, max|x|]`` (zero point 128, 254 steps). ``MatMulIntegerToFloat``
+    ``[0, max]`` (zero point 0, 127 steps), otherwise symmetrically on
+    ``[-max|x|, max|x|]`` (zero point 64, 126 steps): codes stay within
+    ``ACTIVATION_CODES``. ``MatMulIntegerToFloat``
     (ORT's fused integer GEMM) applies the column scales; the row scale is one
     more Mul. Written as plain ``MatMulInteger -> Cast -> Mul(row x column scales)
     -> Add(bias)`` instead, ORT 1.32's optimiser fuses all of it into one
@@ -317,7 +329,9 @@ def _row_quantized_matmul(
     then scales the bias by the row scale too: ``s_row * (acc * s_col + bias)``.
     """
     q_w, col_scale = _int8_weights(w)
-    levels, zero_point = (255.0, 0) if non_negative else (127.0, 128)
+    half = ACTIVATION_CODES // 2
+    levels, zero_point = ((float(ACTIVATION_CODES), 0) if non_negative
+                          else (float(half), half + 1))
     c = _CellBuilder(prefix, 0, opset)
     amax = c.reduce("ReduceMax", x if non_negative else c.node("Abs", [x], "abs"), "amax")
     span = c.node("Max", [amax, c.const("tiny", np.array(_TINY_RANGE, np.float32))], "span")
