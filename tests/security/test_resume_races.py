@@ -58,6 +58,20 @@ def gateways(make_server: ServerFactory, keys: Path, count: int = 2  # noqa: F81
     return shared_gateways(make_server, keys, takeover_s=10.0, count=count)
 
 
+async def receives_the_journal(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """The N answers of ``detached_with_journal``, in order (first sent, or replayed)."""
+    for i in range(N):
+        msg = await ws.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(i), (i, msg)
+
+
+async def goes_on(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """A resumed session takes and answers the next chunk."""
+    await ws.send_bytes(chunk(N))
+    msg = await ws.receive(timeout=10)
+    assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(N)
+
+
 async def detached_with_journal(http: aiohttp.ClientSession, gw: Embedded, tls: TLS,
                                 key: str) -> tuple[str, str]:
     """A session on ``gw`` answered N chunks that the client never acked, then its link
@@ -67,9 +81,7 @@ async def detached_with_journal(http: aiohttp.ClientSession, gw: Embedded, tls: 
     ready = await read_json(ws)
     for i in range(N):
         await ws.send_bytes(chunk(i))
-    for i in range(N):
-        msg = await ws.receive(timeout=10)
-        assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(i)
+    await receives_the_journal(ws)
     await ws.close()
     assert await eventually(lambda: not gw.gateway.holders)  # the journal is back
     return str(ready["session_id"]), str(ready["token"])
@@ -159,12 +171,8 @@ async def test_two_takers_with_one_token_at_once_one_wins_with_the_whole_journal
         await expect_close(loser, ErrorCode.RESUME_FAILED)
         # The winner replays every outcome of the journal: none went to the loser.
         assert ready["resume_from"] == N, ready
-        for i in range(N):
-            msg = await winner.receive(timeout=10)
-            assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(i), (i, msg)
-        await winner.send_bytes(chunk(N))
-        msg = await winner.receive(timeout=10)
-        assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(N)
+        await receives_the_journal(winner)
+        await goes_on(winner)
         await winner.close()
 
 
@@ -208,12 +216,8 @@ async def test_a_gateway_dying_between_its_held_mark_and_ready_leaves_the_token_
         async with http.ws_connect(gw_b.url, ssl=tls.client) as ws:
             ready = await first_answer(ws, key, token)
             assert ready["type"] == "ready" and ready["resume_from"] == N, ready
-            for i in range(N):
-                msg = await ws.receive(timeout=10)
-                assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(i), (i, msg)
-            await ws.send_bytes(chunk(N))
-            msg = await ws.receive(timeout=10)
-            assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(N)
+            await receives_the_journal(ws)
+            await goes_on(ws)
 
 
 async def test_a_mark_before_ready_keeps_older_tokens_out_after_two_deaths(
@@ -252,7 +256,5 @@ async def test_a_mark_before_ready_keeps_older_tokens_out_after_two_deaths(
             async with http.ws_connect(gw_c.url, ssl=tls.client) as ws:
                 ready = await first_answer(ws, key, new_token)
                 assert ready["type"] == "ready" and ready["resume_from"] == N, ready
-                for i in range(N):
-                    msg = await ws.receive(timeout=10)
-                    assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == chunk(i)
+                await receives_the_journal(ws)
         await holder.close()
