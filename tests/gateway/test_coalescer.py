@@ -259,6 +259,37 @@ def test_target_has_hysteresis() -> None:
     assert c.target == 1
 
 
+def _fast_replies_until_unheld(c: Coalescer) -> int:
+    for n in range(1, 100):
+        c.observe(0.004, 2.0)
+        if c.target == 1:
+            return n
+    raise AssertionError("the target never came down")
+
+
+def test_the_target_comes_down_soon_after_a_burst_of_slow_replies() -> None:
+    """Replies of 300 ms for a while (another session's big messages ahead on the
+    broker), then fast again: the hold ends within half the replies it took when every
+    sample entered the average whole (21, each held 40-45 ms: about a second)."""
+    c = Coalescer(deadline_s=1.0)
+    for s in range(5):
+        c.add(s, PCM, s * 0.02)
+    for _ in range(20):
+        c.observe(0.3, 1.0)
+    assert c.target == 3
+    assert _fast_replies_until_unheld(c) <= 10
+
+
+def test_steadily_slow_replies_keep_the_largest_message() -> None:
+    """The cap only trims what is past the largest size: slow replies still hold it."""
+    c = Coalescer(deadline_s=1.0)
+    for s in range(5):
+        c.add(s, PCM, s * 0.02)
+    for rtt in (0.5, 0.03, 0.2, 0.025, 0.9) * 20:
+        c.observe(rtt, 1.0)
+        assert c.target == 3
+
+
 def test_holds_never_exceed_half_the_deadline() -> None:
     c = Coalescer(deadline_s=0.04, policy=CoalescePolicy(linger_s=1.0))
     c.add(0, PCM, 0.0)

@@ -29,7 +29,9 @@ changed (a chunk, a reply, its one timer at ``due_at()``), and ``answered`` /
   workers are loaded), the next message waits until it holds ``target`` chunks, or
   its oldest chunk has waited about ``max_hold_s``. An idle system (fast replies)
   sends every chunk at once: no added latency. The target follows a moving average
-  of reply times with hysteresis, so it does not flap between two sizes. A hold in
+  of reply times with hysteresis, so it does not flap between two sizes; a sample
+  enters the average capped at the reply time that already asks for the largest
+  message, so one slow burst does not hold the target up long after it. A hold in
   which no second chunk arrived did not pay (the client waits for our answer before
   it sends more): holds pause for ``MISS_BACKOFF_S``.
 * **The gateway's floor.** ``set_floor`` passes on the gateway-wide coalescing floor
@@ -333,6 +335,12 @@ class Coalescer:
         """A reply time (``answered`` and expiries report theirs): update the moving
         average and the target size."""
         rtt = max(0.0, rtt)
+        if (gap := self.gap) is not None and gap > 0 and self.policy.budget_fraction > 0:
+            # A reply slower than what already asks for the largest message says nothing
+            # more about the size to choose; averaged in whole, one burst (a 300 ms reply
+            # behind another session's big messages) kept the target up for 0.7-1.0 s
+            # after replies were fast again (21 replies). Capped: 10.
+            rtt = min(rtt, self.policy.budget_fraction * gap * self._most(gap))
         self.rtt = rtt if self.rtt is None else self.rtt + EWMA_WEIGHT * (rtt - self.rtt)
         if now < self._quiet_until:
             self.target = 1
