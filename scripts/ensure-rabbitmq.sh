@@ -16,7 +16,15 @@ if ! command -v rabbitmq-server >/dev/null 2>&1; then
   exit 1
 fi
 echo "starting RabbitMQ (rabbitmq-server -detached)"
-rabbitmq-server -detached || true
+# The broker outlives this script: it must not inherit our descriptors (a caller's
+# `flock` on fd 3 would otherwise stay held for as long as the broker runs).
+(
+  for fd in /proc/$BASHPID/fd/*; do
+    n=${fd##*/}
+    if [ "$n" -gt 2 ]; then eval "exec $n>&-"; fi
+  done 2>/dev/null
+  exec rabbitmq-server -detached
+) || true
 if command -v rabbitmqctl >/dev/null 2>&1; then
   rabbitmqctl wait --timeout 120 "$(ls /var/lib/rabbitmq/mnesia/*.pid 2>/dev/null | head -1)" >/dev/null 2>&1 \
     || rabbitmqctl await_startup --timeout 120 >/dev/null 2>&1 || true
