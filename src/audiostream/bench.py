@@ -625,8 +625,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start the sessions spread over this many seconds (default 0)")
     p.add_argument("--deadline-ms", type=int, default=None,
                    help="per-chunk deadline asked of the gateway (default: its own)")
-    p.add_argument("--sample-rate", type=int, default=16000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-rate", type=int, default=16000,
+                   help="sample rate of each session's synthetic audio (default 16000)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic audio's noise (default 0)")
     p.add_argument("--metrics-url", action="append", default=[], metavar="URL",
                    help="/metrics to diff (repeatable; default the gateway's own); add "
                    "workers' --metrics-port URLs for batch and inference figures")

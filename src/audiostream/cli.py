@@ -208,7 +208,8 @@ def _add_common(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
                    help="on an error, print the traceback (env AUDIOSTREAM_DEBUG=1)")
 
 
-def _add_broker(p: argparse.ArgumentParser, *, required: bool) -> None:
+def _add_broker(p: argparse.ArgumentParser, *, required: bool,
+                note: str = "; omit for the in-process broker") -> None:
     default = _env_default("BROKER", _broker_url, None)
     p.add_argument(
         "--broker",
@@ -216,7 +217,7 @@ def _add_broker(p: argparse.ArgumentParser, *, required: bool) -> None:
         default=default,
         required=required and default is None,
         help="AMQP URL, e.g. amqp://user:pass@host:5672/ (env AUDIOSTREAM_BROKER)"
-        + ("" if required else "; omit for the in-process broker"),
+        + ("" if required else note),
     )
     p.add_argument("--shards", type=_int_at_least(1),
                    default=_env_default("SHARDS", _int_at_least(1), 2),
@@ -227,7 +228,8 @@ def _add_broker(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def _add_gateway(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="listen address")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+                   help="listen address (default 127.0.0.1; env AUDIOSTREAM_HOST)")
     p.add_argument("--port", type=_port, default=_env_default("PORT", _port, DEFAULT_PORT),
                    help=f"listen port (default {DEFAULT_PORT}; 0 picks a free one; "
                    "env AUDIOSTREAM_PORT)")
@@ -236,8 +238,10 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
                    "(env AUDIOSTREAM_KEYS_FILE); serve without one creates and prints an "
                    "in-memory development key")
     p.add_argument("--tls-cert", type=Path, default=_env("TLS_CERT"),
-                   help="PEM certificate chain: serve wss:// (TLS 1.3 only)")
-    p.add_argument("--tls-key", type=Path, default=_env("TLS_KEY"), help="PEM private key")
+                   help="PEM certificate chain: serve wss:// (TLS 1.3 only; env "
+                   "AUDIOSTREAM_TLS_CERT)")
+    p.add_argument("--tls-key", type=Path, default=_env("TLS_KEY"),
+                   help="PEM private key (env AUDIOSTREAM_TLS_KEY)")
     p.add_argument("--deadline-ms", type=int, default=1000,
                    help="default per-chunk deadline; later audio is dropped with a notice")
     p.add_argument("--max-connections", type=int, default=10_000,
@@ -251,10 +255,11 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-secret-file", type=Path, default=_env("TOKEN_SECRET_FILE"),
                    help="file holding the token secret (env AUDIOSTREAM_TOKEN_SECRET_FILE)")
     p.add_argument("--ops-host", default=_env("OPS_HOST", "127.0.0.1"),
-                   help="address of /metrics, /healthz, /readyz (default 127.0.0.1; never "
-                   "expose it publicly)")
+                   help="address of /metrics, /healthz, /readyz (default 127.0.0.1; env "
+                   "AUDIOSTREAM_OPS_HOST; never expose it publicly)")
     p.add_argument("--ops-port", type=int, default=_env_default("OPS_PORT", int, 9090),
-                   help="port of /metrics, /healthz, /readyz (default 9090)")
+                   help="port of /metrics, /healthz, /readyz (default 9090; env "
+                   "AUDIOSTREAM_OPS_PORT)")
     p.add_argument("--handshake-timeout-s", type=float, default=10.0,
                    help="close sockets that have not sent a whole request (TLS handshake "
                    "plus headers) within this time (default 10)")
@@ -341,7 +346,8 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", type=int, default=None,
                    help="unacked messages per work queue (default max(2*max-batch, 32))")
     p.add_argument("--model-dir", type=Path, default=_env("MODEL_DIR"),
-                   help="prepared models (default: inside the environment)")
+                   help="prepared models (default: inside the environment; env "
+                   "AUDIOSTREAM_MODEL_DIR)")
     p.add_argument("--intra-op-threads", type=int, default=1,
                    help="ONNX Runtime threads per model call (default 1: scale with processes)")
     p.add_argument("--denoise-variant", choices=("fp32", "int8", "fp16"), default=None,
@@ -1106,8 +1112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=_port, default=None,
                    help="serve /metrics and /healthz on this port")
     p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"),
-                   help="address for --metrics-port (default 127.0.0.1; the chart uses the "
-                   "pod IP behind a NetworkPolicy)")
+                   help="address for --metrics-port (default 127.0.0.1; env "
+                   "AUDIOSTREAM_METRICS_HOST; the chart uses the pod IP behind a "
+                   "NetworkPolicy)")
 
     p = sub.add_parser(
         "stream", help="stream an audio file through a gateway",
@@ -1170,8 +1177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="WAV file, or '-' for stdout")
     p.add_argument("--pipeline", required=True, help="steps, e.g. highpass,denoise")
     add_format_argument(p)
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--model-dir", type=Path, default=_env("MODEL_DIR"))
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="execution device for model steps (default cpu)")
+    p.add_argument("--model-dir", type=Path, default=_env("MODEL_DIR"),
+                   help="prepared models (default: inside the environment; env "
+                   "AUDIOSTREAM_MODEL_DIR)")
 
     p = sub.add_parser(
         "healthcheck", help="exit 0 if the gateway (and, with --broker, the broker) is healthy",
@@ -1232,8 +1242,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker(td, required=True)
     tdef = ts.add_parser("definitions", help="write RabbitMQ definitions JSON")
     _add_common(tdef, nested=True)
-    _add_broker(tdef, required=False)
-    tdef.add_argument("--out", type=Path, required=True)
+    _add_broker(tdef, required=False, note="; not used: the definitions follow --prefix "
+                "and --shards alone")
+    tdef.add_argument("--out", type=Path, required=True, help="the JSON file to write")
 
     p = sub.add_parser("models", help="model files")
     _add_common(p)
