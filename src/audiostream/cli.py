@@ -1314,9 +1314,15 @@ def classify(exc: BaseException) -> tuple[int, str]:
     import aiohttp
     import soundfile
 
+    from audiostream.client_errors import ClientError
+
     exc = _leaf(exc)
     if isinstance(exc, UsageError):
         return EXIT_USAGE, redact_text(exc.message)
+    if type(exc) is ClientError:
+        # The SDK's own root class is what it raises for an argument it refuses before
+        # anything is sent (a chunk size, a format, a pipeline): the caller's mistake.
+        return EXIT_USAGE, redact_text(str(exc))
     if isinstance(exc, TransportError):
         return EXIT_FAILURE, f"{exc.code.name} ({int(exc.code)}): {_transport_message(exc)}"
     if isinstance(exc, AudioStreamError):

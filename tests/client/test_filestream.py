@@ -136,5 +136,5 @@ def test_bad_chunk_size_is_refused_before_streaming(
                  "--api-key", srv.server.api_key, "--pipeline", "passthrough",
                  "--chunk-ms", "5000", "--quiet"])
     err = capsys.readouterr().err
-    assert code != 0 and "--chunk-ms 5000 is out of range" in err and "Traceback" not in err
+    assert code == 2 and "--chunk-ms 5000 is out of range" in err and "Traceback" not in err
     assert not out.exists()
