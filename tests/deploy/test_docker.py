@@ -222,6 +222,12 @@ def test_compose_services(compose: dict[str, Any]) -> None:
             if src.startswith("."):
                 assert (WORKERS / src).exists(), f"{name} mounts missing {src}"
     assert len(host_ports) == len(set(host_ports)), "two services publish the same host port"
+    for name in ("worker-cpu", "worker-gpu"):
+        # A published metrics port is only reachable if the worker listens beyond the
+        # container's loopback.
+        args = build_parser().parse_args([*services[name]["command"], "--broker", "amqp://x/"])
+        published = {p.rsplit(":", 1)[1] for p in services[name]["ports"]}
+        assert str(args.metrics_port) in published and args.metrics_host == "0.0.0.0", name
     assert services["gateway-a"]["command"] == services["gateway-b"]["command"]
     # The gateway drain fits in the stop grace period.
     cmd = services["gateway-a"]["command"]
