@@ -196,6 +196,19 @@ async def test_garbage_collections_are_exported_by_generation() -> None:
     assert value(after, full, generation="2") >= value(before, full, generation="2") + 1
 
 
+async def test_a_scrape_can_ask_for_some_metrics_only() -> None:
+    """``name[]`` narrows the exposition (benchmarks sample the loop lag 4 times a
+    second without making the gateway render every histogram); none asked: all."""
+    async with embedded_server() as srv:
+        url = srv.ops_url + "/metrics"
+        lag, gcs = "audiostream_gateway_loop_lag_seconds", "python_gc_collections_total"
+        some = await scrape(f"{url}?name[]={lag}&name[]={gcs}")
+        everything = await scrape(url)
+    assert {n for n, _ in some} == {lag, gcs}
+    assert len({n for n, _ in everything}) > 20
+    assert {lag, gcs, "audiostream_chunks_in_total"} <= {n for n, _ in everything}
+
+
 async def test_queue_depth_rises_without_workers_memory() -> None:
     settings = GatewaySettings(depth_poll_s=0.05)
     async with embedded_server(workers=0, gateway_settings=settings) as srv:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import cast
 
 from aiohttp import WSMsgType, web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from audiostream.audio import Codec
 from audiostream.bundler import WorkBundler
@@ -51,7 +51,7 @@ from audiostream.gateway.telephony import add_telephony_routes
 from audiostream.gateway.tokens import SessionGrant, TokenSigner
 from audiostream.gateway.watchdog import BrokerWatchdog
 from audiostream.gateway.wsframes import FrameWriter
-from audiostream.metrics import GatewayMetrics
+from audiostream.metrics import GatewayMetrics, exposition
 from audiostream.processors import ProcessorRegistry, registry
 from audiostream.processors.pipeline import delay_frames, plan_raw
 from audiostream.protocol import (
@@ -999,8 +999,8 @@ class Gateway:
         }
         return web.json_response(body, status=200 if ready else 503)
 
-    async def handle_metrics(self, _request: web.Request) -> web.Response:
-        data = generate_latest(self.metrics_registry)
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        data = exposition(self.metrics_registry, request.query.getall("name[]", []))
         return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def handle_stream(self, request: web.Request) -> web.StreamResponse:
