@@ -699,19 +699,26 @@ async def test_a_lock_is_held_by_one_connection_at_a_time(
     a, b = await transport_factory(), await transport_factory()
     name = reply_name(topology) + ".lock"
     got = await asyncio.gather(a.try_lock(name), b.try_lock(name))
-    assert sorted(got) == [False, True]
-    holder, other = (a, b) if got[0] else (b, a)
-    assert await holder.try_lock(name) is False  # not twice within one connection either
-    assert await other.try_lock(name) is False
-    await other.unlock(name)  # not its lock: nothing happens
-    assert await other.try_lock(name) is False
-    await holder.unlock(name)
-    assert await other.try_lock(name) is True
-    assert await holder.try_lock(name) is False
-    await other.unlock(name)
-    await other.unlock(name)  # twice: a no-op
-    assert await holder.try_lock(name) is True
-    assert await a.try_lock(name + "2") is True  # locks are independent
+    assert sorted(t is not None for t in got) == [False, True]
+    holder, other = (a, b) if got[0] is not None else (b, a)
+    held = got[0] or got[1]
+    assert held is not None and holder.holds_lock(held) and not other.holds_lock(held)
+    assert await holder.try_lock(name) is None  # not twice within one connection either
+    assert await other.try_lock(name) is None
+    await other.unlock(held)  # not its holding: nothing happens
+    assert holder.holds_lock(held)
+    assert await other.try_lock(name) is None
+    await holder.unlock(held)
+    assert not holder.holds_lock(held)
+    again = await other.try_lock(name)
+    assert again is not None and other.holds_lock(again)
+    assert await holder.try_lock(name) is None
+    await holder.unlock(held)  # an old holding of a lock another took since: a no-op
+    assert other.holds_lock(again)
+    await other.unlock(again)
+    await other.unlock(again)  # twice: a no-op
+    assert await holder.try_lock(name) is not None
+    assert await a.try_lock(name + "2") is not None  # locks are independent
 
 
 async def test_a_lock_dies_with_its_connection(
@@ -720,10 +727,37 @@ async def test_a_lock_dies_with_its_connection(
     """A gateway that dies while taking a session over leaves no lock behind."""
     dying, other = await transport_factory(), await transport_factory()
     name = reply_name(topology) + ".lock"
-    assert await dying.try_lock(name) is True
-    assert await other.try_lock(name) is False
+    assert await dying.try_lock(name) is not None
+    assert await other.try_lock(name) is None
     await dying.close()
-    assert await other.try_lock(name) is True
+    assert await other.try_lock(name) is not None
+
+
+async def test_a_lock_lost_with_its_connection_stays_lost_after_a_reconnect(
+    transport_factory: TransportFactory, topology: Topology
+) -> None:
+    """The holder learns that its lock went with its connection (``holds_lock``), also
+    once connected again; its own stale record refuses no new holding, and the lost
+    holding's ``unlock`` cannot let go of a holding taken since, its own or another's."""
+    holder, other = await transport_factory(), await transport_factory()
+    name = reply_name(topology) + ".lock"
+    lost = await holder.try_lock(name)
+    assert lost is not None and holder.holds_lock(lost)
+    await holder.close()
+    await holder.connect()
+    assert not holder.holds_lock(lost)
+    again = await holder.try_lock(name)
+    assert again is not None and again is not lost
+    await holder.unlock(lost)
+    assert holder.holds_lock(again) and not holder.holds_lock(lost)
+    assert await other.try_lock(name) is None  # still held: the old unlock left it be
+    await holder.unlock(again)
+    theirs = await other.try_lock(name)
+    assert theirs is not None
+    await holder.unlock(lost)
+    await holder.unlock(again)
+    assert other.holds_lock(theirs)
+    assert await holder.try_lock(name) is None
 
 
 async def test_a_refused_lock_disturbs_nothing_else_on_the_connection(
@@ -740,9 +774,9 @@ async def test_a_refused_lock_disturbs_nothing_else_on_the_connection(
     await gateway.consume_replies(name, inbox)
     assert await gateway.publish_reply(name, b"r0")
     await inbox.wait_for(1)
-    assert await holder.try_lock(lock) is True
+    assert await holder.try_lock(lock) is not None
     for _ in range(3):
-        assert await gateway.try_lock(lock) is False
+        assert await gateway.try_lock(lock) is None
     assert await gateway.publish_reply(name, b"r1")
     await inbox.wait_for(2)
     assert inbox.bodies == [b"r0", b"r1"]

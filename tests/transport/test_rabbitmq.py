@@ -480,6 +480,39 @@ async def test_consumers_and_publishing_resume_after_the_connection_drops(
         await held.deliveries[0].ack()
 
 
+async def test_a_lock_is_lost_when_the_connection_drops_though_it_comes_back(
+    rabbit: RabbitFactory, topology: Topology
+) -> None:
+    """The broker deletes a lock's exclusive queue with the connection that dropped; the
+    robust connection comes back without it. The holder is told (``holds_lock``), its
+    stale record neither refuses a new holding nor deletes another connection's."""
+    name = f"audiostream-test-{uuid.uuid4().hex[:8]}"
+    t = await rabbit(connection_name=name, reconnect_interval=0.1)
+    other = await rabbit()
+    lock = topology.reply_queue(uuid.uuid4().hex) + ".lock"
+    lost = await t.try_lock(lock)
+    assert lost is not None and t.holds_lock(lost)
+    assert await other.try_lock(lock) is None
+
+    await _drop_connection(t, name)
+
+    assert not t.holds_lock(lost)
+    theirs = await other.try_lock(lock)  # the broker let it go with the connection
+    assert theirs is not None
+
+    async def connected() -> bool:
+        return t.is_connected
+
+    await eventually(connected, within=10)
+    await t.unlock(lost)  # deletes nothing: the queue of that name is another's now
+    assert await t.try_lock(lock) is None  # refused by the broker, as other holds it
+    assert other.holds_lock(theirs)
+    await other.unlock(theirs)
+    mine = await t.try_lock(lock)  # not refused by our own record of the lost holding
+    assert mine is not None and t.holds_lock(mine)
+    assert await other.try_lock(lock) is None
+
+
 async def test_work_consumer_restarts_when_its_queue_is_deleted_and_declared_again(
     rabbit: RabbitFactory,
     rabbitmq_url: str,

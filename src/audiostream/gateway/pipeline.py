@@ -49,7 +49,7 @@ from audiostream.gateway.coalescer import (
 )
 from audiostream.gateway.journal import MAX_JOURNAL, Journal, JournalEntry
 from audiostream.metrics import GatewayMetrics
-from audiostream.transport.base import Delivery, Subscription, Transport
+from audiostream.transport.base import Delivery, LockToken, Subscription, Transport
 
 __all__ = [
     "MAX_BACKLOG",
@@ -247,23 +247,23 @@ class SessionPipeline:
         session and is refused by the generation rule like any other (a same-token
         twin is not newer). The lock dies with a gateway that dies."""
         t = self.transport
-        lock = f"{self.reply_queue}.lock"
-        await self._take_lock(lock, settle_s)
+        lock = await self._take_lock(f"{self.reply_queue}.lock", settle_s)
         try:
             return await self._take_over(settle_s)
         finally:
             await t.unlock(lock)
 
-    async def _take_lock(self, lock: str, settle_s: float) -> None:
+    async def _take_lock(self, lock: str, settle_s: float) -> LockToken:
         """Wait (up to ``settle_s``) while another taker holds the session's lock."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settle_s
-        while not await self.transport.try_lock(lock):
+        while (token := await self.transport.try_lock(lock)) is None:
             if loop.time() >= deadline:
                 raise AudioStreamError("another connection is resuming this session",
                                        ErrorCode.RESUME_FAILED)
             # Polling the broker: nothing announces that another connection's lock is gone.
             await asyncio.sleep(LOCK_POLL_S)
+        return token
 
     async def _take_over(self, settle_s: float) -> list[Reply]:
         t = self.transport

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from audiostream.topology import Topology
-from audiostream.transport.base import Delivery, Handler, Subscription, Transport
+from audiostream.transport.base import Delivery, Handler, LockToken, Subscription, Transport
 from audiostream.transport.memory import MemoryBroker, MemoryTransport
 
 __all__ = [
     "Delivery",
     "Handler",
+    "LockToken",
     "MemoryBroker",
     "MemoryTransport",
     "Subscription",

@@ -18,16 +18,29 @@ conformance suite (``tests/transport/test_conformance.py``):
 * handlers are called inline, one delivery after another (see ``Handler``);
 * ``progress`` grows with every answer from the broker;
 * a lock (``try_lock``) is held by one connection at a time, and only once within it;
-  it is let go by ``unlock`` or when its connection closes or dies.
+  it is let go by ``unlock`` or when its connection closes or dies, and a holding lost
+  with its connection stays lost (``holds_lock``) even once the transport reconnected.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from audiostream.errors import TransportError
 from audiostream.topology import Topology
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LockToken:
+    """One holding of a lock, as ``try_lock`` hands it out.
+
+    Compared by identity: a holding lost with its connection is never mistaken for a
+    later holding of the same name (by another session of the same gateway, say), so
+    its ``unlock`` cannot let go of that one."""
+
+    name: str
 
 
 class Delivery(Protocol):
@@ -143,18 +156,26 @@ class Transport(Protocol):
         """Ready (not unacked) messages over all shards of ``processing``."""
         ...
 
-    async def try_lock(self, name: str) -> bool:
-        """Take the lock ``name`` if no connection holds it, this one included: True
-        when taken, False at once when held. The broker enforces it across connections
-        (gateways); it is held until ``unlock`` or until this connection closes, so a
-        gateway that dies holds none. A refused attempt disturbs nothing else on the
-        connection."""
+    async def try_lock(self, name: str) -> LockToken | None:
+        """Take the lock ``name`` if no connection holds it, this one included: its token
+        when taken, None at once when held. The broker enforces it across connections
+        (gateways); it is held until ``unlock`` or until this connection closes or drops
+        (a robust connection that reconnects does not get it back), so a gateway that
+        dies holds none. A refused attempt disturbs nothing else on the connection."""
         ...
 
-    async def unlock(self, name: str) -> None:
-        """Let go of a lock taken with ``try_lock`` (nothing if it is not held here).
-        A cancelled caller does not cut it short."""
+    def holds_lock(self, token: LockToken) -> bool:
+        """Whether the holding ``token`` is still ours: False once unlocked, or once the
+        connection it was taken on closed or dropped, even if the transport reconnected
+        since. The broker has let the lock go then, and another taker may hold it."""
         ...
+
+    async def unlock(self, token: LockToken) -> None:
+        """Let go of a holding taken with ``try_lock`` (nothing if it is let go already,
+        or lost with its connection: the lock may be another's by now). A cancelled
+        caller does not cut it short."""
+        ...
+
 
 @runtime_checkable
 class DeadLetterProbe(Protocol):

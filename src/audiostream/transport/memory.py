@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from audiostream.errors import TransportError
 from audiostream.topology import Topology
-from audiostream.transport.base import Handler, Subscription
+from audiostream.transport.base import Handler, LockToken, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ class MemoryBroker:
         self._queues: dict[str, _Queue] = {}
         self._bindings: dict[tuple[str, str], str] = {}  # (exchange, routing key) -> queue
         self._tags = itertools.count(1)
-        self._locks: dict[str, MemoryTransport] = {}
-        """Lock name -> the connection holding it (``try_lock``)."""
+        self._locks: dict[str, tuple[MemoryTransport, LockToken]] = {}
+        """Lock name -> the connection holding it and its holding (``try_lock``)."""
         self.dead_letters: deque[tuple[str, bytes]] = deque(maxlen=10_000)
 
     @classmethod
@@ -325,7 +325,7 @@ class MemoryTransport:
     async def close(self) -> None:
         self._connected = False
         locks = self.broker._locks
-        for name in [n for n, owner in locks.items() if owner is self]:
+        for name in [n for n, (owner, _) in locks.items() if owner is self]:
             del locks[name]  # as RabbitMQ deletes a dead connection's exclusive queues
         for c in self._consumers:
             self.broker._remove_consumer(c, requeue=True)
@@ -463,14 +463,21 @@ class MemoryTransport:
         self.progress += 1
         return total
 
-    async def try_lock(self, name: str) -> bool:
+    async def try_lock(self, name: str) -> LockToken | None:
         self._check()
         self.progress += 1
         if name in self.broker._locks:
-            return False
-        self.broker._locks[name] = self
-        return True
+            return None
+        token = LockToken(name)
+        self.broker._locks[name] = (self, token)
+        return token
 
-    async def unlock(self, name: str) -> None:
-        if self.broker._locks.get(name) is self:
-            del self.broker._locks[name]
+    def holds_lock(self, token: LockToken) -> bool:
+        """A connection here only ends by ``close()`` (which lets its locks go): this
+        transport has no drop that outlives it, unlike RabbitMQ's robust connection."""
+        held = self.broker._locks.get(token.name)
+        return held is not None and held[0] is self and held[1] is token
+
+    async def unlock(self, token: LockToken) -> None:
+        if self.holds_lock(token):
+            del self.broker._locks[token.name]

@@ -60,7 +60,7 @@ from yarl import URL
 
 from audiostream.errors import ConfigError, TransportError
 from audiostream.topology import Topology
-from audiostream.transport.base import Delivery, Handler, Subscription
+from audiostream.transport.base import Delivery, Handler, LockToken, Subscription
 
 __all__ = ["QueueProbe", "RabbitTransport", "TopologyProbe", "declare_topology",
            "probe_topology"]
@@ -625,9 +625,12 @@ class RabbitTransport:
         self._closing_tasks: set[asyncio.Task[None]] = set()
         self._dispatches: weakref.WeakSet[_Dispatch] = weakref.WeakSet()
         self._restore_task: asyncio.Task[None] | None = None
-        self._locks: set[str] = set()
-        """Locks this connection holds (``try_lock``): the broker lets the owner of an
-        exclusive queue declare it again, so the exclusion within one connection is ours."""
+        self._locks: dict[str, tuple[LockToken, aiormq.abc.AbstractConnection | None]] = {}
+        """Locks this transport holds or is taking (``try_lock``), each with the AMQP
+        connection its exclusive queue was declared on (None while taking): the broker lets
+        the owner of an exclusive queue declare it again, so the exclusion within one
+        connection is ours. A lock whose connection closed was deleted by the broker with
+        it, however soon the robust connection came back (``holds_lock``)."""
         self._unlocking: dict[str, asyncio.Task[None]] = {}
         self._closing = False
         self.progress = 0
@@ -786,6 +789,7 @@ class RabbitTransport:
             self._schedule_restore()
 
     def _on_reconnect(self, _connection: object) -> None:
+        self._forget_lost_locks()
         self._schedule_restore()
 
     def _schedule_restore(self) -> None:
@@ -879,16 +883,18 @@ class RabbitTransport:
     async def reply_queue_stats(self, name: str) -> tuple[int, int] | None:
         return await self._queue_stats(name)
 
-    async def try_lock(self, name: str) -> bool:
+    async def try_lock(self, name: str) -> LockToken | None:
         """An exclusive queue named ``name``, declared on a throwaway channel: the broker
         lets one connection have it (another gets RESOURCE_LOCKED, which closes only
         that channel) and deletes it when the connection closes or drops."""
         pending = self._unlocking.get(name)
         if pending is not None:  # our own unlock of it still deleting the queue
             await asyncio.shield(pending)
+        self._forget_lost_locks()
         if name in self._locks:
-            return False
-        self._locks.add(name)
+            return None
+        token = LockToken(name)
+        self._locks[name] = (token, None)
         answered = False
         try:
             async with self._throwaway(f"taking lock {name!r}") as ch:
@@ -897,25 +903,49 @@ class RabbitTransport:
                                            auto_delete=False, timeout=self.op_timeout)
                 except aiormq.exceptions.ChannelLockedResource:
                     answered = True
-                    self._locks.discard(name)
+                    del self._locks[name]
                     self.progress += 1
-                    return False
+                    return None
+                underlay = await ch.get_underlay_channel()
+                # If this connection dropped since the declare, the lock is lost already.
+                self._locks[name] = (token, underlay.connection)
             answered = True
             self.progress += 1
-            return True
+            return token
         finally:
             if not answered:
-                self._locks.discard(name)
+                if self._locks.get(name, (None,))[0] is token:
+                    del self._locks[name]
                 # A cancelled or failed declare may still have made the queue: never
                 # leave it to lock other gateways out until this connection closes.
                 # (Deleting another connection's exclusive queue is refused.)
                 self._start_unlock(name)
 
-    async def unlock(self, name: str) -> None:
-        if name not in self._locks:
+    def holds_lock(self, token: LockToken) -> bool:
+        held = self._locks.get(token.name)
+        if held is None or held[0] is not token:
+            return False
+        connection = held[1]
+        return connection is not None and not connection.is_closed
+
+    def _forget_lost_locks(self) -> None:
+        """Drop the records of locks whose connection closed: the broker deleted their
+        queues, so they neither refuse a new ``try_lock`` nor get deleted by ``unlock``
+        (the name may be another connection's lock by now)."""
+        for name in [n for n, (_, conn) in self._locks.items()
+                     if conn is not None and conn.is_closed]:
+            log.warning("lock %s was lost with its broker connection", name)
+            del self._locks[name]
+
+    async def unlock(self, token: LockToken) -> None:
+        held = self._locks.get(token.name)
+        if held is None or held[0] is not token:
             return
-        self._locks.discard(name)
-        await asyncio.shield(self._start_unlock(name))
+        del self._locks[token.name]
+        connection = held[1]
+        if connection is None or connection.is_closed:
+            return  # lost with its connection: the broker deleted it already
+        await asyncio.shield(self._start_unlock(token.name))
 
     def _start_unlock(self, name: str) -> asyncio.Task[None]:
         """Delete lock ``name`` in a task ``close()`` waits for."""
