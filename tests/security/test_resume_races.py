@@ -11,10 +11,16 @@
    nobody received, and that resume was refused (4040) for good. The mark before
    ``ready`` still carries the token it was given, so older tokens stay out even when
    the journal's other evidence of it was acked by the dead taker.
+3. A taker whose broker connection drops mid-takeover and comes back (RabbitMQ's robust
+   connection): the broker deleted the takeover lock with the connection, and the
+   restored consumer went on reading the journal, so another taker could read it beside
+   it. Before, the takeover went on to ``ready`` as if it still held the lock, and its
+   own gateway's stale record of the lock refused the next takeover there. Now it fails
+   retryably (``broker_unavailable``), hands the journal back, and the lock is free.
 
 A gateway's transport is wrapped to hold a step (``Overlapping``) or to drop its broker
-connection at a step (``DiesAfterMark``): the point of each race is reached by waiting on
-events, never on time."""
+connection at a step (``DiesAfterMark``, ``DropsMidTakeover``): the point of each race is
+reached by waiting on events, never on time."""
 
 from __future__ import annotations
 
@@ -32,7 +38,8 @@ from audiostream.gateway import create_key
 from audiostream.gateway.pipeline import HELD
 from audiostream.protocol import ResumeRequest, start_json
 from audiostream.testing import Embedded, eventually
-from audiostream.transport.base import Handler, Subscription, Transport
+from audiostream.transport.base import Handler, LockToken, Subscription, Transport
+from audiostream.transport.rabbitmq import RabbitTransport
 from tests.gateway.conftest import (
     TLS,
     ServerFactory,
@@ -258,3 +265,77 @@ async def test_a_mark_before_ready_keeps_older_tokens_out_after_two_deaths(
                 assert ready["type"] == "ready" and ready["resume_from"] == N, ready
                 await receives_the_journal(ws)
         await holder.close()
+
+
+class DropsMidTakeover:
+    """A gateway's RabbitMQ transport whose broker connection drops as soon as a takeover
+    began consuming the session's reply queue (its journal), and comes back: the broker
+    deletes the takeover lock and requeues the journal, and the transport restores the
+    taker's consumer, which then reads the journal again."""
+
+    def __init__(self, inner: RabbitTransport, queue: str) -> None:
+        self._inner = inner
+        self._queue = queue
+        self.dropped = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def consume_replies(self, name: str, handler: Handler) -> Subscription:
+        subscription = await self._inner.consume_replies(name, handler)
+        if name == self._queue and not self.dropped.is_set():
+            self.dropped.set()
+            robust = self._inner._connection
+            assert robust is not None and robust.transport is not None
+            dropped = robust.transport.connection
+            await dropped.close(ConnectionError("dropped by the test"))
+
+            async def restored() -> bool:
+                """Connected again, and the taker's consumer is back on the queue."""
+                now = robust.transport
+                if now is None or now.connection is dropped or not self._inner.is_connected:
+                    return False
+                stats = await self._inner.reply_queue_stats(self._queue)
+                return stats is not None and stats[1] == 1
+
+            assert await eventually(restored)
+        return subscription
+
+
+@pytest.mark.parametrize("transport_kind",
+                         [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+async def test_a_takeover_whose_broker_connection_drops_fails_retryably_and_loses_nothing(
+    make_server: ServerFactory, tls: TLS, tmp_path: Path  # noqa: F811
+) -> None:
+    keys = tmp_path / "keys.json"
+    key, _ = create_key(keys, "tenant")
+    a, b = gateways(make_server, keys)
+    async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
+        session_id, token = await detached_with_journal(http, gw_a, tls, key)
+        inner = gw_a.gateway.transport
+        assert isinstance(inner, RabbitTransport)
+        queue = inner.topology.reply_queue(session_id)
+        dropping = DropsMidTakeover(inner, queue)
+        gw_a.gateway.transport = dropping  # type: ignore[assignment]
+        async with http.ws_connect(gw_a.url, ssl=tls.client) as ws:
+            answer = await first_answer(ws, key, token)
+            assert dropping.dropped.is_set()
+            # Not ready on a journal another taker may have shared: a retryable error.
+            assert answer["type"] == "error", answer
+            assert answer["code"] == ErrorCode.BROKER_UNAVAILABLE, answer
+            assert answer["retryable"] is True, answer
+            await expect_close(ws, ErrorCode.BROKER_UNAVAILABLE)
+        gw_a.gateway.transport = inner
+        # The lock is free: for the gateway that lost it (no stale record of its own) and
+        # for another.
+        lock = f"{queue}.lock"
+        for gw in (gw_a, gw_b):
+            taken = await gw.gateway.transport.try_lock(lock)
+            assert isinstance(taken, LockToken), (gw.url, taken)
+            await gw.gateway.transport.unlock(taken)
+        # The same token resumes with the whole journal, every reply once, and goes on.
+        async with http.ws_connect(gw_b.url, ssl=tls.client) as ws:
+            ready = await first_answer(ws, key, token)
+            assert ready["type"] == "ready" and ready["resume_from"] == N, ready
+            await receives_the_journal(ws)
+            await goes_on(ws)

@@ -86,6 +86,10 @@ HELD = "held"
 RELEASE_GRACE_S = 0.5
 #: How often a taker asks again for a session's takeover lock that another one holds.
 LOCK_POLL_S = 0.02
+#: Why a takeover fails whose lock went with a dropped broker connection (retryable: the
+#: journal is handed back whole, and the next attempt takes the lock afresh).
+LOCK_LOST = ("the broker connection dropped during the takeover, and the session's "
+             "takeover lock with it; resume again")
 
 
 OutcomeSink = Callable[[list[Outcome]], None]
@@ -209,6 +213,10 @@ class SessionPipeline:
         self._seen_own_displace = asyncio.Event()
         self._seen_released = asyncio.Event()
         self._refused = asyncio.Event()
+        self._lock: LockToken | None = None
+        """Our holding of the session's takeover lock, while ``take_over`` runs."""
+        self._lock_lost = asyncio.Event()
+        """A journal delivery arrived after our takeover lock was lost."""
         self._ended = False
         """A takeover was refused because the session is ending (``ENDED``)."""
         self._held: Delivery | None = None
@@ -245,12 +253,18 @@ class SessionPipeline:
         The session's takeover lock (``Transport.try_lock``, an exclusive queue on
         RabbitMQ) serialises them; the next taker then finds the winner holding the
         session and is refused by the generation rule like any other (a same-token
-        twin is not newer). The lock dies with a gateway that dies."""
+        twin is not newer). The lock dies with a gateway that dies.
+
+        It also dies with a broker connection that drops and comes back (the robust
+        connection even restarts our consumer): another taker may have read the journal
+        beside us since. Such a takeover fails (``LOCK_LOST``, retryable) and hands back
+        everything it read, as any failed takeover does."""
         t = self.transport
-        lock = await self._take_lock(f"{self.reply_queue}.lock", settle_s)
+        lock = self._lock = await self._take_lock(f"{self.reply_queue}.lock", settle_s)
         try:
             return await self._take_over(settle_s)
         finally:
+            self._lock = None
             await t.unlock(lock)
 
     async def _take_lock(self, lock: str, settle_s: float) -> LockToken:
@@ -265,6 +279,9 @@ class SessionPipeline:
             await asyncio.sleep(LOCK_POLL_S)
         return token
 
+    def _lock_held(self) -> bool:
+        return self._lock is not None and self.transport.holds_lock(self._lock)
+
     async def _take_over(self, settle_s: float) -> list[Reply]:
         t = self.transport
         stats = await t.reply_queue_stats(self.reply_queue)
@@ -277,6 +294,8 @@ class SessionPipeline:
             await self._wait_for_holder(settle_s, inbox=f"{self.reply_queue}.taker.{self.nonce}")
         else:
             await self._wait_for_holder(settle_s, inbox="")
+        if not self._lock_held():  # nothing read yet: nothing to hand back
+            raise TransportError(LOCK_LOST)
         # Read the journal until our own displace message comes back: the holder's
         # released replies were queued ahead of it. A holder that closed cleanly says
         # "released" when it has put everything back; one that died has nothing to say
@@ -295,22 +314,30 @@ class SessionPipeline:
         try:
             released = asyncio.ensure_future(self._seen_released.wait())
             own = asyncio.ensure_future(self._seen_own_displace.wait())
+            lost = asyncio.ensure_future(self._lock_lost.wait())
             try:
-                done, _ = await asyncio.wait({released, own}, timeout=settle_s,
+                done, _ = await asyncio.wait({released, own, lost}, timeout=settle_s,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     raise TimeoutError
-                if released not in done:
+                if released not in done and lost not in done:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(released), RELEASE_GRACE_S)
             finally:
                 released.cancel()
                 own.cancel()
+                lost.cancel()
         except TimeoutError:
             log.warning("session=%s stage=resume: journal may be incomplete (%d replies)",
                         self.session_id, len(self._history))
+        lock_lost = not self._lock_held()
+        if lock_lost and self._subscription is not None:
+            # Stop reading first: what is still on its way goes back to the queue in
+            # place, ahead of the copies ``close`` hands back below.
+            with contextlib.suppress(AudioStreamError):
+                await self._subscription.cancel()
         history, self._history = self._history, []
-        if self.phase is SessionPhase.TAKING_OVER:
+        if self.phase is SessionPhase.TAKING_OVER and not lock_lost:
             self.phase = SessionPhase.LIVE
         seen: set[int] = set()
         entries: list[JournalEntry] = []
@@ -321,6 +348,20 @@ class SessionPipeline:
                 continue
             seen.add(entry.reply.msg_id)
             entries.append(entry)
+        if lock_lost:
+            # Another taker may have read part of the journal beside us: ours need not
+            # be the whole of it, nor the generation it shows. Everything we read goes
+            # back (duplicates too, which takers drop): strays to the queue, the journal
+            # as copies with "released" (``close``, as for any failed takeover).
+            log.warning("session=%s stage=resume: the takeover lock was lost with the "
+                        "broker connection; handing back %d replies", self.session_id,
+                        len(entries))
+            for d in stray:
+                with contextlib.suppress(AudioStreamError):
+                    await d.release()
+            self.journal = Journal(self.journal.cap, entries, max_bytes=self.journal.max_bytes)
+            await self.close(finished=False)
+            raise TransportError(LOCK_LOST)
         await self._ack(stray)
         # handed back by close() if refused
         self.journal = Journal(self.journal.cap, entries, max_bytes=self.journal.max_bytes)
@@ -628,6 +669,8 @@ class SessionPipeline:
         """
         if self.phase is SessionPhase.CLOSED:
             return self._on_reply_closed(delivery)
+        if self.phase is SessionPhase.TAKING_OVER and not self._lock_held():
+            self._lock_lost.set()  # kept like any other: the failed takeover hands it back
         try:
             msg = decode_reply_queue_message(delivery.body)
         except AudioStreamError as err:
