@@ -178,3 +178,14 @@ async def closed_by_server(reader: asyncio.StreamReader, within: float = 10.0) -
     except (ConnectionError, ssl.SSLError):
         pass
     return True
+
+
+class Wrapped:
+    """A gateway's transport with some methods replaced by a subclass; everything else is
+    the wrapped transport's own."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)

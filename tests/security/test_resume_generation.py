@@ -31,7 +31,7 @@ from tests.gateway.conftest import (
     make_server,  # noqa: F401  (the two-transport fixture)
     read_json,
 )
-from tests.security.conftest import FMT, shared_gateways
+from tests.security.conftest import FMT, Wrapped, shared_gateways
 
 pytestmark = pytest.mark.integration
 CHUNK = b"\x01\x00" * 320
@@ -222,17 +222,14 @@ async def test_a_session_whose_summary_exists_refuses_takeovers(
         await assert_refused(http, gw_b.url, tls, key, token, 1)
 
 
-class HeldDeletes:
+class HeldDeletes(Wrapped):
     """The gateway's own transport, with reply-queue deletes held until ``go`` is set:
     the moment a finishing session deletes its queue can then be examined."""
 
     def __init__(self, inner: Transport) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.deleting = asyncio.Event()
         self.go = asyncio.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     async def delete_reply_queue(self, name: str) -> None:
         self.deleting.set()
@@ -273,15 +270,9 @@ async def test_a_finishing_session_is_never_found_unconsumed(
                 and r.name.startswith("aiormq")], caplog.text
 
 
-class ExpiresOnConsume:
+class ExpiresOnConsume(Wrapped):
     """The gateway's own transport, where the reply queue's lease runs out between the
     taker's probe and its consume (the broker's x-expires firing in that window)."""
-
-    def __init__(self, inner: Transport) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     async def consume_replies(self, name: str, handler: Any) -> Any:
         await self._inner.delete_reply_queue(name)

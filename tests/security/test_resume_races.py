@@ -47,7 +47,7 @@ from tests.gateway.conftest import (
     make_server,  # noqa: F401  (the two-transport fixture)
     read_json,
 )
-from tests.security.conftest import FMT, shared_gateways
+from tests.security.conftest import FMT, Wrapped, shared_gateways
 
 pytestmark = pytest.mark.integration
 N = 5
@@ -183,17 +183,14 @@ async def test_two_takers_with_one_token_at_once_one_wins_with_the_whole_journal
         await winner.close()
 
 
-class DiesAfterMark:
+class DiesAfterMark(Wrapped):
     """A gateway's transport whose broker connection drops (as when the gateway dies)
     right after its resumed session's ``HELD`` mark reached the journal, before the
     session's ``ready``: the broker takes back the journal and the unacked mark."""
 
     def __init__(self, inner: Transport) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.died = asyncio.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     async def publish_reply(self, queue: str, body: bytes) -> bool:
         ok = await self._inner.publish_reply(queue, body)
@@ -267,19 +264,16 @@ async def test_a_mark_before_ready_keeps_older_tokens_out_after_two_deaths(
         await holder.close()
 
 
-class DropsMidTakeover:
+class DropsMidTakeover(Wrapped):
     """A gateway's RabbitMQ transport whose broker connection drops as soon as a takeover
     began consuming the session's reply queue (its journal), and comes back: the broker
     deletes the takeover lock and requeues the journal, and the transport restores the
     taker's consumer, which then reads the journal again."""
 
     def __init__(self, inner: RabbitTransport, queue: str) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._queue = queue
         self.dropped = asyncio.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     async def consume_replies(self, name: str, handler: Handler) -> Subscription:
         subscription = await self._inner.consume_replies(name, handler)
