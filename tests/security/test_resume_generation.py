@@ -274,9 +274,9 @@ class ExpiresOnConsume(Wrapped):
     """The gateway's own transport, where the reply queue's lease runs out between the
     taker's probe and its consume (the broker's x-expires firing in that window)."""
 
-    async def consume_replies(self, name: str, handler: Any) -> Any:
+    async def consume_replies(self, name: str, handler: Any, **kw: Any) -> Any:
         await self._inner.delete_reply_queue(name)
-        return await self._inner.consume_replies(name, handler)
+        return await self._inner.consume_replies(name, handler, **kw)
 
 
 async def test_a_session_expiring_during_a_resume_is_resume_failed(

@@ -140,11 +140,11 @@ class Overlapping:
 
         return call
 
-    async def consume_replies(self, name: str, handler: Handler) -> Subscription:
+    async def consume_replies(self, name: str, handler: Handler, **kw: Any) -> Subscription:
         if name == self._takers.queue:
             self._takers.began()
             await self._takers.two_began()
-        return await self._inner.consume_replies(name, handler)
+        return await self._inner.consume_replies(name, handler, **kw)
 
 
 async def first_answer(ws: aiohttp.ClientWebSocketResponse, key: str, token: str
@@ -267,32 +267,34 @@ async def test_a_mark_before_ready_keeps_older_tokens_out_after_two_deaths(
 class DropsMidTakeover(Wrapped):
     """A gateway's RabbitMQ transport whose broker connection drops as soon as a takeover
     began consuming the session's reply queue (its journal), and comes back: the broker
-    deletes the takeover lock and requeues the journal, and the transport restores the
-    taker's consumer, which then reads the journal again."""
+    deletes the takeover lock and requeues the journal. The transport must not restore
+    the taker's consumer, which would read the journal beside the lock's next holder."""
 
     def __init__(self, inner: RabbitTransport, queue: str) -> None:
         super().__init__(inner)
         self._queue = queue
         self.dropped = asyncio.Event()
 
-    async def consume_replies(self, name: str, handler: Handler) -> Subscription:
-        subscription = await self._inner.consume_replies(name, handler)
+    async def consume_replies(self, name: str, handler: Handler, **kw: Any) -> Subscription:
+        subscription = await self._inner.consume_replies(name, handler, **kw)
         if name == self._queue and not self.dropped.is_set():
             self.dropped.set()
             robust = self._inner._connection
             assert robust is not None and robust.transport is not None
             dropped = robust.transport.connection
+            earlier = self._inner._restore_task
             await dropped.close(ConnectionError("dropped by the test"))
 
-            async def restored() -> bool:
-                """Connected again, and the taker's consumer is back on the queue."""
-                now = robust.transport
-                if now is None or now.connection is dropped or not self._inner.is_connected:
-                    return False
-                stats = await self._inner.reply_queue_stats(self._queue)
-                return stats is not None and stats[1] == 1
+            async def restore_ran() -> bool:
+                """Connected again, and the restore that follows the drop has finished."""
+                now, task = robust.transport, self._inner._restore_task
+                return (now is not None and now.connection is not dropped
+                        and self._inner.is_connected
+                        and task is not None and task is not earlier and task.done())
 
-            assert await eventually(restored)
+            assert await eventually(restore_ran)
+            stats = await self._inner.reply_queue_stats(self._queue)
+            assert stats is not None and stats[1] == 0, stats  # the taker's is not back
         return subscription
 
 

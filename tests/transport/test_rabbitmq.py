@@ -513,6 +513,40 @@ async def test_a_lock_is_lost_when_the_connection_drops_though_it_comes_back(
     assert await other.try_lock(lock) is None
 
 
+async def test_a_reply_consumer_under_a_lost_lock_stays_down_until_it_is_let_go(
+    rabbit: RabbitFactory, topology: Topology
+) -> None:
+    """A takeover reads a journal under its lock. After a drop that lost the lock its
+    consumer is not restored (the lock's next holder reads alone), while a consumer on
+    the same connection without a lock comes back; once the holding is let go, the
+    consumer is an ordinary one again and is restored."""
+    name = f"audiostream-test-{uuid.uuid4().hex[:8]}"
+    t = await rabbit(connection_name=name, reconnect_interval=0.1)
+    other = await rabbit()
+    journal, plain = (topology.reply_queue(uuid.uuid4().hex) for _ in range(2))
+    for q in (journal, plain):
+        await t.declare_reply_queue(q)
+    lock = await t.try_lock(journal + ".lock")
+    assert lock is not None
+    under, free = Inbox(), Inbox()
+    await t.consume_replies(journal, under, lock=lock)
+    await t.consume_replies(plain, free)
+
+    await _drop_connection(t, name)
+
+    async def replied() -> bool:
+        return await other.publish_reply(plain, b"after the drop")
+
+    await eventually(replied, within=10)
+    await free.wait_for(1, within=10)  # restored, in the same pass that skipped ``under``
+    assert await other.publish_reply(journal, b"for the next holder")
+    assert await other.reply_queue_stats(journal) == (1, 0)
+    assert under.bodies == []
+    await t.unlock(lock)
+    await under.wait_for(1, within=10)
+    assert under.bodies == [b"for the next holder"]
+
+
 async def test_work_consumer_restarts_when_its_queue_is_deleted_and_declared_again(
     rabbit: RabbitFactory,
     rabbitmq_url: str,

@@ -303,7 +303,9 @@ class SessionPipeline:
         self.phase = SessionPhase.TAKING_OVER
         self._history = []
         try:
-            self._subscription = await t.consume_replies(self.reply_queue, self._on_reply)
+            # Under the lock: a reconnect that loses it does not restore this consumer.
+            self._subscription = await t.consume_replies(self.reply_queue, self._on_reply,
+                                                         lock=self._lock)
         except TransportError:
             # The queue's x-expires lease can run out after the probe above: that is
             # an expired session, not a broker fault.

@@ -32,7 +32,7 @@ from audiostream.errors import TransportError
 from audiostream.topology import Topology
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
 class LockToken:
     """One holding of a lock, as ``try_lock`` hands it out.
 
@@ -122,7 +122,13 @@ class Transport(Protocol):
 
     async def declare_reply_queue(self, name: str) -> None: ...
 
-    async def consume_replies(self, name: str, handler: Handler) -> Subscription: ...
+    async def consume_replies(
+        self, name: str, handler: Handler, *, lock: LockToken | None = None
+    ) -> Subscription:
+        """Consume a reply queue. ``lock``: the holding this consumer reads under (a
+        takeover's); after a reconnect that lost it the consumer is not restored, so it
+        never reads beside the lock's next holder. Without, it is restored like any."""
+        ...
 
     async def publish_reply(self, queue: str, body: bytes) -> bool:
         """Publish to a reply queue; False when the queue no longer exists."""

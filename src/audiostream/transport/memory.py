@@ -411,7 +411,11 @@ class MemoryTransport:
         self._check()
         self.broker._declare_queue(name, expires_ms=self.topology.reply_expires_ms)
 
-    async def consume_replies(self, name: str, handler: Handler) -> Subscription:
+    async def consume_replies(
+        self, name: str, handler: Handler, *, lock: LockToken | None = None
+    ) -> Subscription:
+        # No reconnect here: a lost lock means a closed transport, whose consumers end.
+        del lock
         self._check()
         q = self.broker._queues.get(name)
         if q is None:

@@ -383,8 +383,11 @@ class _Subscription:
         handler: Handler,
         *,
         prefetch: int | None,
+        lock: LockToken | None = None,
     ) -> None:
         self._transport = transport
+        self.lock = lock
+        """The holding this consumer reads under (``consume_replies``)."""
         self.queues = queues
         self._handler = handler
         self._prefetch = prefetch  # None: consume on the shared reply channel
@@ -631,6 +634,8 @@ class RabbitTransport:
         the owner of an exclusive queue declare it again, so the exclusion within one
         connection is ours. A lock whose connection closed was deleted by the broker with
         it, however soon the robust connection came back (``holds_lock``)."""
+        self._lost_locks: weakref.WeakSet[LockToken] = weakref.WeakSet()
+        """Holdings lost with their connection: consumers taken under one stay down."""
         self._unlocking: dict[str, asyncio.Task[None]] = {}
         self._closing = False
         self.progress = 0
@@ -804,7 +809,9 @@ class RabbitTransport:
         """Restart every wanted subscription whose channel is gone, until all run."""
         while not self._closing and self._connection is not None:
             await self._connection.ready()
-            broken = [s for s in list(self._subscriptions) if not s.healthy and not s.cancelled]
+            self._forget_lost_locks()
+            broken = [s for s in list(self._subscriptions) if not s.healthy and not s.cancelled
+                      and (s.lock is None or s.lock not in self._lost_locks)]
             if not broken:
                 return
             failed = False
@@ -935,9 +942,14 @@ class RabbitTransport:
         for name in [n for n, (_, conn) in self._locks.items()
                      if conn is not None and conn.is_closed]:
             log.warning("lock %s was lost with its broker connection", name)
-            del self._locks[name]
+            self._lost_locks.add(self._locks.pop(name)[0])
 
     async def unlock(self, token: LockToken) -> None:
+        if token in self._lost_locks:
+            # A consumer kept down for it is no longer a takeover's: if it still runs
+            # (the takeover ended before it saw the loss), it is a session's own again.
+            self._lost_locks.discard(token)
+            self._schedule_restore()
         held = self._locks.get(token.name)
         if held is None or held[0] is not token:
             return
@@ -1171,11 +1183,13 @@ class RabbitTransport:
         await self._start(sub, f"consuming {processing!r}")
         return sub
 
-    async def consume_replies(self, name: str, handler: Handler) -> Subscription:
+    async def consume_replies(
+        self, name: str, handler: Handler, *, lock: LockToken | None = None
+    ) -> Subscription:
         # Probe first: a consume on a missing queue would close the shared channel.
         if not await self.reply_queue_exists(name):
             raise TransportError(f"reply queue {name!r} does not exist")
-        sub = _Subscription(self, [name], handler, prefetch=None)
+        sub = _Subscription(self, [name], handler, prefetch=None, lock=lock)
         await self._start(sub, f"consuming replies from {name!r}")
         return sub
 
