@@ -215,8 +215,6 @@ class SessionPipeline:
         self._refused = asyncio.Event()
         self._lock: LockToken | None = None
         """Our holding of the session's takeover lock, while ``take_over`` runs."""
-        self._lock_lost = asyncio.Event()
-        """A journal delivery arrived after our takeover lock was lost."""
         self._ended = False
         """A takeover was refused because the session is ending (``ENDED``)."""
         self._held: Delivery | None = None
@@ -255,9 +253,9 @@ class SessionPipeline:
         session and is refused by the generation rule like any other (a same-token
         twin is not newer). The lock dies with a gateway that dies.
 
-        It also dies with a broker connection that drops and comes back (the robust
-        connection even restarts our consumer): another taker may have read the journal
-        beside us since. Such a takeover fails (``LOCK_LOST``, retryable) and hands back
+        It also dies with a broker connection that drops and comes back: another taker
+        may read the journal from then on (our consumer, taken under the lock, is not
+        restored). Such a takeover fails (``LOCK_LOST``, retryable) and hands back
         everything it read, as any failed takeover does."""
         t = self.transport
         lock = self._lock = await self._take_lock(f"{self.reply_queue}.lock", settle_s)
@@ -316,19 +314,17 @@ class SessionPipeline:
         try:
             released = asyncio.ensure_future(self._seen_released.wait())
             own = asyncio.ensure_future(self._seen_own_displace.wait())
-            lost = asyncio.ensure_future(self._lock_lost.wait())
             try:
-                done, _ = await asyncio.wait({released, own, lost}, timeout=settle_s,
+                done, _ = await asyncio.wait({released, own}, timeout=settle_s,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     raise TimeoutError
-                if released not in done and lost not in done:
+                if released not in done:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(released), RELEASE_GRACE_S)
             finally:
                 released.cancel()
                 own.cancel()
-                lost.cancel()
         except TimeoutError:
             log.warning("session=%s stage=resume: journal may be incomplete (%d replies)",
                         self.session_id, len(self._history))
@@ -671,8 +667,6 @@ class SessionPipeline:
         """
         if self.phase is SessionPhase.CLOSED:
             return self._on_reply_closed(delivery)
-        if self.phase is SessionPhase.TAKING_OVER and not self._lock_held():
-            self._lock_lost.set()  # kept like any other: the failed takeover hands it back
         try:
             msg = decode_reply_queue_message(delivery.body)
         except AudioStreamError as err:

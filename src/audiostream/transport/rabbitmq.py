@@ -794,8 +794,7 @@ class RabbitTransport:
             self._schedule_restore()
 
     def _on_reconnect(self, _connection: object) -> None:
-        self._forget_lost_locks()
-        self._schedule_restore()
+        self._schedule_restore()  # which first forgets the locks lost with the connection
 
     def _schedule_restore(self) -> None:
         if self._closing or self._connection is None:
