@@ -65,6 +65,7 @@ CHUNK_S = 0.02
 SMALL = {"encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1}
 BIG = {"encoding": "pcm_f32le", "sample_rate": 48000, "channels": 2}
 BIG_BYTES = 48000 * 2 * 4  # 1 s: the largest legal chunk
+VICTIM_CHUNK_BYTES = 320 * 2  # a victim's 20 ms of 16 kHz mono 16-bit audio
 
 
 @dataclass
@@ -77,7 +78,8 @@ class Victims:
 
 async def victim(url: str, key: str, i: int, stop: asyncio.Event, out: Victims) -> None:
     rng = np.random.default_rng(i)
-    frames = [(rng.standard_normal(320) * 3000).astype(np.int16).tobytes() for _ in range(50)]
+    frames = [(rng.standard_normal(VICTIM_CHUNK_BYTES // 2) * 3000).astype(np.int16).tobytes()
+              for _ in range(50)]
     sent_at: list[float] = []
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
         await ws.send_str(json.dumps({"type": "start", "version": 1, "api_key": key,
@@ -249,6 +251,27 @@ def trace_stages(log_file: Path, t0: float, t1: float, small: int) -> dict[str, 
     }
 
 
+def held_after_burst(log_file: Path, small: int, chunk: int) -> dict[str, Any] | None:
+    """How long the victims' coalescing lasts once the non-reader's first burst of big
+    messages has passed (their replies no longer arrive for 2 s): the victims' messages
+    of more than one ``chunk`` bytes in the 3 s after its last big reply."""
+    rows = sorted((float(m.group(2)), int(m.group(1))) for m in map(
+        TRACE.search, log_file.read_text(errors="replace").splitlines()) if m)
+    big = [at for at, n in rows if n > small]
+    if not big:
+        return None
+    end = big[0]
+    for at in big:
+        if at - end > 2.0:
+            break
+        end = at
+    after = [(at - end, n) for at, n in rows if n <= small and end < at <= end + 3.0]
+    held = [(s, n) for s, n in after if n > chunk]
+    return {"burst_s": round(end - big[0], 2), "victim_messages": len(after),
+            "held_messages": len(held), "held_chunks": sum(n // chunk for _, n in held),
+            "last_held_s": round(max((s for s, _ in held), default=0.0), 2)}
+
+
 def pct_ms(values: list[float], q: float) -> float:
     s = sorted(values)
     return round(s[min(len(s) - 1, int(q * len(s)))], 1)
@@ -413,10 +436,12 @@ async def main(args: argparse.Namespace) -> None:
         base = [rt for at, rt in vict.latencies if at < t_start]
         during = [rt for at, rt in vict.latencies if t_start <= at <= t_closed]
         after = [rt for at, rt in vict.latencies if at > t_closed]
-        trace = None
+        trace = held = None
         if trace_dir is not None:
             trace = trace_stages(Path(trace_dir) / "gateway.log", wall_start, wall_closed,
                                  small=BIG_BYTES - 1)
+            held = held_after_burst(Path(trace_dir) / "gateway.log", BIG_BYTES - 1,
+                                    chunk=VICTIM_CHUNK_BYTES)
         slowest = sorted(((rt, at) for at, rt in vict.latencies
                           if t_start <= at <= t_closed), reverse=True)[:15]
         c.emit({
@@ -450,6 +475,7 @@ async def main(args: argparse.Namespace) -> None:
             "stages_during": stage_delta(stages1, stages2),
             "victim_timeline": timeline(vict.latencies, sends, t_start, t_closed, gauges, cpu),
             "victim_trace_ms": trace,
+            "victim_held_after_burst": held,
             "trace_log": str(Path(trace_dir) / "gateway.log") if trace_dir else None,
             "victim_slowest": [{"s": round(at - t_start, 2), "ms": round(1000 * rt, 1)}
                                for rt, at in slowest],
