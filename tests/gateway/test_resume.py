@@ -214,7 +214,10 @@ async def test_rolling_drain_under_live_sessions_loses_nothing(
     memory = MemoryBroker() if transport_kind == "memory" else None
     kw: dict[str, Any] = {"keys_file": keys_file[0], "token_secret": SECRET,
                           "memory_broker": memory}
-    inputs = [noise(100 + i, 6.0) for i in range(20)]
+    # Long enough that every stream outlasts both drains and the second move: with 6 s,
+    # on a slow machine the last drain ended with under 2 s of audio left and sessions
+    # finished on gateway a before all 20 were streaming there.
+    inputs = [noise(100 + i, 10.0) for i in range(20)]
     async with make_server(**kw) as a, make_server(workers=0, **kw) as b:
         urls = [a.url, b.url]
         clients = [
