@@ -38,7 +38,7 @@ from audiostream.gateway import create_key
 from audiostream.gateway.pipeline import HELD
 from audiostream.protocol import ResumeRequest, start_json
 from audiostream.testing import Embedded, eventually
-from audiostream.transport.base import Handler, LockToken, Subscription, Transport
+from audiostream.transport.base import Delivery, Handler, LockToken, Subscription, Transport
 from audiostream.transport.rabbitmq import RabbitTransport
 from tests.gateway.conftest import (
     TLS,
@@ -268,14 +268,26 @@ class DropsMidTakeover(Wrapped):
     """A gateway's RabbitMQ transport whose broker connection drops as soon as a takeover
     began consuming the session's reply queue (its journal), and comes back: the broker
     deletes the takeover lock and requeues the journal. The transport must not restore
-    the taker's consumer, which would read the journal beside the lock's next holder."""
+    the taker's consumer, which would read the journal beside the lock's next holder.
 
-    def __init__(self, inner: RabbitTransport, queue: str) -> None:
+    ``unseen``: the taker sees none of the journal before the drop (its deliveries are
+    withheld, and the broker requeues them with the connection), so nothing it reads
+    can end its wait: only the news of the lost lock can."""
+
+    def __init__(self, inner: RabbitTransport, queue: str, *, unseen: bool = False) -> None:
         super().__init__(inner)
         self._queue = queue
+        self._unseen = unseen
         self.dropped = asyncio.Event()
 
     async def consume_replies(self, name: str, handler: Handler, **kw: Any) -> Subscription:
+        if name == self._queue and self._unseen:
+            real = handler
+
+            async def handler(delivery: Delivery) -> None:
+                if self.dropped.is_set():
+                    await real(delivery)
+
         subscription = await self._inner.consume_replies(name, handler, **kw)
         if name == self._queue and not self.dropped.is_set():
             self.dropped.set()
@@ -300,18 +312,21 @@ class DropsMidTakeover(Wrapped):
 
 @pytest.mark.parametrize("transport_kind",
                          [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+@pytest.mark.parametrize("unseen", [False, True], ids=["after-reading", "before-reading"])
 async def test_a_takeover_whose_broker_connection_drops_fails_retryably_and_loses_nothing(
-    make_server: ServerFactory, tls: TLS, tmp_path: Path  # noqa: F811
+    make_server: ServerFactory, tls: TLS, tmp_path: Path, unseen: bool  # noqa: F811
 ) -> None:
     keys = tmp_path / "keys.json"
     key, _ = create_key(keys, "tenant")
-    a, b = gateways(make_server, keys)
+    # The takeover wait far beyond the answer's 30 s receive timeout: the loss must end
+    # the takeover when the transport learns of it (the reconnect), not the wait.
+    a, b = shared_gateways(make_server, keys, takeover_s=600.0)
     async with a as gw_a, b as gw_b, aiohttp.ClientSession() as http:
         session_id, token = await detached_with_journal(http, gw_a, tls, key)
         inner = gw_a.gateway.transport
         assert isinstance(inner, RabbitTransport)
         queue = inner.topology.reply_queue(session_id)
-        dropping = DropsMidTakeover(inner, queue)
+        dropping = DropsMidTakeover(inner, queue, unseen=unseen)
         gw_a.gateway.transport = dropping  # type: ignore[assignment]
         async with http.ws_connect(gw_a.url, ssl=tls.client) as ws:
             answer = await first_answer(ws, key, token)

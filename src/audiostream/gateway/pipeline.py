@@ -311,20 +311,24 @@ class SessionPipeline:
                 raise AuthError("the session has expired (its reply queue is gone)",
                                 ErrorCode.RESUME_FAILED) from None
             raise
+        assert self._lock is not None
         try:
             released = asyncio.ensure_future(self._seen_released.wait())
             own = asyncio.ensure_future(self._seen_own_displace.wait())
+            # A lock lost with the connection: no delivery can come (the consumer is
+            # not restored), so stop now rather than at ``settle_s``.
+            lost = asyncio.ensure_future(self._lock.lost.wait())
             try:
-                done, _ = await asyncio.wait({released, own}, timeout=settle_s,
+                done, _ = await asyncio.wait({released, own, lost}, timeout=settle_s,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     raise TimeoutError
-                if released not in done:
+                if released not in done and lost not in done:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(released), RELEASE_GRACE_S)
             finally:
-                released.cancel()
-                own.cancel()
+                for waiter in (released, own, lost):
+                    waiter.cancel()
         except TimeoutError:
             log.warning("session=%s stage=resume: journal may be incomplete (%d replies)",
                         self.session_id, len(self._history))

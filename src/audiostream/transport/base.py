@@ -24,8 +24,9 @@ conformance suite (``tests/transport/test_conformance.py``):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from audiostream.errors import TransportError
@@ -38,9 +39,11 @@ class LockToken:
 
     Compared by identity: a holding lost with its connection is never mistaken for a
     later holding of the same name (by another session of the same gateway, say), so
-    its ``unlock`` cannot let go of that one."""
+    its ``unlock`` cannot let go of that one. ``lost`` is set when the transport learns
+    the holding is gone, so a holder waiting on something else can stop at once."""
 
     name: str
+    lost: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
 
 class Delivery(Protocol):

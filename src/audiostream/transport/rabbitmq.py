@@ -941,7 +941,9 @@ class RabbitTransport:
         for name in [n for n, (_, conn) in self._locks.items()
                      if conn is not None and conn.is_closed]:
             log.warning("lock %s was lost with its broker connection", name)
-            self._lost_locks.add(self._locks.pop(name)[0])
+            token = self._locks.pop(name)[0]
+            self._lost_locks.add(token)
+            token.lost.set()
 
     async def unlock(self, token: LockToken) -> None:
         if token in self._lost_locks:
