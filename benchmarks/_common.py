@@ -82,6 +82,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
@@ -135,13 +142,16 @@ class CpuMeter:
 
     @staticmethod
     def _cpu(pid: int) -> float:
+        """A process's CPU with its live children's (``gateway --processes N`` is a
+        supervisor whose children do the work)."""
         if pid == os.getpid():
             t = os.times()
             return t.user + t.system
-        try:
-            return cpu_seconds(pid)
-        except OSError:
-            return 0.0
+        total = 0.0
+        for p in (pid, *children(pid)):
+            with contextlib.suppress(OSError):
+                total += cpu_seconds(p)
+        return total
 
     def read(self) -> dict[str, float]:
         wall = time.monotonic() - self.t0

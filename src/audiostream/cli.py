@@ -589,7 +589,8 @@ async def _gateway(args: argparse.Namespace) -> int:
     transport = open_transport(args.broker, _topology(args))
     gateway = Gateway(transport, KeyStore(args.keys_file), settings=_gateway_settings(args),
                       token_secret=_secret(args))
-    runner, port = await start_site(gateway.app(), args.host, args.port, ssl_context)
+    runner, port = await start_site(gateway.app(), args.host, args.port, ssl_context,
+                                    reuse_port=args.reuse_port)
     _freeze_heap()
     scheme = "wss" if args.tls_cert else "ws"
     print(f"audiostream gateway on {scheme}://{args.host}:{port}/v1/stream", flush=True)
@@ -601,6 +602,23 @@ async def _gateway(args: argparse.Namespace) -> int:
     finally:
         await runner.cleanup()
     return 0
+
+
+async def _gateway_processes(args: argparse.Namespace) -> int:
+    """``--processes N``: the options are checked here once, then each child (a whole
+    ``audiostream gateway``) checks them again for itself."""
+    from audiostream.gateway.processes import ProcessPlan, run
+
+    if args.keys_file is None:
+        raise UsageError("--keys-file (or AUDIOSTREAM_KEYS_FILE) is required")
+    _check_exposure(args)
+    _ssl_from(args)
+    if args.token_secret_file is not None:
+        _secret(args)  # unreadable: one error here rather than N from the children
+    plan = ProcessPlan(argv=tuple(args.raw_argv), processes=args.processes, host=args.host,
+                       port=args.port, ops_port=args.ops_port,
+                       secret_given=bool(args.token_secret or args.token_secret_file))
+    return await run(plan, tls=args.tls_cert is not None)
 
 
 async def _worker(args: argparse.Namespace) -> int:
@@ -1103,6 +1121,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_broker(p, required=True)
     _add_gateway(p)
+    p.add_argument("--processes", type=_int_at_least(1),
+                   default=_env_default("PROCESSES", _int_at_least(1), 1),
+                   help="gateway processes sharing --port through SO_REUSEPORT, one event "
+                   "loop (one core) each; process i serves /metrics on --ops-port + i "
+                   "(with --ops-port 0, a free port each), and all share one token secret "
+                   "(default 1; env AUDIOSTREAM_PROCESSES)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="bind --port with SO_REUSEPORT, so that other gateway processes "
+                   "can share it (set by --processes)")
 
     p = sub.add_parser("worker", help="consume work queues and process batches")
     _add_common(p)
@@ -1279,6 +1306,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "serve":
         return _run_async(_serve(args))
+    if cmd == "gateway" and args.processes > 1:
+        return _run_async(_gateway_processes(args))
     if cmd == "gateway":
         return _run_async(_gateway(args))
     if cmd == "worker":
@@ -1346,6 +1375,7 @@ def classify(exc: BaseException) -> tuple[int, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)
     debug = getattr(args, "debug", False)
     if isinstance(debug, FromEnv):
         try:

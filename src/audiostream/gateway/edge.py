@@ -936,9 +936,11 @@ class EdgeSite(web.BaseSite):
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
                  ssl_context: ssl.SSLContext | None = None, guard: EdgeGuard | None = None,
-                 backlog: int = 128, log_access: bool = True) -> None:
+                 backlog: int = 128, log_access: bool = True,
+                 reuse_port: bool = False) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._log_access = log_access
+        self._reuse_port = reuse_port
         self._host = host
         self._port = port
         if guard is None and isinstance(runner, web.AppRunner):
@@ -992,6 +994,6 @@ class EdgeSite(web.BaseSite):
             extra["ssl_handshake_timeout"] = s.handshake_timeout_s
         self._server = await loop.create_server(
             factory, self._host, self._port, ssl=site_tls, backlog=self._backlog,
-            **extra)
+            reuse_port=self._reuse_port or None, **extra)
         if self._server.sockets:
             self._port = int(self._server.sockets[0].getsockname()[1])

@@ -1157,12 +1157,13 @@ def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 async def start_site(
-    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+    *, reuse_port: bool = False,
 ) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner and the bound port (useful with port 0)."""
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    site = _edge.EdgeSite(runner, host, port, ssl_context=ssl_context)
+    site = _edge.EdgeSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port)
     await site.start()
     bound = port
     for address in runner.addresses:
