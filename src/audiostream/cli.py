@@ -598,10 +598,33 @@ async def _gateway(args: argparse.Namespace) -> int:
     try:
         sig = await _wait_for_signal()
         log.info("%s received; draining for up to %.0f s", sig, args.drain_grace_s)
+        _exit_if_stuck(args.drain_grace_s + SHUTDOWN_SLACK_S)
         await gateway.drain(args.drain_grace_s)
     finally:
         await runner.cleanup()
     return 0
+
+
+#: What a gateway's shutdown may take beyond ``--drain-grace-s`` (the drain's own 5 s
+#: for clients to close, then the sites and the broker connection).
+SHUTDOWN_SLACK_S = 30.0
+
+
+def _exit_if_stuck(after_s: float) -> None:
+    """After the first stop signal: a second one, or a shutdown still running after
+    ``after_s``, ends the process at once. Nothing is lost that a crash would not
+    lose either (the broker requeues what the process held, and sessions resume
+    elsewhere), while a hung shutdown would keep the port and an orphan forever."""
+    loop = asyncio.get_running_loop()
+
+    def now(why: str) -> None:
+        log.error("%s; exiting without finishing the shutdown", why)
+        logging.shutdown()
+        os._exit(EXIT_FAILURE)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, now, f"{sig.name} received again")
+    loop.call_later(after_s, now, f"the shutdown did not finish within {after_s:.0f} s")
 
 
 async def _gateway_processes(args: argparse.Namespace) -> int:
@@ -617,7 +640,8 @@ async def _gateway_processes(args: argparse.Namespace) -> int:
         _secret(args)  # unreadable: one error here rather than N from the children
     plan = ProcessPlan(argv=tuple(args.raw_argv), processes=args.processes, host=args.host,
                        port=args.port, ops_port=args.ops_port,
-                       secret_given=bool(args.token_secret or args.token_secret_file))
+                       secret_given=bool(args.token_secret or args.token_secret_file),
+                       stop_timeout_s=args.drain_grace_s + SHUTDOWN_SLACK_S + 5)
     return await run(plan, tls=args.tls_cert is not None)
 
 

@@ -47,6 +47,7 @@ class ProcessPlan:
     ops_port: int  # 0: each child picks a free one; otherwise child i serves ops_port + i
     secret_given: bool
     start_timeout_s: float = 120.0
+    stop_timeout_s: float = 60.0  # then a child still running is killed
     restart_limit: int = 5  # children that may die within restart_window_s
     restart_window_s: float = 60.0
 
@@ -112,7 +113,9 @@ class Supervisor:
         proc = await asyncio.create_subprocess_exec(
             *self.plan.child_argv(index, self.port), env=self._env,
             stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
-            preexec_fn=_die_with_parent)
+            # Its own session: a terminal's Ctrl-C reaches the supervisor only, which
+            # forwards it once (a second signal makes a gateway exit without draining).
+            start_new_session=True, preexec_fn=_die_with_parent)
         child = _Child(index, proc)
         try:
             await asyncio.wait_for(self._until_ready(child), self.plan.start_timeout_s)
@@ -217,17 +220,28 @@ class Supervisor:
     async def stop(self, sig: signal.Signals) -> list[int]:
         """Signal every child and wait for each (each drains as a lone gateway does)."""
         children = list(self.children.values())
-        codes = await asyncio.gather(*(_stop(c.proc, sig) for c in children))
+        codes = await asyncio.gather(*(_stop(c.proc, sig, self.plan.stop_timeout_s)
+                                       for c in children))
         for c in children:
             await _cancel(c.relay)
         return list(codes)
 
 
-async def _stop(proc: asyncio.subprocess.Process, sig: signal.Signals) -> int:
+async def _stop(proc: asyncio.subprocess.Process, sig: signal.Signals,
+                timeout_s: float | None = None) -> int:
+    """Signal and reap; a child that outlives ``timeout_s`` is killed (a child's own
+    shutdown is bounded too, so this is the backstop's backstop)."""
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
-    return await proc.wait()
+    try:
+        return await asyncio.wait_for(proc.wait(), timeout_s)
+    except TimeoutError:
+        log.error("gateway process (pid %d) still running %.0f s after %s; killing it",
+                  proc.pid, timeout_s or 0, sig.name)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        return await proc.wait()
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
