@@ -126,6 +126,25 @@ def test_the_work_message_byte_cap_is_a_gateway_option() -> None:
         parser.parse_args([*base, "--max-message-kib", "0"])
 
 
+@pytest.mark.parametrize("command", ["serve", "gateway"])
+def test_session_starts_per_key_per_minute_is_a_gateway_option(command: str) -> None:
+    """The cap on one key's new sessions (600 a minute) can be set or lifted: one key may
+    legitimately start every call of a telephony bridge or a load test."""
+    from audiostream.cli import _gateway_settings
+
+    parser = build_parser()
+    base = [command, "--broker", "amqp://127.0.0.1:1/"]
+
+    def cap(*flags: str) -> int | None:
+        return _gateway_settings(parser.parse_args([*base, *flags])).session_starts_per_minute
+
+    assert cap() == 600
+    assert cap("--session-starts-per-minute", "5000") == 5000
+    assert cap("--session-starts-per-minute", "0") is None
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--session-starts-per-minute", "-1"])
+
+
 @pytest.mark.rabbitmq
 def test_topology_declare_is_idempotent(rabbitmq_url: str) -> None:
     prefix = unique_prefix()

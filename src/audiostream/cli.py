@@ -246,6 +246,11 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
                    help="default per-chunk deadline; later audio is dropped with a notice")
     p.add_argument("--max-connections", type=int, default=10_000,
                    help="connections this gateway accepts (default 10000)")
+    p.add_argument("--session-starts-per-minute", type=_int_at_least(0), default=600, metavar="N",
+                   help="new sessions one API key may start per minute on this gateway; "
+                   "over it a start is refused with 4021 (default 600; 0: no cap, e.g. "
+                   "for a telephony bridge or load test that starts every call under "
+                   "one key)")
     p.add_argument("--drain-grace-s", type=float, default=20.0,
                    help="on SIGTERM, wait this long for in-flight outcomes (default 20)")
     p.add_argument("--token-secret", default=_env("TOKEN_SECRET"),
@@ -406,6 +411,7 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
     return GatewaySettings(
         default_deadline_ms=args.deadline_ms,
         max_connections=args.max_connections,
+        session_starts_per_minute=args.session_starts_per_minute or None,
         drain_grace_s=args.drain_grace_s,
         resume_window_s=args.resume_window_s,
         allowed_origins=tuple(args.allowed_origins),

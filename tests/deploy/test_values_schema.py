@@ -57,6 +57,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("string where a number goes", {"gateway": {"maxConnections": "10k"}},
      "/gateway/maxConnections"),
     ("empty bundles", {"gateway": {"bundleMax": 0}}, "/gateway/bundleMax"),
+    ("negative session start cap", {"gateway": {"sessionStartsPerMinute": -1}},
+     "/gateway/sessionStartsPerMinute"),
     ("negative linger", {"gateway": {"lingerMs": -5}}, "/gateway/lingerMs"),
     ("even broker cluster", {"rabbitmq": {"cluster": {"replicas": 2}}},
      "/rabbitmq/cluster/replicas"),
