@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import os
@@ -51,7 +52,18 @@ async def test_bench_agrees_with_the_servers_own_counters(tmp_path: Path) -> Non
                           pipeline=("passthrough",), ramp_s=0.5,
                           metrics_urls=(f"{srv.ops_url}/metrics",))
         lines: list[str] = []
-        r = await run_bench(cfg, report=lines.append, progress_every_s=0.5)
+        frozen: list[int] = []
+
+        def progress(line: str) -> None:
+            lines.append(line)
+            frozen.append(gc.get_freeze_count())
+
+        before = gc.get_freeze_count()
+        r = await run_bench(cfg, report=progress, progress_every_s=0.5)
+        # While streaming, the heap from before is out of the collector's reach (a full
+        # collection stalled every session at once); afterwards it is given back.
+        assert frozen and min(frozen) > before
+        assert gc.get_freeze_count() == 0
         reg = srv.gateway.metrics_registry
         chunks_in = counter(reg, "audiostream_chunks_in_total")
         chunks_out = counter(reg, "audiostream_chunks_out_total")
