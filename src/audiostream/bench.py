@@ -437,12 +437,15 @@ async def run_bench(cfg: BenchConfig, *, report: Reporter | None = None,
     # leaves the collector's reach while streaming: a full collection of this process's
     # ~50,000 objects and 60 sessions' lists took 20-100 ms here, every session's chunks
     # waited behind it at once, and that stall was measured as the system's p99.
+    # A caller's own freeze is left as it was (``unfreeze`` cannot tell ours from theirs).
+    ours = gc.get_freeze_count() == 0
     gc.collect()
     gc.freeze()
     try:
         return await _stream(cfg, sessions, report, progress_every_s, server_error, before)
     finally:
-        gc.unfreeze()
+        if ours:
+            gc.unfreeze()
 
 
 async def _stream(cfg: BenchConfig, sessions: list[_Session], report: Reporter | None,
