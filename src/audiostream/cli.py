@@ -487,7 +487,13 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-async def _wait_for_signal() -> str:
+def _stop_signal() -> asyncio.Future[str]:
+    """SIGINT/SIGTERM handled from now on; the future gets the first one's name.
+
+    Installed before a command prints that it is ready: a supervisor or test that stops
+    it on seeing that line must not meet Python's default action (an exit by the
+    signal, no drain), which a signal in the gap between the print and the handler
+    used to get."""
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[str] = loop.create_future()
 
@@ -497,7 +503,7 @@ async def _wait_for_signal() -> str:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, handler, sig)
-    return await stop
+    return stop
 
 
 # --- serve / gateway / worker -------------------------------------------------------------
@@ -520,6 +526,7 @@ async def _serve(args: argparse.Namespace) -> int:
         worker_settings=_worker_settings(args, _topology(args).processing_types),
     ) as server:
         _freeze_heap()
+        stop = _stop_signal()
         where = "in-process broker" if args.broker is None else "RabbitMQ"
         print(f"audiostream serving {redact_url(server.url)} ({where}, {args.workers} worker(s))")
         if server.api_key is not None:
@@ -532,9 +539,18 @@ async def _serve(args: argparse.Namespace) -> int:
         if args.demo is not None:
             if server.api_key is None:
                 raise UsageError("--demo needs the development key: omit --keys-file")
-            await _demo(server.url, server.api_key, sample_wav(), args.demo, _ssl_from(args))
-            print(f"still serving {redact_url(server.url)}; Ctrl-C to stop", flush=True)
-        sig = await _wait_for_signal()
+            demo: asyncio.Future[Any] = asyncio.ensure_future(
+                _demo(server.url, server.api_key, sample_wav(), args.demo, _ssl_from(args)))
+            waits: set[asyncio.Future[Any]] = {demo, stop}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if demo.done():
+                demo.result()  # its errors end the command, as before
+                print(f"still serving {redact_url(server.url)}; Ctrl-C to stop", flush=True)
+            else:  # Ctrl-C during the demo stops it and the server
+                demo.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await demo
+        sig = await stop
         log.info("%s received; shutting down", sig)
         await server.gateway.drain(args.drain_grace_s)
     return 0
@@ -598,11 +614,12 @@ async def _gateway(args: argparse.Namespace) -> int:
     runner, port = await start_site(gateway.app(), args.host, args.port, ssl_context,
                                     reuse_port=args.reuse_port)
     _freeze_heap()
+    stop = _stop_signal()
     scheme = "wss" if args.tls_cert else "ws"
     print(f"audiostream gateway on {scheme}://{args.host}:{port}/v1/stream", flush=True)
     print(f"metrics and probes on {runner.app[EDGE_KEY].ops_url}", flush=True)
     try:
-        sig = await _wait_for_signal()
+        sig = await stop
         log.info("%s received; draining for up to %.0f s", sig, args.drain_grace_s)
         _exit_if_stuck(args.drain_grace_s + SHUTDOWN_SLACK_S)
         await gateway.drain(args.drain_grace_s)
@@ -691,8 +708,9 @@ async def _worker(args: argparse.Namespace) -> int:
         # die young; py-spy showed 4 % of the event loop in gc at 35 sessions).
         gc.freeze()
         gc.set_threshold(10_000, 20, 20)
+        stop = _stop_signal()
         print(f"audiostream worker consuming {','.join(processing)}", flush=True)
-        sig = await _wait_for_signal()
+        sig = await stop
         log.info("%s received; finishing the current batch", sig)
     finally:
         await worker.stop()

@@ -35,6 +35,10 @@ class Pool:
     url: str
     key: str
     children: dict[int, tuple[str, int]]  # index: (ops url, pid)
+    log: Path
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
 
     async def next_child_line(self) -> tuple[int, str, int]:
         assert self.proc.stdout is not None
@@ -71,15 +75,17 @@ async def pool(rabbitmq_url: str, tmp_path: Path) -> AsyncIterator[Pool]:
     key, _ = create_key(keys, "processes")
     worker = await spawn("worker", "--broker", rabbitmq_url, "--prefix", prefix,
                          "--processing", "passthrough")
-    sup = await spawn("gateway", "--broker", rabbitmq_url, "--prefix", prefix,
-                      "--keys-file", str(keys), "--port", "0", "--ops-port", "0",
-                      "--processes", "2")
+    log = tmp_path / "gateway.log"  # the supervisor's and its children's (inherited)
+    with log.open("wb") as stderr:
+        sup = await spawn("gateway", "--broker", rabbitmq_url, "--prefix", prefix,
+                          "--keys-file", str(keys), "--port", "0", "--ops-port", "0",
+                          "--processes", "2", stderr=stderr.fileno())
     try:
         await wait_line(worker, b"consuming")
         m = re.search(rb"(ws://\S+) \(2 processes\)",
                       await wait_line(sup, b"audiostream gateway on"))
         assert m is not None
-        p = Pool(sup, m.group(1).decode(), key, {})
+        p = Pool(sup, m.group(1).decode(), key, {}, log)
         for _ in range(2):
             await p.next_child_line()
         assert sorted(p.children) == [0, 1]
@@ -171,7 +177,7 @@ async def test_a_killed_process_is_replaced_and_its_session_resumes_on_another(
 async def test_sigterm_drains_every_process_and_exits_0(pool: Pool) -> None:
     pids = [pid for _, pid in pool.children.values()]
     pool.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(pool.proc.wait(), 60) == 0
+    assert await asyncio.wait_for(pool.proc.wait(), 60) == 0, pool.log_tail()
     assert not any(alive(pid) for pid in pids)
 
 
