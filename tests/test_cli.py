@@ -145,6 +145,22 @@ def test_session_starts_per_key_per_minute_is_a_gateway_option(command: str) -> 
         parser.parse_args([*base, "--session-starts-per-minute", "-1"])
 
 
+def test_denoise_state_is_a_worker_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    from audiostream.cli import _resolve_env, _worker_settings
+
+    parser = build_parser()
+    base = ["worker", "--broker", "amqp://127.0.0.1:1/", "--processing", "denoise"]
+    assert "denoise_state" not in _worker_settings(parser.parse_args(base), ["denoise"]).options
+    got = _worker_settings(parser.parse_args([*base, "--denoise-state", "fp16"]), ["denoise"])
+    assert got.options["denoise_state"] == "fp16"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--denoise-state", "int8"])
+    monkeypatch.setenv("AUDIOSTREAM_DENOISE_STATE", "FP16")  # what a Helm extraEnv sets
+    args = build_parser().parse_args(base)
+    _resolve_env(args)
+    assert _worker_settings(args, ["denoise"]).options["denoise_state"] == "fp16"
+
+
 @pytest.mark.rabbitmq
 def test_topology_declare_is_idempotent(rabbitmq_url: str) -> None:
     prefix = unique_prefix()

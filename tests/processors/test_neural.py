@@ -65,6 +65,21 @@ def test_denoise_default_variant_comes_from_worker_options(model_dir: Path) -> N
         )
 
 
+def test_denoise_state_precision_comes_from_worker_options(model_dir: Path) -> None:
+    x = noisy_speech(16000)[:, None][:640]
+    for options, size in (({}, 5156), ({"denoise_state": "fp16"}, 3556),
+                          ({"denoise_variant": "fp16"}, 3556),
+                          ({"denoise_variant": "fp16", "denoise_state": "fp32"}, 5156)):
+        run = registry.get("denoise").factory(
+            ProcessorContext(model_dir=model_dir, options=options))
+        (out,) = run([_item(x, 16000)])
+        assert out.state is not None and len(out.state) == size, options
+    with pytest.raises(ConfigError) as err:
+        registry.get("denoise").factory(
+            ProcessorContext(model_dir=model_dir, options={"denoise_state": "int8"}))
+    assert err.value.code is ErrorCode.INVALID_OPTION
+
+
 @pytest.mark.parametrize("params", [{"variant": "int4"}, {"variant": 8}, {"strength": 1}])
 def test_denoise_param_errors(params: dict[str, object]) -> None:
     check = registry.get("denoise").check_params

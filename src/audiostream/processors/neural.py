@@ -6,8 +6,9 @@ in and going out as bytes. Models load on the first batch that needs them, so
 a worker that never sees ``denoise`` never pays for it.
 
 Worker options read from ``ProcessorContext.options``: ``denoise_variant``
-(default ``fp32`` on CPU, ``fp16`` on GPU), ``intra_op_threads`` (default 1),
-``tensorrt`` (default False).
+(default ``fp32`` on CPU, ``fp16`` on GPU), ``denoise_state`` (how the GRU state
+travels: ``fp32`` or ``fp16``; default the variant's own), ``intra_op_threads``
+(default 1), ``tensorrt`` (default False).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class _Denoise(_Lane):
     def __init__(self, ctx: ProcessorContext) -> None:
         super().__init__(ctx)
         self.default = _default_variant(ctx)
+        self.state_precision: str | None = ctx.options.get("denoise_state")
+        nsnet2.state_version(self.default, self.state_precision)  # a bad value fails here
         # The shared cache resolves the model dir on every lookup: too slow per batch.
         self._engines: dict[tuple[int, str], nsnet2.Denoiser] = {}
 
@@ -97,7 +100,8 @@ class _Denoise(_Lane):
         engine = self._engines.get((rate, variant))
         if engine is None:
             engine = self._engines[(rate, variant)] = nsnet2.denoiser(
-                rate, variant, model_dir=self.ctx.model_dir, options=self.options)
+                rate, variant, model_dir=self.ctx.model_dir, options=self.options,
+                state_precision=self.state_precision)
             self._note(engine.model.providers)
         return engine
 
