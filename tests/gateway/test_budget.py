@@ -202,6 +202,23 @@ def test_a_fixed_linger_is_not_changed_by_the_floor() -> None:
     assert co.floor == 1
 
 
+def test_reply_floors_are_shared_per_pipeline_and_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from audiostream.gateway import budget as budget_module
+
+    monkeypatch.setattr(budget_module, "MAX_REPLY_FLOORS", 2)
+    b = LoadBudget()
+    a1, a2, other = b.reply_floor("a"), b.reply_floor("a"), b.reply_floor("b")
+    assert a1 is a2 and a1 is not other
+    a1.observe(0.004)
+    a2.observe(0.009)
+    assert b.reply_floor("a").value == 0.004  # the quickest; it never rises
+    # Past the bound a pipeline gets a floor of its own, not kept: clients choose
+    # pipelines, and the map must not grow with them.
+    c1, c2 = b.reply_floor("c"), b.reply_floor("c")
+    assert c1 is not c2
+
+
 # --- in the gateway, on RabbitMQ ---------------------------------------------------------
 
 
@@ -237,6 +254,13 @@ async def test_the_floor_rises_under_load_and_returns_to_one_when_idle(
             assert await eventually(
                 lambda: (reg.get_sample_value("audiostream_chunks_in_total") or 0)
                 >= chunks0 + 200, within=20)
+            # The four sessions of one pipeline measure against one reply floor.
+            assert await eventually(
+                lambda: sum(c.pipeline is not None for c in gw.connections) == 4, within=20)
+            pipelines = [c.pipeline for c in gw.connections if c.pipeline is not None]
+            assert len({id(pl.coalescer.reply_floor) for pl in pipelines}) == 1
+            quickest = pipelines[0].coalescer.reply_floor.value
+            assert 0 < quickest < 1
         finally:
             stop.set()
             results = await asyncio.gather(*streams, return_exceptions=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from audiostream.errors import ErrorCode
@@ -11,10 +13,19 @@ from audiostream.gateway.coalescer import (
     CoalescePolicy,
     Coalescer,
     Phase,
+    ReplyFloor,
 )
 
 PCM = b"\0\0" * 320
 OFF = CoalescePolicy(budget_fraction=0)
+
+
+def seen(quickest: float = 0.001) -> ReplyFloor:
+    """A reply floor that has seen an idle reply this fast (shared by a gateway's
+    sessions, so a session's first replies may already be loaded ones)."""
+    floor = ReplyFloor()
+    floor.observe(quickest)
+    return floor
 
 
 def test_sends_each_chunk_at_once_one_in_flight() -> None:
@@ -196,12 +207,12 @@ def test_linger_holds_until_the_oldest_chunk_is_old_enough() -> None:
     assert m is not None and len(m.chunks) == 2
 
 
-def stream(c: Coalescer, *, rtt: float, seconds: float, interval: float = 0.02) -> list[int]:
-    """Real-time chunks every ``interval``; each message answered ``rtt`` after it left.
-    Returns the chunk count of every message sent."""
+def stream(c: Coalescer, *, rtt: float | Callable[[float], float], seconds: float,
+           interval: float = 0.02) -> list[int]:
+    """Real-time chunks every ``interval``; each message answered ``rtt`` (or ``rtt(sent
+    at)``) after it left. Returns the chunk count of every message sent."""
     sizes: list[int] = []
-    now = 0.0
-    next_chunk = 0.0
+    now = next_chunk = 0.0
     seq = 0
     answer_at: float | None = None
     while now < seconds:
@@ -224,7 +235,7 @@ def stream(c: Coalescer, *, rtt: float, seconds: float, interval: float = 0.02) 
         m = c.take(now)
         if m is not None:
             sizes.append(len(m.chunks))
-            answer_at = now + rtt
+            answer_at = now + (rtt(now) if callable(rtt) else rtt)
     return sizes
 
 
@@ -239,14 +250,43 @@ def test_slow_replies_coalesce_before_the_round_trip_reaches_the_interval() -> N
     """Replies at 60 % of the 20 ms interval: without the budget every chunk is its own
     message; with it, messages carry several chunks (fewer messages per second)."""
     plain = stream(Coalescer(deadline_s=1.0, policy=OFF), rtt=0.012, seconds=4.0)
-    budget = stream(Coalescer(deadline_s=1.0), rtt=0.012, seconds=4.0)
+    budget = stream(Coalescer(deadline_s=1.0, reply_floor=seen()), rtt=0.012, seconds=4.0)
     assert set(plain) == {1}
     assert len(budget) < 0.6 * len(plain)
     assert max(budget) <= 3  # 1 + max_hold (40 ms) / 20 ms
 
 
-def test_target_has_hysteresis() -> None:
+@pytest.mark.parametrize("rtt", [0.012, 0.018])
+def test_a_distant_broker_alone_is_not_load(rtt: float) -> None:
+    """Replies that take 60 or 90 % of the interval from the first one on (a broker far
+    away, or a slow one) queue nothing: no chunk is held for company. Before the reply
+    floor, every other chunk of such a lone session waited 30 ms."""
     c = Coalescer(deadline_s=1.0)
+    assert set(stream(c, rtt=rtt, seconds=4.0)) == {1}
+    assert c.target == 1 and c.reply_floor.value == pytest.approx(rtt)
+
+
+def test_replies_slower_than_their_floor_coalesce() -> None:
+    """Idle replies of 4 ms, then 16 ms (messages queue): the same session coalesces."""
+    c = Coalescer(deadline_s=1.0)
+    sizes = stream(c, rtt=lambda sent: 0.004 if sent < 1.0 else 0.016, seconds=4.0)
+    assert set(sizes[:50]) == {1}  # the first second: 50 chunks, 50 messages
+    assert max(sizes[50:]) > 1 and len(sizes[50:]) < 0.6 * 150
+    assert c.reply_floor.value == pytest.approx(0.004)
+
+
+def test_a_session_that_starts_under_load_uses_the_shared_floor() -> None:
+    shared = ReplyFloor()
+    stream(Coalescer(deadline_s=1.0, reply_floor=shared), rtt=0.004, seconds=1.0)
+    assert shared.value == pytest.approx(0.004)
+    own = stream(Coalescer(deadline_s=1.0), rtt=0.016, seconds=3.0)
+    late = stream(Coalescer(deadline_s=1.0, reply_floor=shared), rtt=0.016, seconds=3.0)
+    assert set(own) == {1}  # alone it cannot tell 16 ms of distance from 16 of queue
+    assert max(late) > 1 and len(late) < 0.6 * len(own)
+
+
+def test_target_has_hysteresis() -> None:
+    c = Coalescer(deadline_s=1.0, reply_floor=seen())
     for s in range(5):
         c.add(s, PCM, s * 0.02)  # gap 20 ms: one budget unit is 10 ms
     c.observe(0.025, 1.0)
@@ -271,7 +311,7 @@ def test_the_target_comes_down_soon_after_a_burst_of_slow_replies() -> None:
     """Replies of 300 ms for a while (another session's big messages ahead on the
     broker), then fast again: the hold ends within half the replies it took when every
     sample entered the average whole (21, each held 40-45 ms: about a second)."""
-    c = Coalescer(deadline_s=1.0)
+    c = Coalescer(deadline_s=1.0, reply_floor=seen())
     for s in range(5):
         c.add(s, PCM, s * 0.02)
     for _ in range(20):
@@ -282,7 +322,7 @@ def test_the_target_comes_down_soon_after_a_burst_of_slow_replies() -> None:
 
 def test_steadily_slow_replies_keep_the_largest_message() -> None:
     """The cap only trims what is past the largest size: slow replies still hold it."""
-    c = Coalescer(deadline_s=1.0)
+    c = Coalescer(deadline_s=1.0, reply_floor=seen())
     for s in range(5):
         c.add(s, PCM, s * 0.02)
     for rtt in (0.5, 0.03, 0.2, 0.025, 0.9) * 20:
@@ -307,7 +347,7 @@ def test_closed_takes_nothing() -> None:
 def test_a_hold_that_does_not_pay_pauses_holding() -> None:
     """A client that waits for each outcome before sending the next (lock-step): the
     chunk it waits on is not held again and again."""
-    c = Coalescer(deadline_s=1.0)
+    c = Coalescer(deadline_s=1.0, reply_floor=seen())
     for s in range(5):
         c.add(s, PCM, s * 0.02)
     c.observe(0.025, 0.1)

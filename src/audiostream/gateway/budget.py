@@ -20,17 +20,26 @@ spent, which is when the tail explodes; the total chunk rate says it in advance.
 * **Hysteresis**: the floor falls only once the rate would fit a lower floor with
   ``HYSTERESIS`` of headroom and the lag is below half its threshold, and then one
   step per sample, so it does not flap between two sizes around the threshold.
+
+It also keeps the quickest reply seen per pipeline (``reply_floor``), which every
+session's coalescer measures its own reply times against.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass
+
+from audiostream.gateway.coalescer import ReplyFloor
 
 #: Weight of the newest sample in the moving average of the chunk rate.
 RATE_WEIGHT = 0.5
 #: The floor falls only when the rate fits a lower one with this much headroom.
 HYSTERESIS = 0.8
+#: Pipelines whose reply floor is shared; a session of any further one keeps its own
+#: (clients choose pipelines and parameters: the map must not grow with them).
+MAX_REPLY_FLOORS = 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,6 +73,16 @@ class LoadBudget:
         """The event-loop lag of the last sample, in seconds."""
         self._chunks = 0
         self._last_at: float | None = None
+        self._floors: dict[Hashable, ReplyFloor] = {}
+
+    def reply_floor(self, key: Hashable) -> ReplyFloor:
+        """The quickest reply seen by this gateway's sessions of one pipeline ``key``."""
+        floor = self._floors.get(key)
+        if floor is None:
+            floor = ReplyFloor()
+            if len(self._floors) < MAX_REPLY_FLOORS:
+                self._floors[key] = floor
+        return floor
 
     def note_chunk(self) -> None:
         """One chunk accepted (called per chunk: a counter, nothing more)."""

@@ -25,15 +25,17 @@ changed (a chunk, a reply, its one timer at ``due_at()``), and ``answered`` /
 * **Proactive coalescing (the latency budget).** Every message costs the gateway,
   the broker and the worker the same fixed work whatever it carries, so under load
   the number of messages per session-second is what to cut. When replies take
-  longer than ``budget_fraction`` of the chunk interval (the gateway, broker or
-  workers are loaded), the next message waits until it holds ``target`` chunks, or
-  its oldest chunk has waited about ``max_hold_s``. An idle system (fast replies)
-  sends every chunk at once: no added latency. The target follows a moving average
-  of reply times with hysteresis, so it does not flap between two sizes; a sample
-  enters the average capped at the reply time that already asks for the largest
-  message, so one slow burst does not hold the target up long after it. A hold in
-  which no second chunk arrived did not pay (the client waits for our answer before
-  it sends more): holds pause for ``MISS_BACKOFF_S``.
+  longer than the quickest reply seen (``ReplyFloor``: the distance to the broker
+  and the steps' own time, which no coalescing shortens) by more than
+  ``budget_fraction`` of the chunk interval (the gateway, broker or workers are
+  loaded: messages queue), the next message waits until it holds ``target``
+  chunks, or its oldest chunk has waited about ``max_hold_s``. An idle system sends
+  every chunk at once, however far away its broker is: no added latency. The target
+  follows a moving average of reply times with hysteresis, so it does not flap
+  between two sizes; a sample enters the average capped at the reply time that
+  already asks for the largest message, so one slow burst does not hold the target
+  up long after it. A hold in which no second chunk arrived did not pay (the client
+  waits for our answer before it sends more): holds pause for ``MISS_BACKOFF_S``.
 * **The gateway's floor.** ``set_floor`` passes on the gateway-wide coalescing floor
   (``gateway/budget.py``): while the whole gateway is loaded every session waits for
   at least that many chunks (within ``max_hold_s``), before its own reply times rise.
@@ -99,6 +101,26 @@ class Message:
     """Audio bytes the chunks hold."""
 
 
+class ReplyFloor:
+    """The quickest reply seen: what a reply takes with nothing queued.
+
+    Without it, a broker 10 ms away (or a slow one: 7 ms for the bare aio-pika round
+    trip on one 2-core VM) made an idle session's replies look loaded, and every other
+    chunk was held for 30 ms. Shared by a gateway's sessions of one pipeline
+    (``LoadBudget.reply_floor``), so a session that starts under load knows what idle
+    looked like. It only ever falls: a floor from before the path got slower errs
+    towards coalescing, which is what happened without it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = math.inf
+
+    def observe(self, rtt: float) -> None:
+        if rtt < self.value:
+            self.value = rtt
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CoalescePolicy:
     max_chunks: int = 50
@@ -110,8 +132,8 @@ class CoalescePolicy:
     linger_s: float = 0.0
     """Fixed hold: a message waits until its oldest chunk is this old (opt-in)."""
     budget_fraction: float = 0.5
-    """Coalesce when replies take longer than this share of the chunk interval
-    (0 turns proactive coalescing off)."""
+    """Coalesce when replies take longer than the quickest reply seen by more than this
+    share of the chunk interval (0 turns proactive coalescing off)."""
     max_hold_s: float = 0.045
     """Most latency proactive coalescing adds to a chunk (about): under half of a
     100 ms latency goal, so a held chunk still has room for the round trip."""
@@ -140,7 +162,12 @@ OVERLOADED = "session backlog is full; the pipeline is behind"
 
 class Coalescer:
     def __init__(
-        self, *, deadline_s: float, policy: CoalescePolicy | None = None, first_msg_id: int = 0
+        self,
+        *,
+        deadline_s: float,
+        policy: CoalescePolicy | None = None,
+        first_msg_id: int = 0,
+        reply_floor: ReplyFloor | None = None,
     ) -> None:
         if deadline_s <= 0:
             raise ValueError("deadline_s must be > 0")
@@ -159,6 +186,7 @@ class Coalescer:
         """Moving average of the time between chunks; None before the second one."""
         self.rtt: float | None = None
         """Moving average of reply times (sent -> answered or expired)."""
+        self.reply_floor = reply_floor or ReplyFloor()
         self.target = 1
         """Chunks the next message waits for by this session's reply times (1: at once)."""
         self.floor = 1
@@ -335,6 +363,7 @@ class Coalescer:
         """A reply time (``answered`` and expiries report theirs): update the moving
         average and the target size."""
         rtt = max(0.0, rtt)
+        self.reply_floor.observe(rtt)
         if (gap := self.gap) is not None and gap > 0 and self.policy.budget_fraction > 0:
             # A reply slower than what already asks for the largest message says nothing
             # more about the size to choose; averaged in whole, one burst (a 300 ms reply
@@ -356,6 +385,8 @@ class Coalescer:
         if p.budget_fraction <= 0 or gap is None or gap <= 0:
             return 1
         unit = p.budget_fraction * gap
-        if rtt < unit:
-            return 1
+        if rtt - self.reply_floor.value < unit:
+            return 1  # nothing queues (much): a bigger message would only wait longer
+        # Sized by the whole reply time, as before the floor existed: under load the
+        # floor is a small part of it, and the message rate is what must fall.
         return min(self._most(gap), 1 + math.floor(rtt / unit))

@@ -192,11 +192,15 @@ class SessionPipeline:
                                     max_message_bytes=max_message_bytes,
                                     linger_s=max(0.0, linger_s),
                                     budget_fraction=max(0.0, coalesce_fraction))
-        self.coalescer = Coalescer(deadline_s=deadline_s, policy=policy,
-                                   first_msg_id=generation << GEN_SHIFT)
-        self.linger_s = max(0.0, min(policy.linger_s, deadline_s / 2))
         # The gateway's (shared by all its sessions); alone, one that never coalesces.
         self.budget = budget or LoadBudget(BudgetPolicy(coalesce_above=0))
+        # Steps (with parameters: a model variant changes the floor) and format.
+        floor_key = (tuple((st.name, repr(sorted(st.params.items()))) for st in pipeline),
+                     fmt)
+        self.coalescer = Coalescer(deadline_s=deadline_s, policy=policy,
+                                   first_msg_id=generation << GEN_SHIFT,
+                                   reply_floor=self.budget.reply_floor(floor_key))
+        self.linger_s = max(0.0, min(policy.linger_s, deadline_s / 2))
         self.sink = sink
         self.metrics = metrics
         self.reply_queue = transport.topology.reply_queue(session_id)
