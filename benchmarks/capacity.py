@@ -13,8 +13,9 @@ run: each variant gets its own gateway and worker (all started together, the idl
 ones cost next to nothing), and at every level from ``--start`` to ``--max`` by
 ``--step`` the variants take turns, ``--rounds`` times, so background load hits
 them alike; e.g. ``--gateway-args "" --gateway-args "--coalesce-above 0"`` for the
-load budget on/off. ``--every-level`` does the same for one variant: the curve
-rather than the limit.
+load budget on/off. ``--worker-args "..."`` does the same for the worker (repeat one of
+the two, not both), e.g. ``--worker-args "" --worker-args "--denoise-state fp16"``.
+``--every-level`` does the same for one variant: the curve rather than the limit.
 
 Besides latency and CPU, each trial reports why a process might be late: per process
 ``runqueue_wait_ms_per_s`` (its threads' time runnable but without a CPU, from
@@ -35,6 +36,7 @@ import gc
 import os
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,26 @@ P99_LIMIT_MS = 100.0
 LAG = "audiostream_gateway_loop_lag_seconds"
 GC = "python_gc_collections_total"
 PROBE_S = 0.25  # the gateway samples its loop lag every 0.25 s (budget_sample_s)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The options one stack's gateway and worker run with."""
+
+    gateway: str = ""
+    worker: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.gateway if not self.worker else f"{self.gateway} | worker: {self.worker}"
+
+    def json(self) -> dict[str, str]:
+        return {"gateway_args": self.gateway, "worker_args": self.worker}
+
+    def stack(self, ptype: str, args: argparse.Namespace) -> Any:
+        return c.stack([ptype], broker=args.broker, nice=args.nice_server,
+                       gateway_args=shlex.split(self.gateway),
+                       worker_args=shlex.split(self.worker))
 
 
 async def scrape_gateway(url: str, into: list[dict[Any, float]]) -> None:
@@ -97,7 +119,7 @@ def gateway_view(scrapes: list[dict[Any, float]]) -> dict[str, Any]:
 
 
 async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
-                pids: dict[str, int], variant: str) -> dict[str, Any]:
+                pids: dict[str, int], variant: Variant) -> dict[str, Any]:
     from audiostream.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(url=st.ws_url, api_key=st.key, sessions=sessions, duration_s=duration,
@@ -124,7 +146,7 @@ async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
     ok = (rt["p99"] < P99_LIMIT_MS and r["chunks"]["dropped"] == 0 and not r["errors_by_code"]
           and r["sessions"]["completed"] == sessions)
     return {
-        "bench": "capacity", "processing": ptype, "gateway_args": variant,
+        "bench": "capacity", "processing": ptype, **variant.json(),
         "sessions": sessions, "pass": ok,
         "latency_ms": {k: rt[k] for k in ("p50", "p90", "p99", "max")},
         "dropped": r["chunks"]["dropped"], "drops_by_reason": r["drops_by_reason"],
@@ -141,11 +163,10 @@ async def trial(st: c.Stack, ptype: str, sessions: int, duration: float,
     }
 
 
-async def sweep(args: argparse.Namespace, ptype: str, variant: str) -> dict[str, Any]:
+async def sweep(args: argparse.Namespace, ptype: str, variant: Variant) -> dict[str, Any]:
     rabbit = c.find_pid("beam.smp")
     try:
-        async with c.stack([ptype], broker=args.broker, nice=args.nice_server,
-                           gateway_args=shlex.split(variant)) as st:
+        async with variant.stack(ptype, args) as st:
             assert st.worker is not None
             pids = {"client": os.getpid(), "gateway": st.gateway.pid, "worker": st.worker.pid}
             if rabbit:
@@ -175,23 +196,20 @@ async def sweep(args: argparse.Namespace, ptype: str, variant: str) -> dict[str,
                 else:
                     worst = n
     except RuntimeError as exc:
-        return {"bench": "capacity", "processing": ptype, "gateway_args": variant,
+        return {"bench": "capacity", "processing": ptype, **variant.json(),
                 "unavailable": str(exc)}
-    return {"bench": "capacity", "processing": ptype, "gateway_args": variant,
+    return {"bench": "capacity", "processing": ptype, **variant.json(),
             "max_sessions": best,
             "first_failing": worst, "criterion": f"p99 < {P99_LIMIT_MS:g} ms, no drops",
             "resolution": args.resolution}
 
 
-async def ab(args: argparse.Namespace, ptype: str, variants: list[str]) -> dict[str, Any]:
+async def ab(args: argparse.Namespace, ptype: str, variants: list[Variant]) -> dict[str, Any]:
     """Variants in turn at each level (see the module docstring)."""
     rabbit = c.find_pid("beam.smp")
-    results: dict[str, dict[int, list[dict[str, Any]]]] = {v: {} for v in variants}
+    results: dict[Variant, dict[int, list[dict[str, Any]]]] = {v: {} for v in variants}
     async with contextlib.AsyncExitStack() as stack:
-        stacks = {v: await stack.enter_async_context(
-            c.stack([ptype], broker=args.broker, gateway_args=shlex.split(v),
-                    nice=args.nice_server))
-            for v in variants}
+        stacks = {v: await stack.enter_async_context(v.stack(ptype, args)) for v in variants}
         for n in range(args.start, args.max + 1, args.step):
             for r in range(args.rounds):
                 for v, st in stacks.items():
@@ -200,12 +218,12 @@ async def ab(args: argparse.Namespace, ptype: str, variants: list[str]) -> dict[
                             "worker": st.worker.pid}
                     if rabbit:
                         pids["rabbitmq"] = rabbit
-                    c.log(f"[capacity] {ptype} {v!r}: {n} sessions (round {r + 1})")
+                    c.log(f"[capacity] {ptype} {v.label!r}: {n} sessions (round {r + 1})")
                     t = await trial(st, ptype, n, args.duration, pids, v)
                     c.emit(t, args.out)
                     results[v].setdefault(n, []).append(t)
     return {"bench": "capacity", "processing": ptype, "ab": {
-        v: {str(n): {"passed": sum(t["pass"] for t in ts), "trials": len(ts),
+        v.label: {str(n): {"passed": sum(t["pass"] for t in ts), "trials": len(ts),
                      "p50_ms": [t["latency_ms"]["p50"] for t in ts],
                      "p99_ms": [t["latency_ms"]["p99"] for t in ts],
                      "chunks_per_message": [t["chunks_per_message"] for t in ts],
@@ -224,11 +242,19 @@ async def main(args: argparse.Namespace) -> int:
             c.emit({"bench": "capacity", "processing": ptype,
                     "unavailable": "not registered"}, args.out)
             continue
-        if len(args.gateway_args) > 1 or args.every_level:
-            c.emit(await ab(args, ptype, args.gateway_args or [""]), args.out)
+        variants = variants_of(args)
+        if len(variants) > 1 or args.every_level:
+            c.emit(await ab(args, ptype, variants), args.out)
         else:
-            c.emit(await sweep(args, ptype, "".join(args.gateway_args)), args.out)
+            c.emit(await sweep(args, ptype, variants[0]), args.out)
     return 0
+
+
+def variants_of(args: argparse.Namespace) -> list[Variant]:
+    gateways, workers = args.gateway_args or [""], args.worker_args or [""]
+    if len(gateways) > 1 and len(workers) > 1:
+        raise SystemExit("repeat --gateway-args or --worker-args for an A/B, not both")
+    return [Variant(g, w) for g in gateways for w in workers]
 
 
 def cli() -> int:
@@ -238,6 +264,9 @@ def cli() -> int:
     ap.add_argument("--gateway-args", action="append", default=[], metavar="ARGS",
                     help="options for the gateway, one string (repeat for an A/B: the "
                     "variants take turns at each level, no bisection)")
+    ap.add_argument("--worker-args", action="append", default=[], metavar="ARGS",
+                    help="options for the worker, one string (repeat for an A/B, as "
+                    "--gateway-args; not both)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="A/B only: trials per variant and level (default 1)")
     ap.add_argument("--every-level", action="store_true",

@@ -310,8 +310,8 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
                    "per session (default 0)")
     p.add_argument("--coalesce-fraction", type=float, default=0.5, metavar="SHARE",
                    help="a session sends several chunks per work message once its replies "
-                   "take longer than this share of its chunk interval (default 0.5; "
-                   "0 disables)")
+                   "take longer than the quickest reply seen by more than this share of "
+                   "its chunk interval (default 0.5; 0 disables)")
     p.add_argument("--coalesce-above", type=float, default=1500.0, metavar="CHUNKS_PER_S",
                    help="gateway-wide chunks per second above which every session sends "
                    "several chunks per work message (fewer messages for the broker and "

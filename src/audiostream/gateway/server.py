@@ -110,8 +110,9 @@ class GatewaySettings:
     as the previous one is answered). Fewer, larger messages per session for up to this
     much latency: a throughput knob for workers that are the bottleneck."""
     coalesce_fraction: float = 0.5
-    """A session coalesces on its own once its replies take longer than this share of
-    its chunk interval (0: never; ``CoalescePolicy.budget_fraction``)."""
+    """A session coalesces on its own once its replies take longer than the quickest
+    reply seen by more than this share of its chunk interval (0: never;
+    ``CoalescePolicy.budget_fraction``)."""
     max_message_bytes: int = MAX_MESSAGE_BYTES
     """Most audio bytes in one work message (``CoalescePolicy.max_message_bytes``)."""
     coalesce_above: float = 1500.0
