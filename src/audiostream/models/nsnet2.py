@@ -348,7 +348,7 @@ def _read_states(raws: list[bytes], version: int, h_values: int) -> tuple[F32, F
     float32, checked finite."""
     buf = np.frombuffer(b"".join(raws), np.uint8).reshape(len(raws), -1)[:, _HEADER.size:]
     cut = h_values * _H_DTYPE[version].itemsize
-    h = buf[:, :cut].view(_H_DTYPE[version]).astype(np.float32)
+    h = buf[:, :cut].view(_H_DTYPE[version]).astype(np.float32, copy=False)
     audio = buf[:, cut:].view("<f4").astype(np.float32, copy=False)
     if not (np.isfinite(h).all() and np.isfinite(audio).all()):
         raise _bad_state("non-finite values")
