@@ -792,6 +792,16 @@ class _Connection:
             self.slot = SlotPhase.RELEASED
 
 
+def _stop_if_cancelled(err: BaseException) -> None:
+    """A loop that lives through broker errors must still end when it is cancelled. A
+    probe cancelled while the connection closes can fail with a broker error instead
+    (``asyncio.gather`` passes a child's error on, not the cancel), and the depth poll
+    then went on forever, with ``close()`` waiting for it (seen in CI, 1 close in 10)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from err
+
+
 class Gateway:
     def __init__(
         self,
@@ -973,6 +983,7 @@ class Gateway:
                 try:
                     depth = await self.transport.work_queue_depth(name)
                 except AudioStreamError as err:
+                    _stop_if_cancelled(err)
                     if name not in failing:
                         log.warning("stage=queue_depth processing=%s: unavailable: %s",
                                     name, err)
@@ -980,10 +991,12 @@ class Gateway:
                     continue
                 failing.discard(name)
                 self.metrics.queue_depth.labels(processing=name).set(depth)
-            with contextlib.suppress(AudioStreamError):
+            try:
                 if isinstance(self.transport, DeadLetterProbe) and (
                         dead := await self.transport.dead_letter_depth()) is not None:
                     self.metrics.dead_letters.set(dead)
+            except AudioStreamError as err:
+                _stop_if_cancelled(err)
             await asyncio.sleep(self.settings.depth_poll_s)
 
     async def handle_health(self, _request: web.Request) -> web.Response:

@@ -743,6 +743,11 @@ class RabbitTransport:
         try:
             yield channel
         except _BROKER_ERRORS as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # aiormq may answer a cancelled call with the error of the channel it
+                # closed for it: the caller was cancelled, and must see that.
+                raise asyncio.CancelledError from exc
             raise TransportError(f"{what}: {_reason(exc)}") from exc
         finally:
             closing = asyncio.ensure_future(_close_quietly(channel))
