@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +33,38 @@ set-default-source micsink.monitor
 class Pulse:
     env: dict[str, str]  # what a client process needs to reach this daemon
 
-    async def run(self, *argv: str) -> int:
+    async def run(self, *argv: str, timeout_s: float = 60.0) -> int:
+        """Its exit code; killed, and the test failed, if it runs past ``timeout_s``."""
         proc = await asyncio.create_subprocess_exec(
             *argv, env=self.env, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL)
-        return await proc.wait()
+        try:
+            return await asyncio.wait_for(proc.wait(), timeout_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise AssertionError(f"{argv[0]} did not finish within {timeout_s:g} s") from None
 
     async def start(self, *argv: str) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(*argv, env=self.env)
+
+
+async def stop(proc: asyncio.subprocess.Process, sig: int, grace_s: float = 15.0) -> bool:
+    """Signal ``proc`` and reap it; killed if it outlives ``grace_s``. True: it exited by
+    itself. A PortAudio or PulseAudio client can block for seconds in its teardown
+    (docs/sdk.md), and an unbounded wait here hung a CI run until pytest's timeout."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+    try:
+        await asyncio.wait_for(proc.wait(), grace_s)
+        return True
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        return False
 
 
 def need(tool: str) -> str:
@@ -64,12 +89,10 @@ async def pulse_daemon(root: Path) -> AsyncIterator[Pulse]:
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
-        while await pulse.run(need("pactl"), "info") != 0:  # ready when it answers
+        while await pulse.run(need("pactl"), "info", timeout_s=20) != 0:  # ready: it answers
             assert daemon.returncode is None, "pulseaudio exited at start-up"
             assert loop.time() < deadline, "pulseaudio did not answer within 20 s"
             await asyncio.sleep(0.05)  # poll interval of a readiness check
         yield pulse
     finally:
-        if daemon.returncode is None:
-            daemon.terminate()
-        await daemon.wait()
+        await stop(daemon, signal.SIGTERM)

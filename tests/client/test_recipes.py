@@ -265,11 +265,8 @@ async def test_microphone_recipe_through_portaudio(denoise_server: Embedded,
             assert app.returncode is None  # still streaming: the recipe runs until Ctrl-C
             answered = chunks(denoise_server, "out") - before
         finally:
-            if app.returncode is None:
-                app.send_signal(signal.SIGINT)  # Ctrl-C
-            await app.wait()
-            parec.terminate()
-            await parec.wait()
+            await pulse.stop(app, signal.SIGINT)  # Ctrl-C
+            await pulse.stop(parec, signal.SIGTERM)
     assert answered >= spoken  # what the speaker played came through the server
     played = envelope(without_underruns(np.frombuffer(heard.read_bytes(), dtype="<i2")))
     # it is the speech that came back: other 3 s stretches of the sample score 0.2-0.35
