@@ -12,6 +12,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
@@ -20,8 +21,9 @@ import pytest
 from audiostream.errors import ConfigError, ErrorCode, TransportError
 from audiostream.topology import Topology
 from audiostream.transport import Delivery, Subscription
-from audiostream.transport.rabbitmq import RabbitTransport, declare_topology
+from audiostream.transport.rabbitmq import RabbitTransport, _Subscription, declare_topology
 from tests.conftest import delete_prefixed
+from tests.policy.conftest import StallingProxy
 from tests.transport.helpers import Inbox, eventually
 
 pytestmark = pytest.mark.rabbitmq
@@ -334,6 +336,52 @@ async def test_a_cancelled_subscription_does_not_keep_its_handlers_owner_alive(
     finally:
         gc.enable()
     del bookkeeping
+
+
+async def test_a_reply_consume_answered_after_op_timeout_leaves_the_shared_channel_open(
+    rabbitmq_url: str, topology: Topology
+) -> None:
+    """Every session's reply consumer lives on one channel. At three times the held load
+    a consume's answer came after ``op_timeout`` (200 sessions' consumes and cancels
+    queued for that channel); aiormq closed the channel for it, and the broker then
+    closed the connection (504 ``expected 'channel.open'``): every session failed with
+    broker_unavailable. Now that start alone fails, the request runs to its end, the
+    channel and the connection stay open, and the late consumer is cancelled."""
+    parts = urlsplit(rabbitmq_url)
+    proxy = StallingProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await proxy.start()
+    t = RabbitTransport(proxy.url(rabbitmq_url, "?heartbeat=0"), topology, op_timeout=0.5)
+    try:
+        await t.connect()
+        await t.declare()
+        a, b = (topology.reply_queue(uuid.uuid4().hex) for _ in range(2))
+        for name in (a, b):
+            await t.declare_reply_queue(name)
+        live = Inbox()
+        await t.consume_replies(a, live)
+        underlay = await (await t._reply_channel()).get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+        proxy.pause()  # the consume goes out; its answer comes late
+        late = _Subscription(t, [b], Inbox(), prefetch=None)
+        with pytest.raises(TransportError, match="no answer within"):
+            await t._start(late, "consuming replies")
+        proxy.resume()
+
+        async def settled() -> bool:  # the late consume, then its cancel, went through
+            return not t._reply_calls and await t.reply_queue_stats(b) == (0, 0)
+
+        await eventually(settled)
+        assert not underlay.is_closed and t.is_connected
+        assert await t.publish_reply(a, b"still served")
+        assert (await live.wait_for(1))[0].body == b"still served"
+        retried = Inbox()
+        await t.consume_replies(b, retried)  # the client's next start
+        assert await t.publish_reply(b, b"retried")
+        assert (await retried.wait_for(1))[0].body == b"retried"
+    finally:
+        await t.close()
+        await proxy.close()
+        await delete_prefixed(rabbitmq_url, topology)
 
 
 # -- connecting ------------------------------------------------------------------------

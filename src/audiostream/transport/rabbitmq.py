@@ -41,7 +41,7 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aio_pika
 import aiormq
@@ -66,6 +66,7 @@ __all__ = ["QueueProbe", "RabbitTransport", "TopologyProbe", "declare_topology",
            "probe_topology"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Everything aio-pika and the layers below it raise for broker or network trouble.
 #: ``ChannelInvalidStateError`` is a ``RuntimeError``; ``TimeoutError`` is an ``OSError``.
@@ -438,9 +439,14 @@ class _Subscription:
                 tag = f"ctag{underlay.number}.{uuid.uuid4().hex}"
                 dispatch.consumers[tag] = self._on_message
                 self._consumers.append((underlay, tag))
-                ok = await underlay.basic_consume(
-                    name, _unused_consumer, consumer_tag=tag, no_ack=False,
-                    timeout=t.op_timeout)
+                if self._prefetch is None:
+                    ok = await t._on_reply_channel(underlay.basic_consume(
+                        name, _unused_consumer, consumer_tag=tag, no_ack=False),
+                        f"consuming {name!r}")
+                else:
+                    ok = await underlay.basic_consume(
+                        name, _unused_consumer, consumer_tag=tag, no_ack=False,
+                        timeout=t.op_timeout)
                 if ok.consumer_tag != tag:
                     raise TransportError(f"the broker gave another consumer tag for {name!r}")
         except BaseException:
@@ -503,9 +509,14 @@ class _Subscription:
 
     async def _cancel_consumers(self) -> None:
         consumers, self._consumers = self._consumers, []
+        t = self._transport
         for underlay, tag in consumers:
-            with contextlib.suppress(*_BROKER_ERRORS):
-                await underlay.basic_cancel(tag, timeout=self._transport.op_timeout)
+            with contextlib.suppress(*_BROKER_ERRORS, TransportError):
+                if self.is_reply:
+                    await t._on_reply_channel(underlay.basic_cancel(tag),
+                                              f"cancelling consumer {tag}")
+                else:
+                    await underlay.basic_cancel(tag, timeout=t.op_timeout)
             # Deliveries still in flight for this tag are refused by the dispatch.
             if self._dispatch is not None:
                 self._dispatch.consumers.pop(tag, None)
@@ -626,6 +637,7 @@ class RabbitTransport:
         self._subscriptions: set[_Subscription] = set()
         self._handler_tasks: set[asyncio.Future[Any]] = set()
         self._closing_tasks: set[asyncio.Task[None]] = set()
+        self._reply_calls: set[asyncio.Future[Any]] = set()
         self._dispatches: weakref.WeakSet[_Dispatch] = weakref.WeakSet()
         self._restore_task: asyncio.Task[None] | None = None
         self._locks: dict[str, tuple[LockToken, aiormq.abc.AbstractConnection | None]] = {}
@@ -698,6 +710,9 @@ class RabbitTransport:
         if conn is not None:
             with contextlib.suppress(*_BROKER_ERRORS):
                 await conn.close()
+        for call in list(self._reply_calls):  # ended with the connection, or stalled
+            call.cancel()
+        await asyncio.gather(*self._reply_calls, return_exceptions=True)
 
     def _require_connection(self) -> AbstractRobustConnection:
         conn = self._connection
@@ -767,6 +782,28 @@ class RabbitTransport:
     async def _close_when_open(opening: asyncio.Future[AbstractChannel]) -> None:
         with contextlib.suppress(*_BROKER_ERRORS):
             await _close_quietly(await opening)
+
+    async def _on_reply_channel(self, call: Awaitable[T], what: str) -> T:
+        """A request on the reply channel every session shares, never cut short.
+
+        aiormq answers a timed-out or cancelled request by closing its channel, and the
+        broker may then close the whole connection (504 ``expected 'channel.open'``):
+        every session on this gateway lost its replies because one start waited too
+        long. That happened at three times the load a gateway holds, when the consumes
+        and cancels of 200 starting and ending sessions queued for the channel's one
+        lock past ``op_timeout``. So the request runs to its end in a task of ours,
+        untimed (it fails with the connection); the caller stops waiting after
+        ``op_timeout`` (``TransportError``) or when it is cancelled.
+        """
+        task = asyncio.ensure_future(call)
+        self._reply_calls.add(task)
+        task.add_done_callback(self._reply_calls.discard)
+        task.add_done_callback(_retrieve)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.op_timeout)
+        except TimeoutError as exc:
+            raise TransportError(f"{what}: no answer within {self.op_timeout:g} s "
+                                 "(the request goes on)") from exc
 
     async def _publish_channel(self) -> AbstractChannel:
         channel = self._publish
