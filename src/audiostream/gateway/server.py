@@ -436,10 +436,10 @@ class _Connection:
     def _write_now(self) -> bool:
         """Write queued audio in this turn, without waking the writer task: the reply that
         just arrived reaches the socket one task switch sooner (reply -> socket 0.12 ms
-        against 0.14-0.16 at one session, docs/benchmarks.md). Only when the writer is
-        parked with no batch of its own (order), the outbox holds audio only and the
-        socket takes it without waiting (flow control stays the writer's); otherwise
-        False and the writer does it."""
+        against 0.14-0.16 at one session; git show 9e76bf1:docs/benchmarks.md). Only
+        when the writer is parked with no batch of its own (order), the outbox holds
+        audio only and the socket takes it without waiting (flow control stays the
+        writer's); otherwise False and the writer does it."""
         proto = self.proto
         frames = self.frames
         if (not self._parked or frames is None or not proto.audio_only_out

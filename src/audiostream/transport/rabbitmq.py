@@ -804,6 +804,12 @@ class RabbitTransport:
         except TimeoutError as exc:
             raise TransportError(f"{what}: no answer within {self.op_timeout:g} s "
                                  "(the request goes on)") from exc
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if task.cancelled() and caller is not None and not caller.cancelling():
+                # The request was cancelled under us (the transport closing), not we.
+                raise TransportError(f"{what}: the transport closed") from None
+            raise
 
     async def _publish_channel(self) -> AbstractChannel:
         channel = self._publish
