@@ -68,7 +68,8 @@ async def try_start(http: aiohttp.ClientSession, srv: Embedded, tls: TLS,
 @pytest.mark.integration
 @pytest.mark.rabbitmq
 async def test_a_stalled_broker_fails_readiness_and_refuses_starts(
-    rabbitmq_url: str, stalling_proxy: StallingProxy, tls: TLS
+    rabbitmq_url: str, stalling_proxy: StallingProxy, tls: TLS,
+    caplog: pytest.LogCaptureFixture
 ) -> None:
     topo = Topology(processing_types=("passthrough",), prefix=unique_prefix())
     settings = GatewaySettings(chunk_rate=None)  # watchdog defaults
@@ -109,6 +110,10 @@ async def test_a_stalled_broker_fails_readiness_and_refuses_starts(
             assert await eventually(ready, within=40)
             first, _, _ = await try_start(http, srv, tls, within=20)
             assert first["type"] == "ready"
+            # The refusals are in the log too, throttled (two within 10 s: one line).
+            refused = [r.getMessage() for r in caplog.records
+                       if "refused a start with broker_unavailable" in r.getMessage()]
+            assert 1 <= len(refused) <= 2 and "not responding" in refused[0], refused
     finally:
         await delete_prefixed(rabbitmq_url, topo)
 

@@ -73,6 +73,9 @@ from audiostream.transport.base import DeadLetterProbe, Transport
 
 log = logging.getLogger(__name__)
 
+#: At most one log line per this many seconds for starts refused with broker_unavailable.
+REFUSAL_LOG_INTERVAL_S = 10.0
+
 #: Query parameters that look like credentials; such a request is refused before the upgrade.
 CREDENTIAL_PARAMS = frozenset({"api_key", "apikey", "key", "token", "access_token", "auth"})
 #: aiohttp's ceiling on one frame: the largest legal chunk plus headroom (the protocol
@@ -554,6 +557,9 @@ class _Connection:
             await gw.watchdog.bounded(pl.open(), cleanup=lambda: pl.close(finished=True))
         except AudioStreamError as err:
             gw.metrics.sessions_total.labels(result=err.code.name.lower()).inc()
+            if err.code is ErrorCode.BROKER_UNAVAILABLE:
+                gw.refusals.warning("start", "stage=start: refused a start with "
+                                    "broker_unavailable: %s", err.message)
             self._release()
             if self.proto.state is State.STARTING:
                 self.proto.reject(err)
@@ -850,6 +856,10 @@ class Gateway:
             lambda: transport.work_queue_depth(transport.topology.processing_types[0]),
             progress=lambda: transport.progress, interval_s=st.broker_probe_s,
             stall_after_s=st.broker_stall_s, start_timeout_s=st.start_timeout_s)
+        self.refusals = _edge.Throttled(log, REFUSAL_LOG_INTERVAL_S)
+        """Starts the gateway gave up on (a stalled broker, or one it could not reach in
+        time while saturated): one line per interval, so an overload is seen in the log
+        and not only in ``audiostream_sessions_total``."""
         self.load = LoadMonitor(  # queue-age gauges for KEDA and alerts (gateway/load.py)
             self.metrics, lambda: [c.pipeline for c in self.connections if c.pipeline is not None],
             transport.topology.processing_types, interval_s=self.settings.load_sample_s)
