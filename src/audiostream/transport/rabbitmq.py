@@ -439,14 +439,9 @@ class _Subscription:
                 tag = f"ctag{underlay.number}.{uuid.uuid4().hex}"
                 dispatch.consumers[tag] = self._on_message
                 self._consumers.append((underlay, tag))
-                if self._prefetch is None:
-                    ok = await t._on_reply_channel(underlay.basic_consume(
-                        name, _unused_consumer, consumer_tag=tag, no_ack=False),
-                        f"consuming {name!r}")
-                else:
-                    ok = await underlay.basic_consume(
-                        name, _unused_consumer, consumer_tag=tag, no_ack=False,
-                        timeout=t.op_timeout)
+                ok = await self._request(underlay.basic_consume(
+                    name, _unused_consumer, consumer_tag=tag, no_ack=False),
+                    f"consuming {name!r}")
                 if ok.consumer_tag != tag:
                     raise TransportError(f"the broker gave another consumer tag for {name!r}")
         except BaseException:
@@ -507,16 +502,20 @@ class _Subscription:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
+    async def _request(self, call: Awaitable[T], what: str) -> T:
+        """One request on this subscription's channel, within ``op_timeout``. On the
+        shared reply channel it is never cut short (``_on_reply_channel``); a work
+        subscription's own channel may be closed by a timed-out one."""
+        t = self._transport
+        if self.is_reply:
+            return await t._on_reply_channel(call, what)
+        return await asyncio.wait_for(call, t.op_timeout)
+
     async def _cancel_consumers(self) -> None:
         consumers, self._consumers = self._consumers, []
-        t = self._transport
         for underlay, tag in consumers:
             with contextlib.suppress(*_BROKER_ERRORS, TransportError):
-                if self.is_reply:
-                    await t._on_reply_channel(underlay.basic_cancel(tag),
-                                              f"cancelling consumer {tag}")
-                else:
-                    await underlay.basic_cancel(tag, timeout=t.op_timeout)
+                await self._request(underlay.basic_cancel(tag), f"cancelling consumer {tag}")
             # Deliveries still in flight for this tag are refused by the dispatch.
             if self._dispatch is not None:
                 self._dispatch.consumers.pop(tag, None)
