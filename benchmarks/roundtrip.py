@@ -285,6 +285,8 @@ async def measure_pipeline(st: c.Stack, sessions: int, duration: float,
     return {
         "latency_ms": {**{k: r["round_trip_ms"][k] for k in ("p50", "p90", "p99", "max")},
                        "count": r["round_trip_ms"]["count"]},
+        "from_due_ms": r["round_trip_from_due_ms"],
+        "send_lag_ms": r["send_lag_ms"],
         "dropped": r["chunks"]["dropped"],
         "errors": r["errors_by_code"],
         "consistent": r.get("consistent"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry, generate_latest
 
 from audiostream.bench import (
@@ -25,6 +26,7 @@ from audiostream.bench import (
     synthetic_audio,
 )
 from audiostream.metrics import STAGES, GatewayMetrics, WorkerMetrics
+from audiostream.protocol import V1_1, Credit, Ready, encode_server
 from audiostream.testing import embedded_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +83,9 @@ async def test_bench_agrees_with_the_servers_own_counters(tmp_path: Path) -> Non
     assert r["round_trip_ms"]["count"] == c["audio"] == rt_count
     rt = r["round_trip_ms"]
     assert 0 < rt["p50"] <= rt["p90"] <= rt["p99"] <= rt["max"]
+    assert r["round_trip_from_due_ms"]["count"] == c["audio"]
+    assert r["send_lag_ms"]["count"] == c["sent"]
+    assert r["start_ms"]["count"] == 4 and r["start_ms"]["p50"] > 0
 
     # The server section is the difference of two scrapes: it must equal the registry.
     srv_view = r["server"]
@@ -146,6 +151,51 @@ async def test_cli_bench_writes_json_and_png(tmp_path: Path) -> None:
     assert report["consistent"] is True
     assert "timeline" not in report
     assert out_png.read_bytes()[:8] == PNG_MAGIC
+
+
+async def test_time_a_sender_waits_for_credit_counts_in_the_latency_from_when_due() -> None:
+    """A real-time source cannot pause: a chunk held back by flow control is that much
+    later for the listener. Timed only from its send, the wait vanished, so an
+    overloaded gateway that throttled its senders looked faster (coordinated omission).
+    This server echoes at once but grants credit for the second chunk ``HOLD`` late."""
+    hold = 0.25
+
+    async def gateway(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()  # start
+        await ws.send_str(encode_server(Ready("s", 4096, version=V1_1, credit=1)))
+        granted = False
+        async for msg in ws:
+            if msg.type is WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+                if not granted:
+                    granted = True
+                    await asyncio.sleep(hold)  # the stalled gateway under test
+                    await ws.send_str(encode_server(Credit(1000)))
+            elif msg.type is WSMsgType.TEXT and '"stop"' in msg.data:
+                break
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", gateway)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        r = await run_bench(BenchConfig(url=f"ws://127.0.0.1:{port}/v1/stream", api_key="k",
+                                        sessions=1, duration_s=0.2,
+                                        pipeline=("passthrough",)))
+    finally:
+        await runner.cleanup()
+    assert r["chunks"]["audio"] == r["chunks"]["sent"] == 10
+    waited_ms = (hold - 0.02) * 1000  # the second chunk was due 20 ms after the first
+    assert r["send_lag_ms"]["max"] >= waited_ms
+    assert r["round_trip_from_due_ms"]["max"] >= waited_ms
+    assert r["round_trip_from_due_ms"]["count"] == 10 and r["start_ms"]["count"] == 1
 
 
 # --- pure parts ------------------------------------------------------------------------------

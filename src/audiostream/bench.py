@@ -119,10 +119,16 @@ class _Session:
     session_id: str = ""
     sent: int = 0
     sent_at: list[float] = field(default_factory=list)
+    paced_from: float = 0.0
+    """When chunk 0 was due: chunk ``i`` is due ``i * chunk_ms`` later."""
+    start_ms: float | None = None
+    """From opening the connection to ``ready``."""
     audio: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     points: list[tuple[float, float]] = field(default_factory=list)
     """(seconds since the bench started, round trip ms) per audio outcome."""
+    from_due: list[float] = field(default_factory=list)
+    """ms from when each audio outcome's chunk was due to when it came back."""
     drop_times: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     running: bool = False
@@ -153,6 +159,7 @@ async def _run_session(cfg: BenchConfig, s: _Session, live: _Live,
     delay = s.index * cfg.ramp_s / cfg.sessions
     if delay:
         await asyncio.sleep(delay)  # the ramp
+    opened = time.monotonic()
     try:
         ws = await http.ws_connect(cfg.url, ssl=cfg.ssl_context if cfg.ssl_context else True,
                                    autoping=True, max_msg_size=0, compress=0)
@@ -162,7 +169,7 @@ async def _run_session(cfg: BenchConfig, s: _Session, live: _Live,
         return
     s.running = True
     try:
-        await _lean_session(cfg, s, live, ws)
+        await _lean_session(cfg, s, live, ws, opened)
     finally:
         s.running = False
         s.done = True
@@ -175,7 +182,7 @@ def _count_error(s: _Session, code: ErrorCode | int) -> None:
 
 
 async def _lean_session(cfg: BenchConfig, s: _Session, live: _Live,
-                        ws: aiohttp.ClientWebSocketResponse) -> None:
+                        ws: aiohttp.ClientWebSocketResponse, opened: float) -> None:
     await ws.send_str(start_json(cfg.api_key, cfg.format, list(cfg.pipeline),
                                  deadline_ms=cfg.deadline_ms, version=V1_1))
     first = await ws.receive()
@@ -189,12 +196,13 @@ async def _lean_session(cfg: BenchConfig, s: _Session, live: _Live,
     if not isinstance(ready, Ready):
         raise ProtocolError(f"expected ready, got {type(ready).__name__}")
     s.session_id = ready.session_id
+    s.start_ms = (time.monotonic() - opened) * 1000
     loop = asyncio.get_running_loop()
     credit = [ready.credit if ready.credit is not None else len(s.chunks)]
     more = asyncio.Event()
     sender = loop.create_task(_send(cfg, s, ws, credit, more))
     try:
-        await _receive(s, live, ws, credit, more)
+        await _receive(s, live, ws, credit, more, cfg.chunk_ms / 1000)
     finally:
         if not sender.done():
             sender.cancel()
@@ -211,7 +219,7 @@ async def _send(cfg: BenchConfig, s: _Session, ws: aiohttp.ClientWebSocketRespon
     chunk_s = cfg.chunk_ms / 1000
     clock = time.monotonic
     sent_at = s.sent_at
-    start = clock()
+    start = s.paced_from = clock()
     for i, chunk in enumerate(s.chunks):
         delay = start + i * chunk_s - clock()
         if delay > 0:
@@ -226,17 +234,19 @@ async def _send(cfg: BenchConfig, s: _Session, ws: aiohttp.ClientWebSocketRespon
 
 
 async def _receive(s: _Session, live: _Live, ws: aiohttp.ClientWebSocketResponse,
-                   credit: list[int], more: asyncio.Event) -> None:
+                   credit: list[int], more: asyncio.Event, chunk_s: float) -> None:
     clock = time.monotonic
     t0 = live.t0
     sent_at = s.sent_at
     points = s.points
+    from_due = s.from_due
     window = live.window
     received = acked = 0
     async for msg in ws:
         if msg.type is WSMsgType.BINARY:
             now = clock()
             ms = (now - sent_at[received]) * 1000
+            from_due.append((now - s.paced_from - received * chunk_s) * 1000)
             received += 1
             s.audio += 1
             points.append((now - t0, ms))
@@ -480,6 +490,10 @@ async def _stream(cfg: BenchConfig, sessions: list[_Session], report: Reporter |
     return _assemble(cfg, sessions, wall, server, server_error)
 
 
+def _summary(values_ms: list[float]) -> dict[str, float]:
+    return {**latency_summary(values_ms), "count": len(values_ms)}
+
+
 def _assemble(cfg: BenchConfig, sessions: list[_Session], wall: float,
               server: dict[str, Any] | None, server_error: str | None) -> dict[str, Any]:
     latencies = [ms for s in sessions for _, ms in s.points]
@@ -494,6 +508,9 @@ def _assemble(cfg: BenchConfig, sessions: list[_Session], wall: float,
     audio = sum(s.audio for s in sessions)
     dropped = sum(drops.values())
     rt = latency_summary(latencies)
+    chunk_s = cfg.chunk_ms / 1000
+    lags = [(t - s.paced_from - i * chunk_s) * 1000
+            for s in sessions for i, t in enumerate(s.sent_at)]
     config = {k: v for k, v in asdict(cfg).items() if k not in ("api_key", "ssl_context")}
     config["pipeline"] = list(cfg.pipeline)
     config["metrics_urls"] = list(cfg.scrape_urls())
@@ -514,6 +531,9 @@ def _assemble(cfg: BenchConfig, sessions: list[_Session], wall: float,
         },
         "round_trip_ms": {**rt, "mean": round(float(np.mean(latencies)), 3)
                           if latencies else 0.0, "count": len(latencies)},
+        "round_trip_from_due_ms": _summary([ms for s in sessions for ms in s.from_due]),
+        "send_lag_ms": _summary(lags),
+        "start_ms": _summary([s.start_ms for s in sessions if s.start_ms is not None]),
         "drops_by_reason": drops,
         "errors_by_code": errors,
         "server": server,
@@ -535,6 +555,11 @@ def _assemble(cfg: BenchConfig, sessions: list[_Session], wall: float,
 # --- presentation -----------------------------------------------------------------------------
 
 
+def _percentiles(what: str, q: Mapping[str, float]) -> str:
+    return (f"{what} ms: p50 {q['p50']:.2f}  p99 {q['p99']:.2f}  max {q['max']:.2f}"
+            if q.get("count") else f"{what}: none")
+
+
 def summary_text(r: Mapping[str, Any]) -> str:
     c, rt = r["chunks"], r["round_trip_ms"]
     cfg = r["config"]
@@ -548,6 +573,9 @@ def summary_text(r: Mapping[str, Any]) -> str:
         f"chunks/s = {r['throughput']['audio_seconds_per_s']:.2f} s of audio per s",
         f"round trip ms: p50 {rt['p50']:.2f}  p90 {rt['p90']:.2f}  p99 {rt['p99']:.2f}  "
         f"max {rt['max']:.2f}  mean {rt['mean']:.2f}  (n={rt['count']})",
+        _percentiles("from when each chunk was due", r["round_trip_from_due_ms"]),
+        _percentiles("send lag (behind the real-time clock)", r["send_lag_ms"]),
+        _percentiles("session start (connect to ready)", r["start_ms"]),
         "drops by reason: " + (", ".join(f"{k} {v}" for k, v in r["drops_by_reason"].items())
                                or "none"),
         "errors by code: " + (", ".join(f"{k} {v}" for k, v in r["errors_by_code"].items())
