@@ -384,6 +384,46 @@ async def test_a_reply_consume_answered_after_op_timeout_leaves_the_shared_chann
         await delete_prefixed(rabbitmq_url, topology)
 
 
+async def test_close_while_the_broker_withholds_a_reply_consumes_answer_returns(
+    rabbitmq_url: str, topology: Topology
+) -> None:
+    """A consume on the shared reply channel holds the channel's lock until answered, and
+    its channel's close queued behind it: a gateway shutting down while the broker was
+    silent hung for as long as the silence lasted. Now the close cancels the request, and
+    the start waiting on it fails with "the transport closed", not a timeout."""
+    parts = urlsplit(rabbitmq_url)
+    proxy = StallingProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await proxy.start()
+    t = RabbitTransport(proxy.url(rabbitmq_url, "?heartbeat=0"), topology, op_timeout=3600)
+    try:
+        await t.connect()
+        await t.declare()
+        name = topology.reply_queue(uuid.uuid4().hex)
+        await t.declare_reply_queue(name)
+        await t._reply_channel()
+        proxy.pause()
+        start = asyncio.ensure_future(
+            t._start(_Subscription(t, [name], Inbox(), prefetch=None), "consuming replies"))
+
+        async def waiting() -> bool:
+            return bool(t._reply_calls)
+
+        await eventually(waiting)
+        closing = asyncio.ensure_future(t.close())
+        done, _ = await asyncio.wait({closing}, timeout=120)  # a hang guard, not a timing
+        proxy.resume()
+        await asyncio.wait({closing, start}, timeout=120)
+        assert done == {closing}  # closed while the broker still said nothing
+        with pytest.raises(TransportError, match="the transport closed"):
+            start.result()
+        assert not t._reply_calls
+    finally:
+        proxy.resume()
+        await t.close()
+        await proxy.close()
+        await delete_prefixed(rabbitmq_url, topology)
+
+
 # -- connecting ------------------------------------------------------------------------
 
 

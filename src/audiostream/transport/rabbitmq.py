@@ -700,6 +700,10 @@ class RabbitTransport:
         # Acks asked for up to now are written before their channels close.
         await asyncio.gather(*(d.drain() for d in list(self._dispatches)))
         await asyncio.gather(*self._closing_tasks, return_exceptions=True)
+        # A consume or cancel still waiting on the reply channel holds its lock, and the
+        # channel's close would queue behind it for as long as the broker is silent.
+        for call in list(self._reply_calls):
+            call.cancel()
         # Channels closed one by one finish their close callbacks before we return
         # (a connection close would leave them running); unacked deliveries go back.
         await asyncio.gather(*(_close_quietly(c) for c in list(self._channels)))
@@ -709,8 +713,6 @@ class RabbitTransport:
         if conn is not None:
             with contextlib.suppress(*_BROKER_ERRORS):
                 await conn.close()
-        for call in list(self._reply_calls):  # ended with the connection, or stalled
-            call.cancel()
         await asyncio.gather(*self._reply_calls, return_exceptions=True)
 
     def _require_connection(self) -> AbstractRobustConnection:
@@ -791,7 +793,7 @@ class RabbitTransport:
         long. That happened at three times the load a gateway holds, when the consumes
         and cancels of 200 starting and ending sessions queued for the channel's one
         lock past ``op_timeout``. So the request runs to its end in a task of ours,
-        untimed (it fails with the connection); the caller stops waiting after
+        untimed, until ``close()`` cancels it; the caller stops waiting after
         ``op_timeout`` (``TransportError``) or when it is cancelled.
         """
         task = asyncio.ensure_future(call)
