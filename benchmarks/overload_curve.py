@@ -25,11 +25,12 @@ import _common as c
 
 
 async def level(st: c.Stack, sessions: int, duration: float, ptype: str,
-                pids: dict[str, int]) -> dict[str, Any]:
+                pids: dict[str, int], ramp: float | None) -> dict[str, Any]:
     from audiostream.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(url=st.ws_url, api_key=st.key, sessions=sessions, duration_s=duration,
-                      pipeline=(ptype,), ramp_s=min(3.0, 0.05 * sessions),
+                      pipeline=(ptype,),
+                      ramp_s=min(3.0, 0.05 * sessions) if ramp is None else ramp,
                       metrics_urls=tuple(u for u in (st.gateway_metrics, st.worker_metrics)
                                          if u))
     with c.CpuMeter(pids) as cpu:
@@ -48,6 +49,7 @@ async def level(st: c.Stack, sessions: int, duration: float, ptype: str,
         "chunks": chunks, "drops_by_reason": r["drops_by_reason"],
         "errors": r["errors_by_code"],
         "accounted": chunks["outcomes"] == chunks["sent"],
+        "sessions_admitted": r["sessions"]["requested"] - r["sessions"]["failed"],
         "drop_fraction": round(chunks["dropped"] / chunks["sent"], 4) if chunks["sent"] else 0,
         "chunks_per_message": (r["server"] or {}).get("chunks_per_message"),
         "cpu_cores": usage,
@@ -92,7 +94,8 @@ async def main(args: argparse.Namespace) -> int:
     # Every session starts under the bench's one key, several hundred a minute at 3x:
     # the per-key start cap (600 a minute) would refuse them and hide the curve.
     async with c.stack([args.processing], broker=args.broker,
-                       gateway_args=["--session-starts-per-minute", "0"]) as st:
+                       gateway_args=["--session-starts-per-minute", "0",
+                                     "--shed-above-ms", f"{args.shed_above_ms:g}"]) as st:
         assert st.worker is not None
         pids = {"client": os.getpid(), "gateway": st.gateway.pid, "worker": st.worker.pid}
         if rabbit:
@@ -101,7 +104,7 @@ async def main(args: argparse.Namespace) -> int:
             n = max(1, round(args.held * m))
             c.log(f"[overload_curve] {m}x = {n} sessions")
             row = {"multiple": m, "sessions": n,
-                   **await level(st, n, args.duration, args.processing, pids)}
+                   **await level(st, n, args.duration, args.processing, pids, args.ramp)}
             c.emit({"bench": "overload_curve", **row}, args.out)
             rows.append(row)
     if args.png:
@@ -125,6 +128,11 @@ def cli() -> int:
                     help="sessions the stack holds (from capacity.py), the 1x load")
     ap.add_argument("--multiples", default="1,1.5,2,2.5,3")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per level")
+    ap.add_argument("--ramp", type=float, default=None,
+                    help="seconds over which a level's sessions start (default: 0.05 s "
+                    "per session, at most 3 s: nearly a step)")
+    ap.add_argument("--shed-above-ms", type=float, default=250.0,
+                    help="the gateway's --shed-above-ms (0: it admits every session)")
     ap.add_argument("--png", type=Path, default=None, help="write the curve here")
     ap.add_argument("--out", type=Path, default=None, help="also append JSON lines here")
     args = ap.parse_args()

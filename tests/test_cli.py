@@ -145,6 +145,24 @@ def test_session_starts_per_key_per_minute_is_a_gateway_option(command: str) -> 
         parser.parse_args([*base, "--session-starts-per-minute", "-1"])
 
 
+@pytest.mark.parametrize("command", ["serve", "gateway"])
+def test_shedding_new_sessions_is_a_gateway_option(command: str) -> None:
+    from audiostream.cli import _gateway_settings
+
+    parser = build_parser()
+    base = [command, "--broker", "amqp://127.0.0.1:1/"]
+
+    def limit(*flags: str) -> float:
+        return float(_gateway_settings(parser.parse_args([*base, *flags])).shed_above_ms)
+
+    assert limit() == 250.0
+    assert limit("--shed-above-ms", "120") == 120.0
+    assert limit("--shed-above-ms", "0") == 0.0
+    for bad in ("-1", "nan", "soon"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, "--shed-above-ms", bad])
+
+
 def test_denoise_state_is_a_worker_option(monkeypatch: pytest.MonkeyPatch) -> None:
     from audiostream.cli import _resolve_env, _worker_settings
 

@@ -137,6 +137,19 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return convert
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+_non_negative.__name__ = "number"
+
+
 def _port(text: str) -> int:
     value = _int_at_least(0)(text)
     if value > 65535:
@@ -251,6 +264,10 @@ def _add_gateway(p: argparse.ArgumentParser) -> None:
                    "over it a start is refused with 4021 (default 600; 0: no cap, e.g. "
                    "for a telephony bridge or load test that starts every call under "
                    "one key)")
+    p.add_argument("--shed-above-ms", type=_non_negative, default=250.0, metavar="MS",
+                   help="refuse new sessions (4031 overloaded, retryable; resumes are "
+                   "taken) while the typical waiting session of their processing type "
+                   "has a chunk older than this (default 250; 0: never)")
     p.add_argument("--drain-grace-s", type=float, default=20.0,
                    help="on SIGTERM, wait this long for in-flight outcomes (default 20)")
     p.add_argument("--token-secret", default=_env("TOKEN_SECRET"),
@@ -420,6 +437,7 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         default_deadline_ms=args.deadline_ms,
         max_connections=args.max_connections,
         session_starts_per_minute=args.session_starts_per_minute or None,
+        shed_above_ms=args.shed_above_ms,
         drain_grace_s=args.drain_grace_s,
         resume_window_s=args.resume_window_s,
         allowed_origins=tuple(args.allowed_origins),

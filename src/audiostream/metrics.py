@@ -164,6 +164,11 @@ class GatewayMetrics:
             OLDEST_AGE,
             "Age of the oldest unanswered chunk of any session, by first processing step",
             ["processing"], registry=registry)
+        self.session_lateness = Gauge(
+            "audiostream_gateway_session_lateness_seconds",
+            "The typical waiting session's oldest chunk age (lower median over sessions "
+            "with one waiting), by first processing step; new sessions are refused above "
+            "--shed-above-ms", ["processing"], registry=registry)
         self.dead_letters = Gauge(
             "audiostream_dead_letter_depth",
             "Messages in the dead-letter queue (expired or over the delivery limit)",

@@ -31,6 +31,7 @@ EXPECTED = {
     "AudiostreamWorkerUtilisationLow": ("warning", "< 0.2"),
     "AudiostreamGpuWorkerOnCpu": ("critical", "0"),
     "AudiostreamScrapeFailing": ("warning", "== 0"),
+    "AudiostreamGatewayShedding": ("warning", "0"),
 }
 #: Series Prometheus itself writes for every target.
 PROMETHEUS_SERIES = {"up"}

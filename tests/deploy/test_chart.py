@@ -208,6 +208,12 @@ def test_drain_values_change_the_grace_period() -> None:
     assert "--drain-grace-s=120" in container(gateway(r))["args"]
 
 
+def test_shed_above_ms_reaches_the_gateway() -> None:
+    assert "--shed-above-ms=250" in container(gateway(rendered("defaults")))["args"]
+    r = render({"gateway": {"shedAboveMs": 0}})
+    assert "--shed-above-ms=0" in container(gateway(r))["args"]
+
+
 def test_session_starts_per_minute_reaches_the_gateway() -> None:
     assert "--session-starts-per-minute=600" in container(gateway(rendered("defaults")))["args"]
     r = render({"gateway": {"sessionStartsPerMinute": 0}})

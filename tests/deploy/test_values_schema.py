@@ -59,6 +59,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("empty bundles", {"gateway": {"bundleMax": 0}}, "/gateway/bundleMax"),
     ("negative session start cap", {"gateway": {"sessionStartsPerMinute": -1}},
      "/gateway/sessionStartsPerMinute"),
+    ("negative shedding threshold", {"gateway": {"shedAboveMs": -1}},
+     "/gateway/shedAboveMs"),
     ("negative linger", {"gateway": {"lingerMs": -5}}, "/gateway/lingerMs"),
     ("even broker cluster", {"rabbitmq": {"cluster": {"replicas": 2}}},
      "/rabbitmq/cluster/replicas"),

@@ -17,11 +17,14 @@ from audiostream.audio import AudioFormat, Encoding
 from audiostream.bench import parse_metrics
 from audiostream.client import AudioStreamClient
 from audiostream.envelope import Step
+from audiostream.errors import ErrorCode
+from audiostream.gateway import GatewaySettings
 from audiostream.gateway.load import LoadMonitor
 from audiostream.metrics import OLDEST_AGE, GatewayMetrics
-from audiostream.testing import eventually
+from audiostream.protocol import V1_1, ResumeRequest, start_json
+from audiostream.testing import Embedded, eventually
 from audiostream.topology import Topology
-from tests.gateway.conftest import TLS, ServerFactory
+from tests.gateway.conftest import TLS, ServerFactory, expect_close, read_json
 
 VALUES = Path(__file__).resolve().parents[2] / "helm" / "audiostream" / "values.yaml"
 FMT = AudioFormat(Encoding.PCM_S16LE, 16000, 1)
@@ -135,3 +138,81 @@ async def test_no_worker_crosses_the_scale_up_threshold_within_10s(
         assert not isinstance(r, BaseException), r
         assert not r.audio and r.dropped  # no worker: every chunk ended as a notice
 
+
+
+def test_lateness_is_the_typical_waiting_session_not_the_oldest_one() -> None:
+    """One chunk stuck (say, waiting for a redelivery) must not shut the door on a type
+    whose other sessions are served; idle sessions do not water the figure down."""
+    metrics = GatewayMetrics(CollectorRegistry())
+    clock = Clock()
+    sessions = [FakeSession((Step("gain"),), 1000 - age) for age in (30.0, 0.02, 0.04)]
+    sessions += [FakeSession((Step("gain"),), None)] * 5  # idle
+    sessions.append(FakeSession((Step("denoise"),), 999.5))
+    mon = LoadMonitor(metrics, lambda: sessions, ("denoise", "gain", "vad"), clock=clock)
+    assert mon.lateness_of("gain", fresh_s=1.0) == pytest.approx(0.04)
+    assert mon.lateness_of("denoise", fresh_s=1.0) == pytest.approx(0.5)
+    assert mon.lateness_of("vad", fresh_s=1.0) == 0.0
+    assert metrics.registry.get_sample_value(
+        "audiostream_gateway_session_lateness_seconds", {"processing": "gain"}
+    ) == pytest.approx(0.04)
+    sessions[1].oldest_pending_at = sessions[2].oldest_pending_at = None  # served
+    clock.now += 0.5
+    assert mon.lateness_of("gain", fresh_s=1.0) == pytest.approx(0.04)  # the last sample
+    assert mon.lateness_of("gain", fresh_s=0.1) == pytest.approx(30.5)  # resampled
+
+
+async def _started(http: aiohttp.ClientSession, srv: Embedded, tls: TLS, pipeline: str,
+                   **kw: object) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, object]]:
+    ws = await http.ws_connect(srv.url, ssl=tls.client)
+    await ws.send_str(start_json(srv.api_key, FMT, [pipeline], version=V1_1, **kw))
+    return ws, await read_json(ws)
+
+
+async def test_new_sessions_of_a_late_type_are_refused_overloaded_and_resumes_taken(
+    make_server: ServerFactory, tls: TLS
+) -> None:
+    """Past ``shed_above_ms`` a saturated gateway refuses new sessions of the late type at
+    the door (4031, retryable, before any broker work) instead of setting each up slowly
+    and making every session later; other types and resumed sessions still get in."""
+    settings = GatewaySettings(chunk_rate=None, shed_above_ms=50)
+    async with make_server(workers=0, gateway_settings=settings) as srv, \
+            aiohttp.ClientSession() as http:
+        gw = srv.gateway
+        opened: list[aiohttp.ClientWebSocketResponse] = []
+        try:
+            # No worker: each session's one chunk waits (a 30-s deadline keeps it waiting).
+            late = []
+            for _ in range(2):
+                ws, ready = await _started(http, srv, tls, "passthrough", deadline_ms=30_000)
+                opened.append(ws)
+                assert ready["type"] == "ready"
+                await ws.send_bytes(b"\x01\x00" * 160)
+                late.append((ws, str(ready["token"])))
+
+            async def behind() -> bool:
+                return gw.load.lateness_of("passthrough", fresh_s=0) > 0.05
+
+            assert await eventually(behind, within=10)
+            ws, refused = await _started(http, srv, tls, "passthrough")
+            opened.append(ws)
+            assert refused["type"] == "error" and refused["code"] == ErrorCode.OVERLOADED
+            assert "the gateway is behind: passthrough" in str(refused["message"])
+            assert refused["retryable"] is True
+            await expect_close(ws, ErrorCode.OVERLOADED)
+            assert gw.metrics.registry.get_sample_value(
+                "audiostream_sessions_total", {"result": "overloaded"}) == 1
+
+            ws, other = await _started(http, srv, tls, "gain")  # gain is not behind
+            opened.append(ws)
+            assert other["type"] == "ready"
+
+            first, token = late[0]
+            await first.close()  # the first session's client drops ...
+            assert await behind()  # ... and the second keeps passthrough late
+            ws, resumed = await _started(http, srv, tls, "passthrough",
+                                         resume=ResumeRequest(token, received=0))
+            opened.append(ws)
+            assert resumed["type"] == "ready" and resumed["resumed"] is True
+        finally:
+            for ws in opened:
+                await ws.close()

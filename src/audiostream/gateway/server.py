@@ -73,8 +73,11 @@ from audiostream.transport.base import DeadLetterProbe, Transport
 
 log = logging.getLogger(__name__)
 
-#: At most one log line per this many seconds for starts refused with broker_unavailable.
+#: At most one log line per this many seconds for starts refused with broker_unavailable
+#: or overloaded (each its own line).
 REFUSAL_LOG_INTERVAL_S = 10.0
+#: Oldest sample of the sessions' lateness (``gateway/load.py``) a start is admitted on.
+SHED_SAMPLE_S = 0.1
 
 #: Query parameters that look like credentials; such a request is refused before the upgrade.
 CREDENTIAL_PARAMS = frozenset({"api_key", "apikey", "key", "token", "access_token", "auth"})
@@ -160,6 +163,12 @@ class GatewaySettings:
     """... refilled per second."""
     session_starts_per_minute: int | None = 600
     """New sessions one key may start per minute on this gateway (None: no cap)."""
+    shed_above_ms: float = 250.0
+    """Refuse new sessions (4031 ``overloaded``, retryable) while the typical waiting
+    session of their processing type has a chunk older than this (``gateway/load.py``);
+    resumes are still taken. A saturated gateway that keeps accepting sets each new
+    session up slowly and makes every session late; refusing at the door keeps the
+    admitted ones served. 0: never refuse."""
     opus_cpu_share: float = 0.1
     """CPU seconds per second one Opus session's decoding may cost the event loop (a
     second's worth may come at once); over it the gateway stops reading that session's
@@ -541,7 +550,7 @@ class _Connection:
                 return
             pipeline = plan_raw(start.pipeline, start.format, gw.processors)
             self._check_steps(pipeline)
-            self._reserve(new=True)
+            self._reserve(new=True, processing=pipeline[0].name if pipeline else None)
             deadline_ms = start.deadline_ms or gw.settings.default_deadline_ms
             self.grant = SessionGrant(
                 session_id=uuid.uuid4().hex,
@@ -557,9 +566,9 @@ class _Connection:
             await gw.watchdog.bounded(pl.open(), cleanup=lambda: pl.close(finished=True))
         except AudioStreamError as err:
             gw.metrics.sessions_total.labels(result=err.code.name.lower()).inc()
-            if err.code is ErrorCode.BROKER_UNAVAILABLE:
-                gw.refusals.warning("start", "stage=start: refused a start with "
-                                    "broker_unavailable: %s", err.message)
+            if err.code in (ErrorCode.BROKER_UNAVAILABLE, ErrorCode.OVERLOADED):
+                gw.refusals.warning(err.code.name, "stage=start: refused a start with "
+                                    "%s: %s", err.code.name.lower(), err.message)
             self._release()
             if self.proto.state is State.STARTING:
                 self.proto.reject(err)
@@ -603,12 +612,12 @@ class _Connection:
                 raise AuthError(f"this key may not use {', '.join(denied)}",
                                 ErrorCode.FORBIDDEN)
 
-    def _reserve(self, *, new: bool) -> None:
+    def _reserve(self, *, new: bool, processing: str | None = None) -> None:
         """Count this session against its key's cap now, before any await (live and
         detached sessions both count), and cap how many new sessions a key starts per
         minute."""
         assert self.key is not None
-        self.gateway.reserve(self.key, new=new)
+        self.gateway.reserve(self.key, new=new, processing=processing)
         self.slot = SlotPhase.RESERVED
 
     def _release(self) -> None:
@@ -865,8 +874,18 @@ class Gateway:
             transport.topology.processing_types, interval_s=self.settings.load_sample_s)
 
     # -- per-key session accounting ----------------------------------------------------
-    def reserve(self, key: KeyRecord, *, new: bool) -> None:
-        """Count one more session for ``key`` or raise; synchronous on purpose."""
+    def reserve(self, key: KeyRecord, *, new: bool, processing: str | None = None) -> None:
+        """Count one more session for ``key`` or raise; synchronous on purpose. A new
+        session whose pipeline starts with ``processing`` is refused while that type is
+        late (``GatewaySettings.shed_above_ms``)."""
+        limit_ms = self.settings.shed_above_ms
+        if new and processing is not None and limit_ms > 0:
+            late_ms = 1000 * self.load.lateness_of(processing, fresh_s=SHED_SAMPLE_S)
+            if late_ms > limit_ms:
+                raise LimitError(
+                    f"the gateway is behind: {processing} chunks wait {late_ms:.0f} ms "
+                    f"(new sessions are refused above {limit_ms:g} ms); retry shortly or "
+                    "at another gateway", ErrorCode.OVERLOADED)
         count = self.sessions_per_key.get(key.id, 0)
         if key.max_sessions is not None and count >= key.max_sessions:
             raise LimitError(

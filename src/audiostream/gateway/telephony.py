@@ -388,7 +388,7 @@ class _Call:
                                 ErrorCode.FORBIDDEN)
             # Counted here, before any await: checked here and counted after the open
             # below, concurrent calls all passed the cap (and skipped the start rate).
-            gw.reserve(key, new=True)
+            gw.reserve(key, new=True, processing=steps[0].name if steps else None)
             reserved = key.id
             deadline_ms = int(params.get("deadline_ms") or self.tel.settings.deadline_ms)
             if not MIN_DEADLINE_MS <= deadline_ms <= MAX_DEADLINE_MS:
