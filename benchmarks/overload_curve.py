@@ -75,8 +75,10 @@ def plot(rows: list[dict[str, Any]], held: int, ptype: str, png: Path) -> None:
     ax.legend()
     bx.plot(x, [100 * r["drop_fraction"] for r in rows], "o-", color="tab:red",
             label="chunks answered by a notice")
+    bx.plot(x, [100 * (1 - r["sessions_admitted"] / r["sessions"]) for r in rows], "s--",
+            color="tab:orange", label="sessions refused at start")
     bx.plot(x, [100.0 * r["accounted"] for r in rows], "k.", label="every chunk accounted (100)")
-    bx.set_ylabel("% of chunks")
+    bx.set_ylabel("% of chunks or sessions")
     bx.set_xlabel("load multiple")
     bx.legend()
     fig.tight_layout()
@@ -113,7 +115,7 @@ async def main(args: argparse.Namespace) -> int:
         {"multiple": r["multiple"], "sessions": r["sessions"], "p50_ms": r["latency_ms"]["p50"],
          "p99_ms": r["latency_ms"]["p99"], "p50_from_due_ms": r["from_due_ms"]["p50"],
          "send_lag_p99_ms": r["send_lag_ms"]["p99"], "start_p99_ms": r["start_ms"]["p99"],
-         "drop_fraction": r["drop_fraction"],
+         "drop_fraction": r["drop_fraction"], "sessions_admitted": r["sessions_admitted"],
          "accounted": r["accounted"]} for r in rows],
         "all_accounted": all(r["accounted"] for r in rows),
         "png": str(args.png) if args.png else None}, args.out)
