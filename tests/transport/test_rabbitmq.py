@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import shutil
 import subprocess
@@ -338,6 +339,26 @@ async def test_a_cancelled_subscription_does_not_keep_its_handlers_owner_alive(
     del bookkeeping
 
 
+@contextlib.asynccontextmanager
+async def _stallable(rabbitmq_url: str, topology: Topology, op_timeout: float
+                     ) -> AsyncIterator[tuple[StallingProxy, RabbitTransport]]:
+    """A connected, declared transport whose broker a ``StallingProxy`` can silence."""
+    parts = urlsplit(rabbitmq_url)
+    proxy = StallingProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await proxy.start()
+    t = RabbitTransport(proxy.url(rabbitmq_url, "?heartbeat=0"), topology,
+                        op_timeout=op_timeout)
+    try:
+        await t.connect()
+        await t.declare()
+        yield proxy, t
+    finally:
+        proxy.resume()
+        await t.close()
+        await proxy.close()
+        await delete_prefixed(rabbitmq_url, topology)
+
+
 async def test_a_reply_consume_answered_after_op_timeout_leaves_the_shared_channel_open(
     rabbitmq_url: str, topology: Topology
 ) -> None:
@@ -347,13 +368,7 @@ async def test_a_reply_consume_answered_after_op_timeout_leaves_the_shared_chann
     closed the connection (504 ``expected 'channel.open'``): every session failed with
     broker_unavailable. Now that start alone fails, the request runs to its end, the
     channel and the connection stay open, and the late consumer is cancelled."""
-    parts = urlsplit(rabbitmq_url)
-    proxy = StallingProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
-    await proxy.start()
-    t = RabbitTransport(proxy.url(rabbitmq_url, "?heartbeat=0"), topology, op_timeout=0.5)
-    try:
-        await t.connect()
-        await t.declare()
+    async with _stallable(rabbitmq_url, topology, 0.5) as (proxy, t):
         a, b = (topology.reply_queue(uuid.uuid4().hex) for _ in range(2))
         for name in (a, b):
             await t.declare_reply_queue(name)
@@ -378,10 +393,6 @@ async def test_a_reply_consume_answered_after_op_timeout_leaves_the_shared_chann
         await t.consume_replies(b, retried)  # the client's next start
         assert await t.publish_reply(b, b"retried")
         assert (await retried.wait_for(1))[0].body == b"retried"
-    finally:
-        await t.close()
-        await proxy.close()
-        await delete_prefixed(rabbitmq_url, topology)
 
 
 async def test_close_while_the_broker_withholds_a_reply_consumes_answer_returns(
@@ -391,13 +402,7 @@ async def test_close_while_the_broker_withholds_a_reply_consumes_answer_returns(
     its channel's close queued behind it: a gateway shutting down while the broker was
     silent hung for as long as the silence lasted. Now the close cancels the request, and
     the start waiting on it fails with "the transport closed", not a timeout."""
-    parts = urlsplit(rabbitmq_url)
-    proxy = StallingProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
-    await proxy.start()
-    t = RabbitTransport(proxy.url(rabbitmq_url, "?heartbeat=0"), topology, op_timeout=3600)
-    try:
-        await t.connect()
-        await t.declare()
+    async with _stallable(rabbitmq_url, topology, 3600) as (proxy, t):
         name = topology.reply_queue(uuid.uuid4().hex)
         await t.declare_reply_queue(name)
         await t._reply_channel()
@@ -417,11 +422,6 @@ async def test_close_while_the_broker_withholds_a_reply_consumes_answer_returns(
         with pytest.raises(TransportError, match="the transport closed"):
             start.result()
         assert not t._reply_calls
-    finally:
-        proxy.resume()
-        await t.close()
-        await proxy.close()
-        await delete_prefixed(rabbitmq_url, topology)
 
 
 # -- connecting ------------------------------------------------------------------------
