@@ -172,6 +172,50 @@ async def test_batched_replies_split_large_bodies_and_leave_no_confirm_bookkeepi
     assert t.is_connected  # the overlong name did not cost the connection
 
 
+async def test_a_reply_queue_declared_moments_ago_is_consumed_without_a_probe(
+    rabbit: RabbitFactory, rabbitmq_url: str, topology: Topology,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new session's start declared its reply queue and then probed it again (a
+    channel opened, a passive declare, the channel closed) before consuming: three of
+    its seven broker round trips. A queue we declared or found moments ago is consumed
+    at once; one seen longer ago is probed, and a missing one still leaves the shared
+    channel open."""
+    t = await rabbit()
+    await t._reply_channel()
+    await t._publish_channel()
+    opened: list[int] = []
+    real_open = t._open_channel
+
+    async def counting(*args: Any, **kw: Any) -> Any:
+        opened.append(1)
+        return await real_open(*args, **kw)
+
+    monkeypatch.setattr(t, "_open_channel", counting)
+    fresh = topology.reply_queue(uuid.uuid4().hex)
+    await t.declare_reply_queue(fresh)
+    assert len(opened) == 1  # the declare's channel
+    inbox = Inbox()
+    await t.consume_replies(fresh, inbox)
+    assert len(opened) == 1  # no probe
+    assert await t.publish_reply(fresh, b"served")
+    assert (await inbox.wait_for(1))[0].body == b"served"
+
+    gone = topology.reply_queue(uuid.uuid4().hex)
+    await t.declare_reply_queue(gone)
+    t._seen[gone] -= 60  # seen a minute ago: deleted since, by another connection
+    conn = await aio_pika.connect(rabbitmq_url)
+    try:
+        await (await conn.channel()).queue_delete(gone)
+    finally:
+        await conn.close()
+    with pytest.raises(TransportError, match="does not exist"):
+        await t.consume_replies(gone, Inbox())
+    assert len(opened) == 3  # declare, probe
+    assert await t.publish_reply(fresh, b"still served")  # the shared channel is open
+    assert (await inbox.wait_for(2))[1].body == b"still served"
+
+
 async def test_batched_replies_raise_transport_error_once_the_connection_is_gone(
     rabbit: RabbitFactory, topology: Topology
 ) -> None:

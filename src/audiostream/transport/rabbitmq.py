@@ -80,6 +80,11 @@ _BROKER_ERRORS: Final[tuple[type[BaseException], ...]] = (
 
 #: Per-consumer prefetch of the shared reply channel (a reply is settled quickly).
 DEFAULT_REPLY_PREFETCH = 1000
+#: How long a reply queue we declared or found counts as existing without a probe (at
+#: most a quarter of its ``x-expires``) ...
+SEEN_FRESH_S: Final = 1.0
+#: ... and how many such names are kept before the stale ones are dropped.
+SEEN_QUEUES_MAX: Final = 4096
 
 
 def _redact(url: str) -> str:
@@ -648,6 +653,9 @@ class RabbitTransport:
         self._lost_locks: weakref.WeakSet[LockToken] = weakref.WeakSet()
         """Holdings lost with their connection: consumers taken under one stay down."""
         self._unlocking: dict[str, asyncio.Task[None]] = {}
+        self._seen: dict[str, float] = {}
+        """Reply queues this transport declared or found, with when (monotonic): a
+        ``consume_replies`` soon after needs no probe of its own (``_known_to_exist``)."""
         self._closing = False
         self.progress = 0
         """Answers from the broker so far: publish confirms (and returns or nacks),
@@ -907,12 +915,14 @@ class RabbitTransport:
             await _declare_queue(
                 ch, name, durable=False, arguments=self.topology.reply_queue_arguments()
             )
+        self._saw(name)
 
     async def delete_reply_queue(self, name: str) -> None:
         """Delete it, even while we consume it (a finished session does, so a taker never
         finds it unconsumed): the broker then cancels our consumer, as expected."""
         _EXPECTED_CANCELS.expect(tag for s in self._subscriptions if s.is_reply
                                  and name in s.queues for _, tag in s._consumers)
+        self._seen.pop(name, None)
         async with self._throwaway(f"deleting reply queue {name!r}") as ch:
             await ch.queue_delete(name, timeout=self.op_timeout)
 
@@ -928,8 +938,27 @@ class RabbitTransport:
                 self.progress += 1
                 return None
             self.progress += 1
+            self._saw(name)
             result = queue.declaration_result
             return int(result.message_count or 0), int(result.consumer_count or 0)
+
+    def _saw(self, name: str) -> None:
+        now = time.monotonic()
+        if len(self._seen) >= SEEN_QUEUES_MAX:  # declared and never consumed: forget
+            horizon = now - self._seen_fresh_s()
+            self._seen = {n: at for n, at in self._seen.items() if at > horizon}
+        self._seen[name] = now
+
+    def _seen_fresh_s(self) -> float:
+        return min(SEEN_FRESH_S, self.topology.reply_expires_ms / 4000)
+
+    def _known_to_exist(self, name: str) -> bool:
+        """Declared or found by us moments ago. A reply queue lives ``x-expires`` past
+        its last use and only its session deletes it earlier, so it still exists: a new
+        session's start then skips the probe (a channel opened, a passive declare, the
+        channel closed: three broker round trips of its seven)."""
+        at = self._seen.pop(name, None)
+        return at is not None and time.monotonic() - at < self._seen_fresh_s()
 
     async def reply_queue_exists(self, name: str) -> bool:
         """Passive declare: note that it renews the queue's ``x-expires`` lease."""
@@ -1237,7 +1266,7 @@ class RabbitTransport:
         self, name: str, handler: Handler, *, lock: LockToken | None = None
     ) -> Subscription:
         # Probe first: a consume on a missing queue would close the shared channel.
-        if not await self.reply_queue_exists(name):
+        if not self._known_to_exist(name) and not await self.reply_queue_exists(name):
             raise TransportError(f"reply queue {name!r} does not exist")
         sub = _Subscription(self, [name], handler, prefetch=None, lock=lock)
         await self._start(sub, f"consuming replies from {name!r}")
