@@ -181,13 +181,15 @@ async def test_new_sessions_of_a_late_type_are_refused_overloaded_and_resumes_ta
         opened: list[aiohttp.ClientWebSocketResponse] = []
         try:
             # No worker: each session's one chunk waits (a 30-s deadline keeps it waiting).
+            # Both start before either sends: the first one's chunk would shut the door.
             late = []
             for _ in range(2):
                 ws, ready = await _started(http, srv, tls, "passthrough", deadline_ms=30_000)
                 opened.append(ws)
                 assert ready["type"] == "ready"
-                await ws.send_bytes(b"\x01\x00" * 160)
                 late.append((ws, str(ready["token"])))
+            for ws, _ in late:
+                await ws.send_bytes(b"\x01\x00" * 160)
 
             async def behind() -> bool:
                 return gw.load.lateness_of("passthrough", fresh_s=0) > 0.05
