@@ -222,12 +222,15 @@ async def hold_sessions(srv: Embedded, n: int) -> AsyncIterator[None]:
     async with aiohttp.ClientSession() as http:
         sockets = []
         try:
-            for i in range(n):
+            for _ in range(n):
                 ws = await http.ws_connect(srv.url)
                 sockets.append(ws)
                 await ws.send_str(start_json(srv.api_key, FMT, ["passthrough"],
                                              deadline_ms=30_000))
                 assert (await ws.receive_json(timeout=10))["type"] == "ready"
+            # All start before any sends: a chunk left waiting past --shed-above-ms
+            # would have the next start refused as overloaded.
+            for i, ws in enumerate(sockets):
                 await ws.send_bytes(chunks(1, seed=i)[0])
             yield
         finally:
