@@ -210,7 +210,7 @@ async def test_a_scrape_can_ask_for_some_metrics_only() -> None:
 
 
 async def test_queue_depth_rises_without_workers_memory() -> None:
-    settings = GatewaySettings(depth_poll_s=0.05)
+    settings = GatewaySettings(depth_poll_s=0.05, shed_above_ms=0)  # see hold_sessions
     async with embedded_server(workers=0, gateway_settings=settings) as srv:
         async with hold_sessions(srv, 3):
             assert await eventually(lambda: depth_is(srv, "passthrough", 3))
@@ -218,19 +218,20 @@ async def test_queue_depth_rises_without_workers_memory() -> None:
 
 @contextlib.asynccontextmanager
 async def hold_sessions(srv: Embedded, n: int) -> AsyncIterator[None]:
-    """``n`` sessions that each sent one chunk (so one message each is published)."""
+    """``n`` sessions that each sent one chunk (so one message each is published).
+
+    Sent one session at a time, so that each goes out in a broker message of its own;
+    with no worker the chunks wait, and the gateway must not shed (``shed_above_ms=0``)
+    the next start when that takes longer than its threshold."""
     async with aiohttp.ClientSession() as http:
         sockets = []
         try:
-            for _ in range(n):
+            for i in range(n):
                 ws = await http.ws_connect(srv.url)
                 sockets.append(ws)
                 await ws.send_str(start_json(srv.api_key, FMT, ["passthrough"],
                                              deadline_ms=30_000))
                 assert (await ws.receive_json(timeout=10))["type"] == "ready"
-            # All start before any sends: a chunk left waiting past --shed-above-ms
-            # would have the next start refused as overloaded.
-            for i, ws in enumerate(sockets):
                 await ws.send_bytes(chunks(1, seed=i)[0])
             yield
         finally:
@@ -259,7 +260,7 @@ async def test_worker_process_metrics_and_queue_depth_on_rabbitmq(rabbitmq_url: 
                     reply_expires_ms=1500)
     port = free_port()
     worker = None
-    settings = GatewaySettings(depth_poll_s=0.1)
+    settings = GatewaySettings(depth_poll_s=0.1, shed_above_ms=0)  # see hold_sessions
     try:
         async with embedded_server(broker_url=rabbitmq_url, topology=topo, workers=0,
                                    gateway_settings=settings) as srv:
