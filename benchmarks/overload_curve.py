@@ -49,7 +49,7 @@ async def level(st: c.Stack, sessions: int, duration: float, ptype: str,
         "chunks": chunks, "drops_by_reason": r["drops_by_reason"],
         "errors": r["errors_by_code"],
         "accounted": chunks["outcomes"] == chunks["sent"],
-        "sessions_admitted": r["sessions"]["requested"] - r["sessions"]["failed"],
+        "sessions_admitted": r["start_ms"]["count"],  # the sessions that got ``ready``
         "drop_fraction": round(chunks["dropped"] / chunks["sent"], 4) if chunks["sent"] else 0,
         "chunks_per_message": (r["server"] or {}).get("chunks_per_message"),
         "cpu_cores": usage,

@@ -507,7 +507,6 @@ def _assemble(cfg: BenchConfig, sessions: list[_Session], wall: float,
     sent = sum(s.sent for s in sessions)
     audio = sum(s.audio for s in sessions)
     dropped = sum(drops.values())
-    rt = latency_summary(latencies)
     chunk_s = cfg.chunk_ms / 1000
     lags = [(t - s.paced_from - i * chunk_s) * 1000
             for s in sessions for i, t in enumerate(s.sent_at)]
@@ -529,8 +528,8 @@ def _assemble(cfg: BenchConfig, sessions: list[_Session], wall: float,
             "audio_seconds_per_s": round(audio * cfg.chunk_ms / 1000 / wall, 3)
             if wall else 0.0,
         },
-        "round_trip_ms": {**rt, "mean": round(float(np.mean(latencies)), 3)
-                          if latencies else 0.0, "count": len(latencies)},
+        "round_trip_ms": {**_summary(latencies), "mean": round(float(np.mean(latencies)), 3)
+                          if latencies else 0.0},
         "round_trip_from_due_ms": _summary([ms for s in sessions for ms in s.from_due]),
         "send_lag_ms": _summary(lags),
         "start_ms": _summary([s.start_ms for s in sessions if s.start_ms is not None]),
