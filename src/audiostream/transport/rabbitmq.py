@@ -9,7 +9,7 @@ Channels, and why there are several kinds:
 * **publish**: one channel with publisher confirms and ``on_return_raises``;
   every ``publish_*`` awaits only its own confirm, so concurrent callers
   overlap on the wire. ``publish_replies`` writes a whole batch at once.
-* acks asked for in one event-loop turn on one channel go out in one write.
+* acks asked for in one event-loop turn, on every channel, go out in one write.
 
 Those two batched writes use aiormq 7's channel internals (its confirm registry, write
 queue and ``ChannelFrame``), hence the ``aiormq>=7.2,<8`` pin; the RabbitMQ tests cover them.
@@ -17,7 +17,11 @@ queue and ``ChannelFrame``), hence the ``aiormq>=7.2,<8`` pin; the RabbitMQ test
   per-consumer QoS (quorum queues refuse global QoS). Cancelling is a
   ``basic.cancel``: deliveries already handed out can still be settled, and the
   channel closes once they are (closing returns whatever is left unacked).
-* **reply consumers**: one channel shared by every ``consume_replies``.
+* **reply consumers**: a few channels (``reply_channels``, 4) shared by every
+  ``consume_replies``, each subscription on one of them in turn. A channel answers one
+  request at a time, so on a single shared channel the consumes and cancels of a burst
+  of starting and ending sessions queued behind each other: at three times the held
+  load a start took seconds.
 * **throwaway**: declarations and passive probes run on short-lived channels,
   because a failed passive declare (404) or an inequivalent redeclare (406)
   closes the channel it ran on.
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -78,8 +83,10 @@ _BROKER_ERRORS: Final[tuple[type[BaseException], ...]] = (
     RuntimeError,
 )
 
-#: Per-consumer prefetch of the shared reply channel (a reply is settled quickly).
+#: Per-consumer prefetch of the shared reply channels (a reply is settled quickly).
 DEFAULT_REPLY_PREFETCH = 1000
+#: Reply channels the sessions' consumers are spread over (see the module docstring).
+DEFAULT_REPLY_CHANNELS = 4
 #: How long a reply queue we declared or found counts as existing without a probe (at
 #: most a quarter of its ``x-expires``) ...
 SEEN_FRESH_S: Final = 1.0
@@ -189,18 +196,19 @@ class _Dispatch:
     reply per chunk that is most of a gateway's per-reply overhead. Here the channel's
     deliver hook calls the consumer inline (a handler that needs to wait returns an
     awaitable, which becomes a task the transport owns), and the acks asked for in one
-    event-loop turn leave in one write from one end-of-turn callback: a single
-    ``multiple=True`` ack when every earlier delivery of the channel is settled, one
-    frame per tag otherwise. ``drain`` writes what is pending before a channel closes,
-    so an ack asked for just before ``close()`` is not lost.
+    event-loop turn leave in one write from one end-of-turn callback of the transport
+    (``_AckWriter``, for every channel at once): per channel a single ``multiple=True``
+    ack when every earlier delivery of the channel is settled, one frame per tag
+    otherwise. ``drain`` writes what is pending before a channel closes, so an ack asked
+    for just before ``close()`` is not lost.
 
     This replaces aiormq 7's ``Channel._on_deliver_frame`` on one channel instance and
     reads content with its ``_read_content``/``__get_content_header`` (pinned
     ``aiormq>=7.2,<8``; the RabbitMQ tests cover it).
     """
 
-    __slots__ = ("__weakref__", "_acks", "_channel", "_scheduled", "_sent", "_transport",
-                 "_unsettled", "_writes", "consumers")
+    __slots__ = ("__weakref__", "_acks", "_channel", "_sent", "_transport", "_unsettled",
+                 "_writes", "consumers")
 
     def __init__(self, channel: aiormq.Channel, transport: RabbitTransport) -> None:
         self._channel = channel
@@ -210,14 +218,13 @@ class _Dispatch:
         """Delivery tags handed out and not yet settled on the wire, in delivery order."""
         self._acks: list[int] = []
         self._sent: list[asyncio.Future[None]] = []
-        self._scheduled = False
         self._writes: set[asyncio.Task[None]] = set()
         channel._on_deliver_frame = self._on_deliver_frame  # type: ignore[method-assign]
         transport._dispatches.add(self)
 
     @classmethod
     def of(cls, channel: aiormq.Channel, transport: RabbitTransport) -> _Dispatch:
-        """The channel's dispatch (the reply channel is shared by many subscriptions)."""
+        """The channel's dispatch (a reply channel is shared by many subscriptions)."""
         hook = getattr(channel._on_deliver_frame, "__self__", None)
         return hook if isinstance(hook, _Dispatch) else cls(channel, transport)
 
@@ -244,34 +251,29 @@ class _Dispatch:
         sent.add_done_callback(_retrieve)
         self._sent.append(sent)
         self._acks.append(tag)
-        if not self._scheduled:
-            self._scheduled = True
-            # Runs after what is ready in this turn, so their acks join this write.
-            self._channel.loop.call_soon(self.flush)
+        self._transport._acks.due(self)
         return sent
 
     def flush(self) -> None:
-        """Write the pending acks (the end-of-turn callback, and ``drain``)."""
-        self._scheduled = False
+        """Write the pending acks now (every channel's: the order of this channel's
+        acks and a reject or release that follows them is kept)."""
+        self._transport._acks.flush()
+
+    def take(self) -> tuple[bytes, list[asyncio.Future[None]]] | None:
+        """The pending acks as frames, with their callers' futures; None when there are
+        none or the channel closed (then the callers are told)."""
         tags, sent = self._acks, self._sent
         if not tags:
-            return
+            return None
         self._acks, self._sent = [], []
         channel = self._channel
         try:
             if channel.is_closed:
                 raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-            payload = self._marshal_acks(tags)
-            drained = channel.create_future()
-            frame = ChannelFrame(payload=payload, should_close=False, drain_future=drained)
-            try:
-                channel.write_queue.put_nowait(frame)
-            except asyncio.QueueFull:  # the writer is behind: queue it in order
-                self._spawn_write(channel.write_queue.put(frame))
+            return self._marshal_acks(tags), sent
         except _BROKER_ERRORS as exc:
             _chain_failure(sent, exc)
-            return
-        drained.add_done_callback(lambda done: _chain(done, sent))
+            return None
 
     def _marshal_acks(self, tags: list[int]) -> bytes:
         unsettled = self._unsettled
@@ -324,6 +326,48 @@ class _Dispatch:
                           exc_info=task.exception())
 
         task.add_done_callback(done)
+
+
+class _AckWriter:
+    """One end-of-turn write of the acks every channel of the transport asked for in
+    that turn. The channels share one connection, whose writer sends each queued frame
+    with its own ``send()``: a write per channel per turn cost a gateway with four reply
+    channels about 7 % more CPU per session than one channel."""
+
+    def __init__(self) -> None:
+        self._due: dict[_Dispatch, None] = {}
+        self._scheduled = False
+
+    def due(self, dispatch: _Dispatch) -> None:
+        self._due[dispatch] = None
+        if not self._scheduled:
+            self._scheduled = True
+            # Runs after what is ready in this turn, so their acks join this write.
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        due, self._due = self._due, {}
+        # Channels of a connection that was replaced write to its old queue (and fail).
+        writes: dict[int, tuple[_Dispatch, list[bytes], list[asyncio.Future[None]]]] = {}
+        for dispatch in due:
+            taken = dispatch.take()
+            if taken is None:
+                continue
+            _, payloads, sent = writes.setdefault(
+                id(dispatch._channel.write_queue), (dispatch, [], []))
+            payloads.append(taken[0])
+            sent.extend(taken[1])
+        for dispatch, payloads, sent in writes.values():
+            channel = dispatch._channel
+            drained = channel.create_future()
+            frame = ChannelFrame(payload=b"".join(payloads), should_close=False,
+                                 drain_future=drained)
+            try:
+                channel.write_queue.put_nowait(frame)
+            except asyncio.QueueFull:  # the writer is behind: queue it in order
+                dispatch._spawn_write(channel.write_queue.put(frame))
+            drained.add_done_callback(functools.partial(_chain, sent=sent))
 
 
 #: aiormq 7's private reader of a delivery's content header (name-mangled).
@@ -396,7 +440,9 @@ class _Subscription:
         """The holding this consumer reads under (``consume_replies``)."""
         self.queues = queues
         self._handler = handler
-        self._prefetch = prefetch  # None: consume on the shared reply channel
+        self._prefetch = prefetch  # None: consume on a shared reply channel ...
+        self._reply_slot = transport._take_reply_channel() if prefetch is None else 0
+        """... this one, for the subscription's life (restores too)."""
         self.channel: AbstractChannel | None = None
         self._consumers: list[tuple[aiormq.abc.AbstractChannel, str]] = []
         self._unsettled: set[_RabbitDelivery] = set()
@@ -426,7 +472,7 @@ class _Subscription:
         self._cancelled_by_broker = False
         self._unsettled = set()  # deliveries of a previous channel cannot be settled here
         if self._prefetch is None:
-            channel = await t._reply_channel()
+            channel = await t._reply_channel(self._reply_slot)
         else:
             channel = await t._open_channel()
             try:
@@ -509,7 +555,7 @@ class _Subscription:
 
     async def _request(self, call: Awaitable[T], what: str) -> T:
         """One request on this subscription's channel, within ``op_timeout``. On the
-        shared reply channel it is never cut short (``_on_reply_channel``); a work
+        shared reply channels it is never cut short (``_on_reply_channel``); a work
         subscription's own channel may be closed by a timed-out one."""
         t = self._transport
         if self.is_reply:
@@ -620,8 +666,11 @@ class RabbitTransport:
         op_timeout: float = 10.0,
         reconnect_interval: float = 1.0,
         reply_prefetch: int = DEFAULT_REPLY_PREFETCH,
+        reply_channels: int = DEFAULT_REPLY_CHANNELS,
         connection_name: str = "audiostream",
     ) -> None:
+        if reply_channels < 1:
+            raise ValueError("reply_channels must be >= 1")
         self.topology = topology
         self._url = url
         self.connect_timeout = connect_timeout
@@ -635,7 +684,10 @@ class RabbitTransport:
         self._reply_ids = 0
         self._reply_frames: dict[str, bytes] = {}
         self._reply_frames_of: object = None
-        self._replies: AbstractChannel | None = None
+        self._replies: list[AbstractChannel | None] = [None] * reply_channels
+        """The reply channels, opened on first use; each subscription takes the next."""
+        self._next_reply_channel = 0
+        self._acks = _AckWriter()
         self._channel_lock = asyncio.Lock()
         self._channels: weakref.WeakSet[AbstractChannel] = weakref.WeakSet()
         self._subscriptions: set[_Subscription] = set()
@@ -708,14 +760,15 @@ class RabbitTransport:
         # Acks asked for up to now are written before their channels close.
         await asyncio.gather(*(d.drain() for d in list(self._dispatches)))
         await asyncio.gather(*self._closing_tasks, return_exceptions=True)
-        # A consume or cancel still waiting on the reply channel holds its lock, and the
+        # A consume or cancel still waiting on a reply channel holds its lock, and the
         # channel's close would queue behind it for as long as the broker is silent.
         for call in list(self._reply_calls):
             call.cancel()
         # Channels closed one by one finish their close callbacks before we return
         # (a connection close would leave them running); unacked deliveries go back.
         await asyncio.gather(*(_close_quietly(c) for c in list(self._channels)))
-        self._publish = self._replies = None
+        self._publish = None
+        self._replies = [None] * len(self._replies)
         self._locks.clear()  # the broker deletes the exclusive queues with the connection
         conn, self._connection = self._connection, None
         if conn is not None:
@@ -793,7 +846,7 @@ class RabbitTransport:
             await _close_quietly(await opening)
 
     async def _on_reply_channel(self, call: Awaitable[T], what: str) -> T:
-        """A request on the reply channel every session shares, never cut short.
+        """A request on a reply channel the sessions share, never cut short.
 
         aiormq answers a timed-out or cancelled request by closing its channel, and the
         broker may then close the whole connection (504 ``expected 'channel.open'``):
@@ -829,12 +882,19 @@ class RabbitTransport:
                 self._publish = await self._open_channel(confirms=True, on_return_raises=True)
             return self._publish
 
-    async def _reply_channel(self) -> AbstractChannel:
-        channel = self._replies
+    def _take_reply_channel(self) -> int:
+        """The reply channel the next subscription uses: each in turn."""
+        slot = self._next_reply_channel
+        self._next_reply_channel = (slot + 1) % len(self._replies)
+        return slot
+
+    async def _reply_channel(self, slot: int) -> AbstractChannel:
+        channel = self._replies[slot]
         if channel is not None and not channel.is_closed:
             return channel
         async with self._channel_lock:
-            if self._replies is None or self._replies.is_closed:
+            channel = self._replies[slot]
+            if channel is None or channel.is_closed:
                 channel = await self._open_channel()
                 try:
                     await channel.set_qos(prefetch_count=self._reply_prefetch)
@@ -842,8 +902,8 @@ class RabbitTransport:
                     await _close_quietly(channel)
                     raise
                 channel.close_callbacks.add(self._on_reply_channel_closed)
-                self._replies = channel
-            return self._replies
+                self._replies[slot] = channel
+            return channel
 
     # -- restoring consumers -----------------------------------------------------------
     def _on_reply_channel_closed(self, _sender: object, _exc: BaseException | None) -> None:
