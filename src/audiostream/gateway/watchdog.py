@@ -31,7 +31,7 @@ after ``start_timeout_s`` of lag-free time whatever the probes say; while the br
 keeps answering (an overloaded gateway, not a sick broker) a start may take up to
 three times that before it is given up. The abandoned
 work is *not* cancelled: cancelling an AMQP request half way makes aiormq close
-its channel, and for a consume that is the reply channel every session shares.
+its channel, and for a consume that is a reply channel many sessions share.
 It runs to its end (each broker operation has its own timeout) in a task the
 watchdog owns, then its clean-up runs. A client that sends ``start`` during a
 stall therefore gets 4091 within ``min(interval_s + stall_after_s,

@@ -1325,7 +1325,7 @@ class RabbitTransport:
     async def consume_replies(
         self, name: str, handler: Handler, *, lock: LockToken | None = None
     ) -> Subscription:
-        # Probe first: a consume on a missing queue would close the shared channel.
+        # Probe first: a consume on a missing queue would close a shared reply channel.
         if not self._known_to_exist(name) and not await self.reply_queue_exists(name):
             raise TransportError(f"reply queue {name!r} does not exist")
         sub = _Subscription(self, [name], handler, prefetch=None, lock=lock)
