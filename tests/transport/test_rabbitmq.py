@@ -301,6 +301,42 @@ async def test_a_consume_does_not_wait_for_a_request_on_another_sessions_channel
     assert (await inbox.wait_for(1))[0].body == b"served"
 
 
+async def test_a_reply_channel_the_broker_closes_is_restored_and_the_others_go_on(
+    rabbit: RabbitFactory, topology: Topology
+) -> None:
+    """A consume on a queue that vanished makes the broker close the channel it ran on.
+    With one reply channel that stopped every session's replies until the restore; now
+    only the sessions on that channel wait for it, and it comes back."""
+    t = await rabbit(reconnect_interval=0.1)
+    names = [topology.reply_queue(uuid.uuid4().hex) for _ in range(2)]
+    for name in names:
+        await t.declare_reply_queue(name)
+    inboxes = [Inbox(), Inbox()]
+    subs: list[_Subscription] = []
+    for name, inbox in zip(names, inboxes, strict=True):
+        sub = await t.consume_replies(name, inbox)
+        assert isinstance(sub, _Subscription)
+        subs.append(sub)
+    hit, spared = [await _underlay(s) for s in subs]
+    assert hit is not spared
+    doomed = _Subscription(t, [topology.reply_queue(uuid.uuid4().hex)], Inbox(),
+                           prefetch=None)
+    doomed._reply_slot = subs[0]._reply_slot
+    with pytest.raises(TransportError):
+        await t._start(doomed, "consuming replies from a missing queue")
+    assert hit.is_closed and not spared.is_closed
+    assert await t.publish_reply(names[1], b"spared")
+    assert (await inboxes[1].wait_for(1))[0].body == b"spared"
+
+    async def restored() -> bool:
+        return subs[0].healthy
+
+    await eventually(restored, within=10)
+    assert await t.publish_reply(names[0], b"back")
+    assert (await inboxes[0].wait_for(1, within=10))[0].body == b"back"
+    assert not spared.is_closed
+
+
 async def test_acks_on_several_reply_channels_in_one_turn_go_out_in_one_write(
     rabbit: RabbitFactory, topology: Topology
 ) -> None:
