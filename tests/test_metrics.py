@@ -90,6 +90,10 @@ async def test_gateway_and_worker_families_move_with_a_stream() -> None:
         assert value(during, "audiostream_gateway_connections_active") == 1
         assert value(during, "audiostream_gateway_connections_total") == 1
         assert value(during, "audiostream_sessions_total", result="started") == 1
+        assert value(during, "audiostream_gateway_session_start_seconds_count",
+                     result="started") == 1
+        assert value(during, "audiostream_gateway_session_start_seconds_sum",
+                     result="started") > 0
         half.set()
         result = await stream
         assert len(result.outcomes) == 50 and not result.dropped

@@ -28,6 +28,7 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200)
+START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0)
 
 #: Stages of a message's trip, in order; the gateway exports each (see docs/operations.md).
 #: ``gateway_to_broker`` (publish until confirmed) overlaps ``queue_wait`` (publish until
@@ -110,6 +111,12 @@ class GatewayMetrics:
         self.sessions_total = Counter(
             "audiostream_sessions_total", "Sessions by how they started or were refused",
             ["result"], registry=registry)
+        self.session_start = Histogram(
+            "audiostream_gateway_session_start_seconds",
+            "A session's start message received to the session set up (ready follows), "
+            "by result: started or resumed. Seconds here mean the gateway or the broker "
+            "is saturated before lateness shows", ["result"], buckets=START_BUCKETS,
+            registry=registry)
         self.session_duration = Histogram(
             "audiostream_session_duration_seconds", "Session durations",
             buckets=DURATION_BUCKETS, registry=registry)

@@ -250,6 +250,8 @@ class _Connection:
         self.slot = SlotPhase.NONE
         self._claimed: tuple[str, Detached] | None = None
         """The detached session this connection's resume claimed (``SlotPhase.CLAIMED``)."""
+        self._start_began = 0.0
+        """When this connection's start message arrived (monotonic; the start histogram)."""
         self.grant: SessionGrant | None = None
         self._refresh: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -539,6 +541,7 @@ class _Connection:
     # -- starting -----------------------------------------------------------------
     async def start_session(self, start: StartMessage) -> None:
         gw = self.gateway
+        self._start_began = time.monotonic()
         pl: SessionPipeline | None = None
         try:
             if gw.draining:
@@ -668,7 +671,10 @@ class _Connection:
         self.slot = SlotPhase.LIVE
         self._claimed = None
         self.gateway.holders[self.grant.session_id] = self
-        self.gateway.metrics.sessions_total.labels(result=result).inc()
+        metrics = self.gateway.metrics
+        metrics.sessions_total.labels(result=result).inc()
+        metrics.session_start.labels(result=result).observe(
+            time.monotonic() - self._start_began)
         self._arm_refresh()
 
     async def _resume(self, start: StartMessage) -> None:
