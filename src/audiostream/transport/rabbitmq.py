@@ -349,13 +349,14 @@ class _AckWriter:
         self._scheduled = False
         due, self._due = self._due, {}
         # Channels of a connection that was replaced write to its old queue (and fail).
-        writes: dict[int, tuple[_Dispatch, list[bytes], list[asyncio.Future[None]]]] = {}
+        writes: dict[asyncio.Queue[Any], tuple[_Dispatch, list[bytes],
+                                               list[asyncio.Future[None]]]] = {}
         for dispatch in due:
             taken = dispatch.take()
             if taken is None:
                 continue
             _, payloads, sent = writes.setdefault(
-                id(dispatch._channel.write_queue), (dispatch, [], []))
+                dispatch._channel.write_queue, (dispatch, [], []))
             payloads.append(taken[0])
             sent.extend(taken[1])
         for dispatch, payloads, sent in writes.values():
